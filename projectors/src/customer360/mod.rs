@@ -1,0 +1,249 @@
+//! Customer-360 (Redis): one document per customer, fed by all three aggregates.
+//!
+//! Events of different aggregates reach a document in no fixed order, so every field is
+//! order-independent: times are maxima, counters commute, money is summed in integer cents,
+//! and the sentiment EMA only sees the customer's own stream (which arrives in sequence).
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use contract::{Event, EventData, EventType};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use crate::{Projector, StoreKind};
+
+pub const NAME: &str = "customer360";
+/// EMA weight of the newest score.
+pub const SENTIMENT_ALPHA: f64 = 0.3;
+pub const RECENT_SENTIMENT: usize = 10;
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Customer360 {
+    pub customer_id: String,
+    pub profile: Option<Profile>,
+    pub interactions: Interactions,
+    pub orders: Orders,
+    pub support: Support,
+    /// How many events this document reflects.
+    pub version: u64,
+    /// The latest event time applied (never the wall clock).
+    pub updated_at: Option<DateTime<Utc>>,
+    /// Per-order and per-ticket facts the commutative counters are derived from.
+    #[serde(rename = "_state", default)]
+    pub state: State,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Profile {
+    pub name: String,
+    pub email: String,
+    pub phone: Option<String>,
+    pub address: Option<Value>,
+    pub created_at: DateTime<Utc>,
+    /// Changed fields outside the fixed profile.
+    #[serde(default, skip_serializing_if = "Map::is_empty")]
+    pub attributes: Map<String, Value>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Interactions {
+    pub total: u64,
+    pub last_at: Option<DateTime<Utc>>,
+    pub by_type: BTreeMap<String, u64>,
+    pub sentiment_avg: Option<f64>,
+    pub sentiment_trend: Option<String>,
+    pub recent_sentiment: Vec<SentimentPoint>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SentimentPoint {
+    pub at: DateTime<Utc>,
+    pub score: f64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Orders {
+    pub total: u64,
+    pub total_value: f64,
+    pub open: u64,
+    pub completed: u64,
+    pub cancelled: u64,
+    pub failed: u64,
+    pub last_at: Option<DateTime<Utc>>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Support {
+    pub open_tickets: u64,
+    pub total_tickets: u64,
+    pub avg_resolution_seconds: Option<i64>,
+    pub last_at: Option<DateTime<Utc>>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct State {
+    /// order_id → status (open, completed, cancelled, failed).
+    pub orders: BTreeMap<String, String>,
+    pub order_value_cents: i64,
+    /// ticket_id → creation time, while open.
+    pub open_tickets: BTreeMap<String, DateTime<Utc>>,
+    pub resolved_tickets: u64,
+    pub resolution_seconds_sum: i64,
+}
+
+pub fn trend(avg: f64) -> &'static str {
+    if avg > 0.6 {
+        "positive"
+    } else if avg < 0.4 {
+        "negative"
+    } else {
+        "neutral"
+    }
+}
+
+fn cents(amount: f64) -> i64 {
+    (amount * 100.0).round() as i64
+}
+
+fn max_time(slot: &mut Option<DateTime<Utc>>, t: DateTime<Utc>) {
+    if slot.is_none_or(|cur| t > cur) {
+        *slot = Some(t);
+    }
+}
+
+pub struct Customer360Projector;
+
+impl Projector for Customer360Projector {
+    type View = Customer360;
+
+    fn name(&self) -> &'static str {
+        NAME
+    }
+    fn store(&self) -> StoreKind {
+        StoreKind::Redis
+    }
+    fn handles(&self) -> &'static [EventType] {
+        &EventType::ALL
+    }
+    fn view_key(&self, event: &Event) -> String {
+        event.data.customer_id().unwrap_or_default().to_owned()
+    }
+
+    fn apply(&self, v: &mut Customer360, event: &Event) -> Result<(), String> {
+        let at = event.envelope.timestamp;
+        let Some(customer_id) = event.data.customer_id() else {
+            return Err("not a catalogue event".into());
+        };
+        match &event.data {
+            EventData::CustomerCreated(d) => {
+                v.profile = Some(Profile {
+                    name: d.name.clone(),
+                    email: d.email.clone(),
+                    phone: d.phone.clone(),
+                    address: d.address.clone(),
+                    created_at: at,
+                    attributes: Map::new(),
+                });
+            }
+            EventData::CustomerUpdated(d) => {
+                let Some(p) = v.profile.as_mut() else {
+                    return Err("customer.updated before customer.created".into());
+                };
+                for (field, value) in &d.changes {
+                    let text = || value.as_str().map(str::to_owned);
+                    match field.as_str() {
+                        "name" => p.name = text().unwrap_or_else(|| p.name.clone()),
+                        "email" => p.email = text().unwrap_or_else(|| p.email.clone()),
+                        "phone" => p.phone = text(),
+                        "address" => p.address = (!value.is_null()).then(|| value.clone()),
+                        _ => {
+                            p.attributes.insert(field.clone(), value.clone());
+                        }
+                    }
+                }
+            }
+            EventData::InteractionRecorded(d) => {
+                let i = &mut v.interactions;
+                i.total += 1;
+                max_time(&mut i.last_at, at);
+                *i.by_type.entry(d.interaction_type.clone()).or_default() += 1;
+                if let Some(score) = d.sentiment_score {
+                    let avg = match i.sentiment_avg {
+                        None => score,
+                        Some(prev) => SENTIMENT_ALPHA * score + (1.0 - SENTIMENT_ALPHA) * prev,
+                    };
+                    i.sentiment_avg = Some(avg);
+                    i.sentiment_trend = Some(trend(avg).to_owned());
+                    i.recent_sentiment.push(SentimentPoint { at, score });
+                    let excess = i.recent_sentiment.len().saturating_sub(RECENT_SENTIMENT);
+                    i.recent_sentiment.drain(..excess);
+                }
+            }
+            EventData::OrderPlaced(d) => {
+                v.state.orders.insert(d.order_id.clone(), "open".into());
+                v.state.order_value_cents += cents(d.total_amount);
+                v.orders.total += 1;
+            }
+            EventData::OrderCompleted(d) => set_order(v, &d.order_id, "completed")?,
+            EventData::OrderCancelled(d) => set_order(v, &d.order_id, "cancelled")?,
+            EventData::OrderValidationFailed(d) => set_order(v, &d.order_id, "failed")?,
+            EventData::OrderValidated(_)
+            | EventData::OrderPaymentConfirmed(_)
+            | EventData::OrderPreparationStarted(_)
+            | EventData::OrderShipped(_) => {}
+            EventData::TicketCreated(d) => {
+                v.state.open_tickets.insert(d.ticket_id.clone(), at);
+                v.support.total_tickets += 1;
+            }
+            EventData::TicketResolved(d) => {
+                let Some(opened) = v.state.open_tickets.remove(&d.ticket_id) else {
+                    return Err(format!("ticket {} is not open", d.ticket_id));
+                };
+                v.state.resolved_tickets += 1;
+                v.state.resolution_seconds_sum += (at - opened).num_seconds();
+            }
+            EventData::Unknown { .. } => return Err("not a catalogue event".into()),
+        }
+        if event.envelope.aggregate_type == contract::AggregateType::Order {
+            max_time(&mut v.orders.last_at, at);
+        }
+        if event.envelope.aggregate_type == contract::AggregateType::SupportTicket {
+            max_time(&mut v.support.last_at, at);
+        }
+        v.customer_id = customer_id.to_owned();
+        v.version += 1;
+        max_time(&mut v.updated_at, at);
+        derive_counters(v);
+        Ok(())
+    }
+}
+
+/// An order moves from open to a final status once.
+fn set_order(v: &mut Customer360, order_id: &str, status: &str) -> Result<(), String> {
+    match v.state.orders.get_mut(order_id) {
+        Some(s) if s == "open" => {
+            *s = status.to_owned();
+            Ok(())
+        }
+        Some(s) => Err(format!("order {order_id} is already {s}")),
+        None => Err(format!("order {order_id} was never placed")),
+    }
+}
+
+/// Counters derived from the per-order/per-ticket state, so they never depend on order.
+fn derive_counters(v: &mut Customer360) {
+    let count = |s: &str| v.state.orders.values().filter(|x| *x == s).count() as u64;
+    v.orders.open = count("open");
+    v.orders.completed = count("completed");
+    v.orders.cancelled = count("cancelled");
+    v.orders.failed = count("failed");
+    v.orders.total_value = v.state.order_value_cents as f64 / 100.0;
+    v.support.open_tickets = v.state.open_tickets.len() as u64;
+    v.support.avg_resolution_seconds = (v.state.resolved_tickets > 0).then(|| {
+        (v.state.resolution_seconds_sum as f64 / v.state.resolved_tickets as f64).round() as i64
+    });
+}
+
+#[cfg(test)]
+mod tests;

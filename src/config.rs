@@ -1,0 +1,128 @@
+//! Settings: a TOML file from `config/`, overridden by `PROJECTOR_<SECTION>__<KEY>` variables.
+
+use std::path::Path;
+
+use figment::Figment;
+use figment::providers::{Env, Format, Toml};
+use serde::{Deserialize, Serialize};
+
+/// The file used when neither `--config` nor `PROJECTOR_CONFIG` names one.
+pub const DEFAULT_CONFIG: &str = "config/local.toml";
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct Config {
+    pub kafka: KafkaConfig,
+    pub postgres: PostgresConfig,
+    pub redis: RedisConfig,
+    pub mongo: MongoConfig,
+    pub clickhouse: ClickHouseConfig,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct KafkaConfig {
+    pub brokers: String,
+    pub group_id: String,
+    pub topic_prefix: String,
+    pub dlq_topic: String,
+    pub partitions: i32,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct PostgresConfig {
+    pub url: String,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct RedisConfig {
+    pub url: String,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct MongoConfig {
+    pub uri: String,
+    pub database: String,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct ClickHouseConfig {
+    pub url: String,
+    pub database: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("configuration: {0}")]
+pub struct ConfigError(#[from] Box<figment::Error>);
+
+impl Config {
+    /// Load `path` (or the default file), then apply environment overrides.
+    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+        let path = path
+            .map(Path::to_path_buf)
+            .or_else(|| std::env::var_os("PROJECTOR_CONFIG").map(Into::into))
+            .unwrap_or_else(|| DEFAULT_CONFIG.into());
+        Figment::new()
+            .merge(Toml::file_exact(path))
+            .merge(Env::prefixed("PROJECTOR_").split("__").ignore(&["config"]))
+            .extract()
+            .map_err(|e| ConfigError(Box::new(e)))
+    }
+
+    /// Load for tests and tools run from anywhere inside the repository.
+    pub fn load_for_tests() -> Result<Config, ConfigError> {
+        let file = Path::new(env!("CARGO_MANIFEST_DIR")).join(DEFAULT_CONFIG);
+        Config::load(Some(&file))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    #[allow(clippy::result_large_err)] // figment's Jail API returns its own large error
+    fn environment_overrides_the_file() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file(
+                "c.toml",
+                r#"
+                [kafka]
+                brokers = "a:1"
+                group_id = "g"
+                topic_prefix = "events."
+                dlq_topic = "events.dlq"
+                partitions = 3
+                [postgres]
+                url = "postgres://file"
+                [redis]
+                url = "redis://file"
+                [mongo]
+                uri = "mongodb://file"
+                database = "p"
+                [clickhouse]
+                url = "http://file"
+                database = "a"
+                "#,
+            )?;
+            jail.set_env("PROJECTOR_POSTGRES__URL", "postgres://env");
+            jail.set_env("PROJECTOR_KAFKA__PARTITIONS", "12");
+            let c = Config::load(Some(Path::new("c.toml"))).map_err(|e| e.to_string())?;
+            assert_eq!(c.postgres.url, "postgres://env");
+            assert_eq!(c.kafka.partitions, 12);
+            assert_eq!(c.redis.url, "redis://file");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn a_missing_file_is_an_error_not_defaults() {
+        assert!(Config::load(Some(Path::new("/nonexistent/x.toml"))).is_err());
+    }
+
+    #[test]
+    fn the_committed_configs_parse() {
+        for f in ["config/local.toml", "config/compose.toml"] {
+            let p = Path::new(env!("CARGO_MANIFEST_DIR")).join(f);
+            Config::load(Some(&p)).unwrap_or_else(|e| panic!("{f}: {e}"));
+        }
+    }
+}

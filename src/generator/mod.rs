@@ -1,0 +1,151 @@
+//! `projector generate`: writes a seeded history to the event store and publishes each
+//! committed batch to Kafka, optionally with injected duplicates and redeliveries.
+
+mod history;
+
+use std::time::{Duration, Instant};
+
+use contract::EventEnvelope;
+pub use history::History;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use crate::kafka::EventPublisher;
+use crate::store::{EventStore, StoreError};
+
+#[derive(Debug, Clone)]
+pub struct GenerateOptions {
+    pub seed: u64,
+    pub events: u64,
+    pub namespace: String,
+    pub batch_size: usize,
+    /// Probability that an event is published twice in a row.
+    pub duplicate_rate: f64,
+    /// Probability that, after a batch, a run of its events is published again.
+    pub redelivery_rate: f64,
+}
+
+impl Default for GenerateOptions {
+    fn default() -> Self {
+        GenerateOptions {
+            seed: 42,
+            events: 10_000,
+            namespace: String::new(),
+            batch_size: 5_000,
+            duplicate_rate: 0.0,
+            redelivery_rate: 0.0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct GenerateReport {
+    pub appended: u64,
+    pub published: u64,
+    pub injected_duplicates: u64,
+    pub append_time: Duration,
+    pub publish_time: Duration,
+    pub total_time: Duration,
+}
+
+impl GenerateReport {
+    pub fn append_rate(&self) -> f64 {
+        rate(self.appended, self.append_time)
+    }
+    pub fn publish_rate(&self) -> f64 {
+        rate(self.published, self.publish_time)
+    }
+    pub fn overall_rate(&self) -> f64 {
+        rate(self.appended, self.total_time)
+    }
+}
+
+fn rate(n: u64, d: Duration) -> f64 {
+    if d.is_zero() {
+        0.0
+    } else {
+        n as f64 / d.as_secs_f64()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum GenerateError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("publishing to Kafka: {0}")]
+    Kafka(#[from] rdkafka::error::KafkaError),
+}
+
+/// Which events to send to Kafka for one committed batch: each once, plus injected copies.
+/// Driven by its own RNG so the history is the same whatever the injection rates.
+pub struct Injector {
+    rng: ChaCha8Rng,
+    duplicate_rate: f64,
+    redelivery_rate: f64,
+}
+
+impl Injector {
+    pub fn new(opts: &GenerateOptions) -> Injector {
+        Injector {
+            rng: ChaCha8Rng::seed_from_u64(opts.seed ^ 0x5eed_d00d),
+            duplicate_rate: opts.duplicate_rate,
+            redelivery_rate: opts.redelivery_rate,
+        }
+    }
+
+    /// The batch as it goes on the wire; the order per aggregate stays that of the store,
+    /// copies only ever repeat an event already sent.
+    pub fn wire_order(&mut self, batch: &[EventEnvelope]) -> Vec<EventEnvelope> {
+        let mut out = Vec::with_capacity(batch.len() + batch.len() / 10);
+        for e in batch {
+            out.push(e.clone());
+            if self.duplicate_rate > 0.0 && self.rng.random_bool(self.duplicate_rate) {
+                out.push(e.clone());
+            }
+        }
+        if !batch.is_empty()
+            && self.redelivery_rate > 0.0
+            && self.rng.random_bool(self.redelivery_rate)
+        {
+            let len = self.rng.random_range(1..=batch.len().min(200));
+            let start = self.rng.random_range(0..=batch.len() - len);
+            out.extend_from_slice(&batch[start..start + len]);
+        }
+        out
+    }
+}
+
+/// Append the history in batches and publish each batch once it is committed.
+pub async fn generate(
+    store: &mut EventStore,
+    publisher: Option<&EventPublisher>,
+    opts: &GenerateOptions,
+    mut progress: impl FnMut(&GenerateReport),
+) -> Result<GenerateReport, GenerateError> {
+    let started = Instant::now();
+    let mut report = GenerateReport::default();
+    let mut history = History::new(opts.seed, &opts.namespace);
+    let mut injector = Injector::new(opts);
+    let mut remaining = opts.events;
+    while remaining > 0 {
+        let n = remaining.min(opts.batch_size as u64);
+        let mut batch: Vec<EventEnvelope> = history.by_ref().take(n as usize).collect();
+        let t = Instant::now();
+        store.append(&mut batch).await?;
+        report.append_time += t.elapsed();
+        report.appended += n;
+        remaining -= n;
+        if let Some(p) = publisher {
+            let wire = injector.wire_order(&batch);
+            let t = Instant::now();
+            p.publish(&wire).await?;
+            report.publish_time += t.elapsed();
+            report.published += wire.len() as u64;
+            report.injected_duplicates += (wire.len() - batch.len()) as u64;
+        }
+        report.total_time = started.elapsed();
+        progress(&report);
+    }
+    report.total_time = started.elapsed();
+    Ok(report)
+}

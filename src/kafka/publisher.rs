@@ -1,0 +1,89 @@
+//! Publishes committed events to their aggregate's topic, key = aggregate_id.
+
+use std::time::Duration;
+
+use contract::{EventEnvelope, RequiredHeaders};
+use futures::future::try_join_all;
+use rdkafka::error::KafkaError;
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+
+use super::base_client_config;
+use crate::config::KafkaConfig;
+
+pub struct EventPublisher {
+    producer: FutureProducer,
+    prefix: String,
+}
+
+impl EventPublisher {
+    pub fn new(cfg: &KafkaConfig) -> Result<EventPublisher, KafkaError> {
+        let producer = base_client_config(cfg)
+            // Idempotent: a retried send never writes an event twice, and order per key holds.
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("linger.ms", "5")
+            .set("batch.num.messages", "10000")
+            .set("queue.buffering.max.messages", "1000000")
+            .create()?;
+        Ok(EventPublisher {
+            producer,
+            prefix: cfg.topic_prefix.clone(),
+        })
+    }
+
+    /// Send every event and wait until the broker has acknowledged all of them.
+    pub async fn publish(&self, events: &[EventEnvelope]) -> Result<(), KafkaError> {
+        let sends = events.iter().map(|e| {
+            let topic = e.aggregate_type.topic(&self.prefix);
+            let payload = e.to_json_bytes();
+            let headers = RequiredHeaders::for_event(e).pairs().into_iter().fold(
+                OwnedHeaders::new(),
+                |h, (k, v)| {
+                    h.insert(Header {
+                        key: k,
+                        value: Some(v.as_bytes()),
+                    })
+                },
+            );
+            async move {
+                let record = FutureRecord::to(&topic)
+                    .key(&e.aggregate_id)
+                    .payload(&payload)
+                    .headers(headers);
+                self.producer
+                    .send(record, Duration::from_secs(30))
+                    .await
+                    .map(|_| ())
+                    .map_err(|(err, _)| err)
+            }
+        });
+        try_join_all(sends).await?;
+        Ok(())
+    }
+
+    /// Send raw bytes (tests use it to inject poison messages).
+    pub async fn publish_raw(
+        &self,
+        topic: &str,
+        key: &str,
+        payload: &[u8],
+        headers: &[(&str, &str)],
+    ) -> Result<(), KafkaError> {
+        let headers = headers.iter().fold(OwnedHeaders::new(), |h, (k, v)| {
+            h.insert(Header {
+                key: k,
+                value: Some(v.as_bytes()),
+            })
+        });
+        let record = FutureRecord::to(topic)
+            .key(key)
+            .payload(payload)
+            .headers(headers);
+        self.producer
+            .send(record, Duration::from_secs(30))
+            .await
+            .map(|_| ())
+            .map_err(|(err, _)| err)
+    }
+}
