@@ -284,7 +284,7 @@ EOF
   fi
   # fsync and synchronous_commit stay at their (durable) defaults.
   clean_exec "${AS_PG[@]}" "$PG_BIN/pg_ctl" -D "$PG_DATA" -l "$PG_LOG" -w -t 60 \
-    -o "-p $POSTGRES_PORT -k '$PG_SOCK' -c listen_addresses=127.0.0.1" start \
+    -o "-p $POSTGRES_PORT -k '$PG_SOCK' -c listen_addresses=127.0.0.1 -c shared_buffers=512MB -c max_wal_size=8GB -c checkpoint_timeout=15min -c wal_buffers=64MB -c max_connections=200" start \
     </dev/null >"$PG_DIR/pg_ctl.log" 2>&1
 }
 postgres_after_start() { # role and database, idempotent

@@ -16,6 +16,23 @@ pub struct Config {
     pub redis: RedisConfig,
     pub mongo: MongoConfig,
     pub clickhouse: ClickHouseConfig,
+    pub views: ViewsConfig,
+    pub worker: WorkerConfig,
+}
+
+/// Names of the live read models (a rebuild writes a new version beside them).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct ViewsConfig {
+    pub redis_prefix: String,
+    pub mongo_collection: String,
+    pub clickhouse_table: String,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct WorkerConfig {
+    pub batch_size: usize,
+    pub batch_wait_ms: u64,
+    pub http_addr: String,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -101,6 +118,14 @@ mod tests {
                 [clickhouse]
                 url = "http://file"
                 database = "a"
+                [views]
+                redis_prefix = "c:"
+                mongo_collection = "o"
+                clickhouse_table = "f"
+                [worker]
+                batch_size = 10
+                batch_wait_ms = 5
+                http_addr = "127.0.0.1:0"
                 "#,
             )?;
             jail.set_env("PROJECTOR_POSTGRES__URL", "postgres://env");

@@ -8,6 +8,8 @@ use projector::config::Config;
 use projector::generator::{self, GenerateOptions};
 use projector::kafka::{self, EventPublisher};
 use projector::store::EventStore;
+use projector::worker::{self, RunOptions};
+use tokio::sync::watch;
 
 #[derive(Parser)]
 #[command(
@@ -29,6 +31,24 @@ enum Command {
     Migrate,
     /// Write a seeded event history to the event store and publish it to Kafka.
     Generate(GenerateArgs),
+    /// Join the consumer group and keep the read models up to date (SIGTERM: drain, commit, exit 0).
+    Run(RunArgs),
+    /// Print one Customer-360, one order view and the analytics answers.
+    Show(ShowArgs),
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// Exit once no event has arrived for this many seconds (demo, tests, benchmarks).
+    #[arg(long)]
+    exit_when_idle: Option<f64>,
+}
+
+#[derive(Args)]
+struct ShowArgs {
+    /// Only documents whose id starts with this (a generator namespace).
+    #[arg(long, default_value = "")]
+    namespace: String,
 }
 
 #[derive(Args)]
@@ -54,6 +74,9 @@ struct GenerateArgs {
     /// Only append to the event store.
     #[arg(long)]
     no_publish: bool,
+    /// Connections appending each batch in parallel (streams are split between them).
+    #[arg(long, default_value_t = 2)]
+    writers: usize,
 }
 
 #[tokio::main]
@@ -68,6 +91,8 @@ async fn main() -> anyhow::Result<()> {
             println!("migrations applied: {n}");
         }
         Command::Generate(args) => generate(&config, args).await?,
+        Command::Run(args) => run(&config, args).await?,
+        Command::Show(args) => show(&config, args).await?,
     }
     Ok(())
 }
@@ -89,8 +114,11 @@ async fn generate(config: &Config, args: GenerateArgs) -> anyhow::Result<()> {
             "{name} must be within 0..1, got {p}"
         );
     }
-    let mut store = connect_store(config).await?;
-    store.migrate().await?;
+    let mut stores = Vec::new();
+    for _ in 0..args.writers.max(1) {
+        stores.push(connect_store(config).await?);
+    }
+    stores[0].migrate().await?;
     let publisher = if args.no_publish {
         None
     } else {
@@ -107,7 +135,7 @@ async fn generate(config: &Config, args: GenerateArgs) -> anyhow::Result<()> {
         duplicate_rate: args.duplicates,
         redelivery_rate: args.redeliveries,
     };
-    let report = generator::generate(&mut store, publisher.as_ref(), &opts, |r| {
+    let report = generator::generate(&mut stores, publisher.as_ref(), &opts, |r| {
         tracing::info!(appended = r.appended, published = r.published, "generating");
     })
     .await?;
@@ -121,6 +149,110 @@ async fn generate(config: &Config, args: GenerateArgs) -> anyhow::Result<()> {
         report.injected_duplicates,
         report.publish_rate(),
         report.overall_rate(),
+    );
+    Ok(())
+}
+
+async fn run(config: &Config, args: RunArgs) -> anyhow::Result<()> {
+    let (tx, rx) = watch::channel(false);
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        tracing::info!("signal received: draining");
+        let _ = tx.send(true);
+    });
+    let opts = RunOptions {
+        stop_when_idle: args.exit_when_idle.map(std::time::Duration::from_secs_f64),
+    };
+    let report = worker::run(config, opts, rx).await?;
+    println!(
+        "worker done: {} messages in {} batches, {} dead letters, {} unrouted, {} duplicates skipped, writes {:?}",
+        report.messages,
+        report.batches,
+        report.dead_letters,
+        report.unrouted,
+        report.duplicates,
+        report.writes
+    );
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        if let Ok(mut term) = signal(SignalKind::terminate()) {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+            return;
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
+}
+
+async fn show(config: &Config, args: ShowArgs) -> anyhow::Result<()> {
+    let sinks = worker::connect_sinks(config).await?;
+    let customers = sinks.redis.scan_all().await?;
+    // The customer with the most events in the namespace: the richest document to show.
+    if let Some((id, doc)) = customers
+        .iter()
+        .filter(|(k, _)| k.starts_with(&args.namespace))
+        .max_by_key(|(k, d)| {
+            (
+                d.view.get("version").and_then(|v| v.as_u64()),
+                std::cmp::Reverse(k.as_str()),
+            )
+        })
+    {
+        println!("== Customer-360 {id} (Redis key {})", sinks.redis.key(id));
+        println!("{}", serde_json::to_string_pretty(&doc.view)?);
+    }
+    let orders = sinks.mongo.scan_all().await?;
+    if let Some((id, doc)) = orders
+        .iter()
+        .filter(|(k, d)| {
+            k.starts_with(&args.namespace)
+                && d.view.get("status").and_then(|s| s.as_str()) == Some("delivered")
+        })
+        .min_by_key(|(k, _)| k.as_str())
+    {
+        println!(
+            "== Order view {id} (MongoDB {}.{})",
+            config.mongo.database, config.views.mongo_collection
+        );
+        println!("{}", serde_json::to_string_pretty(&doc.view)?);
+    }
+    let ch = &sinks.clickhouse;
+    println!(
+        "== Analytics (ClickHouse {}.{})",
+        config.clickhouse.database, config.views.clickhouse_table
+    );
+    let days = ch.revenue_per_day().await?;
+    println!("revenue per day (last 5 of {} days):", days.len());
+    for d in days.iter().rev().take(5).rev() {
+        println!(
+            "  {}  {:>5} orders  {:>12.2} EUR",
+            d.day,
+            d.orders,
+            d.revenue_cents as f64 / 100.0
+        );
+    }
+    println!("order funnel: {:?}", ch.funnel().await?);
+    let s = ch.sentiment_per_day().await?;
+    if let Some(last) = s.last() {
+        println!(
+            "sentiment ({} day×type rows), latest: {} {} avg {:.3} over {}",
+            s.len(),
+            last.day,
+            last.interaction_type,
+            last.avg_sentiment,
+            last.interactions
+        );
+    }
+    println!(
+        "ticket resolution: {:?}",
+        ch.resolution_percentiles().await?
     );
     Ok(())
 }

@@ -80,7 +80,7 @@ fn injected_copies_only_repeat_events_already_sent() {
 #[tokio::test]
 async fn generate_appends_then_publishes_every_committed_event_with_headers() {
     let cfg = common::config();
-    let mut store = common::store().await;
+    let mut stores = vec![common::store().await, common::store().await];
     let ns = common::unique_namespace("gen");
     kafka::ensure_topics(&cfg.kafka)
         .await
@@ -94,14 +94,14 @@ async fn generate_appends_then_publishes_every_committed_event_with_headers() {
         duplicate_rate: 0.05,
         ..Default::default()
     };
-    let report = generator::generate(&mut store, Some(&publisher), &opts, |_| {})
+    let report = generator::generate(&mut stores, Some(&publisher), &opts, |_| {})
         .await
         .unwrap();
     assert_eq!(report.appended, 1_200);
     assert_eq!(report.published, 1_200 + report.injected_duplicates);
     assert!(report.injected_duplicates > 0);
 
-    let stored = store.read_prefix(&ns).await.unwrap();
+    let stored = stores[0].read_prefix(&ns).await.unwrap();
     let expected: Vec<EventEnvelope> = History::new(9, &ns).take(1_200).collect();
     assert_eq!(stored.len(), expected.len());
     for (s, e) in stored.iter().zip(&expected) {

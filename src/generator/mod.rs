@@ -115,37 +115,115 @@ impl Injector {
     }
 }
 
-/// Append the history in batches and publish each batch once it is committed.
+/// Append a batch over several connections at once, each stream wholly on one of them (so
+/// its sequence stays contiguous per transaction). Positions are written back into `batch`.
+async fn append_sharded(
+    stores: &mut [EventStore],
+    batch: &mut [EventEnvelope],
+) -> Result<(), StoreError> {
+    let n = stores.len().max(1);
+    let shard_of = |e: &EventEnvelope| {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        e.aggregate_id.hash(&mut h);
+        (h.finish() % n as u64) as usize
+    };
+    let mut shards: Vec<Vec<EventEnvelope>> = vec![Vec::new(); n];
+    for e in batch.iter() {
+        shards[shard_of(e)].push(e.clone());
+    }
+    let appends = stores
+        .iter_mut()
+        .zip(shards.iter_mut())
+        .map(|(store, shard)| store.append(shard));
+    futures::future::try_join_all(appends).await?;
+    let mut cursors = vec![0usize; n];
+    for e in batch.iter_mut() {
+        let s = shard_of(e);
+        e.global_position = shards[s][cursors[s]].global_position;
+        cursors[s] += 1;
+    }
+    Ok(())
+}
+
+/// Append the history in batches and publish each batch once it is committed. Three stages
+/// overlap: the next batch is generated (own thread) and appended while the last committed
+/// one is being published.
 pub async fn generate(
-    store: &mut EventStore,
+    stores: &mut [EventStore],
     publisher: Option<&EventPublisher>,
     opts: &GenerateOptions,
     mut progress: impl FnMut(&GenerateReport),
 ) -> Result<GenerateReport, GenerateError> {
     let started = Instant::now();
     let mut report = GenerateReport::default();
-    let mut history = History::new(opts.seed, &opts.namespace);
     let mut injector = Injector::new(opts);
-    let mut remaining = opts.events;
-    while remaining > 0 {
-        let n = remaining.min(opts.batch_size as u64);
-        let mut batch: Vec<EventEnvelope> = history.by_ref().take(n as usize).collect();
-        let t = Instant::now();
-        store.append(&mut batch).await?;
-        report.append_time += t.elapsed();
-        report.appended += n;
-        remaining -= n;
-        if let Some(p) = publisher {
-            let wire = injector.wire_order(&batch);
-            let t = Instant::now();
-            p.publish(&wire).await?;
-            report.publish_time += t.elapsed();
-            report.published += wire.len() as u64;
-            report.injected_duplicates += (wire.len() - batch.len()) as u64;
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<EventEnvelope>>(2);
+    let (seed, namespace, total, size) = (
+        opts.seed,
+        opts.namespace.clone(),
+        opts.events,
+        opts.batch_size.max(1) as u64,
+    );
+    let producer = std::thread::spawn(move || {
+        let mut history = History::new(seed, &namespace);
+        let mut remaining = total;
+        while remaining > 0 {
+            let n = remaining.min(size);
+            remaining -= n;
+            if tx
+                .blocking_send(history.by_ref().take(n as usize).collect())
+                .is_err()
+            {
+                break; // the consumer failed and went away
+            }
         }
+    });
+    let mut committed: Option<Vec<EventEnvelope>> = None;
+    loop {
+        let next = rx.recv().await;
+        if next.is_none() && committed.is_none() {
+            break;
+        }
+        let wire = match (publisher, &committed) {
+            (Some(_), Some(batch)) => Some((injector.wire_order(batch), batch.len())),
+            _ => None,
+        };
+        let publish = async {
+            let t = Instant::now();
+            if let (Some(p), Some((wire, _))) = (publisher, &wire) {
+                p.publish(wire).await?;
+            }
+            Ok::<_, GenerateError>(t.elapsed())
+        };
+        let append = async {
+            let t = Instant::now();
+            match next {
+                Some(mut batch) => {
+                    append_sharded(stores, &mut batch).await?;
+                    Ok::<_, GenerateError>((Some(batch), t.elapsed()))
+                }
+                None => Ok((None, Duration::ZERO)),
+            }
+        };
+        let (published, appended) = tokio::join!(publish, append);
+        let publish_time = published?;
+        let (batch, append_time) = appended?;
+        if let Some((wire, original)) = wire {
+            report.publish_time += publish_time;
+            report.published += wire.len() as u64;
+            report.injected_duplicates += (wire.len() - original) as u64;
+        }
+        if let Some(b) = &batch {
+            report.append_time += append_time;
+            report.appended += b.len() as u64;
+        }
+        committed = batch;
         report.total_time = started.elapsed();
         progress(&report);
     }
+    drop(rx);
+    let _ = producer.join();
     report.total_time = started.elapsed();
     Ok(report)
 }

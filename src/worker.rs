@@ -1,0 +1,374 @@
+//! `projector run`: the consumer-group worker loop.
+//!
+//! poll a batch → decode → park/dead-letter poison → apply to every read model (durable) →
+//! dead-letter refusals → commit the batch's offsets. Offsets are committed only after the
+//! writes they cover are acknowledged, so a crash at any instant redelivers, never loses,
+//! and the guards make the redelivery a no-op.
+
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+use contract::{Event, RequiredHeaders};
+use rdkafka::consumer::{CommitMode, Consumer};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::{Offset, TopicPartitionList};
+use tokio::sync::watch;
+
+use crate::apply::{Applier, ApplyError, Sinks};
+use crate::config::Config;
+use crate::kafka::{ensure_topics, event_topics};
+use crate::resilience::backoff::{Backoff, CircuitBreaker};
+use crate::resilience::dead_letter::{DeadLetter, DeadLetterQueue};
+use crate::sinks::SinkError;
+use crate::sinks::clickhouse::ClickHouseSink;
+use crate::sinks::mongo::MongoSink;
+use crate::sinks::redis::RedisSink;
+use crate::source::{Incoming, Poison, WorkerConsumer, create_consumer, decode_message};
+
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error("kafka: {0}")]
+    Kafka(#[from] rdkafka::error::KafkaError),
+    #[error(transparent)]
+    Sink(#[from] SinkError),
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// Exit once no message has arrived for this long (tests, demo, bench). `None`: run until
+    /// SIGTERM/SIGINT.
+    pub stop_when_idle: Option<Duration>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct RunReport {
+    pub messages: u64,
+    pub batches: u64,
+    pub dead_letters: u64,
+    pub unrouted: u64,
+    pub duplicates: u64,
+    pub writes: HashMap<&'static str, u64>,
+}
+
+/// Connect to the three stores (creating tables and indexes as needed).
+pub async fn connect_sinks(cfg: &Config) -> Result<Sinks, SinkError> {
+    Ok(Sinks {
+        redis: RedisSink::connect(&cfg.redis.url, &cfg.views.redis_prefix).await?,
+        mongo: MongoSink::connect(
+            &cfg.mongo.uri,
+            &cfg.mongo.database,
+            &cfg.views.mongo_collection,
+        )
+        .await?,
+        clickhouse: ClickHouseSink::connect(
+            &cfg.clickhouse.url,
+            &cfg.clickhouse.database,
+            &cfg.views.clickhouse_table,
+        )
+        .await?,
+    })
+}
+
+struct Worker {
+    cfg: Config,
+    consumer: WorkerConsumer,
+    applier: Applier,
+    dlq: DeadLetterQueue,
+    shutdown: watch::Receiver<bool>,
+    /// Messages received while waiting out a failure; they open the next batch.
+    carry: Vec<Incoming>,
+    /// Streams with a dead-lettered event: their later events are dead-lettered too, so a
+    /// stream is never applied out of order. Persisted in Redis for the next owner.
+    parked: HashSet<String>,
+    report: RunReport,
+}
+
+/// Run the worker until shutdown (or idle, per `opts`).
+pub async fn run(
+    cfg: &Config,
+    opts: RunOptions,
+    shutdown: watch::Receiver<bool>,
+) -> Result<RunReport, WorkerError> {
+    ensure_topics(&cfg.kafka).await?;
+    let sinks = connect_sinks(cfg).await?;
+    let consumer = create_consumer(&cfg.kafka)?;
+    let topics = event_topics(&cfg.kafka);
+    consumer.subscribe(&topics.iter().map(String::as_str).collect::<Vec<_>>())?;
+    let mut w = Worker {
+        cfg: cfg.clone(),
+        consumer,
+        applier: Applier::new(projectors::all(), sinks),
+        dlq: DeadLetterQueue::new(&cfg.kafka)?,
+        shutdown,
+        carry: Vec::new(),
+        parked: HashSet::new(),
+        report: RunReport::default(),
+    };
+    w.parked = w.load_parked().await?;
+    tracing::info!(group = %cfg.kafka.group_id, ?topics, "worker started");
+    let mut last_message = Instant::now();
+    loop {
+        if *w.shutdown.borrow() && w.carry.is_empty() {
+            tracing::info!("shutdown: last batch committed, leaving the group");
+            break;
+        }
+        let batch = w.collect_batch().await;
+        if batch.is_empty() {
+            if opts
+                .stop_when_idle
+                .is_some_and(|idle| last_message.elapsed() >= idle)
+            {
+                break;
+            }
+            continue;
+        }
+        last_message = Instant::now();
+        if !w.process(batch).await? {
+            break;
+        }
+    }
+    Ok(w.report)
+}
+
+impl Worker {
+    fn parked_key(&self) -> String {
+        format!("projector:parked:{}", self.cfg.kafka.group_id)
+    }
+
+    async fn load_parked(&self) -> Result<HashSet<String>, SinkError> {
+        let mut con = self.applier.sinks().redis.connection();
+        let streams: Vec<String> = redis::cmd("HKEYS")
+            .arg(self.parked_key())
+            .query_async(&mut con)
+            .await?;
+        Ok(streams.into_iter().collect())
+    }
+
+    async fn park(&mut self, stream: &str, reason: &str) -> Result<(), SinkError> {
+        if self.parked.insert(stream.to_owned()) {
+            tracing::warn!(
+                stream,
+                reason,
+                "stream parked: its later events go to the dead-letter topic"
+            );
+            let mut con = self.applier.sinks().redis.connection();
+            let _: () = redis::cmd("HSET")
+                .arg(self.parked_key())
+                .arg(stream)
+                .arg(reason)
+                .query_async(&mut con)
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Up to `batch_size` messages: waits up to a second for the first, then `batch_wait_ms`
+    /// for the rest.
+    async fn collect_batch(&mut self) -> Vec<Incoming> {
+        let mut batch = std::mem::take(&mut self.carry);
+        let size = self.cfg.worker.batch_size.max(1);
+        if batch.is_empty() {
+            let mut shutdown = self.shutdown.clone();
+            tokio::select! {
+                m = self.consumer.recv() => match m {
+                    Ok(m) => batch.push(decode_message(&m, &self.cfg.kafka.topic_prefix)),
+                    Err(e) => tracing::warn!(error = %e, "consumer error"),
+                },
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                _ = shutdown.changed() => {}
+            }
+            if batch.is_empty() {
+                return batch;
+            }
+        }
+        let deadline =
+            tokio::time::Instant::now() + Duration::from_millis(self.cfg.worker.batch_wait_ms);
+        while batch.len() < size {
+            match tokio::time::timeout_at(deadline, self.consumer.recv()).await {
+                Ok(Ok(m)) => batch.push(decode_message(&m, &self.cfg.kafka.topic_prefix)),
+                Ok(Err(e)) => tracing::warn!(error = %e, "consumer error"),
+                Err(_) => break,
+            }
+        }
+        batch
+    }
+
+    /// Wait out a failure while still polling, so the consumer stays in its group; anything
+    /// already fetched is kept for the next batch.
+    async fn wait_polling(&mut self, delay: Duration) {
+        let until = tokio::time::Instant::now() + delay;
+        while let Ok(m) = tokio::time::timeout_at(until, self.consumer.recv()).await {
+            match m {
+                Ok(m) => self
+                    .carry
+                    .push(decode_message(&m, &self.cfg.kafka.topic_prefix)),
+                Err(e) => tracing::warn!(error = %e, "consumer error"),
+            }
+        }
+    }
+
+    fn set_paused(&self, paused: bool) {
+        let Ok(assignment) = self.consumer.assignment() else {
+            return;
+        };
+        let result = if paused {
+            self.consumer.pause(&assignment)
+        } else {
+            self.consumer.resume(&assignment)
+        };
+        if let Err(e) = result {
+            tracing::warn!(error = %e, paused, "could not change the pause state");
+        }
+    }
+
+    /// Process one batch. Returns false when shutdown came while the stores were failing
+    /// (the batch is then left uncommitted, to be redelivered).
+    async fn process(&mut self, batch: Vec<Incoming>) -> Result<bool, WorkerError> {
+        let mut offsets: HashMap<(String, i32), i64> = HashMap::new();
+        let mut events: Vec<Event> = Vec::with_capacity(batch.len());
+        let mut origins = Vec::with_capacity(batch.len());
+        let mut letters = Vec::new();
+        for incoming in batch {
+            let (origin, event) = match incoming {
+                Incoming::Poison(p) => {
+                    let o = &p.origin;
+                    offsets.insert((o.topic.clone(), o.partition), o.offset);
+                    if let Some(stream) = &p.stream {
+                        self.park(stream, &p.error.to_string()).await?;
+                    }
+                    letters.push(DeadLetter {
+                        kind: p.error.kind().to_owned(),
+                        reason: p.error.to_string(),
+                        projector: None,
+                        poison: *p,
+                    });
+                    continue;
+                }
+                Incoming::Event(b) => *b,
+            };
+            offsets.insert((origin.topic.clone(), origin.partition), origin.offset);
+            let stream = projectors::stream_key(&event);
+            if self.parked.contains(&stream) {
+                letters.push(DeadLetter {
+                    poison: as_poison(origin, &event),
+                    kind: "parked".into(),
+                    reason: format!("stream {stream} is parked after an earlier dead letter"),
+                    projector: None,
+                });
+                continue;
+            }
+            origins.push(origin);
+            events.push(event);
+        }
+
+        let Some(outcome) = self.apply_with_retry(&events).await else {
+            return Ok(false);
+        };
+        for (i, rejection) in outcome.rejected {
+            self.park(&rejection.stream, &rejection.reason).await?;
+            letters.push(DeadLetter {
+                poison: as_poison(origins[i].clone(), &events[i]),
+                kind: "rejected".into(),
+                reason: rejection.to_string(),
+                projector: Some(rejection.projector),
+            });
+        }
+        if !letters.is_empty() {
+            let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
+            while let Err(e) = self.dlq.send(&letters).await {
+                tracing::warn!(error = %e, "dead-letter topic unavailable; retrying");
+                self.wait_polling(backoff.next_delay()).await;
+            }
+        }
+        self.commit(&offsets);
+
+        let r = &mut self.report;
+        r.batches += 1;
+        r.messages += (events.len() + letters.len()) as u64;
+        r.dead_letters += letters.len() as u64;
+        r.unrouted += outcome.unrouted as u64;
+        for p in &outcome.projectors {
+            r.duplicates += p.duplicates as u64;
+            *r.writes.entry(p.name).or_default() += p.writes as u64;
+        }
+        tracing::debug!(
+            events = events.len(),
+            dead_letters = letters.len(),
+            "batch committed"
+        );
+        Ok(true)
+    }
+
+    /// Retry transient store failures with backoff; after five in a row the circuit opens and
+    /// the assigned partitions are paused (the consumer keeps polling, so it stays in the group).
+    async fn apply_with_retry(&mut self, events: &[Event]) -> Option<crate::apply::BatchOutcome> {
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(30));
+        let mut breaker = CircuitBreaker::new(5);
+        loop {
+            match self.applier.apply(events).await {
+                Ok(outcome) => {
+                    if breaker.is_open() {
+                        tracing::info!("stores answer again: circuit closed, partitions resumed");
+                        self.set_paused(false);
+                    }
+                    return Some(outcome);
+                }
+                Err(e) => {
+                    let was_open = breaker.is_open();
+                    let open = breaker.record_failure();
+                    log_apply_error(&e, backoff.attempts(), open);
+                    if open && !was_open {
+                        self.set_paused(true);
+                    }
+                    if *self.shutdown.borrow() {
+                        return None;
+                    }
+                    self.wait_polling(backoff.next_delay()).await;
+                }
+            }
+        }
+    }
+
+    fn commit(&self, offsets: &HashMap<(String, i32), i64>) {
+        let mut tpl = TopicPartitionList::new();
+        for ((topic, partition), offset) in offsets {
+            if let Err(e) = tpl.add_partition_offset(topic, *partition, Offset::Offset(offset + 1))
+            {
+                tracing::warn!(error = %e, "bad offset");
+            }
+        }
+        // The commit is a blocking call of librdkafka; keep it off the async executor.
+        let result = tokio::task::block_in_place(|| self.consumer.commit(&tpl, CommitMode::Sync));
+        if let Err(e) = result {
+            // A partition revoked meanwhile: its new owner redelivers, the guards absorb it.
+            tracing::warn!(error = %e, "offset commit failed; the batch will be redelivered");
+        }
+    }
+}
+
+fn log_apply_error(e: &ApplyError, attempt: u32, circuit_open: bool) {
+    tracing::warn!(error = %e, attempt, circuit_open, "applying the batch failed; retrying");
+}
+
+/// An event as a dead letter: the message as it was published.
+fn as_poison(origin: crate::source::Origin, event: &Event) -> Poison {
+    let headers = RequiredHeaders::for_event(&event.envelope)
+        .pairs()
+        .into_iter()
+        .fold(OwnedHeaders::new(), |h, (k, v)| {
+            h.insert(Header {
+                key: k,
+                value: Some(v.as_bytes()),
+            })
+        });
+    Poison {
+        payload: Some(event.envelope.to_json_bytes()),
+        headers: Some(headers),
+        stream: Some(projectors::stream_key(event)),
+        error: contract::ContractError::InvalidValue {
+            field: "event",
+            reason: "refused downstream".into(),
+        },
+        origin,
+    }
+}
