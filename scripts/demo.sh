@@ -16,3 +16,6 @@ BIN=target/debug/projector
 
 "$BIN" migrate
 "$BIN" generate --events "$EVENTS" --seed "$SEED" --namespace "$NS" --duplicates 0.02 --redeliveries 0.1
+# The worker projects the history into Redis, MongoDB and ClickHouse, then exits once idle.
+"$BIN" run --exit-when-idle 5
+"$BIN" show --namespace "$NS"

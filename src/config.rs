@@ -42,6 +42,24 @@ pub struct KafkaConfig {
     pub topic_prefix: String,
     pub dlq_topic: String,
     pub partitions: i32,
+    /// `cooperative-sticky` (incremental rebalances) or an eager one (`range`, `roundrobin`).
+    #[serde(default = "default_assignment")]
+    pub assignment_strategy: String,
+    /// How long a silent (killed) member keeps its partitions.
+    #[serde(default = "default_session_timeout")]
+    pub session_timeout_ms: u32,
+    /// Static group membership (e.g. the pod name of a StatefulSet): a restarted worker takes
+    /// its partitions back at once instead of waiting for its old session to expire.
+    #[serde(default)]
+    pub instance_id: Option<String>,
+}
+
+fn default_assignment() -> String {
+    "cooperative-sticky".into()
+}
+
+fn default_session_timeout() -> u32 {
+    6_000
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]

@@ -114,6 +114,11 @@ pub async fn run(
         }
         let batch = w.collect_batch().await;
         if batch.is_empty() {
+            // Idle time counts only while partitions are assigned: a join can take a while
+            // when a killed member's session has yet to expire.
+            if w.consumer.assignment().map_or(true, |a| a.count() == 0) {
+                last_message = Instant::now();
+            }
             if opts
                 .stop_when_idle
                 .is_some_and(|idle| last_message.elapsed() >= idle)

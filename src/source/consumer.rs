@@ -36,15 +36,21 @@ pub type WorkerConsumer = StreamConsumer<WorkerContext>;
 
 /// A consumer in the worker group: manual commits, earliest reset, cooperative-sticky.
 pub fn create_consumer(cfg: &KafkaConfig) -> KafkaResult<WorkerConsumer> {
-    base_client_config(cfg)
-        .set("group.id", &cfg.group_id)
+    let mut c = base_client_config(cfg);
+    if let Some(id) = cfg.instance_id.as_deref().filter(|s| !s.is_empty()) {
+        c.set("group.instance.id", id);
+    }
+    c.set("group.id", &cfg.group_id)
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")
-        .set("partition.assignment.strategy", "cooperative-sticky")
+        .set("partition.assignment.strategy", &cfg.assignment_strategy)
         // A killed pod's partitions move on quickly.
-        .set("session.timeout.ms", "6000")
+        .set("session.timeout.ms", cfg.session_timeout_ms.to_string())
         .set("heartbeat.interval.ms", "1000")
+        // Also the rebalance timeout: how long a join waits for silent members. The loop
+        // polls between batches and while waiting out failures, so this stays well ahead.
+        .set("max.poll.interval.ms", "20000")
         .set("enable.partition.eof", "false")
         .create_with_context(WorkerContext)
 }

@@ -40,3 +40,178 @@ pub async fn store() -> EventStore {
     store.migrate().await.expect("migrations");
     store
 }
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use contract::Event;
+use projector::generator::{self, GenerateOptions};
+use projector::kafka::{self, EventPublisher};
+use projector::sinks::clickhouse::FactRow;
+use projector::worker;
+use projectors::memory::MemoryViews;
+use projectors::{Document, DynProjector};
+
+/// Settings isolated to one test: own topics, group, dead-letter topic and read models.
+pub fn isolated_config(tag: &str) -> (Config, String) {
+    let ns = unique_namespace(tag);
+    let mut cfg = config();
+    let id = ns.trim_end_matches('-').replace('-', "_");
+    cfg.kafka.topic_prefix = format!("{id}.");
+    cfg.kafka.dlq_topic = format!("{id}.dlq");
+    cfg.kafka.group_id = format!("{id}-group");
+    cfg.views.redis_prefix = format!("{id}:c360:");
+    cfg.views.mongo_collection = format!("{id}_orders");
+    cfg.views.clickhouse_table = format!("{id}_facts");
+    (cfg, ns)
+}
+
+/// The same settings as environment variables, for a worker run as a child process.
+pub fn config_env(cfg: &Config) -> Vec<(String, String)> {
+    vec![
+        (
+            "PROJECTOR_KAFKA__TOPIC_PREFIX".into(),
+            cfg.kafka.topic_prefix.clone(),
+        ),
+        (
+            "PROJECTOR_KAFKA__DLQ_TOPIC".into(),
+            cfg.kafka.dlq_topic.clone(),
+        ),
+        (
+            "PROJECTOR_KAFKA__GROUP_ID".into(),
+            cfg.kafka.group_id.clone(),
+        ),
+        (
+            "PROJECTOR_VIEWS__REDIS_PREFIX".into(),
+            cfg.views.redis_prefix.clone(),
+        ),
+        (
+            "PROJECTOR_VIEWS__MONGO_COLLECTION".into(),
+            cfg.views.mongo_collection.clone(),
+        ),
+        (
+            "PROJECTOR_VIEWS__CLICKHOUSE_TABLE".into(),
+            cfg.views.clickhouse_table.clone(),
+        ),
+        ("PROJECTOR_WORKER__HTTP_ADDR".into(), "127.0.0.1:0".into()),
+    ]
+}
+
+pub fn projector_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_projector"))
+}
+
+/// Append a seeded history to the store and publish it on the test's topics.
+pub async fn generate(
+    cfg: &Config,
+    ns: &str,
+    events: u64,
+    seed: u64,
+    duplicates: f64,
+    redeliveries: f64,
+) {
+    let mut stores = vec![store().await];
+    kafka::ensure_topics(&cfg.kafka)
+        .await
+        .expect("Kafka up (scripts/services.sh up)");
+    let publisher = EventPublisher::new(&cfg.kafka).unwrap();
+    let opts = GenerateOptions {
+        seed,
+        events,
+        namespace: ns.to_owned(),
+        batch_size: 1_000,
+        duplicate_rate: duplicates,
+        redelivery_rate: redeliveries,
+    };
+    generator::generate(&mut stores, Some(&publisher), &opts, |_| {})
+        .await
+        .unwrap();
+}
+
+/// The event log of a namespace, in commit order.
+pub async fn event_log(ns: &str) -> Vec<Event> {
+    store()
+        .await
+        .read_prefix(ns)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.into_event().unwrap())
+        .collect()
+}
+
+/// View and guard only: the revision counts writes, which depends on batching.
+fn comparable(
+    docs: impl IntoIterator<Item = (String, Document)>,
+    ns: &str,
+) -> BTreeMap<String, (serde_json::Value, BTreeMap<String, i64>)> {
+    docs.into_iter()
+        .filter(|(k, _)| k.starts_with(ns))
+        .map(|(k, d)| (k, (serde_json::Value::Object(d.view), d.guard)))
+        .collect()
+}
+
+fn fold(p: &dyn DynProjector, log: &[Event]) -> MemoryViews {
+    let mut m = MemoryViews::default();
+    m.apply(p, log).unwrap();
+    m
+}
+
+/// Every read model equals the pure fold of the event log, exactly.
+pub async fn assert_read_models_equal_fold(cfg: &Config, ns: &str) {
+    let log = event_log(ns).await;
+    assert!(!log.is_empty());
+    let sinks = worker::connect_sinks(cfg).await.unwrap();
+
+    let c360 = fold(&projectors::customer360::Customer360Projector, &log);
+    let redis = sinks.redis.scan_all().await.unwrap();
+    let (want, got) = (comparable(c360.docs, ns), comparable(redis, ns));
+    assert_eq!(want.len(), got.len(), "Customer-360 document count");
+    for (k, w) in &want {
+        assert_eq!(
+            Some(w),
+            got.get(k),
+            "Customer-360 {k} differs from the fold"
+        );
+    }
+
+    let orders = fold(&projectors::order_view::OrderViewProjector, &log);
+    let mongo = sinks.mongo.scan_all().await.unwrap();
+    let (want, got) = (comparable(orders.docs, ns), comparable(mongo, ns));
+    assert_eq!(want.len(), got.len(), "order view count");
+    for (k, w) in &want {
+        assert_eq!(Some(w), got.get(k), "order view {k} differs from the fold");
+    }
+
+    let facts = fold(&projectors::analytics::AnalyticsProjector, &log);
+    let want: BTreeMap<String, FactRow> = facts
+        .docs
+        .into_values()
+        .map(|d| {
+            let f: projectors::analytics::Fact =
+                serde_json::from_value(serde_json::Value::Object(d.view)).unwrap();
+            (f.event_id.clone(), FactRow::from(&f))
+        })
+        .collect();
+    let got: BTreeMap<String, FactRow> = sinks
+        .clickhouse
+        .all_facts()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| (r.event_id.clone(), r))
+        .collect();
+    assert_eq!(want.len(), log.len());
+    assert_eq!(got.len(), want.len(), "fact count (each event once)");
+    assert!(want == got, "analytics facts differ from the fold");
+}
+
+/// Run the worker in this process until no event arrived for `idle`.
+pub async fn run_worker_until_idle(cfg: &Config, idle: Duration) -> worker::RunReport {
+    let (_tx, rx) = tokio::sync::watch::channel(false);
+    let opts = worker::RunOptions {
+        stop_when_idle: Some(idle),
+    };
+    worker::run(cfg, opts, rx).await.expect("worker")
+}

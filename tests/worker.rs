@@ -1,0 +1,318 @@
+//! The live worker against the real broker and stores: read models equal the pure fold of
+//! the event log whatever the duplicates, redeliveries, crashes and rebalances.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use rand::Rng;
+
+/// A worker process with a stable identity (static group membership, like a StatefulSet
+/// pod): a restarted pod takes its partitions back without waiting for its old session.
+fn spawn_worker(cfg: &projector::config::Config, pod: &str, idle_exit: Option<f64>) -> Pod {
+    let mut cmd = Command::new(common::projector_bin());
+    cmd.arg("run")
+        .envs(common::config_env(cfg))
+        .env("PROJECTOR_KAFKA__INSTANCE_ID", pod)
+        .env("RUST_LOG", "warn");
+    if let Some(s) = idle_exit {
+        cmd.arg("--exit-when-idle").arg(s.to_string());
+    }
+    Pod(cmd
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn worker"))
+}
+
+/// A worker process that is killed if the test ends early (a failed assertion).
+struct Pod(Child);
+
+impl Drop for Pod {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+impl std::ops::Deref for Pod {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Pod {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+fn kill9(child: &mut Pod) {
+    // Child::kill sends SIGKILL: no drain, no commit, no goodbye to the group.
+    child.kill().expect("kill -9");
+    child.wait().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn duplicates_and_redeliveries_give_read_models_equal_to_the_fold() {
+    let (cfg, ns) = common::isolated_config("dup");
+    common::generate(&cfg, &ns, 4_000, 11, 0.05, 0.5).await;
+    let report = common::run_worker_until_idle(&cfg, Duration::from_secs(4)).await;
+    assert!(
+        report.duplicates > 0,
+        "injected copies reached the projectors and were skipped"
+    );
+    assert_eq!(report.dead_letters, 0);
+    common::assert_read_models_equal_fold(&cfg, &ns).await;
+
+    // A full replay of the topics by a new group changes nothing.
+    let mut replay = cfg.clone();
+    replay.kafka.group_id = format!("{}-replay", cfg.kafka.group_id);
+    let again = common::run_worker_until_idle(&replay, Duration::from_secs(4)).await;
+    assert!(again.messages >= 4_000);
+    assert_eq!(
+        again.writes.get("customer360").copied().unwrap_or(0),
+        0,
+        "no Customer-360 rewritten"
+    );
+    assert_eq!(
+        again.writes.get("order_view").copied().unwrap_or(0),
+        0,
+        "no order view rewritten"
+    );
+    common::assert_read_models_equal_fold(&cfg, &ns).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_at_random_moments_loses_nothing_and_applies_nothing_twice() {
+    let (cfg, ns) = common::isolated_config("kill");
+    let mut rng = rand::rng();
+    // Events keep arriving while the worker is killed and restarted, five times.
+    for round in 0..5u64 {
+        let mut worker = spawn_worker(&cfg, "pod-0", None);
+        common::generate(&cfg, &ns_round(&ns, round), 1_500, 100 + round, 0.02, 0.2).await;
+        tokio::time::sleep(Duration::from_millis(rng.random_range(200..2_500))).await;
+        kill9(&mut worker);
+    }
+    // A last worker finishes the backlog.
+    let mut last = spawn_worker(&cfg, "pod-0", Some(5.0));
+    let status = tokio::task::spawn_blocking(move || last.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success());
+    common::assert_read_models_equal_fold(&cfg, &ns).await;
+}
+
+/// Each round writes its own streams (a new seed would otherwise rewrite the same ids).
+fn ns_round(ns: &str, round: u64) -> String {
+    format!("{ns}r{round}-")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_workers_one_killed_a_third_joining_still_equal() {
+    let (cfg, ns) = common::isolated_config("grp");
+    let mut a = spawn_worker(&cfg, "pod-0", None);
+    let mut b = spawn_worker(&cfg, "pod-1", None);
+    common::generate(&cfg, &ns_round(&ns, 0), 3_000, 21, 0.02, 0.2).await;
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    kill9(&mut a);
+    common::generate(&cfg, &ns_round(&ns, 1), 3_000, 22, 0.02, 0.2).await;
+    // The killed pod's replacement, and a new pod scaling the group out, join mid-run.
+    let mut a2 = spawn_worker(&cfg, "pod-0", None);
+    let mut c = spawn_worker(&cfg, "pod-2", None);
+    common::generate(&cfg, &ns_round(&ns, 2), 3_000, 23, 0.02, 0.2).await;
+    wait_until_caught_up(&cfg, &ns).await;
+    let mut workers = [&mut a2, &mut b, &mut c];
+    for w in workers.iter_mut() {
+        let pid = w.id().to_string();
+        Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    }
+    for w in workers.iter_mut() {
+        let status = w.wait().unwrap();
+        assert!(
+            status.success(),
+            "SIGTERM drains, commits and exits 0: {status:?}"
+        );
+    }
+    common::assert_read_models_equal_fold(&cfg, &ns).await;
+}
+
+/// Poll until the facts table holds every event of the namespace (or 120 s).
+async fn wait_until_caught_up(cfg: &projector::config::Config, ns: &str) {
+    let want = common::event_log(ns).await.len();
+    let sinks = projector::worker::connect_sinks(cfg).await.unwrap();
+    for _ in 0..240 {
+        let n = sinks
+            .clickhouse
+            .all_facts()
+            .await
+            .unwrap()
+            .iter()
+            .filter(|f| f.aggregate_id.starts_with(ns))
+            .count();
+        if n >= want {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    panic!("workers did not catch up");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_of_one_aggregate_are_applied_in_sequence() {
+    let (cfg, ns) = common::isolated_config("ord");
+    common::generate(&cfg, &ns, 3_000, 31, 0.1, 1.0).await;
+    common::run_worker_until_idle(&cfg, Duration::from_secs(4)).await;
+    let log = common::event_log(&ns).await;
+    let mut streams: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for e in log
+        .iter()
+        .filter(|e| e.envelope.aggregate_type == contract::AggregateType::Order)
+    {
+        streams
+            .entry(e.envelope.aggregate_id.clone())
+            .or_default()
+            .push(e.envelope.event_type.clone());
+    }
+    let sinks = projector::worker::connect_sinks(&cfg).await.unwrap();
+    let views = sinks.mongo.scan_all().await.unwrap();
+    assert_eq!(views.len(), streams.len());
+    for (id, types) in &streams {
+        let doc = &views[id];
+        // The timeline records the order events were applied in.
+        let applied: Vec<String> = doc.view["timeline"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t["event_type"].as_str().unwrap().to_owned())
+            .collect();
+        assert_eq!(&applied, types, "order {id} applied out of sequence");
+        assert_eq!(
+            doc.view["version"].as_i64().unwrap(),
+            types.len() as i64 - 1
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poison_goes_to_the_dead_letter_topic_with_its_reason_and_never_stops_the_worker() {
+    use projector::kafka::{self, EventPublisher};
+    use rdkafka::Message;
+    use rdkafka::consumer::{Consumer, StreamConsumer};
+    use rdkafka::message::Headers;
+    use serde_json::json;
+
+    let (cfg, ns) = common::isolated_config("dlq");
+    kafka::ensure_topics(&cfg.kafka).await.unwrap();
+    let publisher = EventPublisher::new(&cfg.kafka).unwrap();
+    let order_topic = format!("{}order", cfg.kafka.topic_prefix);
+    let bad_stream = format!("{ns}ord-poison");
+    let envelope = |seq: i64, data: serde_json::Value| {
+        json!({"event_id": uuid::Uuid::new_v4().to_string(), "aggregate_type": "order",
+               "aggregate_id": bad_stream, "sequence_number": seq, "global_position": 1,
+               "event_type": "order.shipped", "event_data": data,
+               "timestamp": "2026-11-22T10:00:00Z"})
+        .to_string()
+    };
+    fn headers(seq: &'static str) -> Vec<(&'static str, &'static str)> {
+        vec![
+            ("event_type", "order.shipped"),
+            ("aggregate_type", "order"),
+            ("sequence", seq),
+        ]
+    }
+    // 1. not JSON; 2. a known type whose payload does not parse; 3. a later, valid event of
+    // that stream (parked so it is never applied out of order); 4. no headers at all.
+    publisher
+        .publish_raw(
+            &order_topic,
+            &format!("{ns}ord-junk"),
+            b"{not json",
+            &headers("0"),
+        )
+        .await
+        .unwrap();
+    let shipped_without_carrier = envelope(0, json!({"order_id": bad_stream, "customer_id": "c"}));
+    publisher
+        .publish_raw(
+            &order_topic,
+            &bad_stream,
+            shipped_without_carrier.as_bytes(),
+            &headers("0"),
+        )
+        .await
+        .unwrap();
+    let valid_later = envelope(
+        1,
+        json!({"order_id": bad_stream, "customer_id": "c", "carrier": "UPS", "tracking_number": "1Z"}),
+    );
+    publisher
+        .publish_raw(
+            &order_topic,
+            &bad_stream,
+            valid_later.as_bytes(),
+            &headers("1"),
+        )
+        .await
+        .unwrap();
+    publisher
+        .publish_raw(
+            &order_topic,
+            &format!("{ns}ord-nohdr"),
+            valid_later.as_bytes(),
+            &[],
+        )
+        .await
+        .unwrap();
+    // And a normal history around them.
+    common::generate(&cfg, &ns, 2_000, 41, 0.0, 0.0).await;
+
+    let report = common::run_worker_until_idle(&cfg, Duration::from_secs(4)).await;
+    assert_eq!(report.dead_letters, 4);
+    common::assert_read_models_equal_fold(&cfg, &ns).await;
+
+    let consumer: StreamConsumer = kafka::base_client_config(&cfg.kafka)
+        .set("group.id", format!("{ns}dlq-reader"))
+        .set("auto.offset.reset", "earliest")
+        .create()
+        .unwrap();
+    consumer.subscribe(&[cfg.kafka.dlq_topic.as_str()]).unwrap();
+    let mut kinds = BTreeMap::new();
+    while kinds.len() < 4 {
+        let msg = tokio::time::timeout(Duration::from_secs(30), consumer.recv())
+            .await
+            .expect("dead letters arrive")
+            .unwrap();
+        let h = msg.headers().unwrap();
+        let get = |k: &str| {
+            h.iter()
+                .find(|x| x.key == k)
+                .and_then(|x| x.value)
+                .map(|v| String::from_utf8_lossy(v).into_owned())
+        };
+        let key = String::from_utf8_lossy(msg.key().unwrap()).into_owned();
+        let reason = get("dlq_reason").unwrap();
+        assert!(!reason.is_empty());
+        assert_eq!(
+            get("dlq_source_topic").as_deref(),
+            Some(order_topic.as_str())
+        );
+        kinds.insert(
+            (key, get("dlq_source_offset").unwrap()),
+            (get("dlq_kind").unwrap(), reason),
+        );
+    }
+    let kinds: Vec<(String, String)> = kinds.into_values().collect();
+    let has = |kind: &str, text: &str| kinds.iter().any(|(k, r)| k == kind && r.contains(text));
+    assert!(has("invalid_json", "not valid JSON"), "{kinds:?}");
+    assert!(has("invalid_event_data", "carrier"), "{kinds:?}");
+    assert!(has("parked", "parked"), "{kinds:?}");
+    assert!(has("missing_header", "event_type"), "{kinds:?}");
+}
