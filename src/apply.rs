@@ -122,7 +122,7 @@ impl Applier {
 }
 
 /// Fold each key's events into its document and write them all, compare-and-set.
-async fn apply_documents<S: DocumentSink>(
+pub async fn apply_documents<S: DocumentSink>(
     p: &dyn DynProjector,
     sink: &S,
     events: &[&Event],
@@ -194,9 +194,9 @@ async fn apply_documents<S: DocumentSink>(
 }
 
 /// One fact per event; the store deduplicates by event_id.
-async fn apply_facts(
+pub async fn apply_facts<S: FactSink>(
     p: &dyn DynProjector,
-    sink: &ClickHouseSink,
+    sink: &S,
     events: &[&Event],
 ) -> Result<(ProjectorStats, Vec<(usize, Rejection)>), ApplyError> {
     let started = Instant::now();

@@ -15,6 +15,7 @@ pub mod apply;
 pub mod config;
 pub mod generator;
 pub mod kafka;
+pub mod observability;
 pub mod queries;
 pub mod resilience;
 pub mod router;

@@ -1,5 +1,7 @@
 //! The `projector` binary: the edge where errors become messages and exit codes.
 
+mod cli;
+
 use std::path::PathBuf;
 
 use anyhow::Context;
@@ -35,6 +37,20 @@ enum Command {
     Run(RunArgs),
     /// Print one Customer-360, one order view and the analytics answers.
     Show(ShowArgs),
+    /// Measure the engine alone and generate → worker end to end, beside each store's capacity.
+    Bench(BenchCli),
+}
+
+#[derive(Args)]
+struct BenchCli {
+    #[arg(long, default_value_t = 100_000)]
+    events: u64,
+    /// Messages per worker batch (and per engine-alone batch).
+    #[arg(long, default_value_t = 2_000)]
+    batch: usize,
+    /// Documents/rows written per store to measure its raw capacity.
+    #[arg(long, default_value_t = 20_000)]
+    raw_docs: usize,
 }
 
 #[derive(Args)]
@@ -42,6 +58,9 @@ struct RunArgs {
     /// Exit once no event has arrived for this many seconds (demo, tests, benchmarks).
     #[arg(long)]
     exit_when_idle: Option<f64>,
+    /// Write the run's figures (events, batches, writes, latency percentiles) as JSON here.
+    #[arg(long)]
+    stats_json: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -93,6 +112,19 @@ async fn main() -> anyhow::Result<()> {
         Command::Generate(args) => generate(&config, args).await?,
         Command::Run(args) => run(&config, args).await?,
         Command::Show(args) => show(&config, args).await?,
+        Command::Bench(args) => {
+            let mut config = config;
+            config.worker.batch_size = args.batch;
+            cli::bench::run(
+                &config,
+                cli::bench::BenchArgs {
+                    events: args.events,
+                    batch: args.batch,
+                    raw_docs: args.raw_docs,
+                },
+            )
+            .await?
+        }
     }
     Ok(())
 }
@@ -160,10 +192,20 @@ async fn run(config: &Config, args: RunArgs) -> anyhow::Result<()> {
         tracing::info!("signal received: draining");
         let _ = tx.send(true);
     });
+    let health = std::sync::Arc::new(projector::observability::Health::default());
+    let metrics = projector::observability::install_metrics()?;
+    let bound =
+        projector::observability::serve(&config.worker.http_addr, metrics, health.clone()).await?;
+    tracing::info!(%bound, "serving /metrics, /healthz and /readyz");
     let opts = RunOptions {
         stop_when_idle: args.exit_when_idle.map(std::time::Duration::from_secs_f64),
+        health: Some(health),
     };
     let report = worker::run(config, opts, rx).await?;
+    if let Some(path) = &args.stats_json {
+        std::fs::write(path, serde_json::to_vec_pretty(&report)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
     println!(
         "worker done: {} messages in {} batches, {} dead letters, {} unrouted, {} duplicates skipped, writes {:?}",
         report.messages,

@@ -38,16 +38,41 @@ pub struct RunOptions {
     /// Exit once no message has arrived for this long (tests, demo, bench). `None`: run until
     /// SIGTERM/SIGINT.
     pub stop_when_idle: Option<Duration>,
+    /// Readiness for the pod endpoints.
+    pub health: Option<std::sync::Arc<crate::observability::Health>>,
 }
 
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct RunReport {
     pub messages: u64,
     pub batches: u64,
     pub dead_letters: u64,
     pub unrouted: u64,
     pub duplicates: u64,
-    pub writes: HashMap<&'static str, u64>,
+    /// Documents/rows written per projector, and the time spent writing them.
+    pub writes: HashMap<String, u64>,
+    pub write_seconds: HashMap<String, f64>,
+    pub largest_batch: u64,
+    /// Seconds from the first message received to the last batch committed.
+    pub active_seconds: f64,
+    /// Publish → visible in every read model, per event, in milliseconds.
+    pub latency_ms_p50: u64,
+    pub latency_ms_p99: u64,
+    pub latency_ms_max: u64,
+    #[serde(skip)]
+    latency: Option<hdrhistogram::Histogram<u64>>,
+    #[serde(skip)]
+    first_message: Option<Instant>,
+}
+
+impl RunReport {
+    fn finish(&mut self) {
+        if let Some(h) = &self.latency {
+            self.latency_ms_p50 = h.value_at_quantile(0.5);
+            self.latency_ms_p99 = h.value_at_quantile(0.99);
+            self.latency_ms_max = h.max();
+        }
+    }
 }
 
 /// Connect to the three stores (creating tables and indexes as needed).
@@ -75,6 +100,7 @@ struct Worker {
     applier: Applier,
     dlq: DeadLetterQueue,
     shutdown: watch::Receiver<bool>,
+    health: std::sync::Arc<crate::observability::Health>,
     /// Messages received while waiting out a failure; they open the next batch.
     carry: Vec<Incoming>,
     /// Streams with a dead-lettered event: their later events are dead-lettered too, so a
@@ -100,6 +126,7 @@ pub async fn run(
         applier: Applier::new(projectors::all(), sinks),
         dlq: DeadLetterQueue::new(&cfg.kafka)?,
         shutdown,
+        health: opts.health.clone().unwrap_or_default(),
         carry: Vec::new(),
         parked: HashSet::new(),
         report: RunReport::default(),
@@ -113,10 +140,12 @@ pub async fn run(
             break;
         }
         let batch = w.collect_batch().await;
+        let assigned = w.consumer.assignment().is_ok_and(|a| a.count() > 0);
+        w.health.set_assigned(assigned);
         if batch.is_empty() {
             // Idle time counts only while partitions are assigned: a join can take a while
             // when a killed member's session has yet to expire.
-            if w.consumer.assignment().map_or(true, |a| a.count() == 0) {
+            if !assigned {
                 last_message = Instant::now();
             }
             if opts
@@ -132,6 +161,7 @@ pub async fn run(
             break;
         }
     }
+    w.report.finish();
     Ok(w.report)
 }
 
@@ -266,10 +296,10 @@ impl Worker {
             events.push(event);
         }
 
-        let Some(outcome) = self.apply_with_retry(&events).await else {
+        let Some(mut outcome) = self.apply_with_retry(&events).await else {
             return Ok(false);
         };
-        for (i, rejection) in outcome.rejected {
+        for (i, rejection) in std::mem::take(&mut outcome.rejected) {
             self.park(&rejection.stream, &rejection.reason).await?;
             letters.push(DeadLetter {
                 poison: as_poison(origins[i].clone(), &events[i]),
@@ -287,14 +317,35 @@ impl Worker {
         }
         self.commit(&offsets);
 
+        let now_ms = chrono::Utc::now().timestamp_millis();
         let r = &mut self.report;
+        let first = *r.first_message.get_or_insert_with(Instant::now);
+        r.active_seconds = first.elapsed().as_secs_f64();
+        let h = r.latency.get_or_insert_with(|| {
+            // 1 ms .. 1 hour; a slower event saturates at an hour.
+            hdrhistogram::Histogram::new_with_bounds(1, 3_600_000, 3).expect("valid bounds")
+        });
+        for o in &origins {
+            if let Some(ts) = o.timestamp_ms {
+                h.saturating_record((now_ms - ts).max(0) as u64);
+            }
+        }
+        r.largest_batch = r.largest_batch.max((events.len() + letters.len()) as u64);
+        record_metrics(
+            &events,
+            &letters,
+            &outcome,
+            origins.last().and_then(|o| o.timestamp_ms),
+            now_ms,
+        );
         r.batches += 1;
         r.messages += (events.len() + letters.len()) as u64;
         r.dead_letters += letters.len() as u64;
         r.unrouted += outcome.unrouted as u64;
         for p in &outcome.projectors {
             r.duplicates += p.duplicates as u64;
-            *r.writes.entry(p.name).or_default() += p.writes as u64;
+            *r.writes.entry(p.name.to_owned()).or_default() += p.writes as u64;
+            *r.write_seconds.entry(p.name.to_owned()).or_default() += p.write_time.as_secs_f64();
         }
         tracing::debug!(
             events = events.len(),
@@ -315,6 +366,7 @@ impl Worker {
                     if breaker.is_open() {
                         tracing::info!("stores answer again: circuit closed, partitions resumed");
                         self.set_paused(false);
+                        self.health.set_circuit_open(false);
                     }
                     return Some(outcome);
                 }
@@ -324,6 +376,7 @@ impl Worker {
                     log_apply_error(&e, backoff.attempts(), open);
                     if open && !was_open {
                         self.set_paused(true);
+                        self.health.set_circuit_open(true);
                     }
                     if *self.shutdown.borrow() {
                         return None;
@@ -348,6 +401,41 @@ impl Worker {
             // A partition revoked meanwhile: its new owner redelivers, the guards absorb it.
             tracing::warn!(error = %e, "offset commit failed; the batch will be redelivered");
         }
+    }
+}
+
+/// Prometheus figures of one committed batch.
+fn record_metrics(
+    events: &[Event],
+    letters: &[DeadLetter],
+    outcome: &crate::apply::BatchOutcome,
+    last_ts_ms: Option<i64>,
+    now_ms: i64,
+) {
+    metrics::histogram!("projector_batch_size").record((events.len() + letters.len()) as f64);
+    let mut by_type: HashMap<&str, u64> = HashMap::new();
+    for e in events {
+        *by_type.entry(e.envelope.event_type.as_str()).or_default() += 1;
+    }
+    for (t, n) in by_type {
+        metrics::counter!("projector_events_total", "event_type" => t.to_owned()).increment(n);
+    }
+    for p in &outcome.projectors {
+        let name = p.name;
+        metrics::counter!("projector_projected_events_total", "projector" => name)
+            .increment(p.events as u64);
+        metrics::counter!("projector_writes_total", "projector" => name).increment(p.writes as u64);
+        metrics::counter!("projector_duplicates_total", "projector" => name)
+            .increment(p.duplicates as u64);
+        metrics::histogram!("projector_write_seconds", "projector" => name)
+            .record(p.write_time.as_secs_f64());
+    }
+    for l in letters {
+        metrics::counter!("projector_dead_letters_total", "kind" => l.kind.clone()).increment(1);
+    }
+    metrics::counter!("projector_unrouted_total").increment(outcome.unrouted as u64);
+    if let Some(ts) = last_ts_ms {
+        metrics::gauge!("projector_lag_seconds").set((now_ms - ts).max(0) as f64 / 1000.0);
     }
 }
 

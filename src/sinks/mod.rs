@@ -4,6 +4,7 @@
 //! The fact sink (ClickHouse) appends rows deduplicated by event_id.
 
 pub mod clickhouse;
+pub mod memory;
 pub mod mongo;
 pub mod redis;
 

@@ -50,6 +50,14 @@ impl MongoSink {
                 .build(),
         )
         .await?;
+        // The compare-and-set filter is {_id, _rev}: an index on both keeps it a point lookup.
+        c.create_index(
+            IndexModel::builder()
+                .keys(doc! {"_id": 1, "_rev": 1})
+                .options(named("cas"))
+                .build(),
+        )
+        .await?;
         c.create_index(
             IndexModel::builder()
                 .keys(doc! {"status": 1, "updated_at": -1})
@@ -95,58 +103,96 @@ impl DocumentSink for MongoSink {
         docs.into_iter().map(decode).collect()
     }
 
+    /// New documents go in one `insert` (a racing creator makes it fail with E11000), the
+    /// others in one `update` of `{_id, _rev: expected}` replacements (a moved revision makes
+    /// the upsert collide on `_id`: E11000 again). Both are journaled before they return.
     async fn store(&self, writes: &[Write]) -> Result<Vec<String>, SinkError> {
-        if writes.is_empty() {
-            return Ok(Vec::new());
+        let (new, existing): (Vec<&Write>, Vec<&Write>) =
+            writes.iter().partition(|w| w.expected_rev == 0);
+        let mut inserts = Vec::with_capacity(new.len());
+        for w in &new {
+            inserts.push(replacement(w)?);
         }
-        let mut updates = Vec::with_capacity(writes.len());
-        for w in writes {
-            let mut replacement =
-                bson::to_document(&w.document).map_err(|e| SinkError::Corrupt {
-                    key: w.key.clone(),
-                    reason: e.to_string(),
-                })?;
-            replacement.insert("_id", &w.key);
+        let mut updates = Vec::with_capacity(existing.len());
+        for w in &existing {
             updates.push(doc! {
                 "q": {"_id": &w.key, "_rev": w.expected_rev},
-                "u": replacement,
+                "u": replacement(w)?,
                 "upsert": true,
             });
         }
-        let reply = self
-            .db
-            .run_command(doc! {
-                "update": &self.collection,
-                "updates": updates,
-                "ordered": false,
-                // Journaled: offsets are committed only after this returns.
-                "writeConcern": {"w": 1, "j": true},
-            })
-            .await?;
-        let mut conflicts = Vec::new();
-        if let Ok(errors) = reply.get_array("writeErrors") {
-            for e in errors {
-                let Bson::Document(e) = e else { continue };
-                let index = number(e.get("index")).unwrap_or(-1);
-                let code = number(e.get("code")).unwrap_or(-1);
-                let Some(w) = usize::try_from(index).ok().and_then(|i| writes.get(i)) else {
-                    continue;
-                };
-                if code == DUPLICATE_KEY {
-                    conflicts.push(w.key.clone());
-                } else {
-                    return Err(SinkError::Corrupt {
-                        key: w.key.clone(),
-                        reason: format!(
-                            "write error {code}: {}",
-                            e.get_str("errmsg").unwrap_or("")
-                        ),
-                    });
-                }
+        let insert = async {
+            if inserts.is_empty() {
+                return Ok(None);
             }
+            self.db
+                .run_command(doc! {
+                    "insert": &self.collection,
+                    "documents": inserts,
+                    "ordered": false,
+                    "writeConcern": {"w": 1, "j": true},
+                })
+                .await
+                .map(Some)
+        };
+        let update = async {
+            if updates.is_empty() {
+                return Ok(None);
+            }
+            self.db
+                .run_command(doc! {
+                    "update": &self.collection,
+                    "updates": updates,
+                    "ordered": false,
+                    "writeConcern": {"w": 1, "j": true},
+                })
+                .await
+                .map(Some)
+        };
+        let (inserted, updated) = tokio::join!(insert, update);
+        let mut conflicts = Vec::new();
+        if let Some(reply) = inserted? {
+            conflicts.extend(conflicts_of(&reply, &new)?);
+        }
+        if let Some(reply) = updated? {
+            conflicts.extend(conflicts_of(&reply, &existing)?);
         }
         Ok(conflicts)
     }
+}
+
+fn replacement(w: &Write) -> Result<bson::Document, SinkError> {
+    let mut d = bson::to_document(&w.document).map_err(|e| SinkError::Corrupt {
+        key: w.key.clone(),
+        reason: e.to_string(),
+    })?;
+    d.insert("_id", &w.key);
+    Ok(d)
+}
+
+/// The keys whose statement hit E11000 (a concurrent writer); any other error fails the batch.
+fn conflicts_of(reply: &bson::Document, writes: &[&Write]) -> Result<Vec<String>, SinkError> {
+    let mut conflicts = Vec::new();
+    let Ok(errors) = reply.get_array("writeErrors") else {
+        return Ok(conflicts);
+    };
+    for e in errors {
+        let Bson::Document(e) = e else { continue };
+        let index = number(e.get("index")).unwrap_or(-1);
+        let code = number(e.get("code")).unwrap_or(-1);
+        let Some(w) = usize::try_from(index).ok().and_then(|i| writes.get(i)) else {
+            continue;
+        };
+        if code == DUPLICATE_KEY {
+            conflicts.push(w.key.clone());
+        } else {
+            return Err(SinkError::Corrupt {
+                key: w.key.clone(),
+                reason: format!("write error {code}: {}", e.get_str("errmsg").unwrap_or("")),
+            });
+        }
+    }
+    Ok(conflicts)
 }
 
 fn number(b: Option<&Bson>) -> Option<i64> {

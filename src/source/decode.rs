@@ -9,6 +9,8 @@ pub struct Origin {
     pub partition: i32,
     pub offset: i64,
     pub key: Option<Vec<u8>>,
+    /// The message's create time (ms since the epoch): latency is measured from it.
+    pub timestamp_ms: Option<i64>,
 }
 
 /// A message that cannot be projected, with why.
@@ -36,6 +38,7 @@ pub fn decode_message(msg: &BorrowedMessage<'_>, topic_prefix: &str) -> Incoming
         partition: msg.partition(),
         offset: msg.offset(),
         key: msg.key().map(<[u8]>::to_vec),
+        timestamp_ms: msg.timestamp().to_millis(),
     };
     let result = (|| {
         let payload = msg

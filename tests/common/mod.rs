@@ -212,6 +212,7 @@ pub async fn run_worker_until_idle(cfg: &Config, idle: Duration) -> worker::RunR
     let (_tx, rx) = tokio::sync::watch::channel(false);
     let opts = worker::RunOptions {
         stop_when_idle: Some(idle),
+        health: None,
     };
     worker::run(cfg, opts, rx).await.expect("worker")
 }

@@ -1,0 +1,3 @@
+//! Subcommands of the binary that are tools rather than the product: the benchmark.
+
+pub mod bench;
