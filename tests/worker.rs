@@ -316,3 +316,78 @@ async fn poison_goes_to_the_dead_letter_topic_with_its_reason_and_never_stops_th
     assert!(has("parked", "parked"), "{kinds:?}");
     assert!(has("missing_header", "event_type"), "{kinds:?}");
 }
+
+/// GET a path over plain HTTP/1.0: (status, body).
+async fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes())
+        .await
+        .ok()?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).await.ok()?;
+    let status = buf.split_whitespace().nth(1)?.parse().ok()?;
+    Some((
+        status,
+        buf.split("\r\n\r\n").nth(1).unwrap_or_default().to_owned(),
+    ))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_exposes_health_readiness_and_metrics() {
+    let (cfg, ns) = common::isolated_config("obs");
+    common::generate(&cfg, &ns, 500, 51, 0.0, 0.0).await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let mut cmd = Command::new(common::projector_bin());
+    cmd.arg("run")
+        .envs(common::config_env(&cfg))
+        .env("PROJECTOR_WORKER__HTTP_ADDR", &addr);
+    let mut pod = Pod(cmd
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap());
+    let mut ready = false;
+    for _ in 0..100 {
+        if let Some((code, _)) = http_get(&addr, "/readyz").await {
+            if code == 200 {
+                ready = true;
+                break;
+            }
+            assert_eq!(code, 503, "not ready yet is a 503");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(ready, "ready once partitions are assigned");
+    assert_eq!(http_get(&addr, "/healthz").await.map(|r| r.0), Some(200));
+    let mut metrics = String::new();
+    for _ in 0..50 {
+        metrics = http_get(&addr, "/metrics")
+            .await
+            .map(|r| r.1)
+            .unwrap_or_default();
+        if metrics.contains("projector_writes_total") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    for name in [
+        "projector_events_total",
+        "projector_writes_total",
+        "projector_batch_size",
+        "projector_lag_seconds",
+    ] {
+        assert!(
+            metrics.contains(name),
+            "{name} missing from /metrics:\n{metrics}"
+        );
+    }
+    let pid = pod.id().to_string();
+    Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    assert!(pod.wait().unwrap().success());
+}
