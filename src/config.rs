@@ -102,6 +102,49 @@ impl Config {
             .map_err(|e| ConfigError(Box::new(e)))
     }
 
+    /// A copy whose topics, group, dead-letter topic and read models are all named after
+    /// `id`, so a test or benchmark run shares nothing with any other.
+    pub fn isolated(&self, id: &str) -> Config {
+        let mut c = self.clone();
+        c.kafka.topic_prefix = format!("{id}.");
+        c.kafka.dlq_topic = format!("{id}.dlq");
+        c.kafka.group_id = format!("{id}-group");
+        c.views.redis_prefix = format!("{id}:c360:");
+        c.views.mongo_collection = format!("{id}_orders");
+        c.views.clickhouse_table = format!("{id}_facts");
+        c
+    }
+
+    /// The `PROJECTOR_*` variables that give a child process these names and batch size
+    /// (its HTTP endpoint on an ephemeral port).
+    pub fn child_env(&self) -> Vec<(&'static str, String)> {
+        vec![
+            (
+                "PROJECTOR_KAFKA__TOPIC_PREFIX",
+                self.kafka.topic_prefix.clone(),
+            ),
+            ("PROJECTOR_KAFKA__DLQ_TOPIC", self.kafka.dlq_topic.clone()),
+            ("PROJECTOR_KAFKA__GROUP_ID", self.kafka.group_id.clone()),
+            (
+                "PROJECTOR_VIEWS__REDIS_PREFIX",
+                self.views.redis_prefix.clone(),
+            ),
+            (
+                "PROJECTOR_VIEWS__MONGO_COLLECTION",
+                self.views.mongo_collection.clone(),
+            ),
+            (
+                "PROJECTOR_VIEWS__CLICKHOUSE_TABLE",
+                self.views.clickhouse_table.clone(),
+            ),
+            (
+                "PROJECTOR_WORKER__BATCH_SIZE",
+                self.worker.batch_size.to_string(),
+            ),
+            ("PROJECTOR_WORKER__HTTP_ADDR", "127.0.0.1:0".into()),
+        ]
+    }
+
     /// Load for tests and tools run from anywhere inside the repository.
     pub fn load_for_tests() -> Result<Config, ConfigError> {
         let file = Path::new(env!("CARGO_MANIFEST_DIR")).join(DEFAULT_CONFIG);

@@ -8,9 +8,8 @@
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
-use contract::{Event, RequiredHeaders};
+use contract::Event;
 use rdkafka::consumer::{CommitMode, Consumer};
-use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::watch;
 
@@ -445,15 +444,7 @@ fn log_apply_error(e: &ApplyError, attempt: u32, circuit_open: bool) {
 
 /// An event as a dead letter: the message as it was published.
 fn as_poison(origin: crate::source::Origin, event: &Event) -> Poison {
-    let headers = RequiredHeaders::for_event(&event.envelope)
-        .pairs()
-        .into_iter()
-        .fold(OwnedHeaders::new(), |h, (k, v)| {
-            h.insert(Header {
-                key: k,
-                value: Some(v.as_bytes()),
-            })
-        });
+    let headers = crate::kafka::event_headers(&event.envelope);
     Poison {
         payload: Some(event.envelope.to_json_bytes()),
         headers: Some(headers),

@@ -33,15 +33,7 @@ fn rate(n: f64, d: Duration) -> f64 {
 
 /// Names no earlier run used, so every run starts from empty topics and read models.
 fn isolate(cfg: &Config) -> Config {
-    let id = format!("bench{}", chrono::Utc::now().timestamp_millis());
-    let mut c = cfg.clone();
-    c.kafka.topic_prefix = format!("{id}.");
-    c.kafka.dlq_topic = format!("{id}.dlq");
-    c.kafka.group_id = format!("{id}-group");
-    c.views.redis_prefix = format!("{id}:c360:");
-    c.views.mongo_collection = format!("{id}_orders");
-    c.views.clickhouse_table = format!("{id}_facts");
-    c
+    cfg.isolated(&format!("bench{}", chrono::Utc::now().timestamp_millis()))
 }
 
 pub async fn run(base: &Config, args: BenchArgs) -> anyhow::Result<()> {
@@ -185,23 +177,7 @@ fn spawn_worker(cfg: &Config, stats: &PathBuf) -> anyhow::Result<std::process::C
     std::process::Command::new(exe)
         .args(["run", "--exit-when-idle", "3", "--stats-json"])
         .arg(stats)
-        .env("PROJECTOR_KAFKA__TOPIC_PREFIX", &cfg.kafka.topic_prefix)
-        .env("PROJECTOR_KAFKA__DLQ_TOPIC", &cfg.kafka.dlq_topic)
-        .env("PROJECTOR_KAFKA__GROUP_ID", &cfg.kafka.group_id)
-        .env("PROJECTOR_VIEWS__REDIS_PREFIX", &cfg.views.redis_prefix)
-        .env(
-            "PROJECTOR_VIEWS__MONGO_COLLECTION",
-            &cfg.views.mongo_collection,
-        )
-        .env(
-            "PROJECTOR_VIEWS__CLICKHOUSE_TABLE",
-            &cfg.views.clickhouse_table,
-        )
-        .env(
-            "PROJECTOR_WORKER__BATCH_SIZE",
-            cfg.worker.batch_size.to_string(),
-        )
-        .env("PROJECTOR_WORKER__HTTP_ADDR", "127.0.0.1:0")
+        .envs(cfg.child_env())
         .env(
             "RUST_LOG",
             std::env::var("BENCH_WORKER_LOG").unwrap_or_else(|_| "warn".into()),

@@ -7,6 +7,7 @@ pub use admin::ensure_topics;
 pub use publisher::EventPublisher;
 
 use rdkafka::ClientConfig;
+use rdkafka::message::{Header, OwnedHeaders};
 
 use crate::config::KafkaConfig;
 
@@ -26,4 +27,21 @@ pub fn event_topics(cfg: &KafkaConfig) -> Vec<String> {
         .iter()
         .map(|t| t.topic(&cfg.topic_prefix))
         .collect()
+}
+
+/// Kafka headers from `(name, value)` pairs.
+pub fn headers<K: AsRef<str>, V: AsRef<[u8]>>(
+    pairs: impl IntoIterator<Item = (K, V)>,
+) -> OwnedHeaders {
+    pairs.into_iter().fold(OwnedHeaders::new(), |h, (k, v)| {
+        h.insert(Header {
+            key: k.as_ref(),
+            value: Some(v.as_ref()),
+        })
+    })
+}
+
+/// The headers of an event as published (DESIGN §1).
+pub fn event_headers(e: &contract::EventEnvelope) -> OwnedHeaders {
+    headers(contract::RequiredHeaders::for_event(e).pairs())
 }

@@ -2,10 +2,9 @@
 
 use std::time::Duration;
 
-use contract::{EventEnvelope, RequiredHeaders};
+use contract::EventEnvelope;
 use futures::future::try_join_all;
 use rdkafka::error::KafkaError;
-use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 
 use super::base_client_config;
@@ -37,15 +36,7 @@ impl EventPublisher {
         let sends = events.iter().map(|e| {
             let topic = e.aggregate_type.topic(&self.prefix);
             let payload = e.to_json_bytes();
-            let headers = RequiredHeaders::for_event(e).pairs().into_iter().fold(
-                OwnedHeaders::new(),
-                |h, (k, v)| {
-                    h.insert(Header {
-                        key: k,
-                        value: Some(v.as_bytes()),
-                    })
-                },
-            );
+            let headers = super::event_headers(e);
             async move {
                 let record = FutureRecord::to(&topic)
                     .key(&e.aggregate_id)
@@ -70,12 +61,7 @@ impl EventPublisher {
         payload: &[u8],
         headers: &[(&str, &str)],
     ) -> Result<(), KafkaError> {
-        let headers = headers.iter().fold(OwnedHeaders::new(), |h, (k, v)| {
-            h.insert(Header {
-                key: k,
-                value: Some(v.as_bytes()),
-            })
-        });
+        let headers = super::headers(headers.iter().copied());
         let record = FutureRecord::to(topic)
             .key(key)
             .payload(payload)

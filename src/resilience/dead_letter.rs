@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use futures::future::try_join_all;
 use rdkafka::error::KafkaError;
-use rdkafka::message::{Header, Headers, OwnedHeaders};
+use rdkafka::message::Headers;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 
 use crate::config::KafkaConfig;
@@ -41,31 +41,22 @@ impl DeadLetterQueue {
     pub async fn send(&self, letters: &[DeadLetter]) -> Result<(), KafkaError> {
         let sends = letters.iter().map(|l| {
             let p = &l.poison;
-            let mut headers = OwnedHeaders::new();
-            if let Some(orig) = &p.headers {
-                for h in orig.iter() {
-                    headers = headers.insert(Header {
-                        key: h.key,
-                        value: h.value,
-                    });
-                }
-            }
             let partition = p.origin.partition.to_string();
             let offset = p.origin.offset.to_string();
-            let extra = [
-                ("dlq_kind", l.kind.as_str()),
-                ("dlq_reason", l.reason.as_str()),
-                ("dlq_source_topic", p.origin.topic.as_str()),
-                ("dlq_source_partition", partition.as_str()),
-                ("dlq_source_offset", offset.as_str()),
-                ("dlq_projector", l.projector.unwrap_or("")),
+            let original = p
+                .headers
+                .iter()
+                .flat_map(|h| h.iter())
+                .map(|h| (h.key, h.value.unwrap_or_default()));
+            let why = [
+                ("dlq_kind", l.kind.as_bytes()),
+                ("dlq_reason", l.reason.as_bytes()),
+                ("dlq_source_topic", p.origin.topic.as_bytes()),
+                ("dlq_source_partition", partition.as_bytes()),
+                ("dlq_source_offset", offset.as_bytes()),
+                ("dlq_projector", l.projector.unwrap_or("").as_bytes()),
             ];
-            for (k, v) in extra {
-                headers = headers.insert(Header {
-                    key: k,
-                    value: Some(v.as_bytes()),
-                });
-            }
+            let headers = crate::kafka::headers(original.chain(why));
             async move {
                 let mut record = FutureRecord::<[u8], [u8]>::to(&self.topic).headers(headers);
                 if let Some(k) = &p.origin.key {

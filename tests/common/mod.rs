@@ -56,46 +56,13 @@ use projectors::{Document, DynProjector};
 /// Settings isolated to one test: own topics, group, dead-letter topic and read models.
 pub fn isolated_config(tag: &str) -> (Config, String) {
     let ns = unique_namespace(tag);
-    let mut cfg = config();
     let id = ns.trim_end_matches('-').replace('-', "_");
-    cfg.kafka.topic_prefix = format!("{id}.");
-    cfg.kafka.dlq_topic = format!("{id}.dlq");
-    cfg.kafka.group_id = format!("{id}-group");
-    cfg.views.redis_prefix = format!("{id}:c360:");
-    cfg.views.mongo_collection = format!("{id}_orders");
-    cfg.views.clickhouse_table = format!("{id}_facts");
-    (cfg, ns)
+    (config().isolated(&id), ns)
 }
 
 /// The same settings as environment variables, for a worker run as a child process.
-pub fn config_env(cfg: &Config) -> Vec<(String, String)> {
-    vec![
-        (
-            "PROJECTOR_KAFKA__TOPIC_PREFIX".into(),
-            cfg.kafka.topic_prefix.clone(),
-        ),
-        (
-            "PROJECTOR_KAFKA__DLQ_TOPIC".into(),
-            cfg.kafka.dlq_topic.clone(),
-        ),
-        (
-            "PROJECTOR_KAFKA__GROUP_ID".into(),
-            cfg.kafka.group_id.clone(),
-        ),
-        (
-            "PROJECTOR_VIEWS__REDIS_PREFIX".into(),
-            cfg.views.redis_prefix.clone(),
-        ),
-        (
-            "PROJECTOR_VIEWS__MONGO_COLLECTION".into(),
-            cfg.views.mongo_collection.clone(),
-        ),
-        (
-            "PROJECTOR_VIEWS__CLICKHOUSE_TABLE".into(),
-            cfg.views.clickhouse_table.clone(),
-        ),
-        ("PROJECTOR_WORKER__HTTP_ADDR".into(), "127.0.0.1:0".into()),
-    ]
+pub fn config_env(cfg: &Config) -> Vec<(&'static str, String)> {
+    cfg.child_env()
 }
 
 pub fn projector_bin() -> PathBuf {
