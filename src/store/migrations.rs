@@ -11,6 +11,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "checkpoints",
         include_str!("migrations/0002_checkpoints.sql"),
     ),
+    (
+        3,
+        "commit_order",
+        include_str!("migrations/0003_commit_order.sql"),
+    ),
 ];
 
 /// Any fixed number shared by every pod of this service.

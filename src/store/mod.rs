@@ -3,9 +3,11 @@
 mod append;
 mod migrations;
 mod read;
+mod replay;
 
 pub use append::AppendOutcome;
 pub use migrations::MIGRATIONS;
+pub use replay::ReplayPosition;
 
 use thiserror::Error;
 use tokio_postgres::{Client, NoTls};

@@ -50,7 +50,7 @@ impl EventStore {
     }
 }
 
-fn envelope(row: &Row) -> Result<EventEnvelope, StoreError> {
+pub(super) fn envelope(row: &Row) -> Result<EventEnvelope, StoreError> {
     let position: i64 = row.get(0);
     let corrupt = |source: ContractError| StoreError::Corrupt { position, source };
     let aggregate_type: String = row.get(2);
