@@ -68,6 +68,25 @@ impl MongoSink {
         Ok(())
     }
 
+    /// One unordered, journaled write command (`insert`/`update`); `None` when there is
+    /// nothing to send. Offsets are committed only after it returns.
+    async fn write_command(
+        &self,
+        verb: &str,
+        field: &str,
+        statements: Vec<bson::Document>,
+    ) -> Result<Option<bson::Document>, mongodb::error::Error> {
+        if statements.is_empty() {
+            return Ok(None);
+        }
+        let mut command = bson::Document::new();
+        command.insert(verb, &self.collection);
+        command.insert(field, statements);
+        command.insert("ordered", false);
+        command.insert("writeConcern", doc! {"w": 1, "j": true});
+        self.db.run_command(command).await.map(Some)
+    }
+
     /// Every document of the collection (tests, the demo): key → document.
     pub async fn scan_all(&self) -> Result<HashMap<String, Document>, SinkError> {
         let docs: Vec<bson::Document> =
@@ -121,35 +140,10 @@ impl DocumentSink for MongoSink {
                 "upsert": true,
             });
         }
-        let insert = async {
-            if inserts.is_empty() {
-                return Ok(None);
-            }
-            self.db
-                .run_command(doc! {
-                    "insert": &self.collection,
-                    "documents": inserts,
-                    "ordered": false,
-                    "writeConcern": {"w": 1, "j": true},
-                })
-                .await
-                .map(Some)
-        };
-        let update = async {
-            if updates.is_empty() {
-                return Ok(None);
-            }
-            self.db
-                .run_command(doc! {
-                    "update": &self.collection,
-                    "updates": updates,
-                    "ordered": false,
-                    "writeConcern": {"w": 1, "j": true},
-                })
-                .await
-                .map(Some)
-        };
-        let (inserted, updated) = tokio::join!(insert, update);
+        let (inserted, updated) = tokio::join!(
+            self.write_command("insert", "documents", inserts),
+            self.write_command("update", "updates", updates)
+        );
         let mut conflicts = Vec::new();
         if let Some(reply) = inserted? {
             conflicts.extend(conflicts_of(&reply, &new)?);
