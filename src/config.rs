@@ -115,6 +115,21 @@ impl Config {
         c
     }
 
+    /// The read models of a rebuilt `version`, beside the live ones: `c360:<version>:`,
+    /// `order_views_<version>`, `event_facts_<version>`.
+    pub fn versioned_views(&self, version: &str) -> ViewsConfig {
+        let v = &self.views;
+        let redis_base = v
+            .redis_prefix
+            .strip_suffix("live:")
+            .unwrap_or(&v.redis_prefix);
+        ViewsConfig {
+            redis_prefix: format!("{redis_base}{version}:"),
+            mongo_collection: format!("{}_{version}", v.mongo_collection),
+            clickhouse_table: format!("{}_{version}", v.clickhouse_table),
+        }
+    }
+
     /// The `PROJECTOR_*` variables that give a child process these names and batch size
     /// (its HTTP endpoint on an ephemeral port).
     pub fn child_env(&self) -> Vec<(&'static str, String)> {

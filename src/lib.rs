@@ -17,6 +17,7 @@ pub mod generator;
 pub mod kafka;
 pub mod observability;
 pub mod queries;
+pub mod rebuild;
 pub mod resilience;
 pub mod router;
 pub mod sinks;

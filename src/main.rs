@@ -37,8 +37,32 @@ enum Command {
     Run(RunArgs),
     /// Print one Customer-360, one order view and the analytics answers.
     Show(ShowArgs),
+    /// Rebuild read models from the event store into a new version beside the live one
+    /// (resumable); `rebuild-projection status` shows where each rebuild stands.
+    RebuildProjection(RebuildArgs),
     /// Measure the engine alone and generate → worker end to end, beside each store's capacity.
     Bench(BenchCli),
+}
+
+#[derive(Args)]
+struct RebuildArgs {
+    /// Projections to rebuild (customer360, order_view, analytics), or `status`.
+    names: Vec<String>,
+    /// Rebuild every projection in one pass.
+    #[arg(long)]
+    all: bool,
+    /// Show what would happen and change nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// The version to build or resume (default: resume the unfinished one, else a new one).
+    #[arg(long)]
+    version: Option<String>,
+    /// Events read per page.
+    #[arg(long, default_value_t = 5_000)]
+    batch: i64,
+    /// Save the checkpoint after this many events (and at the end).
+    #[arg(long, default_value_t = 20_000)]
+    checkpoint_every: u64,
 }
 
 #[derive(Args)]
@@ -112,6 +136,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Generate(args) => generate(&config, args).await?,
         Command::Run(args) => run(&config, args).await?,
         Command::Show(args) => show(&config, args).await?,
+        Command::RebuildProjection(args) => rebuild(&config, args).await?,
         Command::Bench(args) => {
             let mut config = config;
             config.worker.batch_size = args.batch;
@@ -296,5 +321,121 @@ async fn show(config: &Config, args: ShowArgs) -> anyhow::Result<()> {
         "ticket resolution: {:?}",
         ch.resolution_percentiles().await?
     );
+    Ok(())
+}
+
+async fn rebuild(config: &Config, args: RebuildArgs) -> anyhow::Result<()> {
+    use projector::rebuild::{self, RebuildOptions};
+    let mut store = connect_store(config).await?;
+    store.migrate().await?;
+    if args.names.first().map(String::as_str) == Some("status") {
+        let head = store.committed_head().await?;
+        println!(
+            "event store head (commit order): position {}",
+            head.global_position
+        );
+        println!(
+            "{:<12} {:<18} {:<10} {:>12} {:>12}",
+            "projection", "version", "status", "position", "events"
+        );
+        for c in rebuild::all_checkpoints(&store).await? {
+            println!(
+                "{:<12} {:<18} {:<10} {:>12} {:>12}",
+                c.projection, c.version, c.status, c.position.global_position, c.events_applied
+            );
+        }
+        return Ok(());
+    }
+    anyhow::ensure!(
+        args.all || !args.names.is_empty(),
+        "name projections to rebuild, or --all"
+    );
+    let selected = rebuild::select(&args.names, args.all)?;
+    let names: Vec<&str> = selected.iter().map(|p| p.name()).collect();
+    // Resume the unfinished rebuild of these projections, if there is one.
+    let unfinished = rebuild::all_checkpoints(&store)
+        .await?
+        .into_iter()
+        .find(|c| c.status == "building" && names.contains(&c.projection.as_str()))
+        .map(|c| c.version);
+    let version = args
+        .version
+        .or(unfinished)
+        .unwrap_or_else(|| format!("v{}", chrono::Utc::now().format("%Y%m%d%H%M%S")));
+    let views = config.versioned_views(&version);
+    let head = store.committed_head().await?;
+    println!(
+        "rebuild {names:?} into version {version}: redis {}*, mongo {}.{}, clickhouse {}.{}; live read models untouched",
+        views.redis_prefix,
+        config.mongo.database,
+        views.mongo_collection,
+        config.clickhouse.database,
+        views.clickhouse_table
+    );
+    for p in &names {
+        match rebuild::load_checkpoint(&store, p, &version).await? {
+            Some(c) => println!(
+                "  {p}: resume after position {} ({} events applied)",
+                c.position.global_position, c.events_applied
+            ),
+            None => println!(
+                "  {p}: from the start, up to position {} or beyond",
+                head.global_position
+            ),
+        }
+    }
+    if args.dry_run {
+        println!("dry run: nothing written");
+        return Ok(());
+    }
+    let opts = RebuildOptions {
+        version,
+        batch: args.batch.max(1),
+        checkpoint_every: args.checkpoint_every.max(1),
+    };
+    let bar = std::io::IsTerminal::is_terminal(&std::io::stderr()).then(|| {
+        let bar = indicatif::ProgressBar::new(head.global_position.max(1) as u64);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{bar:40} {pos}/{len} positions  {per_sec}  eta {eta}  {msg}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        bar
+    });
+    let started = std::time::Instant::now();
+    let mut last_log = std::time::Instant::now();
+    let mut progress = |applied: u64,
+                        at: projector::store::ReplayPosition,
+                        _head: projector::store::ReplayPosition| {
+        if let Some(bar) = &bar {
+            bar.set_position(at.global_position.max(0) as u64);
+            bar.set_message(format!("{applied} events"));
+        } else if last_log.elapsed().as_secs() >= 5 {
+            last_log = std::time::Instant::now();
+            tracing::info!(
+                applied,
+                position = at.global_position,
+                rate = applied as f64 / started.elapsed().as_secs_f64(),
+                "rebuild progress"
+            );
+        }
+    };
+    let done = rebuild::rebuild(config, &store, &selected, &opts, &mut progress).await?;
+    if let Some(bar) = bar {
+        bar.finish();
+    }
+    let secs = started.elapsed().as_secs_f64();
+    for c in done {
+        println!(
+            "{} {}: {} at position {}, {} events, {:.0} events/s",
+            c.projection,
+            c.version,
+            c.status,
+            c.position.global_position,
+            c.events_applied,
+            c.events_applied as f64 / secs.max(1e-9)
+        );
+    }
     Ok(())
 }
