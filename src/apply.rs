@@ -60,23 +60,26 @@ pub struct BatchOutcome {
 
 pub struct Applier {
     router: Router,
-    sinks: Sinks,
 }
 
 impl Applier {
-    pub fn new(projectors: Vec<Arc<dyn DynProjector>>, sinks: Sinks) -> Applier {
+    pub fn new(projectors: Vec<Arc<dyn DynProjector>>) -> Applier {
         Applier {
             router: Router::new(projectors),
-            sinks,
         }
     }
 
-    pub fn sinks(&self) -> &Sinks {
-        &self.sinks
+    pub fn projectors(&self) -> &[Arc<dyn DynProjector>] {
+        self.router.projectors()
     }
 
-    /// Apply `events` (in arrival order) to every projector's store, all stores at once.
-    pub async fn apply(&self, events: &[Event]) -> Result<BatchOutcome, ApplyError> {
+    /// Apply `events` (in arrival order) to every projector's store, all stores at once;
+    /// `targets[i]` are the stores (the read model version) of `projectors()[i]`.
+    pub async fn apply(
+        &self,
+        events: &[Event],
+        targets: &[Sinks],
+    ) -> Result<BatchOutcome, ApplyError> {
         let routed = self.router.route(events);
         let index_of: HashMap<*const Event, usize> = events
             .iter()
@@ -88,7 +91,8 @@ impl Applier {
             .projectors()
             .iter()
             .zip(&routed.per_projector)
-            .map(|(p, evs)| self.apply_one(p.as_ref(), evs));
+            .zip(targets)
+            .map(|((p, evs), sinks)| apply_projector(p.as_ref(), sinks, evs));
         let results = try_join_all(jobs).await?;
         let mut out = BatchOutcome {
             unrouted: routed.unrouted,
@@ -107,17 +111,18 @@ impl Applier {
         }
         Ok(out)
     }
+}
 
-    async fn apply_one(
-        &self,
-        p: &dyn DynProjector,
-        events: &[&Event],
-    ) -> Result<(ProjectorStats, Vec<(usize, Rejection)>), ApplyError> {
-        match p.store() {
-            StoreKind::Redis => apply_documents(p, &self.sinks.redis, events).await,
-            StoreKind::Mongo => apply_documents(p, &self.sinks.mongo, events).await,
-            StoreKind::ClickHouse => apply_facts(p, &self.sinks.clickhouse, events).await,
-        }
+/// Apply one projector's events to its store.
+pub async fn apply_projector(
+    p: &dyn DynProjector,
+    sinks: &Sinks,
+    events: &[&Event],
+) -> Result<(ProjectorStats, Vec<(usize, Rejection)>), ApplyError> {
+    match p.store() {
+        StoreKind::Redis => apply_documents(p, &sinks.redis, events).await,
+        StoreKind::Mongo => apply_documents(p, &sinks.mongo, events).await,
+        StoreKind::ClickHouse => apply_facts(p, &sinks.clickhouse, events).await,
     }
 }
 

@@ -24,4 +24,5 @@ pub mod sinks;
 pub mod source;
 pub mod store;
 pub mod telemetry;
+pub mod versions;
 pub mod worker;

@@ -63,6 +63,12 @@ struct RebuildArgs {
     /// Save the checkpoint after this many events (and at the end).
     #[arg(long, default_value_t = 20_000)]
     checkpoint_every: u64,
+    /// Only build and catch up; leave readers and live workers on the current version.
+    #[arg(long)]
+    no_switch: bool,
+    /// Seconds the replaced version is kept after the switch before it is deleted.
+    #[arg(long, default_value_t = 60)]
+    grace_seconds: u64,
 }
 
 #[derive(Args)]
@@ -259,6 +265,22 @@ async fn wait_for_signal() {
 }
 
 async fn show(config: &Config, args: ShowArgs) -> anyhow::Result<()> {
+    // Readers follow the version pointers a rebuild moves.
+    let store = connect_store(config).await?;
+    let versions = projector::versions::live_versions(&store, config)
+        .await
+        .unwrap_or_default();
+    let mut config = config.clone();
+    let config = &mut config;
+    let mut views = config.views.clone();
+    views.redis_prefix =
+        projector::versions::views_for(config, versions.of("customer360")).redis_prefix;
+    views.mongo_collection =
+        projector::versions::views_for(config, versions.of("order_view")).mongo_collection;
+    views.clickhouse_table =
+        projector::versions::views_for(config, versions.of("analytics")).clickhouse_table;
+    config.views = views;
+    let config = &*config;
     let sinks = worker::connect_sinks(config).await?;
     let customers = sinks.redis.scan_all().await?;
     // The customer with the most events in the namespace: the richest document to show.
@@ -353,10 +375,14 @@ async fn rebuild(config: &Config, args: RebuildArgs) -> anyhow::Result<()> {
     let selected = rebuild::select(&args.names, args.all)?;
     let names: Vec<&str> = selected.iter().map(|p| p.name()).collect();
     // Resume the unfinished rebuild of these projections, if there is one.
+    let scoped: Vec<String> = names
+        .iter()
+        .map(|n| projector::versions::scope_key(config, n))
+        .collect();
     let unfinished = rebuild::all_checkpoints(&store)
         .await?
         .into_iter()
-        .find(|c| c.status == "building" && names.contains(&c.projection.as_str()))
+        .find(|c| c.status == "building" && scoped.contains(&c.projection))
         .map(|c| c.version);
     let version = args
         .version
@@ -373,7 +399,9 @@ async fn rebuild(config: &Config, args: RebuildArgs) -> anyhow::Result<()> {
         views.clickhouse_table
     );
     for p in &names {
-        match rebuild::load_checkpoint(&store, p, &version).await? {
+        match rebuild::load_checkpoint(&store, &projector::versions::scope_key(config, p), &version)
+            .await?
+        {
             Some(c) => println!(
                 "  {p}: resume after position {} ({} events applied)",
                 c.position.global_position, c.events_applied
@@ -422,7 +450,7 @@ async fn rebuild(config: &Config, args: RebuildArgs) -> anyhow::Result<()> {
         }
     };
     let done = rebuild::rebuild(config, &store, &selected, &opts, &mut progress).await?;
-    if let Some(bar) = bar {
+    if let Some(bar) = &bar {
         bar.finish();
     }
     let secs = started.elapsed().as_secs_f64();

@@ -7,12 +7,13 @@
 use std::time::Instant;
 
 use contract::Event;
-use projectors::{DynProjector, StoreKind};
+use projectors::DynProjector;
 
-use crate::apply::{ApplyError, Sinks, apply_documents, apply_facts};
+use crate::apply::{ApplyError, Sinks, apply_projector};
 use crate::config::Config;
 use crate::sinks::SinkError;
 use crate::store::{EventStore, ReplayPosition, StoreError};
+use crate::versions::scope_key;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RebuildError {
@@ -24,6 +25,8 @@ pub enum RebuildError {
     Sink(#[from] SinkError),
     #[error(transparent)]
     Apply(#[from] ApplyError),
+    #[error("handover stopped: {0}")]
+    Stuck(String),
     #[error("unknown projection {0:?} (known: customer360, order_view, analytics)")]
     UnknownProjection(String),
 }
@@ -140,7 +143,7 @@ pub async fn all_checkpoints(store: &EventStore) -> Result<Vec<Checkpoint>, Rebu
 /// Connect the sinks of `version`'s read models (created if missing).
 pub async fn version_sinks(cfg: &Config, version: &str) -> Result<Sinks, SinkError> {
     let mut c = cfg.clone();
-    c.views = cfg.versioned_views(version);
+    c.views = crate::versions::views_for(cfg, version);
     crate::worker::connect_sinks(&c).await
 }
 
@@ -156,10 +159,11 @@ pub async fn rebuild(
     let sinks = version_sinks(cfg, &opts.version).await?;
     let mut checkpoints = Vec::with_capacity(selected.len());
     for p in selected {
-        let c = load_checkpoint(store, p.name(), &opts.version)
+        let key = scope_key(cfg, p.name());
+        let c = load_checkpoint(store, &key, &opts.version)
             .await?
             .unwrap_or(Checkpoint {
-                projection: p.name().to_owned(),
+                projection: key,
                 version: opts.version.clone(),
                 position: ReplayPosition::default(),
                 events_applied: 0,
@@ -202,17 +206,7 @@ pub async fn rebuild(
                 .iter()
                 .filter(|e| e.event_type().is_some_and(|t| p.handles().contains(&t)))
                 .collect();
-            match p.store() {
-                StoreKind::Redis => {
-                    apply_documents(p.as_ref(), &sinks.redis, &mine).await?;
-                }
-                StoreKind::Mongo => {
-                    apply_documents(p.as_ref(), &sinks.mongo, &mine).await?;
-                }
-                StoreKind::ClickHouse => {
-                    apply_facts(p.as_ref(), &sinks.clickhouse, &mine).await?;
-                }
-            }
+            apply_projector(p.as_ref(), &sinks, &mine).await?;
         }
         cursor = last;
         applied += events.len() as u64;
@@ -250,5 +244,162 @@ async fn save_all(
         c.status = status.to_owned();
         save_checkpoint(store, c).await?;
     }
+    Ok(())
+}
+
+/// What a handover did.
+#[derive(Debug, Clone)]
+pub struct SwitchReport {
+    /// Flag raised → pointer moved: how long live workers held their batches.
+    pub switch_time: std::time::Duration,
+    /// (projection, version it replaced).
+    pub replaced: Vec<(String, String)>,
+    pub final_catch_up_events: u64,
+}
+
+/// Hand the rebuilt `opts.version` over to readers and live workers, with no gap and no
+/// duplicate:
+/// 1. raise `switching`: live workers hold their next batch (one already applying goes to
+///    the old version, which is harmless);
+/// 2. wait until every transaction that began before that has finished, so everything a
+///    worker may already have consumed is readable;
+/// 3. replay the rest into the new version, alone (its guards skip what it has);
+/// 4. move the pointers and lower the flag in one transaction. From their next batch on,
+///    workers write the new version; what they hold is newer than, or already in, it.
+pub async fn switch(
+    cfg: &Config,
+    store: &mut EventStore,
+    selected: &[std::sync::Arc<dyn DynProjector>],
+    opts: &RebuildOptions,
+    progress: Progress<'_>,
+) -> Result<SwitchReport, RebuildError> {
+    let started = Instant::now();
+    for p in selected {
+        store
+            .client()
+            .execute(
+                "INSERT INTO projection_versions (projection, live_version, switching) VALUES ($1, $2, true) \
+                 ON CONFLICT (projection) DO UPDATE SET switching = true",
+                &[&scope_key(cfg, p.name()), &crate::versions::LIVE],
+            )
+            .await?;
+    }
+    let result = finish_switch(cfg, store, selected, opts, progress).await;
+    if result.is_err() {
+        // Never leave the live workers holding: lower the flag, keep the old pointers.
+        let names: Vec<String> = selected.iter().map(|p| scope_key(cfg, p.name())).collect();
+        let _ = store
+            .client()
+            .execute(
+                "UPDATE projection_versions SET switching = false WHERE projection = ANY($1)",
+                &[&names],
+            )
+            .await;
+    }
+    let (replaced, final_catch_up_events) = result?;
+    Ok(SwitchReport {
+        switch_time: started.elapsed(),
+        replaced,
+        final_catch_up_events,
+    })
+}
+
+async fn finish_switch(
+    cfg: &Config,
+    store: &mut EventStore,
+    selected: &[std::sync::Arc<dyn DynProjector>],
+    opts: &RebuildOptions,
+    progress: Progress<'_>,
+) -> Result<(Vec<(String, String)>, u64), RebuildError> {
+    let fence: String = store
+        .client()
+        .query_one("SELECT pg_current_xact_id()::text", &[])
+        .await?
+        .get(0);
+    let mut waited = 0;
+    while !store
+        .client()
+        .query_one(
+            "SELECT pg_snapshot_xmin(pg_current_snapshot()) > $1::text::xid8",
+            &[&fence],
+        )
+        .await?
+        .get::<_, bool>(0)
+    {
+        waited += 1;
+        if waited > 6_000 {
+            return Err(RebuildError::Stuck(
+                "a transaction older than the handover stayed open for 5 minutes".into(),
+            ));
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let done = rebuild(cfg, store, selected, opts, progress).await?;
+    let final_events = done
+        .iter()
+        .map(|c| c.events_applied as u64)
+        .max()
+        .unwrap_or(0);
+    let tx = store.client_mut().transaction().await?;
+    let mut replaced = Vec::new();
+    for p in selected {
+        let key = scope_key(cfg, p.name());
+        let old: String = tx
+            .query_one(
+                "SELECT live_version FROM projection_versions WHERE projection = $1 FOR UPDATE",
+                &[&key],
+            )
+            .await?
+            .get(0);
+        tx.execute(
+            "UPDATE projection_versions SET previous_version = live_version, live_version = $2, \
+             switching = false, switched_at = now() WHERE projection = $1",
+            &[&key, &opts.version],
+        )
+        .await?;
+        tx.execute(
+            "UPDATE projection_checkpoints SET status = 'live', updated_at = now() WHERE projection = $1 AND version = $2",
+            &[&key, &opts.version],
+        )
+        .await?;
+        if old != opts.version {
+            replaced.push((p.name().to_owned(), old));
+        }
+    }
+    tx.commit().await?;
+    Ok((replaced, final_events))
+}
+
+/// Delete a replaced version of a projection's read model (after the grace period).
+pub async fn retire(
+    cfg: &Config,
+    store: &EventStore,
+    projection: &std::sync::Arc<dyn DynProjector>,
+    version: &str,
+) -> Result<(), RebuildError> {
+    let sinks = version_sinks(cfg, version).await?;
+    match projection.store() {
+        projectors::StoreKind::Redis => sinks.redis.delete_all().await?,
+        projectors::StoreKind::Mongo => sinks
+            .mongo
+            .collection()
+            .drop()
+            .await
+            .map_err(SinkError::from)?,
+        projectors::StoreKind::ClickHouse => sinks.clickhouse.drop_table().await?,
+    }
+    store
+        .client()
+        .execute(
+            "INSERT INTO projection_checkpoints (projection, version, status) VALUES ($1, $2, 'retired') \
+             ON CONFLICT (projection, version) DO UPDATE SET status = 'retired', updated_at = now()",
+            &[&scope_key(cfg, projection.name()), &version],
+        )
+        .await?;
+    tracing::info!(
+        projection = projection.name(),
+        version,
+        "old version retired"
+    );
     Ok(())
 }

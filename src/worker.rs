@@ -30,6 +30,8 @@ pub enum WorkerError {
     Kafka(#[from] rdkafka::error::KafkaError),
     #[error(transparent)]
     Sink(#[from] SinkError),
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
 }
 
 #[derive(Debug, Clone, Default)]
@@ -97,6 +99,12 @@ struct Worker {
     cfg: Config,
     consumer: WorkerConsumer,
     applier: Applier,
+    /// The stores of the `live` version (and the parked-streams set).
+    live_sinks: Sinks,
+    /// The stores of other versions, once a handover pointed a projection at them.
+    version_sinks: HashMap<String, Sinks>,
+    /// The event store, for the version pointers.
+    store: crate::store::EventStore,
     dlq: DeadLetterQueue,
     shutdown: watch::Receiver<bool>,
     health: std::sync::Arc<crate::observability::Health>,
@@ -116,13 +124,18 @@ pub async fn run(
 ) -> Result<RunReport, WorkerError> {
     ensure_topics(&cfg.kafka).await?;
     let sinks = connect_sinks(cfg).await?;
+    let mut store = crate::store::EventStore::connect(&cfg.postgres.url).await?;
+    store.migrate().await?;
     let consumer = create_consumer(&cfg.kafka)?;
     let topics = event_topics(&cfg.kafka);
     consumer.subscribe(&topics.iter().map(String::as_str).collect::<Vec<_>>())?;
     let mut w = Worker {
         cfg: cfg.clone(),
         consumer,
-        applier: Applier::new(projectors::all(), sinks),
+        applier: Applier::new(projectors::all()),
+        live_sinks: sinks,
+        version_sinks: HashMap::new(),
+        store,
         dlq: DeadLetterQueue::new(&cfg.kafka)?,
         shutdown,
         health: opts.health.clone().unwrap_or_default(),
@@ -170,7 +183,7 @@ impl Worker {
     }
 
     async fn load_parked(&self) -> Result<HashSet<String>, SinkError> {
-        let mut con = self.applier.sinks().redis.connection();
+        let mut con = self.live_sinks.redis.connection();
         let streams: Vec<String> = redis::cmd("HKEYS")
             .arg(self.parked_key())
             .query_async(&mut con)
@@ -185,7 +198,7 @@ impl Worker {
                 reason,
                 "stream parked: its later events go to the dead-letter topic"
             );
-            let mut con = self.applier.sinks().redis.connection();
+            let mut con = self.live_sinks.redis.connection();
             let _: () = redis::cmd("HSET")
                 .arg(self.parked_key())
                 .arg(stream)
@@ -295,7 +308,10 @@ impl Worker {
             events.push(event);
         }
 
-        let Some(mut outcome) = self.apply_with_retry(&events).await else {
+        let Some(targets) = self.targets().await? else {
+            return Ok(false);
+        };
+        let Some(mut outcome) = self.apply_with_retry(&events, &targets).await else {
             return Ok(false);
         };
         for (i, rejection) in std::mem::take(&mut outcome.rejected) {
@@ -354,13 +370,58 @@ impl Worker {
         Ok(true)
     }
 
+    /// The stores each projector writes now, per the version pointers. While a projection is
+    /// being handed over, wait (polling, so the consumer stays in its group): the rebuild
+    /// takes its last step alone. `None` when shutdown came meanwhile.
+    async fn targets(&mut self) -> Result<Option<Vec<Sinks>>, WorkerError> {
+        let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(2));
+        let versions = loop {
+            match crate::versions::live_versions(&self.store, &self.cfg).await {
+                Ok(v) if v.switching.is_empty() => break v,
+                Ok(v) => {
+                    tracing::info!(projections = ?v.switching, "handover in progress: holding the batch")
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "reading the version pointers failed; retrying")
+                }
+            }
+            if *self.shutdown.borrow() {
+                return Ok(None);
+            }
+            self.wait_polling(backoff.next_delay()).await;
+        };
+        let mut targets = Vec::with_capacity(self.applier.projectors().len());
+        for p in self.applier.projectors().to_vec() {
+            let version = versions.of(p.name());
+            if version == crate::versions::LIVE {
+                targets.push(self.live_sinks.clone());
+                continue;
+            }
+            if !self.version_sinks.contains_key(version) {
+                let sinks = crate::rebuild::version_sinks(&self.cfg, version).await?;
+                tracing::info!(
+                    projection = p.name(),
+                    version,
+                    "writing the rebuilt version"
+                );
+                self.version_sinks.insert(version.to_owned(), sinks);
+            }
+            targets.push(self.version_sinks[version].clone());
+        }
+        Ok(Some(targets))
+    }
+
     /// Retry transient store failures with backoff; after five in a row the circuit opens and
     /// the assigned partitions are paused (the consumer keeps polling, so it stays in the group).
-    async fn apply_with_retry(&mut self, events: &[Event]) -> Option<crate::apply::BatchOutcome> {
+    async fn apply_with_retry(
+        &mut self,
+        events: &[Event],
+        targets: &[Sinks],
+    ) -> Option<crate::apply::BatchOutcome> {
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(30));
         let mut breaker = CircuitBreaker::new(5);
         loop {
-            match self.applier.apply(events).await {
+            match self.applier.apply(events, targets).await {
                 Ok(outcome) => {
                     if breaker.is_open() {
                         tracing::info!("stores answer again: circuit closed, partitions resumed");

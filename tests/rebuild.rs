@@ -41,13 +41,13 @@ async fn snapshot(sinks: &Sinks, ns: &str) -> (Docs, Docs, BTreeMap<String, Fact
 }
 
 /// Start `version`'s rebuild at the current head, so the test replays only recent events.
-async fn seed_at_head(store: &EventStore, version: &str) {
+async fn seed_at_head(cfg: &Config, store: &EventStore, version: &str) {
     let head = store.committed_head().await.unwrap();
     for p in projectors::all() {
         rebuild::save_checkpoint(
             store,
             &Checkpoint {
-                projection: p.name().to_owned(),
+                projection: projector::versions::scope_key(cfg, p.name()),
                 version: version.to_owned(),
                 position: head,
                 events_applied: 0,
@@ -75,7 +75,7 @@ async fn a_rebuild_equals_the_live_read_models() {
     let (cfg, ns) = common::isolated_config("rb");
     let store = common::store().await;
     let version = format!("v{}", ns.trim_end_matches('-').replace('-', "_"));
-    seed_at_head(&store, &version).await;
+    seed_at_head(&cfg, &store, &version).await;
     common::generate(&cfg, &ns, 2_500, 61, 0.05, 0.5).await;
     common::run_worker_until_idle(&cfg, Duration::from_secs(4)).await;
     let live = snapshot(&projector::worker::connect_sinks(&cfg).await.unwrap(), &ns).await;
@@ -106,8 +106,8 @@ async fn a_rebuild_killed_and_resumed_equals_an_uninterrupted_one() {
     let store = common::store().await;
     let id = ns.trim_end_matches('-').replace('-', "_");
     let (interrupted, clean) = (format!("a{id}"), format!("b{id}"));
-    seed_at_head(&store, &interrupted).await;
-    seed_at_head(&store, &clean).await;
+    seed_at_head(&cfg, &store, &interrupted).await;
+    seed_at_head(&cfg, &store, &clean).await;
     common::generate(&cfg, &ns, 4_000, 71, 0.0, 0.0).await;
 
     rebuild_to_end(&cfg, &store, &clean).await;
@@ -135,10 +135,14 @@ async fn a_rebuild_killed_and_resumed_equals_an_uninterrupted_one() {
         let _ = child.kill(); // SIGKILL: mid-page, mid-write, or between checkpoints
         child.wait().unwrap();
     }
-    let resumed_from = rebuild::load_checkpoint(&store, "customer360", &interrupted)
-        .await
-        .unwrap()
-        .unwrap();
+    let resumed_from = rebuild::load_checkpoint(
+        &store,
+        &projector::versions::scope_key(&cfg, "customer360"),
+        &interrupted,
+    )
+    .await
+    .unwrap()
+    .unwrap();
     let done = rebuild_to_end(&cfg, &store, &interrupted).await;
     assert!(done.iter().all(|c| c.status == "caught_up"));
     assert!(done[0].position >= resumed_from.position);
@@ -153,4 +157,91 @@ async fn a_rebuild_killed_and_resumed_equals_an_uninterrupted_one() {
     assert_eq!(a.0, b.0, "Customer-360");
     assert_eq!(a.1, b.1, "order views");
     assert!(a.2 == b.2, "analytics facts");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_traffic_continues_through_a_rebuild_and_the_switch_loses_and_doubles_nothing() {
+    let (cfg, ns) = common::isolated_config("sw");
+    let mut store = common::store().await;
+    let version = format!("v{}", ns.trim_end_matches('-').replace('-', "_"));
+    seed_at_head(&cfg, &store, &version).await;
+    // A live pod, and traffic before the rebuild.
+    let mut pod = Command::new(common::projector_bin())
+        .arg("run")
+        .envs(common::config_env(&cfg))
+        .env("PROJECTOR_KAFKA__INSTANCE_ID", "pod-0")
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    common::generate(&cfg, &format!("{ns}p0-"), 2_000, 80, 0.02, 0.2).await;
+
+    // Traffic keeps coming while the rebuild replays, catches up and switches.
+    let traffic = async {
+        for i in 1..=4u64 {
+            common::generate(&cfg, &format!("{ns}p{i}-"), 600, 80 + i, 0.02, 0.2).await;
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    };
+    let handover = async {
+        rebuild_to_end(&cfg, &store, &version).await;
+        let opts = RebuildOptions {
+            version: version.clone(),
+            batch: 500,
+            checkpoint_every: 1_000,
+        };
+        rebuild::switch(
+            &cfg,
+            &mut store,
+            &projectors::all(),
+            &opts,
+            &mut |_, _, _| {},
+        )
+        .await
+        .unwrap()
+    };
+    let ((), report) = tokio::join!(traffic, handover);
+    assert_eq!(report.replaced.len(), 3, "{report:?}");
+    // And after the switch.
+    common::generate(&cfg, &format!("{ns}p5-"), 600, 90, 0.02, 0.2).await;
+
+    let versions = projector::versions::live_versions(&store, &cfg)
+        .await
+        .unwrap();
+    for p in ["customer360", "order_view", "analytics"] {
+        assert_eq!(
+            versions.of(p),
+            version,
+            "readers point at the rebuilt version"
+        );
+    }
+    let mut rebuilt = cfg.clone();
+    rebuilt.views = cfg.versioned_views(&version);
+    let want = common::event_log(&ns).await.len();
+    let sinks = projector::worker::connect_sinks(&rebuilt).await.unwrap();
+    let mut have = 0;
+    for _ in 0..240 {
+        have = sinks
+            .clickhouse
+            .all_facts()
+            .await
+            .unwrap()
+            .iter()
+            .filter(|f| f.aggregate_id.starts_with(&ns))
+            .count();
+        if have >= want {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert_eq!(
+        have, want,
+        "the live worker kept the rebuilt version up to date"
+    );
+    let pid = pod.id().to_string();
+    Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    assert!(pod.wait().unwrap().success());
+    // Nothing lost, nothing doubled: the rebuilt version equals the fold of the whole log.
+    common::assert_read_models_equal_fold(&rebuilt, &ns).await;
 }

@@ -92,6 +92,15 @@ impl ClickHouseSink {
         &self.table
     }
 
+    /// Drop the table (retiring an old version).
+    pub async fn drop_table(&self) -> Result<(), SinkError> {
+        Ok(self
+            .client
+            .query(&format!("DROP TABLE IF EXISTS {}", self.table))
+            .execute()
+            .await?)
+    }
+
     /// Every fact, deduplicated (tests, the demo).
     pub async fn all_facts(&self) -> Result<Vec<FactRow>, SinkError> {
         Ok(self

@@ -43,6 +43,33 @@ impl RedisSink {
         self.con.clone()
     }
 
+    /// Delete every key under the prefix (retiring an old version).
+    pub async fn delete_all(&self) -> Result<(), SinkError> {
+        let mut con = self.con.clone();
+        let pattern = format!("{}*", self.prefix);
+        let mut cursor: u64 = 0;
+        loop {
+            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(&pattern)
+                .arg("COUNT")
+                .arg(1000)
+                .query_async(&mut con)
+                .await?;
+            if !keys.is_empty() {
+                let _: () = redis::cmd("UNLINK")
+                    .arg(&keys)
+                    .query_async(&mut con)
+                    .await?;
+            }
+            if next == 0 {
+                return Ok(());
+            }
+            cursor = next;
+        }
+    }
+
     /// Every document under the prefix (tests, the demo): key → document.
     pub async fn scan_all(&self) -> Result<HashMap<String, Document>, SinkError> {
         let mut con = self.con.clone();

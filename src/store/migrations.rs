@@ -16,6 +16,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "commit_order",
         include_str!("migrations/0003_commit_order.sql"),
     ),
+    (
+        4,
+        "switching",
+        include_str!("migrations/0004_switching.sql"),
+    ),
 ];
 
 /// Any fixed number shared by every pod of this service.

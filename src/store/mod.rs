@@ -56,6 +56,10 @@ impl EventStore {
         &self.client
     }
 
+    pub fn client_mut(&mut self) -> &mut Client {
+        &mut self.client
+    }
+
     /// The highest position ever handed out (committed or not), 0 for an empty store.
     pub async fn head_position(&self) -> Result<i64, StoreError> {
         let row = self
