@@ -203,6 +203,11 @@ async fn live_traffic_continues_through_a_rebuild_and_the_switch_loses_and_doubl
     };
     let ((), report) = tokio::join!(traffic, handover);
     assert_eq!(report.replaced.len(), 3, "{report:?}");
+    eprintln!(
+        "switch-over: live workers held for {} ms; final catch-up {} events",
+        report.switch_time.as_millis(),
+        report.final_catch_up_events
+    );
     // And after the switch.
     common::generate(&cfg, &format!("{ns}p5-"), 600, 90, 0.02, 0.2).await;
 

@@ -11,6 +11,7 @@ use projector::apply::{apply_documents, apply_facts};
 use projector::config::Config;
 use projector::generator::{self, GenerateOptions, History};
 use projector::kafka::{self, EventPublisher};
+use projector::rebuild;
 use projector::router::Router;
 use projector::sinks::clickhouse::{ClickHouseSink, FactRow};
 use projector::sinks::memory::{MemoryDocs, NullFacts};
@@ -20,6 +21,13 @@ use projector::sinks::{FactSink, SinkError};
 use projector::store::EventStore;
 use projector::worker::RunReport;
 use projectors::StoreKind;
+
+/// (label, projections rebuilt together, the raw capacity of the slowest store they write).
+type RebuildRun = (
+    String,
+    Vec<std::sync::Arc<dyn projectors::DynProjector>>,
+    f64,
+);
 
 pub struct BenchArgs {
     pub events: u64,
@@ -96,6 +104,8 @@ pub async fn run(base: &Config, args: BenchArgs) -> anyhow::Result<()> {
         EventStore::connect(&cfg.postgres.url).await?,
     ];
     stores[0].migrate().await?;
+    // Rebuilds below replay from here: exactly this run's history.
+    let start = stores[0].committed_head().await?;
     let publisher = EventPublisher::new(&cfg.kafka)?;
     let opts = GenerateOptions {
         seed: 42,
@@ -169,13 +179,68 @@ pub async fn run(base: &Config, args: BenchArgs) -> anyhow::Result<()> {
         gen_report.append_rate(),
         100.0 * e2e / gen_report.append_rate().max(1e-9)
     );
+
+    // 4. rebuild-projection from the event store: each projection alone, then all in one pass.
+    println!(
+        "{:<12} {:>10} {:>14} {:>18}",
+        "rebuild", "events", "events/s", "store raw cap./s"
+    );
+    let all = projectors::all();
+    let mut runs: Vec<RebuildRun> = all
+        .iter()
+        .map(|p| {
+            let raw_rate = match p.store() {
+                StoreKind::Redis => raw.redis,
+                StoreKind::Mongo => raw.mongo,
+                StoreKind::ClickHouse => raw.clickhouse,
+            };
+            (p.name().to_owned(), vec![p.clone()], raw_rate)
+        })
+        .collect();
+    runs.push((
+        "--all".into(),
+        all.clone(),
+        raw.mongo.min(raw.redis).min(raw.clickhouse),
+    ));
+    for (label, selected, raw_rate) in runs {
+        let version = format!("r{}", label.trim_start_matches('-'));
+        for p in &selected {
+            rebuild::save_checkpoint(
+                &stores[0],
+                &rebuild::Checkpoint {
+                    projection: projector::versions::scope_key(&cfg, p.name()),
+                    version: version.clone(),
+                    position: start,
+                    events_applied: 0,
+                    status: "building".into(),
+                },
+            )
+            .await?;
+        }
+        let opts = rebuild::RebuildOptions {
+            version,
+            batch: 5_000,
+            checkpoint_every: 20_000,
+        };
+        let t = Instant::now();
+        let done = rebuild::rebuild(&cfg, &stores[0], &selected, &opts, &mut |_, _, _| {}).await?;
+        let secs = t.elapsed();
+        let n = done.first().map_or(0, |c| c.events_applied);
+        println!(
+            "{:<12} {:>10} {:>14.0} {:>18.0}",
+            label,
+            n,
+            rate(n as f64, secs),
+            raw_rate
+        );
+    }
     Ok(())
 }
 
 fn spawn_worker(cfg: &Config, stats: &PathBuf) -> anyhow::Result<std::process::Child> {
     let exe = std::env::current_exe()?;
     std::process::Command::new(exe)
-        .args(["run", "--exit-when-idle", "3", "--stats-json"])
+        .args(["run", "--exit-when-idle", "10", "--stats-json"])
         .arg(stats)
         .envs(cfg.child_env())
         .env(

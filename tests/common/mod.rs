@@ -167,6 +167,8 @@ pub async fn assert_read_models_equal_fold(cfg: &Config, ns: &str) {
         .await
         .unwrap()
         .into_iter()
+        // A rebuilt version's table also holds other tests' events replayed beside ours.
+        .filter(|r| r.aggregate_id.starts_with(ns))
         .map(|r| (r.event_id.clone(), r))
         .collect();
     assert_eq!(want.len(), log.len());
