@@ -119,12 +119,13 @@ impl Config {
     /// `order_views_<version>`, `event_facts_<version>`.
     pub fn versioned_views(&self, version: &str) -> ViewsConfig {
         let v = &self.views;
-        let redis_base = v
-            .redis_prefix
-            .strip_suffix("live:")
-            .unwrap_or(&v.redis_prefix);
+        // Never nested under the live prefix: retiring one version must not touch another.
+        let redis_prefix = match v.redis_prefix.strip_suffix("live:") {
+            Some(base) => format!("{base}{version}:"),
+            None => format!("{}@{version}:", v.redis_prefix.trim_end_matches(':')),
+        };
         ViewsConfig {
-            redis_prefix: format!("{redis_base}{version}:"),
+            redis_prefix,
             mongo_collection: format!("{}_{version}", v.mongo_collection),
             clickhouse_table: format!("{}_{version}", v.clickhouse_table),
         }
@@ -212,6 +213,20 @@ mod tests {
             assert_eq!(c.redis.url, "redis://file");
             Ok(())
         });
+    }
+
+    #[test]
+    fn version_names_never_nest_under_the_live_ones() {
+        let cfg = Config::load_for_tests().unwrap();
+        assert_eq!(cfg.versioned_views("v1").redis_prefix, "c360:v1:");
+        let isolated = cfg.isolated("t1");
+        let v = isolated.versioned_views("v1");
+        assert!(
+            !v.redis_prefix.starts_with(&isolated.views.redis_prefix),
+            "{}",
+            v.redis_prefix
+        );
+        assert_eq!(v.mongo_collection, "t1_orders_v1");
     }
 
     #[test]

@@ -249,4 +249,25 @@ async fn live_traffic_continues_through_a_rebuild_and_the_switch_loses_and_doubl
     assert!(pod.wait().unwrap().success());
     // Nothing lost, nothing doubled: the rebuilt version equals the fold of the whole log.
     common::assert_read_models_equal_fold(&rebuilt, &ns).await;
+
+    // After the grace period the replaced version is deleted; the new one is untouched.
+    for (projection, old) in &report.replaced {
+        assert_eq!(old, projector::versions::LIVE);
+        let p = projectors::by_name(projection).unwrap();
+        rebuild::retire(&cfg, &store, &p, old).await.unwrap();
+    }
+    let old = projector::worker::connect_sinks(&cfg).await.unwrap();
+    assert!(
+        old.redis.scan_all().await.unwrap().is_empty(),
+        "old Customer-360 keys deleted"
+    );
+    assert!(
+        old.mongo.scan_all().await.unwrap().is_empty(),
+        "old order views dropped"
+    );
+    assert!(
+        old.clickhouse.all_facts().await.unwrap().is_empty(),
+        "old facts dropped"
+    );
+    common::assert_read_models_equal_fold(&rebuilt, &ns).await;
 }

@@ -43,38 +43,11 @@ impl RedisSink {
         self.con.clone()
     }
 
-    /// Delete every key under the prefix (retiring an old version).
-    pub async fn delete_all(&self) -> Result<(), SinkError> {
+    /// Every key under the prefix (documents and their `:rev` keys).
+    async fn keys(&self) -> Result<Vec<String>, SinkError> {
         let mut con = self.con.clone();
         let pattern = format!("{}*", self.prefix);
-        let mut cursor: u64 = 0;
-        loop {
-            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
-                .arg(cursor)
-                .arg("MATCH")
-                .arg(&pattern)
-                .arg("COUNT")
-                .arg(1000)
-                .query_async(&mut con)
-                .await?;
-            if !keys.is_empty() {
-                let _: () = redis::cmd("UNLINK")
-                    .arg(&keys)
-                    .query_async(&mut con)
-                    .await?;
-            }
-            if next == 0 {
-                return Ok(());
-            }
-            cursor = next;
-        }
-    }
-
-    /// Every document under the prefix (tests, the demo): key → document.
-    pub async fn scan_all(&self) -> Result<HashMap<String, Document>, SinkError> {
-        let mut con = self.con.clone();
-        let pattern = format!("{}*", self.prefix);
-        let mut keys: Vec<String> = Vec::new();
+        let mut keys = Vec::new();
         let mut cursor: u64 = 0;
         loop {
             let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
@@ -85,14 +58,33 @@ impl RedisSink {
                 .arg(1000)
                 .query_async(&mut con)
                 .await?;
-            keys.extend(batch.into_iter().filter(|k| !k.ends_with(":rev")));
+            keys.extend(batch);
             if next == 0 {
-                break;
+                return Ok(keys);
             }
             cursor = next;
         }
-        let ids: Vec<String> = keys
-            .iter()
+    }
+
+    /// Delete every key under the prefix (retiring an old version).
+    pub async fn delete_all(&self) -> Result<(), SinkError> {
+        let mut con = self.con.clone();
+        for chunk in self.keys().await?.chunks(1000) {
+            let _: () = redis::cmd("UNLINK")
+                .arg(chunk)
+                .query_async(&mut con)
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Every document under the prefix (tests, the demo): key → document.
+    pub async fn scan_all(&self) -> Result<HashMap<String, Document>, SinkError> {
+        let ids: Vec<String> = self
+            .keys()
+            .await?
+            .into_iter()
+            .filter(|k| !k.ends_with(":rev"))
             .map(|k| k[self.prefix.len()..].to_owned())
             .collect();
         self.load(&ids).await
