@@ -352,18 +352,31 @@ async fn rebuild(config: &Config, args: RebuildArgs) -> anyhow::Result<()> {
     store.migrate().await?;
     if args.names.first().map(String::as_str) == Some("status") {
         let head = store.committed_head().await?;
+        let scope = projector::versions::scope_key(config, "");
+        let live = projector::versions::live_versions(&store, config).await?;
         println!(
             "event store head (commit order): position {}",
             head.global_position
         );
+        for name in ["customer360", "order_view", "analytics"] {
+            let switching = if live.switching.iter().any(|s| s == name) {
+                " (switching)"
+            } else {
+                ""
+            };
+            println!("{name}: readers on version {}{switching}", live.of(name));
+        }
         println!(
             "{:<12} {:<18} {:<10} {:>12} {:>12}",
             "projection", "version", "status", "position", "events"
         );
         for c in rebuild::all_checkpoints(&store).await? {
+            let Some(name) = c.projection.strip_prefix(&scope) else {
+                continue;
+            };
             println!(
                 "{:<12} {:<18} {:<10} {:>12} {:>12}",
-                c.projection, c.version, c.status, c.position.global_position, c.events_applied
+                name, c.version, c.status, c.position.global_position, c.events_applied
             );
         }
         return Ok(());
