@@ -271,16 +271,8 @@ async fn show(config: &Config, args: ShowArgs) -> anyhow::Result<()> {
         .await
         .unwrap_or_default();
     let mut config = config.clone();
-    let config = &mut config;
-    let mut views = config.views.clone();
-    views.redis_prefix =
-        projector::versions::views_for(config, versions.of("customer360")).redis_prefix;
-    views.mongo_collection =
-        projector::versions::views_for(config, versions.of("order_view")).mongo_collection;
-    views.clickhouse_table =
-        projector::versions::views_for(config, versions.of("analytics")).clickhouse_table;
-    config.views = views;
-    let config = &*config;
+    config.views = projector::versions::reader_views(&config, &versions);
+    let config = &config;
     let sinks = worker::connect_sinks(config).await?;
     let customers = sinks.redis.scan_all().await?;
     // The customer with the most events in the namespace: the richest document to show.

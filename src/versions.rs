@@ -63,3 +63,13 @@ pub fn views_for(cfg: &Config, version: &str) -> ViewsConfig {
         cfg.versioned_views(version)
     }
 }
+
+/// The store names readers use now: each projection's store under its live version.
+pub fn reader_views(cfg: &Config, versions: &LiveVersions) -> ViewsConfig {
+    use projectors::{analytics, customer360, order_view};
+    ViewsConfig {
+        redis_prefix: views_for(cfg, versions.of(customer360::NAME)).redis_prefix,
+        mongo_collection: views_for(cfg, versions.of(order_view::NAME)).mongo_collection,
+        clickhouse_table: views_for(cfg, versions.of(analytics::NAME)).clickhouse_table,
+    }
+}

@@ -24,15 +24,7 @@ async fn snapshot(sinks: &Sinks, ns: &str) -> (Docs, Docs, BTreeMap<String, Fact
             .map(|(k, d)| (k, (serde_json::Value::Object(d.view), d.guard)))
             .collect()
     };
-    let facts = sinks
-        .clickhouse
-        .all_facts()
-        .await
-        .unwrap()
-        .into_iter()
-        .filter(|f| f.aggregate_id.starts_with(ns))
-        .map(|f| (f.event_id.clone(), f))
-        .collect();
+    let facts = common::facts_of(sinks, ns).await;
     (
         docs(sinks.redis.scan_all().await.unwrap()),
         docs(sinks.mongo.scan_all().await.unwrap()),
@@ -225,21 +217,7 @@ async fn live_traffic_continues_through_a_rebuild_and_the_switch_loses_and_doubl
     rebuilt.views = cfg.versioned_views(&version);
     let want = common::event_log(&ns).await.len();
     let sinks = projector::worker::connect_sinks(&rebuilt).await.unwrap();
-    let mut have = 0;
-    for _ in 0..240 {
-        have = sinks
-            .clickhouse
-            .all_facts()
-            .await
-            .unwrap()
-            .iter()
-            .filter(|f| f.aggregate_id.starts_with(&ns))
-            .count();
-        if have >= want {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    let have = common::wait_for_facts(&sinks, &ns, want).await;
     assert_eq!(
         have, want,
         "the live worker kept the rebuilt version up to date"

@@ -147,22 +147,9 @@ async fn two_workers_one_killed_a_third_joining_still_equal() {
 async fn wait_until_caught_up(cfg: &projector::config::Config, ns: &str) {
     let want = common::event_log(ns).await.len();
     let sinks = projector::worker::connect_sinks(cfg).await.unwrap();
-    for _ in 0..240 {
-        let n = sinks
-            .clickhouse
-            .all_facts()
-            .await
-            .unwrap()
-            .iter()
-            .filter(|f| f.aggregate_id.starts_with(ns))
-            .count();
-        if n >= want {
-            tokio::time::sleep(Duration::from_millis(500)).await;
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
-    panic!("workers did not catch up");
+    let have = common::wait_for_facts(&sinks, ns, want).await;
+    assert!(have >= want, "workers did not catch up: {have} of {want}");
+    tokio::time::sleep(Duration::from_millis(500)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -7,7 +7,9 @@ pub use admin::ensure_topics;
 pub use publisher::EventPublisher;
 
 use rdkafka::ClientConfig;
+use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
 
 use crate::config::KafkaConfig;
 
@@ -44,4 +46,20 @@ pub fn headers<K: AsRef<str>, V: AsRef<[u8]>>(
 /// The headers of an event as published (DESIGN §1).
 pub fn event_headers(e: &contract::EventEnvelope) -> OwnedHeaders {
     headers(contract::RequiredHeaders::for_event(e).pairs())
+}
+
+/// Send one record and wait for the broker's acknowledgement (retrying a full queue for 30 s).
+pub async fn send<K, P>(
+    producer: &FutureProducer,
+    record: FutureRecord<'_, K, P>,
+) -> Result<(), KafkaError>
+where
+    K: rdkafka::message::ToBytes + ?Sized,
+    P: rdkafka::message::ToBytes + ?Sized,
+{
+    producer
+        .send(record, std::time::Duration::from_secs(30))
+        .await
+        .map(|_| ())
+        .map_err(|(err, _)| err)
 }

@@ -1,7 +1,5 @@
 //! Publishes committed events to their aggregate's topic, key = aggregate_id.
 
-use std::time::Duration;
-
 use contract::EventEnvelope;
 use futures::future::try_join_all;
 use rdkafka::error::KafkaError;
@@ -42,11 +40,7 @@ impl EventPublisher {
                     .key(&e.aggregate_id)
                     .payload(&payload)
                     .headers(headers);
-                self.producer
-                    .send(record, Duration::from_secs(30))
-                    .await
-                    .map(|_| ())
-                    .map_err(|(err, _)| err)
+                crate::kafka::send(&self.producer, record).await
             }
         });
         try_join_all(sends).await?;
@@ -66,10 +60,6 @@ impl EventPublisher {
             .key(key)
             .payload(payload)
             .headers(headers);
-        self.producer
-            .send(record, Duration::from_secs(30))
-            .await
-            .map(|_| ())
-            .map_err(|(err, _)| err)
+        crate::kafka::send(&self.producer, record).await
     }
 }

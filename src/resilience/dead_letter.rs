@@ -1,7 +1,5 @@
 //! The dead-letter topic: the original message, untouched, plus headers saying why.
 
-use std::time::Duration;
-
 use futures::future::try_join_all;
 use rdkafka::error::KafkaError;
 use rdkafka::message::Headers;
@@ -65,11 +63,7 @@ impl DeadLetterQueue {
                 if let Some(v) = &p.payload {
                     record = record.payload(v.as_slice());
                 }
-                self.producer
-                    .send(record, Duration::from_secs(30))
-                    .await
-                    .map(|_| ())
-                    .map_err(|(e, _)| e)
+                crate::kafka::send(&self.producer, record).await
             }
         });
         try_join_all(sends).await?;

@@ -41,30 +41,23 @@ impl MongoSink {
 
     /// "Orders of a customer, newest first" and "orders by status".
     async fn ensure_indexes(&self) -> Result<(), SinkError> {
-        let c = self.collection();
-        let named = |n: &str| IndexOptions::builder().name(n.to_owned()).build();
-        c.create_index(
+        let index = |keys: bson::Document, name: &str| {
             IndexModel::builder()
-                .keys(doc! {"customer_id": 1, "placed_at": -1})
-                .options(named("by_customer_newest"))
-                .build(),
-        )
-        .await?;
-        // The compare-and-set filter is {_id, _rev}: an index on both keeps it a point lookup.
-        c.create_index(
-            IndexModel::builder()
-                .keys(doc! {"_id": 1, "_rev": 1})
-                .options(named("cas"))
-                .build(),
-        )
-        .await?;
-        c.create_index(
-            IndexModel::builder()
-                .keys(doc! {"status": 1, "updated_at": -1})
-                .options(named("by_status"))
-                .build(),
-        )
-        .await?;
+                .keys(keys)
+                .options(IndexOptions::builder().name(name.to_owned()).build())
+                .build()
+        };
+        self.collection()
+            .create_indexes([
+                index(
+                    doc! {"customer_id": 1, "placed_at": -1},
+                    "by_customer_newest",
+                ),
+                index(doc! {"status": 1, "updated_at": -1}, "by_status"),
+                // The compare-and-set filter is {_id, _rev}: an index on both keeps it a point lookup.
+                index(doc! {"_id": 1, "_rev": 1}, "cas"),
+            ])
+            .await?;
         Ok(())
     }
 

@@ -161,16 +161,7 @@ pub async fn assert_read_models_equal_fold(cfg: &Config, ns: &str) {
             (f.event_id.clone(), FactRow::from(&f))
         })
         .collect();
-    let got: BTreeMap<String, FactRow> = sinks
-        .clickhouse
-        .all_facts()
-        .await
-        .unwrap()
-        .into_iter()
-        // A rebuilt version's table also holds other tests' events replayed beside ours.
-        .filter(|r| r.aggregate_id.starts_with(ns))
-        .map(|r| (r.event_id.clone(), r))
-        .collect();
+    let got = facts_of(&sinks, ns).await;
     assert_eq!(want.len(), log.len());
     assert_eq!(got.len(), want.len(), "fact count (each event once)");
     assert!(want == got, "analytics facts differ from the fold");
@@ -184,4 +175,31 @@ pub async fn run_worker_until_idle(cfg: &Config, idle: Duration) -> worker::RunR
         health: None,
     };
     worker::run(cfg, opts, rx).await.expect("worker")
+}
+
+/// The facts of one namespace, by event id (a rebuilt version's table also holds other
+/// tests' events replayed beside ours).
+pub async fn facts_of(sinks: &projector::apply::Sinks, ns: &str) -> BTreeMap<String, FactRow> {
+    sinks
+        .clickhouse
+        .all_facts()
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|r| r.aggregate_id.starts_with(ns))
+        .map(|r| (r.event_id.clone(), r))
+        .collect()
+}
+
+/// Poll (up to 120 s) until the namespace has `want` facts; returns how many it has.
+pub async fn wait_for_facts(sinks: &projector::apply::Sinks, ns: &str, want: usize) -> usize {
+    let mut have = 0;
+    for _ in 0..240 {
+        have = facts_of(sinks, ns).await.len();
+        if have >= want {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    have
 }
