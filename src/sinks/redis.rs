@@ -87,7 +87,12 @@ impl RedisSink {
             .filter(|k| !k.ends_with(":rev"))
             .map(|k| k[self.prefix.len()..].to_owned())
             .collect();
-        self.load(&ids).await
+        // In chunks: one MGET of every document would outlast the response timeout.
+        let mut docs = HashMap::with_capacity(ids.len());
+        for chunk in ids.chunks(1000) {
+            docs.extend(self.load(chunk).await?);
+        }
+        Ok(docs)
     }
 }
 
