@@ -30,9 +30,64 @@ pub struct ViewsConfig {
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
 pub struct WorkerConfig {
-    pub batch_size: usize,
-    pub batch_wait_ms: u64,
+    /// A window (the unit of batching, writing and committing) closes at this many messages…
+    #[serde(default = "default_window_size")]
+    pub window_size: usize,
+    /// …or this long after its first message, whichever comes first.
+    #[serde(default = "default_window_ms")]
+    pub window_ms: u64,
+    /// Messages polled but not yet committed, at most: beyond it the partitions are paused
+    /// (the consumer keeps polling, so it stays in its group) until writes catch up.
+    #[serde(default = "default_max_in_flight")]
+    pub max_in_flight: usize,
+    /// Shards per document projector (views split by key across cores); 0 = one per core.
+    #[serde(default)]
+    pub shards: usize,
+    /// Typed views kept in memory per shard, so the common case writes without a load.
+    #[serde(default = "default_cache_entries")]
+    pub cache_entries: usize,
+    /// How long a rebalance waits for the revoked partitions' windows to be written and
+    /// committed before it lets them go (their new owner then redelivers; guards absorb it).
+    #[serde(default = "default_drain_timeout_ms")]
+    pub drain_timeout_ms: u64,
+    /// `/healthz` fails when messages wait and nothing was committed for this long.
+    #[serde(default = "default_liveness_stall_secs")]
+    pub liveness_stall_secs: u64,
+    /// The projectors this deployment runs (empty: all). One read model per deployment
+    /// lets each scale in its own consumer group.
+    #[serde(default)]
+    pub projectors: Vec<String>,
     pub http_addr: String,
+}
+
+fn default_window_size() -> usize {
+    5_000
+}
+fn default_window_ms() -> u64 {
+    100
+}
+fn default_max_in_flight() -> usize {
+    40_000
+}
+fn default_cache_entries() -> usize {
+    50_000
+}
+fn default_drain_timeout_ms() -> u64 {
+    10_000
+}
+fn default_liveness_stall_secs() -> u64 {
+    120
+}
+
+impl WorkerConfig {
+    /// Shards per document projector, resolved.
+    pub fn shard_count(&self) -> usize {
+        match self.shards {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        }
+        .clamp(1, 64)
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -48,10 +103,18 @@ pub struct KafkaConfig {
     /// How long a silent (killed) member keeps its partitions.
     #[serde(default = "default_session_timeout")]
     pub session_timeout_ms: u32,
+    /// The group's limit between polls. The worker polls continuously on its own thread
+    /// whatever the stores do, so only a wedged process ever exceeds it.
+    #[serde(default = "default_max_poll_interval")]
+    pub max_poll_interval_ms: u32,
     /// Static group membership (e.g. the pod name of a StatefulSet): a restarted worker takes
     /// its partitions back at once instead of waiting for its old session to expire.
     #[serde(default)]
     pub instance_id: Option<String>,
+    /// Dead letters larger than this keep only the head of their payload (the original stays
+    /// in the source topic at the offset the headers name).
+    #[serde(default = "default_dlq_max_bytes")]
+    pub dlq_max_bytes: usize,
 }
 
 fn default_assignment() -> String {
@@ -62,26 +125,70 @@ fn default_session_timeout() -> u32 {
     6_000
 }
 
+fn default_max_poll_interval() -> u32 {
+    30_000
+}
+
+fn default_dlq_max_bytes() -> usize {
+    900_000
+}
+
 #[derive(Debug, Clone, Deserialize, Serialize)]
 pub struct PostgresConfig {
     pub url: String,
+    #[serde(default = "default_pg_timeout")]
+    pub timeout_ms: u64,
+    #[serde(default = "default_connect_timeout")]
+    pub connect_timeout_ms: u64,
+}
+
+fn default_pg_timeout() -> u64 {
+    10_000
+}
+fn default_connect_timeout() -> u64 {
+    3_000
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
 pub struct RedisConfig {
     pub url: String,
+    /// Response timeout of every request.
+    #[serde(default = "default_redis_timeout")]
+    pub timeout_ms: u64,
+    #[serde(default = "default_connect_timeout")]
+    pub connect_timeout_ms: u64,
+}
+
+fn default_redis_timeout() -> u64 {
+    10_000
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
 pub struct MongoConfig {
     pub uri: String,
     pub database: String,
+    #[serde(default = "default_store_timeout")]
+    pub timeout_ms: u64,
+    /// Server selection and connection timeout.
+    #[serde(default = "default_connect_timeout")]
+    pub connect_timeout_ms: u64,
+}
+
+fn default_store_timeout() -> u64 {
+    30_000
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
 pub struct ClickHouseConfig {
     pub url: String,
     pub database: String,
+    #[serde(default)]
+    pub user: Option<String>,
+    /// From the environment only (`PROJECTOR_CLICKHOUSE__PASSWORD`).
+    #[serde(default, skip_serializing)]
+    pub password: Option<String>,
+    #[serde(default = "default_store_timeout")]
+    pub timeout_ms: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -154,8 +261,8 @@ impl Config {
                 self.views.clickhouse_table.clone(),
             ),
             (
-                "PROJECTOR_WORKER__BATCH_SIZE",
-                self.worker.batch_size.to_string(),
+                "PROJECTOR_WORKER__WINDOW_SIZE",
+                self.worker.window_size.to_string(),
             ),
             ("PROJECTOR_WORKER__HTTP_ADDR", "127.0.0.1:0".into()),
         ]
@@ -200,8 +307,8 @@ mod tests {
                 mongo_collection = "o"
                 clickhouse_table = "f"
                 [worker]
-                batch_size = 10
-                batch_wait_ms = 5
+                window_size = 10
+                window_ms = 5
                 http_addr = "127.0.0.1:0"
                 "#,
             )?;

@@ -3,15 +3,20 @@
 mod cli;
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use projector::config::Config;
 use projector::generator::{self, GenerateOptions};
 use projector::kafka::{self, EventPublisher};
+use projector::runtime::{self, RunOptions, Shared};
 use projector::store::EventStore;
-use projector::worker::{self, RunOptions};
-use tokio::sync::watch;
+
+// The engine allocates many small, short-lived values; mimalloc serves them far faster
+// than the system allocator (see the bench section of the README).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[derive(Parser)]
 #[command(
@@ -73,14 +78,18 @@ struct RebuildArgs {
 
 #[derive(Args)]
 struct BenchCli {
-    #[arg(long, default_value_t = 100_000)]
+    /// Events in the seeded history every figure uses.
+    #[arg(long, default_value_t = 200_000)]
     events: u64,
-    /// Messages per worker batch (and per engine-alone batch).
-    #[arg(long, default_value_t = 2_000)]
-    batch: usize,
     /// Documents/rows written per store to measure its raw capacity.
     #[arg(long, default_value_t = 20_000)]
     raw_docs: usize,
+    /// Skip the steady-state latency run (it lasts about 20 s).
+    #[arg(long)]
+    no_steady: bool,
+    /// Skip the ClickHouse Kafka engine comparison.
+    #[arg(long)]
+    no_clickhouse_engine: bool,
 }
 
 #[derive(Args)]
@@ -88,6 +97,10 @@ struct RunArgs {
     /// Exit once no event has arrived for this many seconds (demo, tests, benchmarks).
     #[arg(long)]
     exit_when_idle: Option<f64>,
+    /// Only these projectors (comma-separated), e.g. `customer360,analytics`; one read model
+    /// per deployment lets each scale in its own consumer group. Default: `worker.projectors`.
+    #[arg(long, value_delimiter = ',')]
+    projectors: Option<Vec<String>>,
     /// Write the run's figures (events, batches, writes, latency percentiles) as JSON here.
     #[arg(long)]
     stats_json: Option<PathBuf>,
@@ -144,14 +157,13 @@ async fn main() -> anyhow::Result<()> {
         Command::Show(args) => show(&config, args).await?,
         Command::RebuildProjection(args) => rebuild(&config, args).await?,
         Command::Bench(args) => {
-            let mut config = config;
-            config.worker.batch_size = args.batch;
             cli::bench::run(
                 &config,
                 cli::bench::BenchArgs {
                     events: args.events,
-                    batch: args.batch,
                     raw_docs: args.raw_docs,
+                    steady: !args.no_steady,
+                    clickhouse_engine: !args.no_clickhouse_engine,
                 },
             )
             .await?
@@ -163,7 +175,12 @@ async fn main() -> anyhow::Result<()> {
 async fn connect_store(config: &Config) -> anyhow::Result<EventStore> {
     EventStore::connect(&config.postgres.url)
         .await
-        .with_context(|| format!("connecting to the event store at {}", config.postgres.url))
+        .with_context(|| {
+            format!(
+                "connecting to the event store at {}",
+                projector::redact::url(&config.postgres.url)
+            )
+        })
 }
 
 async fn generate(config: &Config, args: GenerateArgs) -> anyhow::Result<()> {
@@ -217,34 +234,35 @@ async fn generate(config: &Config, args: GenerateArgs) -> anyhow::Result<()> {
 }
 
 async fn run(config: &Config, args: RunArgs) -> anyhow::Result<()> {
-    let (tx, rx) = watch::channel(false);
+    let mut config = config.clone();
+    if let Some(p) = args.projectors {
+        config.worker.projectors = p;
+    }
+    let shared = Arc::new(Shared::default());
+    let s = shared.clone();
     tokio::spawn(async move {
         wait_for_signal().await;
         tracing::info!("signal received: draining");
-        let _ = tx.send(true);
+        s.shutdown.store(true, std::sync::atomic::Ordering::Relaxed);
     });
-    let health = std::sync::Arc::new(projector::observability::Health::default());
     let metrics = projector::observability::install_metrics()?;
-    let bound =
-        projector::observability::serve(&config.worker.http_addr, metrics, health.clone()).await?;
+    let health = projector::observability::Health {
+        shared: shared.clone(),
+        stall: std::time::Duration::from_secs(config.worker.liveness_stall_secs),
+    };
+    let bound = projector::observability::serve(&config.worker.http_addr, metrics, health).await?;
     tracing::info!(%bound, "serving /metrics, /healthz and /readyz");
     let opts = RunOptions {
         stop_when_idle: args.exit_when_idle.map(std::time::Duration::from_secs_f64),
-        health: Some(health),
     };
-    let report = worker::run(config, opts, rx).await?;
+    let report = runtime::run(&config, opts, shared).await?;
     if let Some(path) = &args.stats_json {
         std::fs::write(path, serde_json::to_vec_pretty(&report)?)
             .with_context(|| format!("writing {}", path.display()))?;
     }
     println!(
-        "worker done: {} messages in {} batches, {} dead letters, {} unrouted, {} duplicates skipped, writes {:?}",
-        report.messages,
-        report.batches,
-        report.dead_letters,
-        report.unrouted,
-        report.duplicates,
-        report.writes
+        "worker done: {} messages in {} windows, {} dead letters, {} duplicates skipped, writes {:?}",
+        report.messages, report.windows, report.dead_letters, report.duplicates, report.writes
     );
     Ok(())
 }
@@ -265,49 +283,43 @@ async fn wait_for_signal() {
 }
 
 async fn show(config: &Config, args: ShowArgs) -> anyhow::Result<()> {
+    use projectors::customer360::Customer360;
+    use projectors::order_view::OrderView;
     // Readers follow the version pointers a rebuild moves.
     let store = connect_store(config).await?;
     let versions = projector::versions::live_versions(&store, config)
         .await
         .unwrap_or_default();
-    let mut config = config.clone();
-    config.views = projector::versions::reader_views(&config, &versions);
-    let config = &config;
-    let sinks = worker::connect_sinks(config).await?;
-    let customers = sinks.redis.scan_all().await?;
+    let views = projector::versions::reader_views(config, &versions);
+    let sinks = projector::versions::VersionSinks::connect_views(config, &views).await?;
+    let customers = sinks.redis.scan_all::<Customer360>().await?;
     // The customer with the most events in the namespace: the richest document to show.
     if let Some((id, doc)) = customers
         .iter()
         .filter(|(k, _)| k.starts_with(&args.namespace))
-        .max_by_key(|(k, d)| {
-            (
-                d.view.get("version").and_then(|v| v.as_u64()),
-                std::cmp::Reverse(k.as_str()),
-            )
-        })
+        .filter_map(|(k, d)| d.as_ref().ok().map(|d| (k, d)))
+        .max_by_key(|(k, d)| (d.view.version, std::cmp::Reverse(k.as_str())))
     {
         println!("== Customer-360 {id} (Redis key {})", sinks.redis.key(id));
         println!("{}", serde_json::to_string_pretty(&doc.view)?);
     }
-    let orders = sinks.mongo.scan_all().await?;
+    let orders = sinks.mongo.scan_all::<OrderView>().await?;
     if let Some((id, doc)) = orders
         .iter()
-        .filter(|(k, d)| {
-            k.starts_with(&args.namespace)
-                && d.view.get("status").and_then(|s| s.as_str()) == Some("delivered")
-        })
+        .filter_map(|(k, d)| d.as_ref().ok().map(|d| (k, d)))
+        .filter(|(k, d)| k.starts_with(&args.namespace) && d.view.status == "delivered")
         .min_by_key(|(k, _)| k.as_str())
     {
         println!(
             "== Order view {id} (MongoDB {}.{})",
-            config.mongo.database, config.views.mongo_collection
+            config.mongo.database, views.mongo_collection
         );
         println!("{}", serde_json::to_string_pretty(&doc.view)?);
     }
     let ch = &sinks.clickhouse;
     println!(
         "== Analytics (ClickHouse {}.{})",
-        config.clickhouse.database, config.views.clickhouse_table
+        config.clickhouse.database, views.clickhouse_table
     );
     let days = ch.revenue_per_day().await?;
     println!("revenue per day (last 5 of {} days):", days.len());
@@ -343,42 +355,13 @@ async fn rebuild(config: &Config, args: RebuildArgs) -> anyhow::Result<()> {
     let mut store = connect_store(config).await?;
     store.migrate().await?;
     if args.names.first().map(String::as_str) == Some("status") {
-        let head = store.committed_head().await?;
-        let scope = projector::versions::scope_key(config, "");
-        let live = projector::versions::live_versions(&store, config).await?;
-        println!(
-            "event store head (commit order): position {}",
-            head.global_position
-        );
-        for name in ["customer360", "order_view", "analytics"] {
-            let switching = if live.switching.iter().any(|s| s == name) {
-                " (switching)"
-            } else {
-                ""
-            };
-            println!("{name}: readers on version {}{switching}", live.of(name));
-        }
-        println!(
-            "{:<12} {:<18} {:<10} {:>12} {:>12}",
-            "projection", "version", "status", "position", "events"
-        );
-        for c in rebuild::all_checkpoints(&store).await? {
-            let Some(name) = c.projection.strip_prefix(&scope) else {
-                continue;
-            };
-            println!(
-                "{:<12} {:<18} {:<10} {:>12} {:>12}",
-                name, c.version, c.status, c.position.global_position, c.events_applied
-            );
-        }
-        return Ok(());
+        return rebuild_status(config, &store).await;
     }
     anyhow::ensure!(
         args.all || !args.names.is_empty(),
         "name projections to rebuild, or --all"
     );
-    let selected = rebuild::select(&args.names, args.all)?;
-    let names: Vec<&str> = selected.iter().map(|p| p.name()).collect();
+    let names = rebuild::select(&args.names, args.all)?;
     // Resume the unfinished rebuild of these projections, if there is one.
     let scoped: Vec<String> = names
         .iter()
@@ -422,15 +405,16 @@ async fn rebuild(config: &Config, args: RebuildArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     let opts = RebuildOptions {
-        version,
+        version: version.clone(),
         batch: args.batch.max(1),
         checkpoint_every: args.checkpoint_every.max(1),
     };
+    let total = store.count_committed().await.unwrap_or(0).max(1) as u64;
     let bar = std::io::IsTerminal::is_terminal(&std::io::stderr()).then(|| {
-        let bar = indicatif::ProgressBar::new(head.global_position.max(1) as u64);
+        let bar = indicatif::ProgressBar::new(total);
         bar.set_style(
             indicatif::ProgressStyle::with_template(
-                "{bar:40} {pos}/{len} positions  {per_sec}  eta {eta}  {msg}",
+                "{bar:40} {pos}/{len} events  {per_sec}  eta {eta}  {msg}",
             )
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
         );
@@ -442,24 +426,24 @@ async fn rebuild(config: &Config, args: RebuildArgs) -> anyhow::Result<()> {
                         at: projector::store::ReplayPosition,
                         _head: projector::store::ReplayPosition| {
         if let Some(bar) = &bar {
-            bar.set_position(at.global_position.max(0) as u64);
-            bar.set_message(format!("{applied} events"));
+            bar.set_position(applied);
+            bar.set_message(format!("position {}", at.global_position));
         } else if last_log.elapsed().as_secs() >= 5 {
             last_log = std::time::Instant::now();
+            let rate = applied as f64 / started.elapsed().as_secs_f64().max(1e-9);
             tracing::info!(
                 applied,
+                total,
                 position = at.global_position,
-                rate = applied as f64 / started.elapsed().as_secs_f64(),
+                rate,
+                eta_seconds = (total.saturating_sub(applied)) as f64 / rate.max(1e-9),
                 "rebuild progress"
             );
         }
     };
-    let done = rebuild::rebuild(config, &store, &selected, &opts, &mut progress).await?;
-    if let Some(bar) = &bar {
-        bar.finish();
-    }
+    let done = rebuild::rebuild(config, &store, &names, &opts, None, &mut progress).await?;
     let secs = started.elapsed().as_secs_f64();
-    for c in done {
+    for c in &done {
         println!(
             "{} {}: {} at position {}, {} events, {:.0} events/s",
             c.projection,
@@ -468,6 +452,65 @@ async fn rebuild(config: &Config, args: RebuildArgs) -> anyhow::Result<()> {
             c.position.global_position,
             c.events_applied,
             c.events_applied as f64 / secs.max(1e-9)
+        );
+    }
+    if args.no_switch {
+        println!("--no-switch: readers and live workers stay on their current version");
+        if let Some(bar) = &bar {
+            bar.finish();
+        }
+        return Ok(());
+    }
+    let report = rebuild::switch(config, &mut store, &names, &opts, &mut progress).await?;
+    if let Some(bar) = &bar {
+        bar.finish();
+    }
+    println!(
+        "switched {names:?} to {version} in {:.2}s (live workers held meanwhile)",
+        report.switch_time.as_secs_f64()
+    );
+    if report.replaced.is_empty() {
+        return Ok(());
+    }
+    println!(
+        "retiring {:?} in {} s",
+        report.replaced, args.grace_seconds
+    );
+    tokio::time::sleep(std::time::Duration::from_secs(args.grace_seconds)).await;
+    for (p, old) in &report.replaced {
+        rebuild::retire(config, &store, p, old).await?;
+        println!("retired {p} {old}");
+    }
+    Ok(())
+}
+
+async fn rebuild_status(config: &Config, store: &EventStore) -> anyhow::Result<()> {
+    let head = store.committed_head().await?;
+    let scope = projector::versions::scope_key(config, "");
+    let live = projector::versions::live_versions(store, config).await?;
+    println!(
+        "event store head (commit order): position {}",
+        head.global_position
+    );
+    for name in projectors::names() {
+        let switching = if live.switching.iter().any(|s| s == name) {
+            " (switching)"
+        } else {
+            ""
+        };
+        println!("{name}: readers on version {}{switching}", live.of(name));
+    }
+    println!(
+        "{:<12} {:<18} {:<10} {:>12} {:>12}",
+        "projection", "version", "status", "position", "events"
+    );
+    for c in projector::rebuild::all_checkpoints(store).await? {
+        let Some(name) = c.projection.strip_prefix(&scope) else {
+            continue;
+        };
+        println!(
+            "{:<12} {:<18} {:<10} {:>12} {:>12}",
+            name, c.version, c.status, c.position.global_position, c.events_applied
         );
     }
     Ok(())

@@ -1,8 +1,10 @@
-//! Prometheus metrics and the pod endpoints: `/metrics`, `/healthz` (alive) and `/readyz`
-//! (partitions assigned and the stores answering).
+//! Prometheus metrics and the pod endpoints: `/metrics`, `/healthz` (alive: not stalled with
+//! work waiting) and `/readyz` (partitions assigned, not paused, every circuit closed).
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use crate::runtime::Shared;
 
 use axum::Router;
 use axum::extract::State;
@@ -10,24 +12,11 @@ use axum::http::StatusCode;
 use axum::routing::get;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
-/// What the worker loop reports for the readiness probe.
-#[derive(Debug, Default)]
+/// What the probes answer from: the worker's shared state and the stall limit.
+#[derive(Debug, Clone)]
 pub struct Health {
-    assigned: AtomicBool,
-    circuit_open: AtomicBool,
-}
-
-impl Health {
-    pub fn set_assigned(&self, yes: bool) {
-        self.assigned.store(yes, Ordering::Relaxed);
-    }
-    pub fn set_circuit_open(&self, open: bool) {
-        self.circuit_open.store(open, Ordering::Relaxed);
-        metrics::gauge!("projector_circuit_open").set(if open { 1.0 } else { 0.0 });
-    }
-    pub fn ready(&self) -> bool {
-        self.assigned.load(Ordering::Relaxed) && !self.circuit_open.load(Ordering::Relaxed)
-    }
+    pub shared: Arc<Shared>,
+    pub stall: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -49,14 +38,14 @@ pub fn install_metrics() -> Result<PrometheusHandle, ObservabilityError> {
 #[derive(Clone)]
 struct AppState {
     metrics: PrometheusHandle,
-    health: Arc<Health>,
+    health: Health,
 }
 
 /// Serve the endpoints on `addr` in the background; returns the bound address.
 pub async fn serve(
     addr: &str,
     metrics: PrometheusHandle,
-    health: Arc<Health>,
+    health: Health,
 ) -> Result<std::net::SocketAddr, ObservabilityError> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
@@ -75,11 +64,20 @@ pub async fn serve(
             "/metrics",
             get(|State(s): State<AppState>| async move { s.metrics.render() }),
         )
-        .route("/healthz", get(|| async { "ok" }))
+        .route(
+            "/healthz",
+            get(|State(s): State<AppState>| async move {
+                if s.health.shared.live(s.health.stall) {
+                    (StatusCode::OK, "ok")
+                } else {
+                    (StatusCode::SERVICE_UNAVAILABLE, "stalled: work waits and nothing was committed")
+                }
+            }),
+        )
         .route(
             "/readyz",
             get(|State(s): State<AppState>| async move {
-                if s.health.ready() {
+                if s.health.shared.ready() {
                     (StatusCode::OK, "ready")
                 } else {
                     (StatusCode::SERVICE_UNAVAILABLE, "not ready")

@@ -51,7 +51,8 @@ impl ClickHouseSink {
                 self.table()
             ))
             .fetch_all()
-            .await?)
+            .await
+            .map_err(crate::sinks::clickhouse::classify)?)
     }
 
     /// Orders that reached each step of the funnel.
@@ -70,7 +71,8 @@ impl ClickHouseSink {
                 self.table()
             ))
             .fetch_one()
-            .await?)
+            .await
+            .map_err(crate::sinks::clickhouse::classify)?)
     }
 
     /// Mean sentiment per day and interaction type (interactions with a score).
@@ -85,7 +87,8 @@ impl ClickHouseSink {
                 self.table()
             ))
             .fetch_all()
-            .await?)
+            .await
+            .map_err(crate::sinks::clickhouse::classify)?)
     }
 
     /// Ticket resolution time percentiles (created → resolved, per ticket).
@@ -109,6 +112,7 @@ impl ClickHouseSink {
                 self.table()
             ))
             .fetch_one()
-            .await?)
+            .await
+            .map_err(crate::sinks::clickhouse::classify)?)
     }
 }

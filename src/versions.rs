@@ -31,6 +31,32 @@ pub fn scope_key(cfg: &Config, projection: &str) -> String {
     format!("{}/{projection}", cfg.kafka.group_id)
 }
 
+/// The three stores of one read-model version (tests, `show`, retiring a version).
+#[derive(Clone)]
+pub struct VersionSinks {
+    pub redis: crate::sinks::redis::RedisSink,
+    pub mongo: crate::sinks::mongo::MongoSink,
+    pub clickhouse: crate::sinks::clickhouse::ClickHouseSink,
+}
+
+impl VersionSinks {
+    pub async fn connect(cfg: &Config, version: &str) -> Result<VersionSinks, crate::sinks::SinkError> {
+        Self::connect_views(cfg, &views_for(cfg, version)).await
+    }
+
+    pub async fn connect_views(cfg: &Config, views: &ViewsConfig) -> Result<VersionSinks, crate::sinks::SinkError> {
+        Ok(VersionSinks {
+            redis: crate::sinks::redis::RedisSink::connect(&cfg.redis, &views.redis_prefix).await?,
+            mongo: crate::sinks::mongo::MongoSink::connect(&cfg.mongo, &views.mongo_collection).await?,
+            clickhouse: crate::sinks::clickhouse::ClickHouseSink::connect(
+                &cfg.clickhouse,
+                &views.clickhouse_table,
+            )
+            .await?,
+        })
+    }
+}
+
 pub async fn live_versions(
     store: &EventStore,
     cfg: &Config,

@@ -166,21 +166,21 @@ async fn generate_appends_then_publishes_every_committed_event_with_headers() {
         let Ok(event) = Event::decode(payload) else {
             continue;
         };
-        if !event.envelope.aggregate_id.starts_with(&ns) {
+        if !event.header.aggregate_id.starts_with(&ns) {
             continue;
         }
-        assert_eq!(msg.key(), Some(event.envelope.aggregate_id.as_bytes()));
+        assert_eq!(msg.key(), Some(event.header.aggregate_id.as_bytes()));
         let headers = msg.headers().expect("headers");
         let pairs = headers.iter().map(|h| (h.key, h.value));
         RequiredHeaders::from_pairs(pairs)
             .unwrap()
-            .check_against(&event.envelope)
+            .check_against(&event.header)
             .unwrap();
         assert_eq!(
-            by_id.get(&event.envelope.event_id),
-            Some(&event.envelope.global_position)
+            by_id.get(&event.header.event_id),
+            Some(&event.header.global_position)
         );
-        *received.entry(event.envelope.event_id).or_insert(0u32) += 1;
+        *received.entry(event.header.event_id).or_insert(0u32) += 1;
     }
     assert_eq!(received.len(), stored.len());
 }

@@ -1,94 +1,117 @@
 //! rebuild-projection against the real servers: a rebuilt version equals the live-built
-//! read models, and a rebuild killed with -9 and resumed equals an uninterrupted one.
+//! read models (refused events included), a rebuild killed with -9 and resumed equals an
+//! uninterrupted one, the handover loses and doubles nothing, and a rebuild that dies in
+//! the middle of its handover never leaves the live workers held.
 
 mod common;
 
-use std::collections::BTreeMap;
 use std::process::{Command, Stdio};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use projector::apply::Sinks;
 use projector::config::Config;
 use projector::rebuild::{self, Checkpoint, RebuildOptions};
-use projector::sinks::clickhouse::FactRow;
 use projector::store::EventStore;
-use rand::Rng;
+use projector::versions::VersionSinks;
 
-type Docs = BTreeMap<String, (serde_json::Value, BTreeMap<String, i64>)>;
-
-/// What a set of read models holds for one namespace: views and guards, and facts.
-async fn snapshot(sinks: &Sinks, ns: &str) -> (Docs, Docs, BTreeMap<String, FactRow>) {
-    let docs = |m: std::collections::HashMap<String, projectors::Document>| -> Docs {
-        m.into_iter()
-            .filter(|(k, _)| k.starts_with(ns))
-            .map(|(k, d)| (k, (serde_json::Value::Object(d.view), d.guard)))
-            .collect()
-    };
-    let facts = common::facts_of(sinks, ns).await;
-    (
-        docs(sinks.redis.scan_all().await.unwrap()),
-        docs(sinks.mongo.scan_all().await.unwrap()),
-        facts,
-    )
+/// Start `version`'s rebuild at the current head, so the test replays only recent events
+/// (the event store is shared with every other test).
+async fn seed_at_head(cfg: &Config, store: &EventStore, version: &str) -> Checkpoint {
+    let head = store.committed_head().await.unwrap();
+    let mut seeded = None;
+    for p in projectors::names() {
+        let c = Checkpoint {
+            projection: projector::versions::scope_key(cfg, p),
+            version: version.to_owned(),
+            position: head,
+            events_applied: 0,
+            status: "building".into(),
+        };
+        rebuild::save_checkpoint(store, &c).await.unwrap();
+        seeded = Some(c);
+    }
+    seeded.unwrap()
 }
 
-/// Start `version`'s rebuild at the current head, so the test replays only recent events.
-async fn seed_at_head(cfg: &Config, store: &EventStore, version: &str) {
-    let head = store.committed_head().await.unwrap();
-    for p in projectors::all() {
-        rebuild::save_checkpoint(
-            store,
-            &Checkpoint {
-                projection: projector::versions::scope_key(cfg, p.name()),
-                version: version.to_owned(),
-                position: head,
-                events_applied: 0,
-                status: "building".into(),
-            },
-        )
-        .await
-        .unwrap();
+fn all() -> Vec<String> {
+    projectors::names().iter().map(|s| (*s).to_owned()).collect()
+}
+
+fn opts(version: &str) -> RebuildOptions {
+    RebuildOptions {
+        version: version.to_owned(),
+        batch: 500,
+        checkpoint_every: 1_000,
     }
 }
 
 async fn rebuild_to_end(cfg: &Config, store: &EventStore, version: &str) -> Vec<Checkpoint> {
-    let opts = RebuildOptions {
-        version: version.to_owned(),
-        batch: 500,
-        checkpoint_every: 1_000,
-    };
-    rebuild::rebuild(cfg, store, &projectors::all(), &opts, &mut |_, _, _| {})
+    rebuild::rebuild(cfg, store, &all(), &opts(version), None, &mut |_, _, _| {})
         .await
         .unwrap()
 }
 
+/// A live pod (static member `pod`) as a child process, killed if the test fails early.
+struct Pod(std::process::Child);
+
+impl Pod {
+    fn spawn(cfg: &Config, pod: &str) -> Pod {
+        Pod(Command::new(common::projector_bin())
+            .arg("run")
+            .envs(common::config_env(cfg))
+            .env("PROJECTOR_KAFKA__INSTANCE_ID", pod)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap())
+    }
+
+    fn stop(mut self) {
+        let pid = self.0.id().to_string();
+        Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+        assert!(self.0.wait().unwrap().success(), "SIGTERM drains and exits 0");
+    }
+}
+
+impl Drop for Pod {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_rebuild_equals_the_live_read_models() {
+async fn a_rebuild_equals_the_live_read_models_refused_events_included() {
     let (cfg, ns) = common::isolated_config("rb");
     let store = common::store().await;
     let version = format!("v{}", ns.trim_end_matches('-').replace('-', "_"));
     seed_at_head(&cfg, &store, &version).await;
     common::generate(&cfg, &ns, 2_500, 61, 0.05, 0.5).await;
+    // Events the projectors refuse (valid contract, impossible in their streams): their
+    // streams are parked live, and must be parked the same way by the rebuild.
+    let refused = common::append_refused(&cfg, &ns).await;
     common::run_worker_until_idle(&cfg, Duration::from_secs(4)).await;
-    let live = snapshot(&projector::worker::connect_sinks(&cfg).await.unwrap(), &ns).await;
+    let live = common::snapshot(&common::live_sinks(&cfg).await, &ns).await;
+    let log = common::event_log(&ns).await;
+    common::assert_same(&common::fold(&log, &ns), &live, "live vs fold");
 
     let done = rebuild_to_end(&cfg, &store, &version).await;
+    let n = 2_500 + refused as i64;
     assert!(
-        done.iter()
-            .all(|c| c.status == "caught_up" && c.events_applied >= 2_500),
+        done.iter().all(|c| c.status == "caught_up" && c.events_applied >= n),
         "{done:?}"
     );
-    let rebuilt = snapshot(&rebuild::version_sinks(&cfg, &version).await.unwrap(), &ns).await;
-    assert!(!live.0.is_empty() && !live.1.is_empty() && live.2.len() == 2_500);
-    assert_eq!(rebuilt.0, live.0, "Customer-360");
-    assert_eq!(rebuilt.1, live.1, "order views");
-    assert!(rebuilt.2 == live.2, "analytics facts");
+    let rebuilt = common::snapshot(&VersionSinks::connect(&cfg, &version).await.unwrap(), &ns).await;
+    assert!(!live.customers.is_empty() && !live.orders.is_empty());
+    assert_eq!(live.facts.len() as i64, n);
+    common::assert_same(&live, &rebuilt, "rebuilt vs live");
     // The live read models were not touched by the rebuild.
-    assert_eq!(
-        snapshot(&projector::worker::connect_sinks(&cfg).await.unwrap(), &ns)
-            .await
-            .0,
-        live.0
+    common::assert_same(
+        &live,
+        &common::snapshot(&common::live_sinks(&cfg).await, &ns).await,
+        "live after the rebuild",
     );
 }
 
@@ -98,24 +121,29 @@ async fn a_rebuild_killed_and_resumed_equals_an_uninterrupted_one() {
     let store = common::store().await;
     let id = ns.trim_end_matches('-').replace('-', "_");
     let (interrupted, clean) = (format!("a{id}"), format!("b{id}"));
-    seed_at_head(&cfg, &store, &interrupted).await;
+    let seed = seed_at_head(&cfg, &store, &interrupted).await;
     seed_at_head(&cfg, &store, &clean).await;
-    common::generate(&cfg, &ns, 4_000, 71, 0.0, 0.0).await;
+    common::generate(&cfg, &ns, 12_000, 71, 0.0, 0.0).await;
+    let head = store.committed_head().await.unwrap();
 
     rebuild_to_end(&cfg, &store, &clean).await;
 
-    let mut rng = rand::rng();
+    // Three kill -9 of the rebuild process, each landing as soon as it has made progress
+    // beyond the last one (so while it is writing, never before it started or after it ended).
+    let key = projector::versions::scope_key(&cfg, "customer360");
+    let mut last = seed.position;
     for _ in 0..3 {
         let mut child = Command::new(common::projector_bin())
             .args([
                 "rebuild-projection",
                 "--all",
+                "--no-switch",
                 "--version",
                 &interrupted,
                 "--batch",
-                "100",
+                "200",
                 "--checkpoint-every",
-                "300",
+                "400",
             ])
             .envs(common::config_env(&cfg))
             .env("RUST_LOG", "warn")
@@ -123,32 +151,33 @@ async fn a_rebuild_killed_and_resumed_equals_an_uninterrupted_one() {
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
-        tokio::time::sleep(Duration::from_millis(rng.random_range(300..1_500))).await;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let c = rebuild::load_checkpoint(&store, &key, &interrupted).await.unwrap().unwrap();
+            if c.position > last || Instant::now() > deadline {
+                last = c.position;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
         let _ = child.kill(); // SIGKILL: mid-page, mid-write, or between checkpoints
         child.wait().unwrap();
     }
-    let resumed_from = rebuild::load_checkpoint(
-        &store,
-        &projector::versions::scope_key(&cfg, "customer360"),
-        &interrupted,
-    )
-    .await
-    .unwrap()
-    .unwrap();
+    let resumed_from = rebuild::load_checkpoint(&store, &key, &interrupted).await.unwrap().unwrap();
+    assert!(
+        resumed_from.position > seed.position && resumed_from.position < head,
+        "the kills landed mid-rebuild: checkpoint {:?}, seed {:?}, head {head:?}",
+        resumed_from.position,
+        seed.position
+    );
+    assert_eq!(resumed_from.status, "building");
     let done = rebuild_to_end(&cfg, &store, &interrupted).await;
-    assert!(done.iter().all(|c| c.status == "caught_up"));
-    assert!(done[0].position >= resumed_from.position);
+    assert!(done.iter().all(|c| c.status == "caught_up" && c.position >= head));
 
-    let a = snapshot(
-        &rebuild::version_sinks(&cfg, &interrupted).await.unwrap(),
-        &ns,
-    )
-    .await;
-    let b = snapshot(&rebuild::version_sinks(&cfg, &clean).await.unwrap(), &ns).await;
-    assert!(!b.0.is_empty() && b.2.len() == 4_000);
-    assert_eq!(a.0, b.0, "Customer-360");
-    assert_eq!(a.1, b.1, "order views");
-    assert!(a.2 == b.2, "analytics facts");
+    let a = common::snapshot(&VersionSinks::connect(&cfg, &interrupted).await.unwrap(), &ns).await;
+    let b = common::snapshot(&VersionSinks::connect(&cfg, &clean).await.unwrap(), &ns).await;
+    assert!(!b.customers.is_empty() && b.facts.len() == 12_000);
+    common::assert_same(&b, &a, "resumed vs uninterrupted");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -158,15 +187,7 @@ async fn live_traffic_continues_through_a_rebuild_and_the_switch_loses_and_doubl
     let version = format!("v{}", ns.trim_end_matches('-').replace('-', "_"));
     seed_at_head(&cfg, &store, &version).await;
     // A live pod, and traffic before the rebuild.
-    let mut pod = Command::new(common::projector_bin())
-        .arg("run")
-        .envs(common::config_env(&cfg))
-        .env("PROJECTOR_KAFKA__INSTANCE_ID", "pod-0")
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let pod = Pod::spawn(&cfg, "pod-0");
     common::generate(&cfg, &format!("{ns}p0-"), 2_000, 80, 0.02, 0.2).await;
 
     // Traffic keeps coming while the rebuild replays, catches up and switches.
@@ -178,20 +199,9 @@ async fn live_traffic_continues_through_a_rebuild_and_the_switch_loses_and_doubl
     };
     let handover = async {
         rebuild_to_end(&cfg, &store, &version).await;
-        let opts = RebuildOptions {
-            version: version.clone(),
-            batch: 500,
-            checkpoint_every: 1_000,
-        };
-        rebuild::switch(
-            &cfg,
-            &mut store,
-            &projectors::all(),
-            &opts,
-            &mut |_, _, _| {},
-        )
-        .await
-        .unwrap()
+        rebuild::switch(&cfg, &mut store, &all(), &opts(&version), &mut |_, _, _| {})
+            .await
+            .unwrap()
     };
     let ((), report) = tokio::join!(traffic, handover);
     assert_eq!(report.replaced.len(), 3, "{report:?}");
@@ -203,49 +213,85 @@ async fn live_traffic_continues_through_a_rebuild_and_the_switch_loses_and_doubl
     // And after the switch.
     common::generate(&cfg, &format!("{ns}p5-"), 600, 90, 0.02, 0.2).await;
 
-    let versions = projector::versions::live_versions(&store, &cfg)
-        .await
-        .unwrap();
-    for p in ["customer360", "order_view", "analytics"] {
-        assert_eq!(
-            versions.of(p),
-            version,
-            "readers point at the rebuilt version"
-        );
+    let versions = projector::versions::live_versions(&store, &cfg).await.unwrap();
+    for p in projectors::names() {
+        assert_eq!(versions.of(p), version, "readers point at the rebuilt version");
     }
     let mut rebuilt = cfg.clone();
     rebuilt.views = cfg.versioned_views(&version);
     let want = common::event_log(&ns).await.len();
-    let sinks = projector::worker::connect_sinks(&rebuilt).await.unwrap();
+    let sinks = common::live_sinks(&rebuilt).await;
     let have = common::wait_for_facts(&sinks, &ns, want).await;
-    assert_eq!(
-        have, want,
-        "the live worker kept the rebuilt version up to date"
-    );
-    let pid = pod.id().to_string();
-    Command::new("kill").args(["-TERM", &pid]).status().unwrap();
-    assert!(pod.wait().unwrap().success());
+    assert_eq!(have, want, "the live worker kept the rebuilt version up to date");
+    pod.stop();
     // Nothing lost, nothing doubled: the rebuilt version equals the fold of the whole log.
     common::assert_read_models_equal_fold(&rebuilt, &ns).await;
 
     // After the grace period the replaced version is deleted; the new one is untouched.
     for (projection, old) in &report.replaced {
         assert_eq!(old, projector::versions::LIVE);
-        let p = projectors::by_name(projection).unwrap();
-        rebuild::retire(&cfg, &store, &p, old).await.unwrap();
+        rebuild::retire(&cfg, &store, projection, old).await.unwrap();
     }
-    let old = projector::worker::connect_sinks(&cfg).await.unwrap();
+    let old = common::live_sinks(&cfg).await;
     assert!(
-        old.redis.scan_all().await.unwrap().is_empty(),
+        old.redis.scan_all::<projectors::customer360::Customer360>().await.unwrap().is_empty(),
         "old Customer-360 keys deleted"
     );
     assert!(
-        old.mongo.scan_all().await.unwrap().is_empty(),
+        old.mongo.scan_all::<projectors::order_view::OrderView>().await.unwrap().is_empty(),
         "old order views dropped"
     );
-    assert!(
-        old.clickhouse.all_facts().await.unwrap().is_empty(),
-        "old facts dropped"
-    );
+    assert!(old.clickhouse.all_facts().await.unwrap().is_empty(), "old facts dropped");
     common::assert_read_models_equal_fold(&rebuilt, &ns).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rebuild_killed_while_switching_never_leaves_the_workers_held() {
+    let (cfg, ns) = common::isolated_config("ks");
+    let store = common::store().await;
+    let version = format!("v{}", ns.trim_end_matches('-').replace('-', "_"));
+    seed_at_head(&cfg, &store, &version).await;
+    let pod = Pod::spawn(&cfg, "pod-0");
+    common::generate(&cfg, &format!("{ns}a-"), 1_000, 95, 0.0, 0.0).await;
+
+    // An open transaction makes the handover wait at its fence, flag raised.
+    let (holder, conn) = tokio_postgres::connect(&cfg.postgres.url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    holder.batch_execute("BEGIN; SELECT pg_current_xact_id();").await.unwrap();
+    let mut child = Command::new(common::projector_bin())
+        .args(["rebuild-projection", "--all", "--version", &version, "--grace-seconds", "0"])
+        .envs(common::config_env(&cfg))
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let live = projector::versions::live_versions(&store, &cfg).await.unwrap();
+        if live.switching.len() == 3 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the handover never raised its flag");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let _ = child.kill(); // the rebuild dies holding the flag
+    child.wait().unwrap();
+    holder.batch_execute("ROLLBACK").await.unwrap();
+
+    // Traffic after the death: the workers wait out the lease, lower the flag, and go on
+    // writing the version the pointers still name.
+    common::generate(&cfg, &format!("{ns}b-"), 1_000, 96, 0.0, 0.0).await;
+    let want = common::event_log(&ns).await.len();
+    let have = common::wait_for_facts(&common::live_sinks(&cfg).await, &ns, want).await;
+    assert_eq!(have, want, "the live worker went on after the lease expired");
+    let live = projector::versions::live_versions(&store, &cfg).await.unwrap();
+    assert!(live.switching.is_empty(), "the expired flag was lowered");
+    for p in projectors::names() {
+        assert_eq!(live.of(p), projector::versions::LIVE, "nothing switched");
+    }
+    pod.stop();
+    common::assert_read_models_equal_fold(&cfg, &ns).await;
 }

@@ -146,7 +146,7 @@ async fn two_workers_one_killed_a_third_joining_still_equal() {
 /// Poll until the facts table holds every event of the namespace (or 120 s).
 async fn wait_until_caught_up(cfg: &projector::config::Config, ns: &str) {
     let want = common::event_log(ns).await.len();
-    let sinks = projector::worker::connect_sinks(cfg).await.unwrap();
+    let sinks = common::live_sinks(cfg).await;
     let have = common::wait_for_facts(&sinks, ns, want).await;
     assert!(have >= want, "workers did not catch up: {have} of {want}");
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -161,30 +161,25 @@ async fn events_of_one_aggregate_are_applied_in_sequence() {
     let mut streams: BTreeMap<String, Vec<String>> = BTreeMap::new();
     for e in log
         .iter()
-        .filter(|e| e.envelope.aggregate_type == contract::AggregateType::Order)
+        .filter(|e| e.header.aggregate_type == contract::AggregateType::Order)
     {
         streams
-            .entry(e.envelope.aggregate_id.clone())
+            .entry(e.header.aggregate_id.clone())
             .or_default()
-            .push(e.envelope.event_type.clone());
+            .push(e.header.event_type.clone());
     }
-    let sinks = projector::worker::connect_sinks(&cfg).await.unwrap();
-    let views = sinks.mongo.scan_all().await.unwrap();
+    let sinks = common::live_sinks(&cfg).await;
+    let views: BTreeMap<String, projectors::Doc<projectors::order_view::OrderView>> =
+        common::decoded(sinks.mongo.scan_all().await.unwrap())
+            .into_iter()
+            .collect();
     assert_eq!(views.len(), streams.len());
     for (id, types) in &streams {
         let doc = &views[id];
         // The timeline records the order events were applied in.
-        let applied: Vec<String> = doc.view["timeline"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|t| t["event_type"].as_str().unwrap().to_owned())
-            .collect();
+        let applied: Vec<String> = doc.view.timeline.iter().map(|t| t.event_type.clone()).collect();
         assert_eq!(&applied, types, "order {id} applied out of sequence");
-        assert_eq!(
-            doc.view["version"].as_i64().unwrap(),
-            types.len() as i64 - 1
-        );
+        assert_eq!(doc.view.version, types.len() as i64 - 1);
     }
 }
 
@@ -358,7 +353,7 @@ async fn a_pod_exposes_health_readiness_and_metrics() {
             .await
             .map(|r| r.1)
             .unwrap_or_default();
-        if metrics.contains("projector_writes_total") {
+        if metrics.contains("projector_writes_total") && metrics.contains("projector_lag_seconds") {
             break;
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -366,8 +361,10 @@ async fn a_pod_exposes_health_readiness_and_metrics() {
     for name in [
         "projector_events_total",
         "projector_writes_total",
-        "projector_batch_size",
+        "projector_window_messages",
         "projector_lag_seconds",
+        "projector_consumer_lag_messages",
+        "projector_in_flight_messages",
     ] {
         assert!(
             metrics.contains(name),

@@ -249,6 +249,13 @@ fn parse<T: serde::de::DeserializeOwned>(t: EventType, v: &Value) -> Result<T, C
     })
 }
 
+fn parse_str<T: serde::de::DeserializeOwned>(t: EventType, s: &str) -> Result<T, ContractError> {
+    serde_json::from_str(s).map_err(|e| ContractError::InvalidEventData {
+        event_type: t.as_str().to_owned(),
+        reason: e.to_string(),
+    })
+}
+
 fn check(t: EventType, ok: bool, reason: impl FnOnce() -> String) -> Result<(), ContractError> {
     if ok {
         Ok(())
@@ -260,10 +267,56 @@ fn check(t: EventType, ok: bool, reason: impl FnOnce() -> String) -> Result<(), 
     }
 }
 
-fn non_negative_amount(t: EventType, field: &str, v: f64) -> Result<(), ContractError> {
-    check(t, v.is_finite() && v >= 0.0, || {
-        format!("{field} must be a finite amount >= 0, got {v}")
+/// The largest amount of money one event may carry. In cents it stays far below 2^53, so
+/// the conversion to integer cents is exact, and sums over millions of events fit an i64.
+pub const MAX_AMOUNT: f64 = 1e12;
+
+fn amount(t: EventType, field: &str, v: f64) -> Result<(), ContractError> {
+    check(t, v.is_finite() && (0.0..=MAX_AMOUNT).contains(&v), || {
+        format!("{field} must be a finite amount within 0..={MAX_AMOUNT}, got {v}")
     })
+}
+
+/// Free-form JSON inside a payload (addresses, details) is stored as it came; the document
+/// stores hold signed 64-bit integers at most, so a larger integer could never be projected.
+fn storable(t: EventType, field: &str, v: &Value) -> Result<(), ContractError> {
+    match v {
+        Value::Number(n) if n.is_u64() && n.as_i64().is_none() => Err(ContractError::InvalidEventData {
+            event_type: t.as_str().to_owned(),
+            reason: format!("{field} holds the integer {n}, outside the signed 64-bit range"),
+        }),
+        Value::Array(xs) => xs.iter().try_for_each(|x| storable(t, field, x)),
+        Value::Object(m) => m.values().try_for_each(|x| storable(t, field, x)),
+        _ => Ok(()),
+    }
+}
+
+fn storable_map(t: EventType, field: &str, m: &Map<String, Value>) -> Result<(), ContractError> {
+    m.values().try_for_each(|x| storable(t, field, x))
+}
+
+/// Parse each catalogue type with one parser (from a JSON tree or straight from text).
+macro_rules! decode_with {
+    ($t:expr, $parse:ident, $data:expr) => {{
+        let t = $t;
+        match t {
+            EventType::CustomerCreated => EventData::CustomerCreated($parse(t, $data)?),
+            EventType::CustomerUpdated => EventData::CustomerUpdated($parse(t, $data)?),
+            EventType::InteractionRecorded => EventData::InteractionRecorded($parse(t, $data)?),
+            EventType::OrderPlaced => EventData::OrderPlaced($parse(t, $data)?),
+            EventType::OrderValidated => EventData::OrderValidated($parse(t, $data)?),
+            EventType::OrderValidationFailed => EventData::OrderValidationFailed($parse(t, $data)?),
+            EventType::OrderPaymentConfirmed => EventData::OrderPaymentConfirmed($parse(t, $data)?),
+            EventType::OrderPreparationStarted => {
+                EventData::OrderPreparationStarted($parse(t, $data)?)
+            }
+            EventType::OrderShipped => EventData::OrderShipped($parse(t, $data)?),
+            EventType::OrderCompleted => EventData::OrderCompleted($parse(t, $data)?),
+            EventType::OrderCancelled => EventData::OrderCancelled($parse(t, $data)?),
+            EventType::TicketCreated => EventData::TicketCreated($parse(t, $data)?),
+            EventType::TicketResolved => EventData::TicketResolved($parse(t, $data)?),
+        }
+    }};
 }
 
 impl EventData {
@@ -275,41 +328,64 @@ impl EventData {
                 data: data.clone(),
             });
         };
-        let decoded = match t {
-            EventType::CustomerCreated => Self::CustomerCreated(parse(t, data)?),
-            EventType::CustomerUpdated => Self::CustomerUpdated(parse(t, data)?),
-            EventType::InteractionRecorded => {
-                let d: InteractionRecorded = parse(t, data)?;
+        let d = decode_with!(t, parse, data);
+        d.validate(t)?;
+        Ok(d)
+    }
+
+    /// Decode `event_data` straight from its JSON text (no tree on the way).
+    pub fn decode_str(event_type: &str, text: &str) -> Result<EventData, ContractError> {
+        let Some(t) = EventType::parse(event_type) else {
+            let data = serde_json::from_str(text).map_err(|e| ContractError::InvalidJson {
+                reason: e.to_string(),
+            })?;
+            return Ok(EventData::Unknown {
+                event_type: event_type.to_owned(),
+                data,
+            });
+        };
+        let d = decode_with!(t, parse_str, text);
+        d.validate(t)?;
+        Ok(d)
+    }
+
+    /// The value rules serde cannot express: ranges, and what the stores can hold.
+    fn validate(&self, t: EventType) -> Result<(), ContractError> {
+        match self {
+            Self::CustomerCreated(d) => {
+                if let Some(a) = &d.address {
+                    storable(t, "address", a)?;
+                }
+            }
+            Self::CustomerUpdated(d) => {
+                storable_map(t, "changes", &d.changes)?;
+                storable_map(t, "previous_values", &d.previous_values)?;
+            }
+            Self::InteractionRecorded(d) => {
                 if let Some(s) = d.sentiment_score {
                     check(t, (0.0..=1.0).contains(&s), || {
                         format!("sentiment_score must be within 0..1, got {s}")
                     })?;
                 }
-                Self::InteractionRecorded(d)
             }
-            EventType::OrderPlaced => {
-                let d: OrderPlaced = parse(t, data)?;
-                non_negative_amount(t, "total_amount", d.total_amount)?;
+            Self::OrderPlaced(d) => {
+                amount(t, "total_amount", d.total_amount)?;
                 for item in &d.items {
-                    non_negative_amount(t, "unit_price", item.unit_price)?;
+                    amount(t, "unit_price", item.unit_price)?;
                 }
-                Self::OrderPlaced(d)
+                storable_map(t, "shipping_address", &d.shipping_address)?;
             }
-            EventType::OrderValidated => Self::OrderValidated(parse(t, data)?),
-            EventType::OrderValidationFailed => Self::OrderValidationFailed(parse(t, data)?),
-            EventType::OrderPaymentConfirmed => {
-                let d: OrderPaymentConfirmed = parse(t, data)?;
-                non_negative_amount(t, "amount", d.amount)?;
-                Self::OrderPaymentConfirmed(d)
+            Self::OrderValidated(d) => storable_map(t, "validation_details", &d.validation_details)?,
+            Self::OrderValidationFailed(d) => {
+                d.details.iter().try_for_each(|x| storable(t, "details", x))?
             }
-            EventType::OrderPreparationStarted => Self::OrderPreparationStarted(parse(t, data)?),
-            EventType::OrderShipped => Self::OrderShipped(parse(t, data)?),
-            EventType::OrderCompleted => Self::OrderCompleted(parse(t, data)?),
-            EventType::OrderCancelled => Self::OrderCancelled(parse(t, data)?),
-            EventType::TicketCreated => Self::TicketCreated(parse(t, data)?),
-            EventType::TicketResolved => Self::TicketResolved(parse(t, data)?),
-        };
-        Ok(decoded)
+            Self::OrderPaymentConfirmed(d) => {
+                amount(t, "amount", d.amount)?;
+                storable_map(t, "transaction_details", &d.transaction_details)?;
+            }
+            _ => {}
+        }
+        Ok(())
     }
 
     /// The catalogue type, `None` for [`EventData::Unknown`].

@@ -1,6 +1,37 @@
 //! The Kafka headers of DESIGN §1 and their check against the body.
 
-use crate::{AggregateType, ContractError, EventEnvelope};
+use crate::{AggregateType, ContractError, EventEnvelope, EventHeader};
+
+/// What the headers describe: implemented by both event shapes.
+pub trait HeaderFields {
+    fn event_type(&self) -> &str;
+    fn aggregate_type(&self) -> AggregateType;
+    fn sequence(&self) -> i64;
+}
+
+impl HeaderFields for EventEnvelope {
+    fn event_type(&self) -> &str {
+        &self.event_type
+    }
+    fn aggregate_type(&self) -> AggregateType {
+        self.aggregate_type
+    }
+    fn sequence(&self) -> i64 {
+        self.sequence_number
+    }
+}
+
+impl HeaderFields for EventHeader {
+    fn event_type(&self) -> &str {
+        &self.event_type
+    }
+    fn aggregate_type(&self) -> AggregateType {
+        self.aggregate_type
+    }
+    fn sequence(&self) -> i64 {
+        self.sequence_number
+    }
+}
 
 pub const HEADER_EVENT_TYPE: &str = "event_type";
 pub const HEADER_AGGREGATE_TYPE: &str = "aggregate_type";
@@ -16,11 +47,11 @@ pub struct RequiredHeaders {
 
 impl RequiredHeaders {
     /// The headers to publish with an event.
-    pub fn for_event(env: &EventEnvelope) -> RequiredHeaders {
+    pub fn for_event(env: &impl HeaderFields) -> RequiredHeaders {
         RequiredHeaders {
-            event_type: env.event_type.clone(),
-            aggregate_type: env.aggregate_type,
-            sequence: env.sequence_number,
+            event_type: env.event_type().to_owned(),
+            aggregate_type: env.aggregate_type(),
+            sequence: env.sequence(),
         }
     }
 
@@ -79,31 +110,31 @@ impl RequiredHeaders {
     }
 
     /// The headers must say what the body says; a disagreement means a broken producer.
-    pub fn check_against(&self, env: &EventEnvelope) -> Result<(), ContractError> {
+    pub fn check_against(&self, env: &impl HeaderFields) -> Result<(), ContractError> {
         let mismatch = |header, h: String, b: String| ContractError::HeaderMismatch {
             header,
             header_value: h,
             body_value: b,
         };
-        if self.event_type != env.event_type {
+        if self.event_type != env.event_type() {
             return Err(mismatch(
                 HEADER_EVENT_TYPE,
                 self.event_type.clone(),
-                env.event_type.clone(),
+                env.event_type().to_owned(),
             ));
         }
-        if self.aggregate_type != env.aggregate_type {
+        if self.aggregate_type != env.aggregate_type() {
             return Err(mismatch(
                 HEADER_AGGREGATE_TYPE,
                 self.aggregate_type.to_string(),
-                env.aggregate_type.to_string(),
+                env.aggregate_type().to_string(),
             ));
         }
-        if self.sequence != env.sequence_number {
+        if self.sequence != env.sequence() {
             return Err(mismatch(
                 HEADER_SEQUENCE,
                 self.sequence.to_string(),
-                env.sequence_number.to_string(),
+                env.sequence().to_string(),
             ));
         }
         Ok(())

@@ -12,6 +12,8 @@ pub mod headers;
 
 pub use aggregate::AggregateType;
 pub use catalogue::{EventData, EventType};
-pub use envelope::{Event, EventEnvelope, MAX_EVENT_BYTES};
+pub use envelope::{Event, EventEnvelope, EventHeader, MAX_EVENT_BYTES, Metadata};
 pub use error::ContractError;
-pub use headers::{HEADER_AGGREGATE_TYPE, HEADER_EVENT_TYPE, HEADER_SEQUENCE, RequiredHeaders};
+pub use headers::{
+    HEADER_AGGREGATE_TYPE, HEADER_EVENT_TYPE, HEADER_SEQUENCE, HeaderFields, RequiredHeaders,
+};

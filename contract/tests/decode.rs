@@ -43,9 +43,9 @@ fn without(field: &str) -> Value {
 #[test]
 fn the_design_example_decodes_to_typed_data() {
     let e = decode(&valid()).unwrap();
-    assert_eq!(e.envelope.aggregate_type, AggregateType::Order);
-    assert_eq!(e.envelope.sequence_number, 3);
-    assert_eq!(e.envelope.global_position, 1234);
+    assert_eq!(e.header.aggregate_type, AggregateType::Order);
+    assert_eq!(e.header.sequence_number, 3);
+    assert_eq!(e.header.global_position, 1234);
     match e.data {
         EventData::OrderShipped(d) => {
             assert_eq!(d.carrier, "UPS");
@@ -80,8 +80,9 @@ fn metadata_defaults_to_empty_like_the_store_column() {
     assert!(
         decode(&without("metadata"))
             .unwrap()
-            .envelope
+            .header
             .metadata
+            .to_map()
             .is_empty()
     );
     assert_eq!(
@@ -335,4 +336,38 @@ fn every_catalogue_type_names_its_aggregate_and_round_trips_its_name() {
         let topic = t.aggregate_type().topic("events.");
         assert!(topic.starts_with("events."));
     }
+}
+
+#[test]
+fn integers_the_stores_cannot_hold_are_poison() {
+    let mut v = valid();
+    v["event_type"] = json!("order.placed");
+    v["event_data"] = json!({"order_id": "ord-42", "customer_id": "c", "items": [],
+        "shipping_address": {"zip": {"n": 18446744073709551615u64}}, "total_amount": 5.0});
+    let err = decode(&v).unwrap_err();
+    assert_eq!(err.kind(), "invalid_event_data", "{err}");
+    assert!(err.to_string().contains("signed 64-bit"), "{err}");
+    // i64::MAX itself is fine.
+    v["event_data"]["shipping_address"] = json!({"zip": i64::MAX});
+    decode(&v).unwrap();
+}
+
+#[test]
+fn amounts_are_bounded_so_money_arithmetic_cannot_overflow() {
+    let mut v = valid();
+    v["event_type"] = json!("order.placed");
+    v["event_data"] = json!({"order_id": "ord-42", "customer_id": "c", "items": [],
+        "shipping_address": {}, "total_amount": 1e300});
+    assert_eq!(decode(&v).unwrap_err().kind(), "invalid_event_data");
+    v["event_data"]["total_amount"] = json!(contract::catalogue::MAX_AMOUNT);
+    decode(&v).unwrap();
+}
+
+#[test]
+fn event_times_outside_what_the_stores_hold_are_rejected() {
+    for t in ["1899-12-31T23:59:59Z", "2262-01-01T00:00:00Z", "9999-01-01T00:00:00Z"] {
+        let err = decode(&with("timestamp", json!(t))).unwrap_err();
+        assert_eq!(err.kind(), "invalid_value", "{t}: {err}");
+    }
+    decode(&with("timestamp", json!("1900-01-01T00:00:00Z"))).unwrap();
 }

@@ -1,110 +1,163 @@
 //! The stored document around a view: the view itself plus the idempotence guard (the last
-//! sequence applied from each source stream) and a revision for compare-and-set writes.
-//! Guard and view are one value, so a store writes them in one atomic operation.
+//! sequence applied from each source stream) and a write token for compare-and-set. Guard
+//! and view are one value, so a store writes them in one atomic operation.
 
 use std::collections::BTreeMap;
+use std::fmt::Write as _;
 
 use contract::Event;
-use serde::{Deserialize, Serialize};
-use serde_json::Value;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-use crate::{Projector, Rejection, ViewError};
+use crate::{Projector, Rejection};
 
 /// Last applied `sequence_number` per source stream (`aggregate_type/aggregate_id`).
 pub type Guard = BTreeMap<String, i64>;
 
-/// The key of an event's source stream in a [`Guard`].
+/// Writes an event's stream key (`aggregate_type/aggregate_id`) into a reused buffer, so the
+/// hot path looks guards up without allocating.
+#[derive(Debug, Default)]
+pub struct StreamKey(String);
+
+impl StreamKey {
+    pub fn of(&mut self, event: &Event) -> &str {
+        self.0.clear();
+        let h = &event.header;
+        let _ = write!(self.0, "{}/{}", h.aggregate_type, h.aggregate_id);
+        &self.0
+    }
+}
+
+/// The stream key of an event, allocated (off the hot path).
 pub fn stream_key(event: &Event) -> String {
-    format!(
-        "{}/{}",
-        event.envelope.aggregate_type, event.envelope.aggregate_id
-    )
+    StreamKey::default().of(event).to_owned()
 }
 
 /// A view as stored: `{...view fields, "_guard": {...}, "_rev": n}`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Document {
-    #[serde(flatten)]
-    pub view: serde_json::Map<String, Value>,
-    #[serde(rename = "_guard", default)]
+///
+/// `rev` is a write token, not a counter: every write draws a fresh random one, and a store
+/// only accepts a write whose expected token is still the stored one. Two writers that both
+/// start from the same document can therefore never both succeed, however their writes
+/// interleave (a counter would let the second one match a revision written by the first).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Doc<V> {
+    pub view: V,
     pub guard: Guard,
-    /// Bumped on every write; the store's compare-and-set checks it.
+    pub rev: u64,
+}
+
+/// Tokens stay below 2^53 so JSON readers (and Redis's Lua) hold them exactly.
+pub const REV_BITS: u32 = 53;
+
+#[derive(Serialize)]
+struct StoredRef<'a, V> {
+    #[serde(flatten)]
+    view: &'a V,
+    #[serde(rename = "_guard")]
+    guard: &'a Guard,
+    #[serde(rename = "_rev")]
+    rev: u64,
+}
+
+#[derive(Deserialize)]
+struct Stored<V> {
+    #[serde(flatten)]
+    view: V,
+    #[serde(rename = "_guard", default)]
+    guard: Guard,
     #[serde(rename = "_rev", default)]
-    pub rev: i64,
+    rev: u64,
 }
 
-/// The result of folding one key's events.
-#[derive(Debug)]
-pub struct FoldOutcome {
-    /// The new document, `None` when no event changed it (all duplicates or rejected).
-    pub document: Option<Document>,
-    /// Indexes (into the folded slice) of the events skipped as already applied.
-    pub duplicates: Vec<usize>,
-    /// Events the projector refused, with why.
-    pub rejected: Vec<(usize, Rejection)>,
+impl<V: Serialize> Serialize for Doc<V> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        StoredRef {
+            view: &self.view,
+            guard: &self.guard,
+            rev: self.rev,
+        }
+        .serialize(s)
+    }
 }
 
-pub(crate) fn fold<P: Projector>(
+impl<'de, V: DeserializeOwned> Deserialize<'de> for Doc<V> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = Stored::<V>::deserialize(d)?;
+        Ok(Doc {
+            view: s.view,
+            guard: s.guard,
+            rev: s.rev,
+        })
+    }
+}
+
+/// What applying one event to a document did.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Step {
+    Applied,
+    /// The guard has seen this sequence of the stream: skipped.
+    Duplicate,
+    Rejected(Rejection),
+}
+
+/// Apply one event to a document through the guard: the only way views change.
+pub fn apply_event<P: Projector>(
     p: &P,
-    current: Option<Document>,
-    events: &[&Event],
-) -> Result<FoldOutcome, ViewError> {
-    let (mut view, mut guard, rev) = match current {
-        None => (P::View::default(), Guard::new(), 0),
-        Some(doc) => {
-            let view = serde_json::from_value(Value::Object(doc.view)).map_err(|e| ViewError {
-                projector: p.name(),
-                reason: e.to_string(),
-            })?;
-            (view, doc.guard, doc.rev)
-        }
-    };
-    let mut out = FoldOutcome {
-        document: None,
-        duplicates: Vec::new(),
-        rejected: Vec::new(),
-    };
-    let mut changed = false;
-    for (i, e) in events.iter().enumerate() {
-        let stream = stream_key(e);
-        let seq = e.envelope.sequence_number;
-        if guard.get(&stream).is_some_and(|last| seq <= *last) {
-            out.duplicates.push(i);
-            continue;
-        }
-        match p.apply(&mut view, e) {
-            Ok(()) => {
-                guard.insert(stream, seq);
-                changed = true;
+    doc: &mut Doc<P::View>,
+    event: &Event,
+    keys: &mut StreamKey,
+) -> Step {
+    let stream = keys.of(event);
+    let seq = event.header.sequence_number;
+    if doc.guard.get(stream).is_some_and(|last| seq <= *last) {
+        return Step::Duplicate;
+    }
+    match p.apply(&mut doc.view, event) {
+        Ok(()) => {
+            match doc.guard.get_mut(stream) {
+                Some(last) => *last = seq,
+                None => {
+                    doc.guard.insert(stream.to_owned(), seq);
+                }
             }
-            Err(reason) => out.rejected.push((
-                i,
-                Rejection {
-                    projector: p.name(),
-                    event_type: e.envelope.event_type.clone(),
-                    stream,
-                    sequence: seq,
-                    reason,
-                },
-            )),
+            Step::Applied
         }
-    }
-    if changed {
-        let Value::Object(view) = serde_json::to_value(&view).map_err(|e| ViewError {
+        Err(reason) => Step::Rejected(Rejection {
             projector: p.name(),
-            reason: e.to_string(),
-        })?
-        else {
-            return Err(ViewError {
-                projector: p.name(),
-                reason: "a view must serialise to a JSON object".into(),
-            });
-        };
-        out.document = Some(Document {
-            view,
-            guard,
-            rev: rev + 1,
-        });
+            event_type: event.header.event_type.clone(),
+            stream: stream.to_owned(),
+            sequence: seq,
+            reason,
+        }),
     }
-    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+    struct V {
+        a: u32,
+        b: String,
+    }
+
+    #[test]
+    fn a_document_is_its_view_then_guard_then_token() {
+        let d = Doc {
+            view: V {
+                a: 1,
+                b: "x".into(),
+            },
+            guard: Guard::from([("order/o1".to_owned(), 3)]),
+            rev: 42,
+        };
+        let text = serde_json::to_string(&d).unwrap();
+        assert_eq!(
+            text,
+            r#"{"a":1,"b":"x","_guard":{"order/o1":3},"_rev":42}"#
+        );
+        let back: Doc<V> = serde_json::from_str(&text).unwrap();
+        assert_eq!(back, d);
+    }
 }

@@ -1,17 +1,22 @@
-//! Projector plugins: pure functions of (current view, event) → new view. No I/O here: the
-//! engine reads the current views, calls [`DynProjector::fold`], and writes the results.
+//! Projector plugins: pure functions of (current view, event) → new view, and of event →
+//! fact row. No I/O here: the engine reads the current views, calls [`Projector::apply`] for
+//! each event through [`document::apply_event`] (which keeps the idempotence guard), and
+//! writes the results.
 //!
-//! Adding a projector: one module implementing [`Projector`], one line in [`registry::all`].
+//! Adding a projector: one module implementing [`Projector`] (or [`FactProjector`]), one line
+//! in [`registry::register_all`].
 
 pub mod analytics;
 pub mod customer360;
-mod document;
+pub mod document;
 pub mod memory;
 pub mod order_view;
+pub mod parking;
 pub mod registry;
 
-pub use document::{Document, FoldOutcome, Guard, stream_key};
-pub use registry::{all, by_name};
+pub use document::{Doc, Guard, Step, StreamKey, apply_event};
+pub use parking::{ParkMark, Parked};
+pub use registry::{Registrar, names, register_all};
 
 use contract::{Event, EventType};
 use serde::Serialize;
@@ -28,7 +33,18 @@ pub enum StoreKind {
     ClickHouse,
 }
 
-/// A projector refused an event: it goes to the dead-letter topic with this reason.
+impl StoreKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StoreKind::Redis => "redis",
+            StoreKind::Mongo => "mongo",
+            StoreKind::ClickHouse => "clickhouse",
+        }
+    }
+}
+
+/// A projector refused an event: it goes to the dead-letter topic with this reason, and its
+/// stream is parked for this projector (later events held) so nothing applies out of order.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{projector} rejected {event_type} #{sequence} of {stream}: {reason}")]
 pub struct Rejection {
@@ -39,55 +55,56 @@ pub struct Rejection {
     pub reason: String,
 }
 
-/// A projector: a pure fold of events into views.
+/// A document projector: a pure fold of events into one typed view per key.
 pub trait Projector: Send + Sync + 'static {
-    /// The read model's shape: a public contract for agents (see README).
-    type View: Serialize + DeserializeOwned + Default + Send;
+    /// The read model's shape: a public contract for agents (see README). Fields serialise
+    /// in the order declared, and the stored document is `{view fields, _guard, _rev}`.
+    type View: Serialize + DeserializeOwned + Default + Clone + Send + Sync + 'static;
 
-    /// Stable name, used by the CLI, metrics and checkpoints.
+    /// Stable name, used by the CLI, metrics, parking and checkpoints.
     fn name(&self) -> &'static str;
     fn store(&self) -> StoreKind;
     /// The only event types the router sends here.
     fn handles(&self) -> &'static [EventType];
-    /// The key of the view an event changes.
-    fn view_key(&self, event: &Event) -> String;
+    /// The key of the view an event changes (`None`: the event names no view; rejected).
+    fn view_key<'e>(&self, event: &'e Event) -> Option<&'e str>;
     /// Apply one event. On `Err` the view must be left as it was (check before you change).
     fn apply(&self, view: &mut Self::View, event: &Event) -> Result<(), String>;
 }
 
-/// The object-safe face of a [`Projector`], over JSON views, that the engine calls.
-pub trait DynProjector: Send + Sync {
+/// A fact projector: one row per event, appended (the store deduplicates by event id).
+pub trait FactProjector: Send + Sync + 'static {
     fn name(&self) -> &'static str;
-    fn store(&self) -> StoreKind;
     fn handles(&self) -> &'static [EventType];
-    fn view_key(&self, event: &Event) -> String;
-    /// Fold a key's events (in arrival order) into its stored document. Events the document's
-    /// guard has already seen are skipped; rejected ones are returned and change nothing.
-    fn fold(&self, current: Option<Document>, events: &[&Event]) -> Result<FoldOutcome, ViewError>;
+    fn fact(&self, event: &Event) -> Result<analytics::Fact, String>;
 }
 
-/// A stored view that does not decode: a bug or a foreign write, never the event's fault.
-#[derive(Debug, thiserror::Error)]
-#[error("stored view of {projector} does not decode: {reason}")]
-pub struct ViewError {
-    pub projector: &'static str,
-    pub reason: String,
+/// What the engine needs to know of any projector without its types.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProjectorInfo {
+    pub name: &'static str,
+    pub store: StoreKind,
+    pub handles: &'static [EventType],
 }
 
-impl<P: Projector> DynProjector for P {
-    fn name(&self) -> &'static str {
-        Projector::name(self)
+impl ProjectorInfo {
+    pub fn of<P: Projector>(p: &P) -> ProjectorInfo {
+        ProjectorInfo {
+            name: p.name(),
+            store: p.store(),
+            handles: p.handles(),
+        }
     }
-    fn store(&self) -> StoreKind {
-        Projector::store(self)
+
+    pub fn of_facts<F: FactProjector>(f: &F) -> ProjectorInfo {
+        ProjectorInfo {
+            name: f.name(),
+            store: StoreKind::ClickHouse,
+            handles: f.handles(),
+        }
     }
-    fn handles(&self) -> &'static [EventType] {
-        Projector::handles(self)
-    }
-    fn view_key(&self, event: &Event) -> String {
-        Projector::view_key(self, event)
-    }
-    fn fold(&self, current: Option<Document>, events: &[&Event]) -> Result<FoldOutcome, ViewError> {
-        document::fold(self, current, events)
+
+    pub fn handles(&self, t: Option<EventType>) -> bool {
+        t.is_some_and(|t| self.handles.contains(&t))
     }
 }

@@ -1,40 +1,125 @@
-//! An in-memory store of documents: the reference fold the real stores are compared with,
-//! and the null sink of the engine benchmark.
+//! The reference fold: every event of a log applied one at a time, in log order, with the
+//! same guard and parking rules as the engine. The real stores are compared with it, and a
+//! rebuild must give exactly the same documents.
 
 use std::collections::BTreeMap;
 
 use contract::Event;
 
-use crate::{Document, DynProjector, FoldOutcome, ViewError};
+use crate::analytics::Fact;
+use crate::document::{Doc, Step, StreamKey, apply_event};
+use crate::parking::{ParkFrom, Parked};
+use crate::{FactProjector, Projector, Rejection};
 
-/// Documents of one projector by key, folded exactly as the engine folds them.
-#[derive(Debug, Default, Clone, PartialEq)]
-pub struct MemoryViews {
-    pub docs: BTreeMap<String, Document>,
-    pub rejected: usize,
+/// Documents of one projector by key.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MemoryViews<V> {
+    pub docs: BTreeMap<String, Doc<V>>,
+    pub parked: Parked,
+    pub rejected: Vec<Rejection>,
+    /// Events held back because their stream was parked.
+    pub held: usize,
     pub duplicates: usize,
 }
 
-impl MemoryViews {
+impl<V> Default for MemoryViews<V> {
+    fn default() -> Self {
+        MemoryViews {
+            docs: BTreeMap::new(),
+            parked: Parked::default(),
+            rejected: Vec::new(),
+            held: 0,
+            duplicates: 0,
+        }
+    }
+}
+
+impl<V: Default + Clone> MemoryViews<V> {
+    /// Fold a whole log.
+    pub fn fold<P: Projector<View = V>>(p: &P, events: &[Event]) -> Self {
+        let mut m = MemoryViews::default();
+        m.apply(p, events);
+        m
+    }
+
     /// Fold `events` in the order given, routing only the types the projector handles.
-    pub fn apply(&mut self, p: &dyn DynProjector, events: &[Event]) -> Result<(), ViewError> {
+    pub fn apply<P: Projector<View = V>>(&mut self, p: &P, events: &[Event]) {
+        let mut keys = StreamKey::default();
         for e in events {
             if !e.event_type().is_some_and(|t| p.handles().contains(&t)) {
                 continue;
             }
-            let key = p.view_key(e);
-            let current = self.docs.get(&key).cloned();
-            let FoldOutcome {
-                document,
-                duplicates,
-                rejected,
-            } = p.fold(current, &[e])?;
-            self.duplicates += duplicates.len();
-            self.rejected += rejected.len();
-            if let Some(doc) = document {
-                self.docs.insert(key, doc);
+            let seq = e.header.sequence_number;
+            if self.parked.holding(keys.of(e), seq, None).is_some() {
+                self.held += 1;
+                continue;
+            }
+            let Some(key) = p.view_key(e) else {
+                let r = Rejection {
+                    projector: p.name(),
+                    event_type: e.header.event_type.clone(),
+                    stream: keys.of(e).to_owned(),
+                    sequence: seq,
+                    reason: "the event names no view".into(),
+                };
+                self.parked
+                    .park(&r.stream, ParkFrom::Sequence(seq), &r.reason);
+                self.rejected.push(r);
+                continue;
+            };
+            let doc = self.docs.entry(key.to_owned()).or_default();
+            match apply_event(p, doc, e, &mut keys) {
+                Step::Applied => {}
+                Step::Duplicate => self.duplicates += 1,
+                Step::Rejected(r) => {
+                    self.parked
+                        .park(&r.stream, ParkFrom::Sequence(seq), &r.reason);
+                    self.rejected.push(r);
+                }
             }
         }
-        Ok(())
+        // A key whose only event was refused has no document.
+        self.docs.retain(|_, d| !d.guard.is_empty());
+    }
+}
+
+/// Facts by event id.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct MemoryFacts {
+    pub facts: BTreeMap<String, Fact>,
+    pub parked: Parked,
+    pub rejected: Vec<Rejection>,
+}
+
+impl MemoryFacts {
+    pub fn fold<F: FactProjector>(f: &F, events: &[Event]) -> Self {
+        let mut m = MemoryFacts::default();
+        let mut keys = StreamKey::default();
+        for e in events {
+            if !e.event_type().is_some_and(|t| f.handles().contains(&t)) {
+                continue;
+            }
+            let seq = e.header.sequence_number;
+            if m.parked.holding(keys.of(e), seq, None).is_some() {
+                continue;
+            }
+            match f.fact(e) {
+                Ok(fact) => {
+                    m.facts.insert(fact.event_id.clone(), fact);
+                }
+                Err(reason) => {
+                    let stream = keys.of(e).to_owned();
+                    m.parked.park(&stream, ParkFrom::Sequence(seq), &reason);
+                    m.rejected.push(Rejection {
+                        projector: f.name(),
+                        event_type: e.header.event_type.clone(),
+                        stream,
+                        sequence: seq,
+                        reason,
+                    });
+                }
+            }
+        }
+        m
     }
 }

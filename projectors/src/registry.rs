@@ -1,19 +1,43 @@
-//! The one place projectors are registered.
+//! The one place projectors are registered: one line each.
 
-use std::sync::Arc;
+use crate::{FactProjector, Projector, ProjectorInfo};
 
-use crate::DynProjector;
-
-/// Every projector, in a stable order.
-pub fn all() -> Vec<Arc<dyn DynProjector>> {
-    vec![
-        Arc::new(crate::customer360::Customer360Projector),
-        Arc::new(crate::order_view::OrderViewProjector),
-        Arc::new(crate::analytics::AnalyticsProjector),
-    ]
+/// Receives every registered projector with its concrete type, so the engine can build a
+/// typed pipeline for each (no type erasure between a projector and its store).
+pub trait Registrar {
+    fn document<P: Projector>(&mut self, p: P);
+    fn facts<F: FactProjector>(&mut self, f: F);
 }
 
-/// A projector by its name.
-pub fn by_name(name: &str) -> Option<Arc<dyn DynProjector>> {
-    all().into_iter().find(|p| p.name() == name)
+/// Every projector, in a stable order.
+pub fn register_all(r: &mut impl Registrar) {
+    r.document(crate::customer360::Customer360Projector);
+    r.document(crate::order_view::OrderViewProjector);
+    r.facts(crate::analytics::AnalyticsProjector);
+}
+
+/// Name, store and handled types of every projector, in registration order.
+pub fn infos() -> Vec<ProjectorInfo> {
+    struct Collect(Vec<ProjectorInfo>);
+    impl Registrar for Collect {
+        fn document<P: Projector>(&mut self, p: P) {
+            self.0.push(ProjectorInfo::of(&p));
+        }
+        fn facts<F: FactProjector>(&mut self, f: F) {
+            self.0.push(ProjectorInfo::of_facts(&f));
+        }
+    }
+    let mut c = Collect(Vec::new());
+    register_all(&mut c);
+    c.0
+}
+
+/// The names of every projector.
+pub fn names() -> Vec<&'static str> {
+    infos().into_iter().map(|i| i.name).collect()
+}
+
+/// One projector's info by name.
+pub fn info(name: &str) -> Option<ProjectorInfo> {
+    infos().into_iter().find(|i| i.name == name)
 }

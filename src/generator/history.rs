@@ -6,7 +6,7 @@
 
 use chrono::{DateTime, Duration, TimeZone, Utc};
 use contract::catalogue::*;
-use contract::{Event, EventData, EventEnvelope};
+use contract::{EventData, EventEnvelope};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde_json::{Map, json};
@@ -135,8 +135,23 @@ impl History {
         }
         meta.insert("source".into(), json!("generator"));
         // Built from catalogue data, so it always validates.
-        match Event::new(event_id, aggregate_id, seq, data, meta, self.clock) {
-            Ok(e) => e.envelope,
+        let Some(event_type) = data.event_type() else {
+            unreachable!("the generator only builds catalogue events")
+        };
+        let envelope = EventEnvelope {
+            event_id,
+            aggregate_type: event_type.aggregate_type(),
+            aggregate_id: aggregate_id.to_owned(),
+            sequence_number: seq,
+            // Assigned by the event store on append.
+            global_position: 1,
+            event_type: event_type.as_str().to_owned(),
+            event_data: data.to_json(),
+            metadata: meta,
+            timestamp: self.clock,
+        };
+        match envelope.checked() {
+            Ok(e) => e,
             Err(e) => unreachable!("generated event breaks the contract: {e}"),
         }
     }

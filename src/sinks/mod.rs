@@ -1,54 +1,130 @@
-//! Store adapters. Document sinks (Redis, MongoDB) load the current documents of a batch and
-//! write the new ones with a compare-and-set on the document revision, so the guard and the
-//! data land in one atomic write and a concurrent writer is detected, never overwritten.
-//! The fact sink (ClickHouse) appends rows deduplicated by event_id.
+//! Store writers: each store's connection, write shape, timeouts and error classification
+//! live in its own module. Document stores (Redis, MongoDB) write a batch of whole documents
+//! with a compare-and-set on each document's write token, so the guard and the data land in
+//! one atomic write and a concurrent writer is detected, never overwritten. The fact store
+//! (ClickHouse) appends rows deduplicated by event_id.
+//!
+//! Errors are classified here, once: [`SinkError::Transient`] (the store is down, slow or
+//! restarting: retry the same writes later) and [`SinkError::Permanent`] (retrying can never
+//! help). A write one document cannot take (too large, refused by the server) is reported
+//! per document in [`WriteOutcome::refused`], so the rest of the batch goes on.
 
 pub mod clickhouse;
-pub mod memory;
 pub mod mongo;
+pub mod null;
 pub mod redis;
 
-use std::collections::HashMap;
+use std::future::Future;
+use std::time::Duration;
 
-use projectors::Document;
-use projectors::analytics::Fact;
+use projectors::Doc;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum SinkError {
-    #[error("redis: {0}")]
-    Redis(#[from] ::redis::RedisError),
-    #[error("mongodb: {0}")]
-    Mongo(#[from] ::mongodb::error::Error),
-    #[error("clickhouse: {0}")]
-    ClickHouse(#[from] ::clickhouse::error::Error),
-    #[error("stored document {key} does not decode: {reason}")]
-    Corrupt { key: String, reason: String },
+    /// Retry later: a connection refused or reset, a timeout, a server restarting.
+    #[error("{store} unavailable: {reason}")]
+    Transient { store: &'static str, reason: String },
+    /// Retrying the same request can never succeed (bad configuration, a schema clash).
+    #[error("{store} refused the request: {reason}")]
+    Permanent { store: &'static str, reason: String },
 }
 
-/// One document to write, if the stored revision is still `expected_rev` (0: absent).
-#[derive(Debug, Clone)]
-pub struct Write {
-    pub key: String,
-    pub expected_rev: i64,
-    pub document: Document,
+impl SinkError {
+    pub fn transient(store: &'static str, reason: impl ToString) -> SinkError {
+        SinkError::Transient {
+            store,
+            reason: reason.to_string(),
+        }
+    }
+
+    pub fn permanent(store: &'static str, reason: impl ToString) -> SinkError {
+        SinkError::Permanent {
+            store,
+            reason: reason.to_string(),
+        }
+    }
+
+    pub fn is_transient(&self) -> bool {
+        matches!(self, SinkError::Transient { .. })
+    }
+
+    pub fn store(&self) -> &'static str {
+        match self {
+            SinkError::Transient { store, .. } | SinkError::Permanent { store, .. } => store,
+        }
+    }
 }
+
+/// Run a store call under a deadline: a hung server (SIGSTOP, a full disk) becomes a
+/// transient error instead of a stuck worker.
+pub async fn with_timeout<T>(
+    store: &'static str,
+    limit: Duration,
+    f: impl Future<Output = Result<T, SinkError>>,
+) -> Result<T, SinkError> {
+    match tokio::time::timeout(limit, f).await {
+        Ok(r) => r,
+        Err(_) => Err(SinkError::transient(
+            store,
+            format!("no answer within {} ms", limit.as_millis()),
+        )),
+    }
+}
+
+/// One document to write. `expected` is the write token the store must still hold (`None`:
+/// the document must not exist yet); `rev` is the token this write leaves.
+#[derive(Debug, Clone)]
+pub struct DocWrite {
+    pub key: String,
+    pub expected: Option<u64>,
+    pub rev: u64,
+    /// The encoded document (JSON for Redis, BSON for MongoDB), guard and token included.
+    pub body: Vec<u8>,
+}
+
+/// What a batch of document writes did, by index into the batch.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct WriteOutcome {
+    /// The stored token had moved on (another writer): reload, fold again, write again.
+    pub conflicts: Vec<usize>,
+    /// The store refused this one document for good (with why).
+    pub refused: Vec<(usize, String)>,
+}
+
+/// A stored document, or why it could not be read.
+pub type Loaded<V> = Result<Doc<V>, String>;
 
 /// A store of one document per key.
-pub trait DocumentSink: Send + Sync {
+pub trait DocStore: Clone + Send + Sync + 'static {
     fn name(&self) -> &'static str;
-    /// The stored documents of `keys` (absent keys are missing from the map).
-    fn load(
+    /// The largest encoded document the store takes.
+    fn max_doc_bytes(&self) -> usize;
+    /// Encode one document as the store keeps it.
+    fn encode<V: Serialize>(&self, doc: &Doc<V>) -> Result<Vec<u8>, String>;
+    /// The stored documents of `keys` (absent keys are missing from the result).
+    fn load<V: DeserializeOwned + Send + 'static>(
         &self,
-        keys: &[String],
-    ) -> impl Future<Output = Result<HashMap<String, Document>, SinkError>> + Send;
-    /// Write all; returns the keys whose revision had moved on (to reload and fold again).
-    fn store(
-        &self,
-        writes: &[Write],
-    ) -> impl Future<Output = Result<Vec<String>, SinkError>> + Send;
+        keys: Vec<String>,
+    ) -> impl Future<Output = Result<Vec<(String, Loaded<V>)>, SinkError>> + Send;
+    /// Write all, each under its compare-and-set; durable when this returns.
+    fn write(&self, writes: &[DocWrite])
+    -> impl Future<Output = Result<WriteOutcome, SinkError>> + Send;
 }
 
 /// A store of one fact row per event.
-pub trait FactSink: Send + Sync {
-    fn insert(&self, facts: &[Fact]) -> impl Future<Output = Result<(), SinkError>> + Send;
+pub trait FactStore: Clone + Send + Sync + 'static {
+    fn name(&self) -> &'static str;
+    /// Insert all; a retried insert of the same rows is deduplicated.
+    fn insert(
+        &self,
+        facts: &[projectors::analytics::Fact],
+    ) -> impl Future<Output = Result<(), SinkError>> + Send;
+}
+
+/// A fresh write token (see [`projectors::Doc`]): random, never 0 (0 means "absent").
+pub fn new_rev() -> u64 {
+    use rand::Rng;
+    rand::rng().random_range(1..(1u64 << projectors::document::REV_BITS))
 }

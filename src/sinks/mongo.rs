@@ -1,47 +1,89 @@
-//! Order views in MongoDB: one document per order (`_id` = order_id). A batch is one
-//! `update` command of version-guarded replacements: `{_id, _rev: expected}` with upsert, so a
-//! document whose revision moved on fails with E11000 and is reported as a conflict.
+//! Order views in MongoDB: one document per order (`_id` = order_id).
+//!
+//! Writes: new documents in `insert` commands (a racing creator makes a statement fail with
+//! E11000), the others in `update` commands of `{_id, _rev: expected}` replacements with
+//! upsert (a moved token makes the upsert collide on `_id`: E11000 again). Commands of up to
+//! 1,000 statements (and 8 MB), several in flight, journaled before they return. Documents
+//! are encoded straight from their typed views to BSON, once.
 
-use std::collections::HashMap;
+use std::time::Duration;
 
 use futures::TryStreamExt;
-use mongodb::bson::{self, Bson, doc};
-use mongodb::options::IndexOptions;
+use futures::future::try_join_all;
+use mongodb::bson::{self, Bson, Document, RawArrayBuf, RawBson, RawDocumentBuf, doc};
+use mongodb::error::ErrorKind;
+use mongodb::options::{ClientOptions, IndexOptions};
 use mongodb::{Client, Collection, Database, IndexModel};
-use projectors::Document;
+use projectors::Doc;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
 
-use super::{DocumentSink, SinkError, Write};
+use super::{DocStore, DocWrite, Loaded, SinkError, WriteOutcome, with_timeout};
+use crate::config::MongoConfig;
 
-const DUPLICATE_KEY: i64 = 11000;
+const STORE: &str = "mongo";
+const DUPLICATE_KEY: i32 = 11000;
+/// Statements per write command, and bytes.
+const CHUNK_STATEMENTS: usize = 1_000;
+const CHUNK_BYTES: usize = 8 * 1024 * 1024;
+/// BSON's document limit, less room for the statement around it.
+const MAX_DOC_BYTES: usize = 16 * 1024 * 1024 - 16 * 1024;
+
+/// Server codes a retry can get past: elections, shutdowns, interrupted or timed-out work.
+const TRANSIENT_CODES: &[i32] = &[
+    6, 7, 43, 50, 89, 91, 134, 189, 262, 9001, 10107, 11600, 11602, 13435, 13436,
+];
 
 #[derive(Clone)]
 pub struct MongoSink {
     db: Database,
     collection: String,
+    timeout: Duration,
+}
+
+pub(crate) fn classify(e: &mongodb::error::Error) -> SinkError {
+    match e.kind.as_ref() {
+        ErrorKind::Command(c) if !TRANSIENT_CODES.contains(&c.code) => {
+            SinkError::permanent(STORE, e)
+        }
+        ErrorKind::Authentication { .. }
+        | ErrorKind::InvalidArgument { .. }
+        | ErrorKind::InvalidTlsConfig { .. } => SinkError::permanent(STORE, e),
+        _ => SinkError::transient(STORE, e),
+    }
 }
 
 impl MongoSink {
-    pub async fn connect(
-        uri: &str,
-        database: &str,
-        collection: &str,
-    ) -> Result<MongoSink, SinkError> {
-        let client = Client::with_uri_str(uri).await?;
+    pub async fn connect(cfg: &MongoConfig, collection: &str) -> Result<MongoSink, SinkError> {
+        let timeout = Duration::from_millis(cfg.timeout_ms);
+        let mut options = ClientOptions::parse(&cfg.uri)
+            .await
+            .map_err(|e| SinkError::permanent(STORE, crate::redact::error(&e, &cfg.uri)))?;
+        options.server_selection_timeout = Some(Duration::from_millis(cfg.connect_timeout_ms));
+        options.connect_timeout = Some(Duration::from_millis(cfg.connect_timeout_ms));
+        options.app_name = Some("projector".into());
+        let client = Client::with_options(options).map_err(|e| classify(&e))?;
         let sink = MongoSink {
-            db: client.database(database),
+            db: client.database(&cfg.database),
             collection: collection.to_owned(),
+            timeout,
         };
-        sink.ensure_indexes().await?;
+        with_timeout(STORE, timeout, sink.ensure_indexes()).await?;
         Ok(sink)
     }
 
-    pub fn collection(&self) -> Collection<bson::Document> {
+    pub fn collection(&self) -> Collection<Document> {
         self.db.collection(&self.collection)
     }
 
-    /// "Orders of a customer, newest first" and "orders by status".
+    pub fn collection_name(&self) -> &str {
+        &self.collection
+    }
+
+    /// "Orders of a customer, newest first" and "orders by status". The compare-and-set
+    /// filter `{_id, _rev}` is served by the `_id` index alone.
     async fn ensure_indexes(&self) -> Result<(), SinkError> {
-        let index = |keys: bson::Document, name: &str| {
+        let index = |keys: Document, name: &str| {
             IndexModel::builder()
                 .keys(keys)
                 .options(IndexOptions::builder().name(name.to_owned()).build())
@@ -54,132 +96,66 @@ impl MongoSink {
                     "by_customer_newest",
                 ),
                 index(doc! {"status": 1, "updated_at": -1}, "by_status"),
-                // The compare-and-set filter is {_id, _rev}: an index on both keeps it a point lookup.
-                index(doc! {"_id": 1, "_rev": 1}, "cas"),
             ])
-            .await?;
+            .await
+            .map_err(|e| classify(&e))?;
+        // Earlier versions kept a redundant {_id, _rev} index that every write maintained.
+        let _ = self.collection().drop_index("cas").await;
         Ok(())
     }
 
-    /// One unordered, journaled write command (`insert`/`update`); `None` when there is
-    /// nothing to send. Offsets are committed only after it returns.
+    /// Drop the collection (retiring an old version).
+    pub async fn drop_collection(&self) -> Result<(), SinkError> {
+        self.collection().drop().await.map_err(|e| classify(&e))
+    }
+
+    /// Every document of the collection (tests, the demo): key → document.
+    pub async fn scan_all<V: DeserializeOwned>(&self) -> Result<Vec<(String, Loaded<V>)>, SinkError> {
+        let docs: Vec<RawDocumentBuf> = self
+            .db
+            .collection::<RawDocumentBuf>(&self.collection)
+            .find(doc! {})
+            .await
+            .map_err(|e| classify(&e))?
+            .try_collect()
+            .await
+            .map_err(|e| classify(&e))?;
+        Ok(docs.iter().map(decode).collect())
+    }
+
+    /// One unordered, journaled write command; statements are already encoded.
     async fn write_command(
         &self,
         verb: &str,
         field: &str,
-        statements: Vec<bson::Document>,
-    ) -> Result<Option<bson::Document>, mongodb::error::Error> {
-        if statements.is_empty() {
-            return Ok(None);
-        }
-        let mut command = bson::Document::new();
-        command.insert(verb, &self.collection);
-        command.insert(field, statements);
-        command.insert("ordered", false);
-        command.insert("writeConcern", doc! {"w": 1, "j": true});
-        self.db.run_command(command).await.map(Some)
-    }
-
-    /// Every document of the collection (tests, the demo): key → document.
-    pub async fn scan_all(&self) -> Result<HashMap<String, Document>, SinkError> {
-        let docs: Vec<bson::Document> =
-            self.collection().find(doc! {}).await?.try_collect().await?;
-        docs.into_iter().map(decode).collect()
-    }
-}
-
-fn decode(d: bson::Document) -> Result<(String, Document), SinkError> {
-    let key = d.get_str("_id").unwrap_or_default().to_owned();
-    let doc = bson::from_document(d).map_err(|e| SinkError::Corrupt {
-        key: key.clone(),
-        reason: e.to_string(),
-    })?;
-    Ok((key, doc))
-}
-
-impl DocumentSink for MongoSink {
-    fn name(&self) -> &'static str {
-        "mongo"
-    }
-
-    async fn load(&self, keys: &[String]) -> Result<HashMap<String, Document>, SinkError> {
-        if keys.is_empty() {
-            return Ok(HashMap::new());
-        }
-        let docs: Vec<bson::Document> = self
-            .collection()
-            .find(doc! {"_id": {"$in": keys}})
-            .await?
-            .try_collect()
-            .await?;
-        docs.into_iter().map(decode).collect()
-    }
-
-    /// New documents go in one `insert` (a racing creator makes it fail with E11000), the
-    /// others in one `update` of `{_id, _rev: expected}` replacements (a moved revision makes
-    /// the upsert collide on `_id`: E11000 again). Both are journaled before they return.
-    async fn store(&self, writes: &[Write]) -> Result<Vec<String>, SinkError> {
-        let (new, existing): (Vec<&Write>, Vec<&Write>) =
-            writes.iter().partition(|w| w.expected_rev == 0);
-        let mut inserts = Vec::with_capacity(new.len());
-        for w in &new {
-            inserts.push(replacement(w)?);
-        }
-        let mut updates = Vec::with_capacity(existing.len());
-        for w in &existing {
-            updates.push(doc! {
-                "q": {"_id": &w.key, "_rev": w.expected_rev},
-                "u": replacement(w)?,
-                "upsert": true,
-            });
-        }
-        let (inserted, updated) = tokio::join!(
-            self.write_command("insert", "documents", inserts),
-            self.write_command("update", "updates", updates)
-        );
-        let mut conflicts = Vec::new();
-        if let Some(reply) = inserted? {
-            conflicts.extend(conflicts_of(&reply, &new)?);
-        }
-        if let Some(reply) = updated? {
-            conflicts.extend(conflicts_of(&reply, &existing)?);
-        }
-        Ok(conflicts)
+        statements: RawArrayBuf,
+    ) -> Result<Document, SinkError> {
+        let mut command = RawDocumentBuf::new();
+        command.append(verb, self.collection.as_str());
+        command.append(field, statements);
+        command.append("ordered", false);
+        let mut wc = RawDocumentBuf::new();
+        wc.append("w", 1);
+        wc.append("j", true);
+        command.append("writeConcern", wc);
+        with_timeout(STORE, self.timeout, async {
+            self.db
+                .run_raw_command(command)
+                .await
+                .map_err(|e| classify(&e))
+        })
+        .await
     }
 }
 
-fn replacement(w: &Write) -> Result<bson::Document, SinkError> {
-    let mut d = bson::to_document(&w.document).map_err(|e| SinkError::Corrupt {
-        key: w.key.clone(),
-        reason: e.to_string(),
-    })?;
-    d.insert("_id", &w.key);
-    Ok(d)
-}
-
-/// The keys whose statement hit E11000 (a concurrent writer); any other error fails the batch.
-fn conflicts_of(reply: &bson::Document, writes: &[&Write]) -> Result<Vec<String>, SinkError> {
-    let mut conflicts = Vec::new();
-    let Ok(errors) = reply.get_array("writeErrors") else {
-        return Ok(conflicts);
-    };
-    for e in errors {
-        let Bson::Document(e) = e else { continue };
-        let index = number(e.get("index")).unwrap_or(-1);
-        let code = number(e.get("code")).unwrap_or(-1);
-        let Some(w) = usize::try_from(index).ok().and_then(|i| writes.get(i)) else {
-            continue;
-        };
-        if code == DUPLICATE_KEY {
-            conflicts.push(w.key.clone());
-        } else {
-            return Err(SinkError::Corrupt {
-                key: w.key.clone(),
-                reason: format!("write error {code}: {}", e.get_str("errmsg").unwrap_or("")),
-            });
-        }
-    }
-    Ok(conflicts)
+fn decode<V: DeserializeOwned>(d: &RawDocumentBuf) -> (String, Loaded<V>) {
+    let key = d
+        .get_str("_id")
+        .map(str::to_owned)
+        .unwrap_or_else(|_| "?".into());
+    let doc = bson::from_slice::<Doc<V>>(d.as_bytes())
+        .map_err(|e| format!("stored order view {key} does not decode: {e}"));
+    (key, doc)
 }
 
 fn number(b: Option<&Bson>) -> Option<i64> {
@@ -188,5 +164,153 @@ fn number(b: Option<&Bson>) -> Option<i64> {
         Bson::Int64(n) => Some(*n),
         Bson::Double(f) => Some(*f as i64),
         _ => None,
+    }
+}
+
+/// Split statements into commands of at most CHUNK_STATEMENTS and CHUNK_BYTES.
+fn chunks(sizes: &[usize]) -> Vec<std::ops::Range<usize>> {
+    let mut out = Vec::new();
+    let (mut start, mut bytes) = (0, 0);
+    for (i, s) in sizes.iter().enumerate() {
+        if i > start && (i - start >= CHUNK_STATEMENTS || bytes + s > CHUNK_BYTES) {
+            out.push(start..i);
+            start = i;
+            bytes = 0;
+        }
+        bytes += s;
+    }
+    if start < sizes.len() {
+        out.push(start..sizes.len());
+    }
+    out
+}
+
+impl DocStore for MongoSink {
+    fn name(&self) -> &'static str {
+        STORE
+    }
+
+    fn max_doc_bytes(&self) -> usize {
+        MAX_DOC_BYTES
+    }
+
+    fn encode<V: Serialize>(&self, doc: &Doc<V>) -> Result<Vec<u8>, String> {
+        bson::to_vec(doc).map_err(|e| e.to_string())
+    }
+
+    async fn load<V: DeserializeOwned + Send + 'static>(
+        &self,
+        keys: Vec<String>,
+    ) -> Result<Vec<(String, Loaded<V>)>, SinkError> {
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let coll = self.db.collection::<RawDocumentBuf>(&self.collection);
+        let finds = keys.chunks(CHUNK_STATEMENTS).map(|chunk| {
+            let coll = coll.clone();
+            async move {
+                let docs: Vec<RawDocumentBuf> = coll
+                    .find(doc! {"_id": {"$in": chunk}})
+                    .await
+                    .map_err(|e| classify(&e))?
+                    .try_collect()
+                    .await
+                    .map_err(|e| classify(&e))?;
+                Ok::<_, SinkError>(docs)
+            }
+        });
+        let found = with_timeout(STORE, self.timeout, try_join_all(finds)).await?;
+        Ok(found.iter().flatten().map(decode).collect())
+    }
+
+    async fn write(&self, writes: &[DocWrite]) -> Result<WriteOutcome, SinkError> {
+        let mut out = WriteOutcome::default();
+        let (mut new, mut existing) = (Vec::new(), Vec::new());
+        for (i, w) in writes.iter().enumerate() {
+            match RawDocumentBuf::from_bytes(w.body.clone()) {
+                Ok(d) if w.expected.is_none() => new.push((i, d)),
+                Ok(d) => existing.push((i, d)),
+                Err(e) => out.refused.push((i, format!("not a BSON document: {e}"))),
+            }
+        }
+        let mut commands = Vec::new();
+        let sizes: Vec<usize> = new.iter().map(|(_, d)| d.as_bytes().len()).collect();
+        for range in chunks(&sizes) {
+            let mut docs = RawArrayBuf::new();
+            for (_, d) in &new[range.clone()] {
+                docs.push(RawBson::Document(d.clone()));
+            }
+            let idx: Vec<usize> = new[range].iter().map(|(i, _)| *i).collect();
+            commands.push(("insert", "documents", docs, idx));
+        }
+        let sizes: Vec<usize> = existing.iter().map(|(_, d)| d.as_bytes().len()).collect();
+        for range in chunks(&sizes) {
+            let mut updates = RawArrayBuf::new();
+            for (i, d) in &existing[range.clone()] {
+                let w = &writes[*i];
+                let mut q = RawDocumentBuf::new();
+                q.append("_id", w.key.as_str());
+                q.append("_rev", w.expected.unwrap_or(0) as i64);
+                let mut stmt = RawDocumentBuf::new();
+                stmt.append("q", q);
+                stmt.append("u", d.clone());
+                stmt.append("upsert", true);
+                updates.push(RawBson::Document(stmt));
+            }
+            let idx: Vec<usize> = existing[range].iter().map(|(i, _)| *i).collect();
+            commands.push(("update", "updates", updates, idx));
+        }
+        let replies = try_join_all(
+            commands
+                .into_iter()
+                .map(|(verb, field, stmts, idx)| async move {
+                    self.write_command(verb, field, stmts)
+                        .await
+                        .map(|reply| (reply, idx))
+                }),
+        )
+        .await?;
+        for (reply, idx) in replies {
+            if let Ok(wce) = reply.get_document("writeConcernError") {
+                return Err(SinkError::transient(STORE, format!("write concern: {wce}")));
+            }
+            let Ok(errors) = reply.get_array("writeErrors") else {
+                continue;
+            };
+            for e in errors {
+                let Bson::Document(e) = e else { continue };
+                let Some(i) = number(e.get("index"))
+                    .and_then(|i| usize::try_from(i).ok())
+                    .and_then(|i| idx.get(i).copied())
+                else {
+                    continue;
+                };
+                let code = number(e.get("code")).unwrap_or(-1) as i32;
+                let msg = e.get_str("errmsg").unwrap_or("");
+                if code == DUPLICATE_KEY {
+                    out.conflicts.push(i);
+                } else if TRANSIENT_CODES.contains(&code) {
+                    return Err(SinkError::transient(STORE, format!("write error {code}: {msg}")));
+                } else {
+                    out.refused.push((i, format!("mongo write error {code}: {msg}")));
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn commands_hold_at_most_a_thousand_statements_and_eight_megabytes() {
+        assert_eq!(chunks(&[]), Vec::<std::ops::Range<usize>>::new());
+        assert_eq!(chunks(&vec![10; 2_500]), vec![0..1000, 1000..2000, 2000..2500]);
+        let big = 3 * 1024 * 1024;
+        assert_eq!(chunks(&[big, big, big, 5]), vec![0..2, 2..4]);
+        // One document over the byte budget still goes alone.
+        assert_eq!(chunks(&[20 * 1024 * 1024, 1]), vec![0..1, 1..2]);
     }
 }

@@ -1,49 +1,149 @@
 //! Customer-360 documents in Redis: `<prefix><customer_id>` holds the JSON document (view,
-//! guard and revision), `<prefix><customer_id>:rev` its revision. A Lua script checks the
-//! revision and writes both, atomically; all writes of a batch go in one pipeline.
+//! guard and write token). One key per document, so the compare-and-set touches one key
+//! (one slot on a cluster) and no id can ever land on another document's bookkeeping.
+//!
+//! Writes: EVALSHA of a compare-and-set script per document, in pipelines of a few hundred,
+//! several pipelines in flight on one multiplexed connection (so they stay in order). The
+//! connection is a `ConnectionManager`: it reconnects by itself after a restart, and every
+//! request has a response timeout, so a hung server is a transient error, not a stuck worker.
 
-use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
 
-use projectors::Document;
-use redis::aio::MultiplexedConnection;
-use redis::{Client, Script};
+use futures::future::try_join_all;
+use projectors::Doc;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{Client, Script, Value};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
 
-use super::{DocumentSink, SinkError, Write};
+use super::{DocStore, DocWrite, Loaded, SinkError, WriteOutcome, with_timeout};
+use crate::config::RedisConfig;
 
-const CAS: &str = r"
-if (redis.call('GET', KEYS[2]) or '0') ~= ARGV[1] then return 0 end
-redis.call('SET', KEYS[1], ARGV[3])
-redis.call('SET', KEYS[2], ARGV[2])
-return 1";
+const STORE: &str = "redis";
+
+/// The stored token sits at the very end of the document (`..."_rev":123}`), so the script
+/// reads it from the last bytes without parsing the JSON. "0" stands for an absent key.
+const CAS: &str = r#"
+local cur = redis.call('GET', KEYS[1])
+local rev = '0'
+if cur then
+  rev = string.match(string.sub(cur, -40), '"_rev":(%d+)}$') or '?'
+end
+if rev ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[2])
+return 1"#;
+
+/// Documents per pipeline, and pipelines in flight at once.
+const CHUNK: usize = 256;
+
+/// Redis's own limit on a string value.
+const MAX_VALUE_BYTES: usize = 512 * 1024 * 1024;
 
 #[derive(Clone)]
 pub struct RedisSink {
-    con: MultiplexedConnection,
-    prefix: String,
-    cas: Script,
+    con: ConnectionManager,
+    prefix: Arc<str>,
+    cas: Arc<Script>,
+    timeout: Duration,
+    /// WAITAOF (Redis 7.2+): wait until the writes are fsynced before acknowledging.
+    waitaof: bool,
+}
+
+fn classify(e: redis::RedisError) -> SinkError {
+    match e.retry_method() {
+        redis::RetryMethod::NoRetry if !e.is_timeout() && !e.is_io_error() => {
+            SinkError::permanent(STORE, e)
+        }
+        _ => SinkError::transient(STORE, e),
+    }
+}
+
+/// Server errors a later retry can get past (loading, busy script, out of memory for now).
+fn transient_code(code: &str) -> bool {
+    matches!(
+        code,
+        "LOADING" | "BUSY" | "TRYAGAIN" | "MASTERDOWN" | "CLUSTERDOWN" | "OOM" | "READONLY"
+            | "NOSCRIPT"
+    )
 }
 
 impl RedisSink {
-    pub async fn connect(url: &str, prefix: &str) -> Result<RedisSink, SinkError> {
-        let con = Client::open(url)?
-            .get_multiplexed_async_connection()
-            .await?;
-        Ok(RedisSink {
-            con,
-            prefix: prefix.to_owned(),
-            cas: Script::new(CAS),
+    pub async fn connect(cfg: &RedisConfig, prefix: &str) -> Result<RedisSink, SinkError> {
+        let timeout = Duration::from_millis(cfg.timeout_ms);
+        let client = Client::open(cfg.url.as_str()).map_err(|e| SinkError::permanent(STORE, e))?;
+        let config = ConnectionManagerConfig::new()
+            .set_response_timeout(Some(timeout))
+            .set_connection_timeout(Some(Duration::from_millis(cfg.connect_timeout_ms)))
+            // Reconnect attempts per failure; each later request triggers new attempts.
+            .set_number_of_retries(3)
+            .set_max_delay(Duration::from_secs(2));
+        let con = with_timeout(STORE, timeout, async {
+            ConnectionManager::new_with_config(client, config)
+                .await
+                .map_err(classify)
         })
+        .await?;
+        let mut sink = RedisSink {
+            con,
+            prefix: prefix.into(),
+            cas: Arc::new(Script::new(CAS)),
+            timeout,
+            waitaof: false,
+        };
+        sink.waitaof = sink.detect_durability().await;
+        Ok(sink)
+    }
+
+    /// WAITAOF when the server has it; otherwise say so if acknowledged writes can be lost.
+    async fn detect_durability(&self) -> bool {
+        let mut con = self.con.clone();
+        let info: Result<String, _> = redis::cmd("INFO").arg("server").query_async(&mut con).await;
+        let version = info.ok().and_then(|i| {
+            i.lines()
+                .find_map(|l| l.strip_prefix("redis_version:"))
+                .map(|v| v.trim().to_owned())
+        });
+        let parts: Vec<u32> = version
+            .as_deref()
+            .unwrap_or("0")
+            .split('.')
+            .filter_map(|p| p.parse().ok())
+            .collect();
+        if parts.as_slice() >= [7, 2].as_slice() {
+            return true;
+        }
+        let fsync: Result<Vec<String>, _> = redis::cmd("CONFIG")
+            .arg("GET")
+            .arg("appendfsync")
+            .query_async(&mut con)
+            .await;
+        match fsync.ok().and_then(|v| v.get(1).cloned()).as_deref() {
+            Some("always") => {}
+            other => tracing::warn!(
+                version = version.as_deref().unwrap_or("?"),
+                appendfsync = other.unwrap_or("unknown"),
+                "Redis acknowledges writes before they are on disk and has no WAITAOF: \
+                 a Redis crash can lose acknowledged Customer-360 writes. \
+                 Run it with appendonly yes and appendfsync always."
+            ),
+        }
+        false
     }
 
     pub fn key(&self, id: &str) -> String {
         format!("{}{id}", self.prefix)
     }
 
-    pub fn connection(&self) -> MultiplexedConnection {
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    pub fn connection(&self) -> ConnectionManager {
         self.con.clone()
     }
 
-    /// Every key under the prefix (documents and their `:rev` keys).
+    /// Every key under the prefix.
     async fn keys(&self) -> Result<Vec<String>, SinkError> {
         let mut con = self.con.clone();
         let pattern = format!("{}*", self.prefix);
@@ -57,7 +157,8 @@ impl RedisSink {
                 .arg("COUNT")
                 .arg(1000)
                 .query_async(&mut con)
-                .await?;
+                .await
+                .map_err(classify)?;
             keys.extend(batch);
             if next == 0 {
                 return Ok(keys);
@@ -73,84 +174,131 @@ impl RedisSink {
             let _: () = redis::cmd("UNLINK")
                 .arg(chunk)
                 .query_async(&mut con)
-                .await?;
+                .await
+                .map_err(classify)?;
         }
         Ok(())
     }
 
-    /// Every document under the prefix (tests, the demo): key → document.
-    pub async fn scan_all(&self) -> Result<HashMap<String, Document>, SinkError> {
+    /// Every document under the prefix (tests, the demo): id → document.
+    pub async fn scan_all<V: DeserializeOwned + Send + 'static>(
+        &self,
+    ) -> Result<Vec<(String, Loaded<V>)>, SinkError> {
         let ids: Vec<String> = self
             .keys()
             .await?
             .into_iter()
-            .filter(|k| !k.ends_with(":rev"))
             .map(|k| k[self.prefix.len()..].to_owned())
             .collect();
+        let mut docs = Vec::with_capacity(ids.len());
         // In chunks: one MGET of every document would outlast the response timeout.
-        let mut docs = HashMap::with_capacity(ids.len());
         for chunk in ids.chunks(1000) {
-            docs.extend(self.load(chunk).await?);
+            docs.extend(self.load::<V>(chunk.to_vec()).await?);
         }
         Ok(docs)
     }
+
+    async fn write_chunk(&self, writes: &[DocWrite]) -> Result<Vec<Value>, SinkError> {
+        let mut con = self.con.clone();
+        let mut pipe = redis::pipe();
+        // In every pipeline: a restarted Redis has forgotten the script.
+        pipe.load_script(&self.cas).ignore();
+        for w in writes {
+            let expected = w.expected.unwrap_or(0).to_string();
+            pipe.invoke_script(
+                self.cas
+                    .key(self.key(&w.key))
+                    .arg(expected)
+                    .arg(w.body.as_slice()),
+            );
+        }
+        pipe.ignore_errors();
+        pipe.query_async(&mut con).await.map_err(classify)
+    }
 }
 
-impl DocumentSink for RedisSink {
+impl DocStore for RedisSink {
     fn name(&self) -> &'static str {
-        "redis"
+        STORE
     }
 
-    async fn load(&self, keys: &[String]) -> Result<HashMap<String, Document>, SinkError> {
+    fn max_doc_bytes(&self) -> usize {
+        MAX_VALUE_BYTES
+    }
+
+    fn encode<V: Serialize>(&self, doc: &Doc<V>) -> Result<Vec<u8>, String> {
+        serde_json::to_vec(doc).map_err(|e| e.to_string())
+    }
+
+    async fn load<V: DeserializeOwned + Send + 'static>(
+        &self,
+        keys: Vec<String>,
+    ) -> Result<Vec<(String, Loaded<V>)>, SinkError> {
         if keys.is_empty() {
-            return Ok(HashMap::new());
+            return Ok(Vec::new());
         }
-        let mut con = self.con.clone();
-        let full: Vec<String> = keys.iter().map(|k| self.key(k)).collect();
-        let values: Vec<Option<String>> =
-            redis::cmd("MGET").arg(&full).query_async(&mut con).await?;
-        let mut out = HashMap::with_capacity(keys.len());
-        for (k, v) in keys.iter().zip(values) {
-            if let Some(json) = v {
-                let doc = serde_json::from_str(&json).map_err(|e| SinkError::Corrupt {
-                    key: self.key(k),
-                    reason: e.to_string(),
-                })?;
-                out.insert(k.clone(), doc);
+        let chunks = keys.chunks(CHUNK * 2).map(|chunk| {
+            let mut con = self.con.clone();
+            let full: Vec<String> = chunk.iter().map(|k| self.key(k)).collect();
+            async move {
+                let values: Vec<Option<Vec<u8>>> = redis::cmd("MGET")
+                    .arg(&full)
+                    .query_async(&mut con)
+                    .await
+                    .map_err(classify)?;
+                Ok::<_, SinkError>(values)
+            }
+        });
+        let values = with_timeout(STORE, self.timeout, try_join_all(chunks)).await?;
+        let mut out = Vec::new();
+        for (k, v) in keys.into_iter().zip(values.into_iter().flatten()) {
+            if let Some(bytes) = v {
+                let doc = serde_json::from_slice::<Doc<V>>(&bytes).map_err(|e| {
+                    format!("stored document {}{k} does not decode: {e}", self.prefix)
+                });
+                out.push((k, doc));
             }
         }
         Ok(out)
     }
 
-    async fn store(&self, writes: &[Write]) -> Result<Vec<String>, SinkError> {
+    async fn write(&self, writes: &[DocWrite]) -> Result<WriteOutcome, SinkError> {
         if writes.is_empty() {
-            return Ok(Vec::new());
+            return Ok(WriteOutcome::default());
         }
-        let mut con = self.con.clone();
-        let mut pipe = redis::pipe();
-        // Loaded in the same pipeline: a restarted Redis has forgotten the script.
-        pipe.load_script(&self.cas).ignore();
-        for w in writes {
-            let key = self.key(&w.key);
-            let json = serde_json::to_string(&w.document).map_err(|e| SinkError::Corrupt {
-                key: key.clone(),
-                reason: e.to_string(),
-            })?;
-            pipe.invoke_script(
-                self.cas
-                    .key(&key)
-                    .key(format!("{key}:rev"))
-                    .arg(w.expected_rev)
-                    .arg(w.document.rev)
-                    .arg(json),
-            );
+        let replies = with_timeout(
+            STORE,
+            self.timeout,
+            try_join_all(writes.chunks(CHUNK).map(|c| self.write_chunk(c))),
+        )
+        .await?;
+        let mut out = WriteOutcome::default();
+        for (i, reply) in replies.into_iter().flatten().enumerate() {
+            match reply {
+                Value::Int(1) => {}
+                Value::Int(_) => out.conflicts.push(i),
+                Value::ServerError(e) if transient_code(e.code()) => {
+                    return Err(SinkError::transient(STORE, format!("{e}")));
+                }
+                Value::ServerError(e) => out.refused.push((i, format!("redis: {e}"))),
+                other => {
+                    return Err(SinkError::transient(
+                        STORE,
+                        format!("unexpected reply to the compare-and-set: {other:?}"),
+                    ));
+                }
+            }
         }
-        let applied: Vec<i64> = pipe.query_async(&mut con).await?;
-        Ok(writes
-            .iter()
-            .zip(applied)
-            .filter(|(_, ok)| *ok == 0)
-            .map(|(w, _)| w.key.clone())
-            .collect())
+        if self.waitaof {
+            let mut con = self.con.clone();
+            let _: Value = redis::cmd("WAITAOF")
+                .arg(1)
+                .arg(0)
+                .arg(self.timeout.as_millis() as u64)
+                .query_async(&mut con)
+                .await
+                .map_err(classify)?;
+        }
+        Ok(out)
     }
 }

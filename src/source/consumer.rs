@@ -1,41 +1,113 @@
+//! The consumer of the worker group and the callbacks librdkafka makes on the source thread
+//! (rebalances, commit results, statistics, errors).
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
 use rdkafka::ClientContext;
-use rdkafka::consumer::{BaseConsumer, ConsumerContext, Rebalance, StreamConsumer};
-use rdkafka::error::KafkaResult;
+use rdkafka::consumer::{BaseConsumer, ConsumerContext, Rebalance};
+use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
+use rdkafka::statistics::Statistics;
 use rdkafka::topic_partition_list::TopicPartitionList;
 
 use crate::config::KafkaConfig;
 use crate::kafka::base_client_config;
+use crate::runtime::Shared;
 
-/// Logs rebalances; the worker commits after every batch, so a revoked partition has
-/// nothing in flight to drain by the time the rebalance runs (it runs inside `recv`).
-pub struct WorkerContext;
+/// What a rebalance callback hands to the source loop (which owns the windows).
+pub trait RebalanceHandler: Send + Sync {
+    fn revoke(&self, consumer: &BaseConsumer<SourceContext>, partitions: &TopicPartitionList);
+    fn assign(&self, consumer: &BaseConsumer<SourceContext>, partitions: &TopicPartitionList);
+}
 
-impl ClientContext for WorkerContext {}
+pub struct SourceContext {
+    pub shared: Arc<Shared>,
+    pub handler: Arc<dyn RebalanceHandler>,
+}
 
-impl ConsumerContext for WorkerContext {
-    fn pre_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+pub type SourceConsumer = BaseConsumer<SourceContext>;
+
+/// Errors after which this consumer instance can never work again: re-create it.
+pub fn is_fatal(e: &KafkaError) -> bool {
+    matches!(
+        e.rdkafka_error_code(),
+        Some(
+            RDKafkaErrorCode::Fatal
+                | RDKafkaErrorCode::FencedInstanceId
+                | RDKafkaErrorCode::UnknownMemberId
+                | RDKafkaErrorCode::IllegalGeneration
+        )
+    ) || matches!(e, KafkaError::MessageConsumptionFatal(_))
+}
+
+impl ClientContext for SourceContext {
+    fn stats(&self, s: Statistics) {
+        let mut lag_total = 0i64;
+        for (topic, t) in &s.topics {
+            for (p, part) in &t.partitions {
+                if *p < 0 || part.consumer_lag < 0 {
+                    continue;
+                }
+                lag_total += part.consumer_lag;
+                metrics::gauge!("projector_consumer_lag_messages",
+                    "topic" => topic.clone(), "partition" => p.to_string())
+                .set(part.consumer_lag as f64);
+            }
+        }
+        self.shared.lag_messages.store(lag_total, Ordering::Relaxed);
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        if is_fatal(&error) {
+            tracing::error!(%error, reason, "the consumer failed for good: re-creating it");
+            self.shared.recreate.store(true, Ordering::Relaxed);
+        } else {
+            tracing::warn!(%error, reason, "kafka client error");
+        }
+    }
+}
+
+impl ConsumerContext for SourceContext {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
             Rebalance::Revoke(tpl) => {
-                tracing::info!(partitions = tpl.count(), "partitions revoked")
+                tracing::info!(partitions = tpl.count(), "partitions revoked: draining them");
+                self.handler.revoke(consumer, tpl);
             }
-            Rebalance::Assign(tpl) => {
-                tracing::info!(partitions = tpl.count(), "partitions assigned")
+            Rebalance::Assign(_) => {}
+            Rebalance::Error(e) => {
+                tracing::warn!(error = %e, "rebalance error");
+                if is_fatal(e) {
+                    self.shared.recreate.store(true, Ordering::Relaxed);
+                }
             }
-            Rebalance::Error(e) => tracing::warn!(error = %e, "rebalance error"),
+        }
+    }
+
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Assign(tpl) = rebalance {
+            tracing::info!(partitions = tpl.count(), "partitions assigned");
+            self.handler.assign(consumer, tpl);
         }
     }
 
     fn commit_callback(&self, result: KafkaResult<()>, _offsets: &TopicPartitionList) {
         if let Err(e) = result {
-            tracing::warn!(error = %e, "offset commit failed; the batch will be redelivered");
+            if is_fatal(&e) {
+                tracing::error!(error = %e, "offset commit refused for good: re-creating the consumer");
+                self.shared.recreate.store(true, Ordering::Relaxed);
+            } else {
+                tracing::warn!(error = %e, "offset commit failed; the next one covers it");
+            }
         }
     }
 }
 
-pub type WorkerConsumer = StreamConsumer<WorkerContext>;
-
 /// A consumer in the worker group: manual commits, earliest reset, cooperative-sticky.
-pub fn create_consumer(cfg: &KafkaConfig) -> KafkaResult<WorkerConsumer> {
+pub fn create_consumer(
+    cfg: &KafkaConfig,
+    ctx: SourceContext,
+) -> KafkaResult<SourceConsumer> {
     let mut c = base_client_config(cfg);
     if let Some(id) = cfg.instance_id.as_deref().filter(|s| !s.is_empty()) {
         c.set("group.instance.id", id);
@@ -45,12 +117,14 @@ pub fn create_consumer(cfg: &KafkaConfig) -> KafkaResult<WorkerConsumer> {
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")
         .set("partition.assignment.strategy", &cfg.assignment_strategy)
-        // A killed pod's partitions move on quickly.
         .set("session.timeout.ms", cfg.session_timeout_ms.to_string())
         .set("heartbeat.interval.ms", "1000")
-        // Also the rebalance timeout: how long a join waits for silent members. The loop
-        // polls between batches and while waiting out failures, so this stays well ahead.
-        .set("max.poll.interval.ms", "20000")
+        // Also the rebalance timeout. The source thread polls every few milliseconds,
+        // whatever the stores do, so only a wedged process can exceed it.
+        .set("max.poll.interval.ms", cfg.max_poll_interval_ms.to_string())
         .set("enable.partition.eof", "false")
-        .create_with_context(WorkerContext)
+        // Bound what librdkafka buffers ahead of the pipeline (the pipeline has its own cap).
+        .set("queued.max.messages.kbytes", "65536")
+        .set("statistics.interval.ms", "5000")
+        .create_with_context(ctx)
 }

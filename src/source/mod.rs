@@ -1,8 +1,9 @@
-//! The live source: a Kafka consumer group on the `events.*` topics, and the decoding of
-//! each message into a validated event (or a poison record for the dead-letter topic).
+//! The live source: a Kafka consumer group on the `events.*` topics, cut into windows, and
+//! the decoding of each message into a validated event (or a poison record).
 
 mod consumer;
-mod decode;
+pub mod decode;
+pub mod kafka;
+pub mod window;
 
-pub use consumer::{WorkerConsumer, create_consumer};
-pub use decode::{Incoming, Origin, Poison, decode_message};
+pub use consumer::{SourceConsumer, SourceContext, create_consumer, is_fatal};

@@ -21,6 +21,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "switching",
         include_str!("migrations/0004_switching.sql"),
     ),
+    (
+        5,
+        "handover_lease_and_parking",
+        include_str!("migrations/0005_handover_lease_and_parking.sql"),
+    ),
 ];
 
 /// Any fixed number shared by every pod of this service.

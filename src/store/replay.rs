@@ -1,6 +1,6 @@
 //! The gap-safe replay reader: pages through the event store in commit order.
 
-use contract::EventEnvelope;
+use contract::{Event, EventData, EventEnvelope, EventHeader, Metadata};
 use serde::{Deserialize, Serialize};
 
 use super::read::envelope;
@@ -65,9 +65,11 @@ impl EventStore {
         let row = self
             .client
             .query_opt(
-                "SELECT transaction_id::text, global_position FROM events \
-                 WHERE transaction_id < pg_snapshot_xmin(pg_current_snapshot()) \
-                 ORDER BY transaction_id DESC, global_position DESC LIMIT 1",
+                // Ordered by the xid8 column itself (qualified: the text output column of the
+                // same name would sort lexicographically, "999" above "1331").
+                "SELECT e.transaction_id::text, e.global_position FROM events e \
+                 WHERE e.transaction_id < pg_snapshot_xmin(pg_current_snapshot()) \
+                 ORDER BY e.transaction_id DESC, e.global_position DESC LIMIT 1",
                 &[],
             )
             .await?;
@@ -78,6 +80,79 @@ impl EventStore {
             }),
         )
     }
+}
+
+/// A replayed event: validated and typed, or why the stored row breaks the contract (its
+/// stream and sequence, so the replay can park it as the live feed would).
+pub type Replayed = (ReplayPosition, Result<Event, (String, i64, contract::ContractError)>);
+
+impl EventStore {
+    /// Like [`EventStore::read_committed_after`], typed in one pass (payloads are read as
+    /// text and decoded straight into the catalogue types), and bounded by `upto` when given.
+    pub async fn read_events_after(
+        &self,
+        after: ReplayPosition,
+        upto: Option<ReplayPosition>,
+        limit: i64,
+    ) -> Result<Vec<Replayed>, StoreError> {
+        let (upto_tx, upto_pos) = upto.map_or((None, None), |u| {
+            (Some(u.transaction_id.to_string()), Some(u.global_position))
+        });
+        let rows = self
+            .client
+            .query(
+                "SELECT global_position, event_id, aggregate_type, aggregate_id, sequence_number, \
+                   event_type, event_data::text, metadata::text, timestamp, transaction_id::text \
+                 FROM events e \
+                 WHERE (e.transaction_id, e.global_position) > ($1::text::xid8, $2) \
+                   AND e.transaction_id < pg_snapshot_xmin(pg_current_snapshot()) \
+                   AND ($4::text IS NULL OR (e.transaction_id, e.global_position) <= ($4::text::xid8, $5)) \
+                 ORDER BY e.transaction_id, e.global_position LIMIT $3",
+                &[
+                    &after.transaction_id.to_string(),
+                    &after.global_position,
+                    &limit,
+                    &upto_tx,
+                    &upto_pos,
+                ],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| {
+                let position = ReplayPosition {
+                    transaction_id: r.get::<_, String>(9).parse().unwrap_or(0),
+                    global_position: r.get(0),
+                };
+                (position, typed(r))
+            })
+            .collect())
+    }
+}
+
+fn typed(r: &tokio_postgres::Row) -> Result<Event, (String, i64, contract::ContractError)> {
+    let aggregate_type: String = r.get(2);
+    let aggregate_id: String = r.get(3);
+    let seq: i64 = r.get(4);
+    let stream = format!("{aggregate_type}/{aggregate_id}");
+    let event_type: String = r.get(5);
+    let data: String = r.get(6);
+    let metadata: String = r.get(7);
+    let build = || -> Result<Event, contract::ContractError> {
+        let header = EventHeader {
+            event_id: r.get(1),
+            aggregate_type: aggregate_type.parse()?,
+            aggregate_id: aggregate_id.clone(),
+            sequence_number: seq,
+            global_position: r.get(0),
+            event_type: event_type.clone(),
+            metadata: Metadata::from_json(&metadata),
+            timestamp: r.get(8),
+        };
+        let data = EventData::decode_str(&event_type, &data)?;
+        Event::from_parts(header, data)
+    };
+    build().map_err(|e| (stream, seq, e))
 }
 
 /// The plain select plus the transaction id as text (tokio-postgres has no xid8 type).

@@ -43,15 +43,21 @@ pub async fn store() -> EventStore {
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use contract::Event;
 use projector::generator::{self, GenerateOptions};
 use projector::kafka::{self, EventPublisher};
+use projector::runtime::{self, Shared};
 use projector::sinks::clickhouse::FactRow;
-use projector::worker;
-use projectors::memory::MemoryViews;
-use projectors::{Document, DynProjector};
+use projector::sinks::Loaded;
+use projector::versions::VersionSinks;
+use projectors::analytics::AnalyticsProjector;
+use projectors::customer360::{Customer360, Customer360Projector};
+use projectors::memory::{MemoryFacts, MemoryViews};
+use projectors::order_view::{OrderView, OrderViewProjector};
+use projectors::{Doc, Guard};
 
 /// Settings isolated to one test: own topics, group, dead-letter topic and read models.
 pub fn isolated_config(tag: &str) -> (Config, String) {
@@ -108,78 +114,97 @@ pub async fn event_log(ns: &str) -> Vec<Event> {
         .collect()
 }
 
-/// View and guard only: the revision counts writes, which depends on batching.
-fn comparable(
-    docs: impl IntoIterator<Item = (String, Document)>,
+/// View and guard only: the write token changes with every write.
+pub fn comparable<V>(
+    docs: impl IntoIterator<Item = (String, Doc<V>)>,
     ns: &str,
-) -> BTreeMap<String, (serde_json::Value, BTreeMap<String, i64>)> {
+) -> BTreeMap<String, (V, Guard)> {
     docs.into_iter()
         .filter(|(k, _)| k.starts_with(ns))
-        .map(|(k, d)| (k, (serde_json::Value::Object(d.view), d.guard)))
+        .map(|(k, d)| (k, (d.view, d.guard)))
         .collect()
 }
 
-fn fold(p: &dyn DynProjector, log: &[Event]) -> MemoryViews {
-    let mut m = MemoryViews::default();
-    m.apply(p, log).unwrap();
-    m
+/// Stored documents, every one of which must decode.
+pub fn decoded<V>(docs: Vec<(String, Loaded<V>)>) -> Vec<(String, Doc<V>)> {
+    docs.into_iter()
+        .map(|(k, d)| {
+            let d = d.unwrap_or_else(|e| panic!("stored document {k} does not decode: {e}"));
+            (k, d)
+        })
+        .collect()
+}
+
+/// What a set of read models holds for one namespace.
+pub struct Snapshot {
+    pub customers: BTreeMap<String, (Customer360, Guard)>,
+    pub orders: BTreeMap<String, (OrderView, Guard)>,
+    pub facts: BTreeMap<String, FactRow>,
+}
+
+pub async fn snapshot(sinks: &VersionSinks, ns: &str) -> Snapshot {
+    Snapshot {
+        customers: comparable(decoded(sinks.redis.scan_all::<Customer360>().await.unwrap()), ns),
+        orders: comparable(decoded(sinks.mongo.scan_all::<OrderView>().await.unwrap()), ns),
+        facts: facts_of(sinks, ns).await,
+    }
+}
+
+/// The pure fold of a log, as the read models should hold it.
+pub fn fold(log: &[Event], ns: &str) -> Snapshot {
+    let facts = MemoryFacts::fold(&AnalyticsProjector, log);
+    Snapshot {
+        customers: comparable(MemoryViews::fold(&Customer360Projector, log).docs, ns),
+        orders: comparable(MemoryViews::fold(&OrderViewProjector, log).docs, ns),
+        facts: facts
+            .facts
+            .values()
+            .filter(|f| f.aggregate_id.starts_with(ns))
+            .map(|f| (f.event_id.clone(), FactRow::from(f)))
+            .collect(),
+    }
+}
+
+/// `got` equals `want`, with a precise message for the first difference.
+pub fn assert_same(want: &Snapshot, got: &Snapshot, what: &str) {
+    assert_eq!(want.customers.len(), got.customers.len(), "{what}: Customer-360 document count");
+    for (k, w) in &want.customers {
+        assert_eq!(Some(w), got.customers.get(k), "{what}: Customer-360 {k} differs");
+    }
+    assert_eq!(want.orders.len(), got.orders.len(), "{what}: order view count");
+    for (k, w) in &want.orders {
+        assert_eq!(Some(w), got.orders.get(k), "{what}: order view {k} differs");
+    }
+    assert_eq!(want.facts.len(), got.facts.len(), "{what}: fact count (each event once)");
+    assert!(want.facts == got.facts, "{what}: analytics facts differ");
 }
 
 /// Every read model equals the pure fold of the event log, exactly.
 pub async fn assert_read_models_equal_fold(cfg: &Config, ns: &str) {
     let log = event_log(ns).await;
     assert!(!log.is_empty());
-    let sinks = worker::connect_sinks(cfg).await.unwrap();
-
-    let c360 = fold(&projectors::customer360::Customer360Projector, &log);
-    let redis = sinks.redis.scan_all().await.unwrap();
-    let (want, got) = (comparable(c360.docs, ns), comparable(redis, ns));
-    assert_eq!(want.len(), got.len(), "Customer-360 document count");
-    for (k, w) in &want {
-        assert_eq!(
-            Some(w),
-            got.get(k),
-            "Customer-360 {k} differs from the fold"
-        );
-    }
-
-    let orders = fold(&projectors::order_view::OrderViewProjector, &log);
-    let mongo = sinks.mongo.scan_all().await.unwrap();
-    let (want, got) = (comparable(orders.docs, ns), comparable(mongo, ns));
-    assert_eq!(want.len(), got.len(), "order view count");
-    for (k, w) in &want {
-        assert_eq!(Some(w), got.get(k), "order view {k} differs from the fold");
-    }
-
-    let facts = fold(&projectors::analytics::AnalyticsProjector, &log);
-    let want: BTreeMap<String, FactRow> = facts
-        .docs
-        .into_values()
-        .map(|d| {
-            let f: projectors::analytics::Fact =
-                serde_json::from_value(serde_json::Value::Object(d.view)).unwrap();
-            (f.event_id.clone(), FactRow::from(&f))
-        })
-        .collect();
-    let got = facts_of(&sinks, ns).await;
-    assert_eq!(want.len(), log.len());
-    assert_eq!(got.len(), want.len(), "fact count (each event once)");
-    assert!(want == got, "analytics facts differ from the fold");
+    let sinks = VersionSinks::connect_views(cfg, &cfg.views).await.unwrap();
+    assert_same(&fold(&log, ns), &snapshot(&sinks, ns).await, "live read models vs the fold");
 }
 
 /// Run the worker in this process until no event arrived for `idle`.
-pub async fn run_worker_until_idle(cfg: &Config, idle: Duration) -> worker::RunReport {
-    let (_tx, rx) = tokio::sync::watch::channel(false);
-    let opts = worker::RunOptions {
+pub async fn run_worker_until_idle(cfg: &Config, idle: Duration) -> runtime::RunReport {
+    let opts = runtime::RunOptions {
         stop_when_idle: Some(idle),
-        health: None,
     };
-    worker::run(cfg, opts, rx).await.expect("worker")
+    runtime::run(cfg, opts, Arc::new(Shared::default()))
+        .await
+        .expect("worker")
+}
+
+/// The live read models of a test's settings.
+pub async fn live_sinks(cfg: &Config) -> VersionSinks {
+    VersionSinks::connect_views(cfg, &cfg.views).await.unwrap()
 }
 
 /// The facts of one namespace, by event id (a rebuilt version's table also holds other
 /// tests' events replayed beside ours).
-pub async fn facts_of(sinks: &projector::apply::Sinks, ns: &str) -> BTreeMap<String, FactRow> {
+pub async fn facts_of(sinks: &VersionSinks, ns: &str) -> BTreeMap<String, FactRow> {
     sinks
         .clickhouse
         .all_facts()
@@ -192,7 +217,7 @@ pub async fn facts_of(sinks: &projector::apply::Sinks, ns: &str) -> BTreeMap<Str
 }
 
 /// Poll (up to 120 s) until the namespace has `want` facts; returns how many it has.
-pub async fn wait_for_facts(sinks: &projector::apply::Sinks, ns: &str, want: usize) -> usize {
+pub async fn wait_for_facts(sinks: &VersionSinks, ns: &str, want: usize) -> usize {
     let mut have = 0;
     for _ in 0..240 {
         have = facts_of(sinks, ns).await.len();
@@ -202,4 +227,78 @@ pub async fn wait_for_facts(sinks: &projector::apply::Sinks, ns: &str, want: usi
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     have
+}
+
+/// Append and publish events the projectors refuse though they honour the contract: an
+/// order that completes without ever being placed (then ships), and a customer updated
+/// before being created (then created). Returns how many events were appended.
+pub async fn append_refused(cfg: &Config, ns: &str) -> usize {
+    use contract::EventData;
+    use contract::catalogue::*;
+    let t = chrono::Utc::now();
+    let ghost = format!("{ns}ord-ghost");
+    let early = format!("{ns}cus-early");
+    let customer = format!("{ns}cus-ghost");
+    let events = vec![
+        Event::new(
+            uuid::Uuid::new_v4(),
+            &ghost,
+            0,
+            EventData::OrderCompleted(OrderCompleted {
+                order_id: ghost.clone(),
+                customer_id: customer.clone(),
+            }),
+            Default::default(),
+            t,
+        ),
+        Event::new(
+            uuid::Uuid::new_v4(),
+            &ghost,
+            1,
+            EventData::OrderShipped(OrderShipped {
+                order_id: ghost.clone(),
+                customer_id: customer.clone(),
+                carrier: "UPS".into(),
+                tracking_number: "1Z".into(),
+            }),
+            Default::default(),
+            t,
+        ),
+        Event::new(
+            uuid::Uuid::new_v4(),
+            &early,
+            0,
+            EventData::CustomerUpdated(CustomerUpdated {
+                customer_id: early.clone(),
+                changes: serde_json::Map::from_iter([("name".into(), serde_json::json!("B"))]),
+                previous_values: Default::default(),
+            }),
+            Default::default(),
+            t,
+        ),
+        Event::new(
+            uuid::Uuid::new_v4(),
+            &early,
+            1,
+            EventData::CustomerCreated(CustomerCreated {
+                customer_id: early.clone(),
+                name: "A".into(),
+                email: "a@x".into(),
+                phone: None,
+                address: None,
+            }),
+            Default::default(),
+            t,
+        ),
+    ];
+    let mut envs: Vec<contract::EventEnvelope> =
+        events.into_iter().map(|e| e.unwrap().to_envelope()).collect();
+    store().await.append(&mut envs).await.unwrap();
+    kafka::ensure_topics(&cfg.kafka).await.unwrap();
+    EventPublisher::new(&cfg.kafka)
+        .unwrap()
+        .publish(&envs)
+        .await
+        .unwrap();
+    envs.len()
 }

@@ -5,7 +5,7 @@ use chrono::{DateTime, Utc};
 use contract::{Event, EventData, EventType};
 use serde::{Deserialize, Serialize};
 
-use crate::{Projector, StoreKind};
+use crate::FactProjector;
 
 pub const NAME: &str = "analytics";
 
@@ -30,24 +30,17 @@ pub struct Fact {
 
 pub struct AnalyticsProjector;
 
-impl Projector for AnalyticsProjector {
-    type View = Fact;
-
+impl FactProjector for AnalyticsProjector {
     fn name(&self) -> &'static str {
         NAME
-    }
-    fn store(&self) -> StoreKind {
-        StoreKind::ClickHouse
     }
     fn handles(&self) -> &'static [EventType] {
         &EventType::ALL
     }
-    fn view_key(&self, event: &Event) -> String {
-        event.envelope.event_id.to_string()
-    }
 
-    fn apply(&self, v: &mut Fact, event: &Event) -> Result<(), String> {
-        let e = &event.envelope;
+    fn fact(&self, event: &Event) -> Result<Fact, String> {
+        let e = &event.header;
+        // Amounts are bounded by the contract, so integer cents are exact.
         let (amount_cents, interaction_type, sentiment) = match &event.data {
             EventData::OrderPlaced(d) => ((d.total_amount * 100.0).round() as i64, "", -1.0),
             EventData::OrderPaymentConfirmed(d) => ((d.amount * 100.0).round() as i64, "", -1.0),
@@ -58,7 +51,7 @@ impl Projector for AnalyticsProjector {
             ),
             _ => (0, "", -1.0),
         };
-        *v = Fact {
+        Ok(Fact {
             event_id: e.event_id.to_string(),
             event_type: e.event_type.clone(),
             aggregate_type: e.aggregate_type.to_string(),
@@ -70,8 +63,7 @@ impl Projector for AnalyticsProjector {
             amount_cents,
             interaction_type: interaction_type.to_owned(),
             sentiment,
-        };
-        Ok(())
+        })
     }
 }
 

@@ -18,42 +18,45 @@ pub const NAME: &str = "customer360";
 pub const SENTIMENT_ALPHA: f64 = 0.3;
 pub const RECENT_SENTIMENT: usize = 10;
 
+// Fields are declared in sorted order (`_state` sorts first): documents serialise exactly as
+// the earlier, map-based version wrote them, byte for byte.
+
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Customer360 {
-    pub customer_id: String,
-    pub profile: Option<Profile>,
-    pub interactions: Interactions,
-    pub orders: Orders,
-    pub support: Support,
-    /// How many events this document reflects.
-    pub version: u64,
-    /// The latest event time applied (never the wall clock).
-    pub updated_at: Option<DateTime<Utc>>,
     /// Per-order and per-ticket facts the commutative counters are derived from.
     #[serde(rename = "_state", default)]
     pub state: State,
+    pub customer_id: String,
+    pub interactions: Interactions,
+    pub orders: Orders,
+    pub profile: Option<Profile>,
+    pub support: Support,
+    /// The latest event time applied (never the wall clock).
+    pub updated_at: Option<DateTime<Utc>>,
+    /// How many events this document reflects.
+    pub version: u64,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Profile {
-    pub name: String,
-    pub email: String,
-    pub phone: Option<String>,
     pub address: Option<Value>,
-    pub created_at: DateTime<Utc>,
     /// Changed fields outside the fixed profile.
     #[serde(default, skip_serializing_if = "Map::is_empty")]
     pub attributes: Map<String, Value>,
+    pub created_at: DateTime<Utc>,
+    pub email: String,
+    pub name: String,
+    pub phone: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Interactions {
-    pub total: u64,
-    pub last_at: Option<DateTime<Utc>>,
     pub by_type: BTreeMap<String, u64>,
+    pub last_at: Option<DateTime<Utc>>,
+    pub recent_sentiment: Vec<SentimentPoint>,
     pub sentiment_avg: Option<f64>,
     pub sentiment_trend: Option<String>,
-    pub recent_sentiment: Vec<SentimentPoint>,
+    pub total: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -64,32 +67,32 @@ pub struct SentimentPoint {
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Orders {
-    pub total: u64,
-    pub total_value: f64,
-    pub open: u64,
-    pub completed: u64,
     pub cancelled: u64,
+    pub completed: u64,
     pub failed: u64,
     pub last_at: Option<DateTime<Utc>>,
+    pub open: u64,
+    pub total: u64,
+    pub total_value: f64,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Support {
-    pub open_tickets: u64,
-    pub total_tickets: u64,
     pub avg_resolution_seconds: Option<i64>,
     pub last_at: Option<DateTime<Utc>>,
+    pub open_tickets: u64,
+    pub total_tickets: u64,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct State {
-    /// order_id → status (open, completed, cancelled, failed).
-    pub orders: BTreeMap<String, String>,
-    pub order_value_cents: i64,
     /// ticket_id → creation time, while open.
     pub open_tickets: BTreeMap<String, DateTime<Utc>>,
-    pub resolved_tickets: u64,
+    pub order_value_cents: i64,
+    /// order_id → status (open, completed, cancelled, failed).
+    pub orders: BTreeMap<String, String>,
     pub resolution_seconds_sum: i64,
+    pub resolved_tickets: u64,
 }
 
 pub fn trend(avg: f64) -> &'static str {
@@ -102,6 +105,7 @@ pub fn trend(avg: f64) -> &'static str {
     }
 }
 
+/// Integer cents of an amount. The contract bounds amounts (`MAX_AMOUNT`), so this is exact.
 fn cents(amount: f64) -> i64 {
     (amount * 100.0).round() as i64
 }
@@ -126,12 +130,12 @@ impl Projector for Customer360Projector {
     fn handles(&self) -> &'static [EventType] {
         &EventType::ALL
     }
-    fn view_key(&self, event: &Event) -> String {
-        event.data.customer_id().unwrap_or_default().to_owned()
+    fn view_key<'e>(&self, event: &'e Event) -> Option<&'e str> {
+        event.data.customer_id()
     }
 
     fn apply(&self, v: &mut Customer360, event: &Event) -> Result<(), String> {
-        let at = event.envelope.timestamp;
+        let at = event.header.timestamp;
         let Some(customer_id) = event.data.customer_id() else {
             return Err("not a catalogue event".into());
         };
@@ -181,8 +185,13 @@ impl Projector for Customer360Projector {
                 }
             }
             EventData::OrderPlaced(d) => {
+                let value = v
+                    .state
+                    .order_value_cents
+                    .checked_add(cents(d.total_amount))
+                    .ok_or("the customer's order value overflows")?;
                 v.state.orders.insert(d.order_id.clone(), "open".into());
-                v.state.order_value_cents += cents(d.total_amount);
+                v.state.order_value_cents = value;
                 v.orders.total += 1;
             }
             EventData::OrderCompleted(d) => set_order(v, &d.order_id, "completed")?,
@@ -197,18 +206,24 @@ impl Projector for Customer360Projector {
                 v.support.total_tickets += 1;
             }
             EventData::TicketResolved(d) => {
-                let Some(opened) = v.state.open_tickets.remove(&d.ticket_id) else {
+                let Some(opened) = v.state.open_tickets.get(&d.ticket_id) else {
                     return Err(format!("ticket {} is not open", d.ticket_id));
                 };
+                let sum = v
+                    .state
+                    .resolution_seconds_sum
+                    .checked_add((at - *opened).num_seconds())
+                    .ok_or("the resolution time sum overflows")?;
+                v.state.open_tickets.remove(&d.ticket_id);
                 v.state.resolved_tickets += 1;
-                v.state.resolution_seconds_sum += (at - opened).num_seconds();
+                v.state.resolution_seconds_sum = sum;
             }
             EventData::Unknown { .. } => return Err("not a catalogue event".into()),
         }
-        if event.envelope.aggregate_type == contract::AggregateType::Order {
+        if event.header.aggregate_type == contract::AggregateType::Order {
             max_time(&mut v.orders.last_at, at);
         }
-        if event.envelope.aggregate_type == contract::AggregateType::SupportTicket {
+        if event.header.aggregate_type == contract::AggregateType::SupportTicket {
             max_time(&mut v.support.last_at, at);
         }
         v.customer_id = customer_id.to_owned();

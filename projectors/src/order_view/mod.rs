@@ -10,63 +10,66 @@ use crate::{Projector, StoreKind};
 
 pub const NAME: &str = "order_view";
 
+// Fields are declared in sorted order (`_id` first): documents serialise exactly as the
+// earlier, map-based version wrote them.
+
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct OrderView {
     #[serde(rename = "_id")]
     pub order_id: String,
+    pub cancellation: Option<Cancellation>,
+    pub currency: Option<String>,
     pub customer_id: String,
+    pub items: Vec<OrderItem>,
+    pub payment: Option<Payment>,
+    pub placed_at: Option<DateTime<Utc>>,
+    pub shipping: Option<Shipping>,
+    pub shipping_address: Map<String, Value>,
     /// created → payment_pending → payment_confirmed → preparing → shipped → delivered,
     /// or validation_failed / cancelled.
     pub status: String,
-    pub items: Vec<OrderItem>,
-    pub total_amount: f64,
-    pub currency: Option<String>,
-    pub shipping_address: Map<String, Value>,
-    pub payment: Option<Payment>,
-    pub shipping: Option<Shipping>,
-    pub cancellation: Option<Cancellation>,
-    pub validation_failure: Option<ValidationFailure>,
     pub timeline: Vec<TimelineEntry>,
-    pub placed_at: Option<DateTime<Utc>>,
+    pub total_amount: f64,
     pub updated_at: Option<DateTime<Utc>>,
+    pub validation_failure: Option<ValidationFailure>,
     /// The last applied sequence_number of the order's stream.
     pub version: i64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Payment {
-    pub payment_id: String,
     pub amount: f64,
     pub confirmed_at: DateTime<Utc>,
+    pub payment_id: String,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Shipping {
-    pub warehouse_id: Option<String>,
     pub carrier: Option<String>,
-    pub tracking_number: Option<String>,
     pub shipped_at: Option<DateTime<Utc>>,
+    pub tracking_number: Option<String>,
+    pub warehouse_id: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Cancellation {
-    pub reason: String,
+    pub at: DateTime<Utc>,
     pub cancelled_by: String,
     pub previous_status: String,
-    pub at: DateTime<Utc>,
+    pub reason: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ValidationFailure {
-    pub reason: String,
     pub details: Vec<Value>,
+    pub reason: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TimelineEntry {
-    pub status: String,
-    pub event_type: String,
     pub at: DateTime<Utc>,
+    pub event_type: String,
+    pub status: String,
 }
 
 const TERMINAL: [&str; 3] = ["delivered", "cancelled", "validation_failed"];
@@ -94,12 +97,12 @@ impl Projector for OrderViewProjector {
             EventType::OrderCancelled,
         ]
     }
-    fn view_key(&self, event: &Event) -> String {
-        event.envelope.aggregate_id.clone()
+    fn view_key<'e>(&self, event: &'e Event) -> Option<&'e str> {
+        Some(&event.header.aggregate_id)
     }
 
     fn apply(&self, v: &mut OrderView, event: &Event) -> Result<(), String> {
-        let at = event.envelope.timestamp;
+        let at = event.header.timestamp;
         let placed = !v.order_id.is_empty();
         let status = match (&event.data, placed) {
             (EventData::OrderPlaced(_), true) => return Err("order was already placed".into()),
@@ -164,11 +167,11 @@ impl Projector for OrderViewProjector {
         v.status = status.to_owned();
         v.timeline.push(TimelineEntry {
             status: status.to_owned(),
-            event_type: event.envelope.event_type.clone(),
+            event_type: event.header.event_type.clone(),
             at,
         });
         v.updated_at = Some(at);
-        v.version = event.envelope.sequence_number;
+        v.version = event.header.sequence_number;
         Ok(())
     }
 }

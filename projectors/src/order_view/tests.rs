@@ -5,7 +5,8 @@ use serde_json::Map;
 use uuid::Uuid;
 
 use super::*;
-use crate::DynProjector;
+use crate::Step;
+use crate::document::{Doc, StreamKey, apply_event};
 use crate::memory::MemoryViews;
 
 fn ev(seq: i64, data: EventData) -> Event {
@@ -80,12 +81,9 @@ fn lifecycle() -> Vec<Event> {
     ]
 }
 
-fn fold(events: &[Event]) -> (OrderView, MemoryViews) {
-    let mut m = MemoryViews::default();
-    m.apply(&OrderViewProjector, events).unwrap();
-    let v =
-        serde_json::from_value(serde_json::Value::Object(m.docs["ord-1"].view.clone())).unwrap();
-    (v, m)
+fn fold(events: &[Event]) -> (OrderView, MemoryViews<OrderView>) {
+    let m = MemoryViews::fold(&OrderViewProjector, events);
+    (m.docs["ord-1"].view.clone(), m)
 }
 
 #[test]
@@ -112,8 +110,8 @@ fn the_lifecycle_walks_every_status_with_a_timeline() {
         (s.warehouse_id.as_deref(), s.carrier.as_deref()),
         (Some("wh"), Some("UPS"))
     );
-    assert_eq!(v.placed_at, Some(events[0].envelope.timestamp));
-    assert_eq!(v.updated_at, Some(events[5].envelope.timestamp));
+    assert_eq!(v.placed_at, Some(events[0].header.timestamp));
+    assert_eq!(v.updated_at, Some(events[5].header.timestamp));
 }
 
 #[test]
@@ -149,11 +147,8 @@ fn a_cancelled_order_refuses_later_steps() {
         v.cancellation.as_ref().unwrap().previous_status,
         "payment_pending"
     );
-    let doc = {
-        let mut m = MemoryViews::default();
-        m.apply(&OrderViewProjector, &events).unwrap();
-        m.docs["ord-1"].clone()
-    };
+    let mut doc: Doc<OrderView> = MemoryViews::fold(&OrderViewProjector, &events).docs["ord-1"].clone();
+    let before = doc.clone();
     let late = ev(
         3,
         EventData::OrderShipped(OrderShipped {
@@ -163,7 +158,15 @@ fn a_cancelled_order_refuses_later_steps() {
             tracking_number: "y".into(),
         }),
     );
-    let out = OrderViewProjector.fold(Some(doc), &[&late]).unwrap();
-    assert!(out.document.is_none());
-    assert!(out.rejected[0].1.reason.contains("already cancelled"));
+    let step = apply_event(&OrderViewProjector, &mut doc, &late, &mut StreamKey::default());
+    assert!(matches!(&step, Step::Rejected(r) if r.reason.contains("already cancelled")));
+    assert_eq!(doc, before);
+}
+
+#[test]
+fn documents_serialise_byte_for_byte_like_a_sorted_json_map() {
+    let (v, _) = fold(&lifecycle());
+    let typed = serde_json::to_string(&v).unwrap();
+    let sorted = serde_json::to_string(&serde_json::to_value(&v).unwrap()).unwrap();
+    assert_eq!(typed, sorted);
 }

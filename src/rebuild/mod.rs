@@ -1,0 +1,358 @@
+//! `rebuild-projection`: replays the event store, in commit order, into a new version of a
+//! read model beside the live one, with checkpoints so an interrupted rebuild resumes.
+//!
+//! The replay feeds the very stages the live worker runs (same projectors, same guards,
+//! same parking rule), so a rebuilt version equals the live one. Pages are read ahead while
+//! earlier ones are written; each projection folds in its own stage; a window is as large as
+//! the checkpoint interval, so each document is written once per checkpoint; the stages'
+//! caches hold every view they wrote, so the rebuild never reads back its own documents.
+
+mod checkpoints;
+mod handover;
+
+pub use checkpoints::{Checkpoint, all_checkpoints, load_checkpoint, save_checkpoint};
+pub use handover::{SwitchReport, retire, switch};
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use tokio::sync::mpsc;
+
+use crate::config::Config;
+use crate::runtime::commit::{Committer, Registration, Tracker, TrackerMsg};
+use crate::runtime::parking::ParkStore;
+use crate::runtime::pipeline::{RealSinks, StageEnv, Stages, spawn_stages};
+use crate::runtime::stage::Mode;
+use crate::runtime::{Shared, Window};
+use crate::sinks::SinkError;
+use crate::source::window::{Arena, Item, Origin, Poison};
+use crate::store::{EventStore, Pg, ReplayPosition, StoreError};
+use crate::versions::scope_key;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RebuildError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Postgres(#[from] tokio_postgres::Error),
+    #[error(transparent)]
+    Sink(#[from] SinkError),
+    #[error(transparent)]
+    Runtime(#[from] crate::runtime::pipeline::RuntimeError),
+    #[error("handover stopped: {0}")]
+    Stuck(String),
+    #[error("unknown projection {0:?} (known: {1})")]
+    UnknownProjection(String, String),
+}
+
+#[derive(Debug, Clone)]
+pub struct RebuildOptions {
+    /// The version to build (a resumed rebuild names the one it resumes).
+    pub version: String,
+    /// Events read per page.
+    pub batch: i64,
+    /// Save the checkpoint after this many events (and at the end).
+    pub checkpoint_every: u64,
+}
+
+/// Progress after each durable window: (events applied so far, replay position, head).
+pub type Progress<'a> = &'a mut (dyn FnMut(u64, ReplayPosition, ReplayPosition) + Send);
+
+/// Resolve projection names (`all` = every registered one).
+pub fn select(names: &[String], all: bool) -> Result<Vec<String>, RebuildError> {
+    let known = projectors::names();
+    if all {
+        return Ok(known.iter().map(|s| (*s).to_owned()).collect());
+    }
+    for n in names {
+        if !known.contains(&n.as_str()) {
+            return Err(RebuildError::UnknownProjection(n.clone(), known.join(", ")));
+        }
+    }
+    Ok(names.to_vec())
+}
+
+/// Turns the tracker's "durable up to window N" into replay positions.
+struct Positions {
+    by_window: Arc<Mutex<HashMap<u64, (ReplayPosition, u64)>>>,
+    tx: mpsc::UnboundedSender<(ReplayPosition, u64)>,
+}
+
+impl Committer for Positions {
+    fn windows_durable(&mut self, upto: u64) {
+        let hit = self
+            .by_window
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&upto);
+        if let Some(p) = hit {
+            let _ = self.tx.send(p);
+        }
+    }
+}
+
+/// Replay everything after `from` (up to `upto` when given, else to the head as it moves)
+/// into `version` of `selected`. `durable` is called in order with (position, events) once
+/// all events up to that position are durable. Returns the last position and the count.
+#[allow(clippy::too_many_arguments)]
+pub async fn replay(
+    cfg: &Config,
+    selected: &[String],
+    version: &str,
+    from: ReplayPosition,
+    upto: Option<ReplayPosition>,
+    fresh: bool,
+    opts: &RebuildOptions,
+    durable: &mut (dyn FnMut(ReplayPosition, u64) + Send),
+) -> Result<(ReplayPosition, u64), RebuildError> {
+    let shared = Arc::new(Shared::default());
+    let pg = Arc::new(Pg::from_config(&cfg.postgres));
+    let (tracker_tx, tracker_rx) = mpsc::unbounded_channel();
+    let v = version.to_owned();
+    let window = (opts.checkpoint_every as usize).clamp(1, 200_000);
+    let env = StageEnv {
+        cfg: cfg.clone(),
+        shared: shared.clone(),
+        tracker: tracker_tx.clone(),
+        parks: ParkStore::new(pg, &cfg.kafka.group_id),
+        mode: Arc::new(move || Mode::Replay {
+            version: v.clone(),
+            fresh,
+        }),
+        only: selected.to_vec(),
+        shards: cfg.worker.shard_count(),
+        // The replay is the only writer of its version: keep every view it wrote.
+        cache_entries: usize::MAX / 2,
+        max_batch: window,
+    };
+    let stages = spawn_stages(&env, &RealSinks(cfg.clone()))?;
+    drop(env);
+    let by_window = Arc::new(Mutex::new(HashMap::new()));
+    let (pos_tx, mut pos_rx) = mpsc::unbounded_channel();
+    let committer = Positions {
+        by_window: by_window.clone(),
+        tx: pos_tx,
+    };
+    let tracker = Tracker::new(
+        stages.participants,
+        shared.clone(),
+        Arc::new(Vec::new()),
+        Some(Box::new(committer)),
+    );
+    let tracker = tokio::spawn(tracker.run(tracker_rx));
+
+    // Read ahead: pages stream in while earlier ones are written.
+    let (page_tx, mut page_rx) = mpsc::channel(2);
+    let reader_cfg = cfg.clone();
+    let page = opts.batch.max(1);
+    let reader = tokio::spawn(async move {
+        let store = EventStore::connect(&reader_cfg.postgres.url).await?;
+        let mut cursor = from;
+        loop {
+            let rows = store.read_events_after(cursor, upto, page).await?;
+            let Some((last, _)) = rows.last() else { break };
+            cursor = *last;
+            if page_tx.send(rows).await.is_err() {
+                break;
+            }
+        }
+        Ok::<_, RebuildError>(())
+    });
+
+    let Stages {
+        txs, handles, stats: _, ..
+    } = stages;
+    let mut items: Vec<Item> = Vec::with_capacity(window);
+    let mut last = from;
+    let mut next_id = 1u64;
+    let mut total = 0u64;
+    let topics = Arc::new(Vec::new());
+    let send = async |items: Vec<Item>, last: ReplayPosition, total: u64, next_id: &mut u64| {
+        let id = *next_id;
+        *next_id += 1;
+        by_window
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id, (last, total));
+        shared.in_flight.fetch_add(items.len(), Ordering::Relaxed);
+        let _ = tracker_tx.send(TrackerMsg::Register(Registration {
+            id,
+            generation: 0,
+            offsets: Vec::new(),
+            messages: items.len(),
+            timestamps: Vec::new(),
+        }));
+        let w = Arc::new(Window {
+            id,
+            generation: 0,
+            items,
+            arena: Arena::default(),
+            topics: topics.clone(),
+            opened: Instant::now(),
+        });
+        for tx in &txs {
+            let _ = tx.send(w.clone()).await;
+        }
+    };
+    while let Some(rows) = page_rx.recv().await {
+        for (position, decoded) in rows {
+            last = position;
+            total += 1;
+            items.push(Item {
+                origin: Origin::Replay { position },
+                decoded: decoded.map_err(|(stream, seq, error)| {
+                    tracing::warn!(%stream, seq, %error, "stored event breaks the contract: parked");
+                    Poison {
+                        error,
+                        stream: Some(stream),
+                        sequence: Some(seq),
+                    }
+                }),
+                raw: Default::default(),
+            });
+            if items.len() >= window {
+                send(std::mem::take(&mut items), last, total, &mut next_id).await;
+            }
+        }
+        while let Ok(p) = pos_rx.try_recv() {
+            durable(p.0, p.1);
+        }
+    }
+    if !items.is_empty() {
+        send(std::mem::take(&mut items), last, total, &mut next_id).await;
+    }
+    drop(txs);
+    let read = reader.await;
+    for h in handles {
+        let _ = h.await;
+    }
+    drop(tracker_tx);
+    let _ = tracker.await;
+    while let Ok(p) = pos_rx.try_recv() {
+        durable(p.0, p.1);
+    }
+    match read {
+        Ok(Ok(())) => Ok((last, total)),
+        Ok(Err(e)) => Err(e),
+        Err(e) => Err(RebuildError::Stuck(format!("the page reader failed: {e}"))),
+    }
+}
+
+/// Replay into `opts.version` until the store has nothing newer (or up to `upto`); returns
+/// the final checkpoints. Resumes from the earliest saved checkpoint of the selected
+/// projections (a page some of them already applied is absorbed by their guards).
+pub async fn rebuild(
+    cfg: &Config,
+    store: &EventStore,
+    selected: &[String],
+    opts: &RebuildOptions,
+    upto: Option<ReplayPosition>,
+    progress: Progress<'_>,
+) -> Result<Vec<Checkpoint>, RebuildError> {
+    let mut checkpoints = Vec::with_capacity(selected.len());
+    let mut fresh = true;
+    for p in selected {
+        let key = scope_key(cfg, p);
+        let c = match load_checkpoint(store, &key, &opts.version).await? {
+            Some(c) => {
+                fresh = false;
+                c
+            }
+            None => Checkpoint {
+                projection: key,
+                version: opts.version.clone(),
+                position: ReplayPosition::default(),
+                events_applied: 0,
+                status: "building".into(),
+            },
+        };
+        checkpoints.push(c);
+    }
+    let from = checkpoints
+        .iter()
+        .map(|c| c.position)
+        .min()
+        .unwrap_or_default();
+    let base = checkpoints
+        .iter()
+        .map(|c| c.events_applied as u64)
+        .min()
+        .unwrap_or(0);
+    let head = match upto {
+        Some(u) => u,
+        None => store.committed_head().await?,
+    };
+    let started = Instant::now();
+    tracing::info!(version = %opts.version, ?from, ?head, fresh, "rebuild starting");
+    // Checkpoints are saved by a task of their own, in order, as windows become durable.
+    let (cp_tx, mut cp_rx) = mpsc::unbounded_channel::<(ReplayPosition, u64)>();
+    let saver_cfg = cfg.clone();
+    let mut saved = checkpoints.clone();
+    let every = opts.checkpoint_every.max(1);
+    let saver = tokio::spawn(async move {
+        let store = EventStore::connect(&saver_cfg.postgres.url).await?;
+        let mut since = 0u64;
+        let mut last: Option<(ReplayPosition, u64)> = None;
+        while let Some((pos, n)) = cp_rx.recv().await {
+            since += n.saturating_sub(last.map_or(0, |l| l.1));
+            last = Some((pos, n));
+            if since >= every {
+                since = 0;
+                save_all(&store, &mut saved, pos, base + n, "building").await?;
+            }
+        }
+        if let Some((pos, n)) = last {
+            save_all(&store, &mut saved, pos, base + n, "caught_up").await?;
+        } else {
+            let pos = saved.iter().map(|c| c.position).min().unwrap_or_default();
+            save_all(&store, &mut saved, pos, base, "caught_up").await?;
+        }
+        Ok::<_, RebuildError>(saved)
+    });
+    let version = opts.version.clone();
+    let mut on_durable = |pos: ReplayPosition, n: u64| {
+        metrics::gauge!("projector_rebuild_events_applied", "version" => version.clone())
+            .set((base + n) as f64);
+        progress(base + n, pos, head);
+        let _ = cp_tx.send((pos, n));
+    };
+    let replayed = replay(cfg, selected, &opts.version, from, upto, fresh, opts, &mut on_durable).await;
+    drop(on_durable);
+    drop(cp_tx);
+    let (_, n) = replayed?;
+    let done = saver
+        .await
+        .map_err(|e| RebuildError::Stuck(format!("checkpoint saver: {e}")))??;
+    tracing::info!(
+        version = %opts.version,
+        events = n,
+        seconds = started.elapsed().as_secs_f64(),
+        "rebuild caught up with the event store"
+    );
+    Ok(done)
+}
+
+async fn save_all(
+    store: &EventStore,
+    checkpoints: &mut [Checkpoint],
+    cursor: ReplayPosition,
+    applied: u64,
+    status: &str,
+) -> Result<(), RebuildError> {
+    for c in checkpoints.iter_mut() {
+        if cursor > c.position {
+            c.position = cursor;
+            c.events_applied = applied as i64;
+        }
+        c.status = status.to_owned();
+        save_checkpoint(store, c).await?;
+    }
+    Ok(())
+}
+
+/// Connect the stores of `version`'s read models (created if missing).
+pub async fn version_sinks(cfg: &Config, version: &str) -> Result<crate::versions::VersionSinks, SinkError> {
+    crate::versions::VersionSinks::connect(cfg, version).await
+}

@@ -1,0 +1,322 @@
+//! The commit tracker: the one component that decides what is durable and may be committed.
+//!
+//! Every window is registered when the source closes it, with the offsets it covers. Each
+//! stage (every projector shard, and the poison handler) acknowledges a window once its
+//! writes, dead letters and parked streams are durable. When a window and every window
+//! before it are acknowledged by all, their offsets are committed — only for partitions the
+//! worker still owns in the same assignment (a revoked partition's new owner may be ahead;
+//! committing an older offset would move it backwards).
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{CommitMode, Consumer};
+use rdkafka::{Offset, TopicPartitionList};
+use tokio::sync::mpsc;
+
+use super::Shared;
+use crate::source::SourceConsumer;
+
+/// A partition of a topic (topic index into the source's topic table).
+pub type Tp = (u16, i32);
+
+/// Where a checkpoint of a replay (rebuild) stands; the rebuild's own committer saves it.
+pub trait Committer: Send + 'static {
+    /// The windows up to and including `upto` are durable in every store.
+    fn windows_durable(&mut self, upto: u64);
+}
+
+/// What the tracker is told.
+pub enum TrackerMsg {
+    /// A window the source closed (before any stage sees it).
+    Register(Registration),
+    /// `participant` made window `id` durable.
+    Ack { id: u64, participant: usize },
+    /// The source's consumer (a new incarnation after a fatal error starts a new generation:
+    /// windows of older generations are never committed).
+    Consumer {
+        generation: u64,
+        consumer: Arc<SourceConsumer>,
+    },
+    /// Drop the consumer (the source closes it on its own thread).
+    Release {
+        reply: std::sync::mpsc::Sender<()>,
+    },
+    /// Partitions now owned, with their assignment epoch.
+    Assigned(Vec<(Tp, u32)>),
+    /// Partitions given up: nothing more is committed for them.
+    Revoked(Vec<Tp>),
+    /// Reply once every window up to `upto` is acknowledged (or `deadline` passes), with the
+    /// committable offsets of `partitions` (next offset to read).
+    Drain {
+        upto: u64,
+        partitions: Vec<Tp>,
+        deadline: Instant,
+        reply: std::sync::mpsc::Sender<Vec<(Tp, i64)>>,
+    },
+}
+
+pub struct Registration {
+    pub id: u64,
+    pub generation: u64,
+    /// Highest offset per (partition, epoch) in the window.
+    pub offsets: Vec<(Tp, u32, i64)>,
+    pub messages: usize,
+    /// Create times of the messages (ms since the epoch), for publish → visible latency.
+    pub timestamps: Vec<i64>,
+}
+
+struct Pending {
+    reg: Registration,
+    acks: usize,
+}
+
+/// Figures the tracker keeps for the run report.
+#[derive(Debug, Default)]
+pub struct TrackerStats {
+    pub windows: u64,
+    pub messages: u64,
+    pub largest_window: u64,
+    pub commits: u64,
+    pub first_message: Option<Instant>,
+    pub last_commit: Option<Instant>,
+    pub latency: Option<hdrhistogram::Histogram<u64>>,
+}
+
+pub struct Tracker {
+    participants: usize,
+    shared: Arc<Shared>,
+    pending: BTreeMap<u64, Pending>,
+    consumer: Option<(u64, Arc<SourceConsumer>)>,
+    /// Current epoch of each owned partition.
+    owned: HashMap<Tp, u32>,
+    /// Next offset to commit per owned partition (epoch it belongs to).
+    committable: HashMap<Tp, (u32, i64)>,
+    committed: HashMap<Tp, i64>,
+    topics: Arc<Vec<String>>,
+    drains: Vec<(u64, Vec<Tp>, Instant, std::sync::mpsc::Sender<Vec<(Tp, i64)>>)>,
+    /// Every window below this id is complete.
+    low_water: u64,
+    stats: TrackerStats,
+    replay: Option<Box<dyn Committer>>,
+}
+
+impl Tracker {
+    pub fn new(
+        participants: usize,
+        shared: Arc<Shared>,
+        topics: Arc<Vec<String>>,
+        replay: Option<Box<dyn Committer>>,
+    ) -> Tracker {
+        Tracker {
+            participants,
+            shared,
+            pending: BTreeMap::new(),
+            consumer: None,
+            owned: HashMap::new(),
+            committable: HashMap::new(),
+            committed: HashMap::new(),
+            topics,
+            drains: Vec::new(),
+            low_water: 0,
+            stats: TrackerStats::default(),
+            replay,
+        }
+    }
+
+    /// Run until every sender is gone; returns the figures.
+    pub async fn run(mut self, mut rx: mpsc::UnboundedReceiver<TrackerMsg>) -> TrackerStats {
+        let mut tick = tokio::time::interval(Duration::from_millis(100));
+        loop {
+            tokio::select! {
+                m = rx.recv() => match m {
+                    Some(m) => self.handle(m),
+                    None => break,
+                },
+                _ = tick.tick() => self.expire_drains(),
+            }
+        }
+        self.advance();
+        self.stats
+    }
+
+    fn handle(&mut self, m: TrackerMsg) {
+        match m {
+            TrackerMsg::Register(reg) => {
+                self.stats.first_message.get_or_insert_with(Instant::now);
+                self.pending.insert(reg.id, Pending { reg, acks: 0 });
+            }
+            TrackerMsg::Ack { id, participant: _ } => {
+                if let Some(p) = self.pending.get_mut(&id) {
+                    p.acks += 1;
+                }
+                self.advance();
+            }
+            TrackerMsg::Consumer {
+                generation,
+                consumer,
+            } => {
+                self.consumer = Some((generation, consumer));
+                self.owned.clear();
+                self.committable.clear();
+                self.committed.clear();
+            }
+            TrackerMsg::Release { reply } => {
+                self.consumer = None;
+                let _ = reply.send(());
+            }
+            TrackerMsg::Assigned(parts) => {
+                for (tp, epoch) in parts {
+                    self.owned.insert(tp, epoch);
+                    self.committable.remove(&tp);
+                    self.committed.remove(&tp);
+                }
+            }
+            TrackerMsg::Revoked(parts) => {
+                for tp in parts {
+                    self.owned.remove(&tp);
+                    self.committable.remove(&tp);
+                    self.committed.remove(&tp);
+                }
+            }
+            TrackerMsg::Drain {
+                upto,
+                partitions,
+                deadline,
+                reply,
+            } => {
+                self.drains.push((upto, partitions, deadline, reply));
+                self.answer_drains(false);
+            }
+        }
+    }
+
+    /// Complete the longest prefix of fully acknowledged windows, then commit.
+    fn advance(&mut self) {
+        let mut progressed = false;
+        while let Some(entry) = self.pending.first_entry() {
+            if entry.get().acks < self.participants {
+                break;
+            }
+            let p = entry.remove();
+            self.complete(p.reg);
+            progressed = true;
+        }
+        self.low_water = self
+            .pending
+            .first_key_value()
+            .map_or(u64::MAX, |(id, _)| *id);
+        if progressed {
+            self.commit();
+            self.answer_drains(false);
+        }
+    }
+
+    fn complete(&mut self, reg: Registration) {
+        self.shared
+            .in_flight
+            .fetch_sub(reg.messages, Ordering::Relaxed);
+        let current = self.consumer.as_ref().map(|(g, _)| *g);
+        let s = &mut self.stats;
+        s.windows += 1;
+        s.messages += reg.messages as u64;
+        s.largest_window = s.largest_window.max(reg.messages as u64);
+        let now_ms = chrono::Utc::now().timestamp_millis();
+        let h = s.latency.get_or_insert_with(|| {
+            // 1 ms .. 1 hour; slower saturates at an hour.
+            hdrhistogram::Histogram::new_with_bounds(1, 3_600_000, 3)
+                .unwrap_or_else(|_| unreachable!("valid bounds"))
+        });
+        for ts in &reg.timestamps {
+            h.saturating_record((now_ms - ts).max(1) as u64);
+        }
+        if let Some(last) = reg.timestamps.iter().max() {
+            metrics::gauge!("projector_lag_seconds").set((now_ms - last).max(0) as f64 / 1000.0);
+        }
+        metrics::histogram!("projector_window_messages").record(reg.messages as f64);
+        metrics::gauge!("projector_in_flight_messages")
+            .set(self.shared.in_flight.load(Ordering::Relaxed) as f64);
+        if let Some(r) = self.replay.as_mut() {
+            r.windows_durable(reg.id);
+            return;
+        }
+        if Some(reg.generation) != current {
+            return; // polled by a consumer that is gone: its new owner redelivers
+        }
+        for (tp, epoch, offset) in reg.offsets {
+            if self.owned.get(&tp) != Some(&epoch) {
+                continue;
+            }
+            let next = offset + 1;
+            let slot = self.committable.entry(tp).or_insert((epoch, next));
+            if slot.0 == epoch && slot.1 < next {
+                slot.1 = next;
+            }
+        }
+    }
+
+    fn commit(&mut self) {
+        let Some((_, consumer)) = &self.consumer else {
+            return;
+        };
+        let mut tpl = TopicPartitionList::new();
+        for (tp, (_, next)) in &self.committable {
+            if self.committed.get(tp) == Some(next) {
+                continue;
+            }
+            let Some(topic) = self.topics.get(tp.0 as usize) else {
+                continue;
+            };
+            if tpl
+                .add_partition_offset(topic, tp.1, Offset::Offset(*next))
+                .is_ok()
+            {
+                self.committed.insert(*tp, *next);
+            }
+        }
+        if tpl.count() == 0 {
+            return;
+        }
+        // Asynchronous: the result arrives in the consumer's commit callback (a fenced or
+        // failed commit is handled there). Offsets only ever move forward per epoch.
+        if let Err(e) = consumer.commit(&tpl, CommitMode::Async) {
+            tracing::warn!(error = %e, "offset commit not sent; the next one covers it");
+            for e in tpl.elements() {
+                if let Some(i) = self.topics.iter().position(|t| t == e.topic()) {
+                    self.committed.remove(&(i as u16, e.partition()));
+                }
+            }
+            return;
+        }
+        self.stats.commits += 1;
+        self.stats.last_commit = Some(Instant::now());
+        self.shared.note_commit();
+    }
+
+    fn answer_drains(&mut self, expired_only: bool) {
+        let now = Instant::now();
+        let low = self.low_water;
+        let mut keep = Vec::new();
+        for (upto, parts, deadline, reply) in std::mem::take(&mut self.drains) {
+            let done = low > upto;
+            if done || now >= deadline || (expired_only && now >= deadline) {
+                let offsets = parts
+                    .iter()
+                    .filter_map(|tp| self.committable.get(tp).map(|(_, o)| (*tp, *o)))
+                    .collect();
+                let _ = reply.send(offsets);
+            } else {
+                keep.push((upto, parts, deadline, reply));
+            }
+        }
+        self.drains = keep;
+    }
+
+    fn expire_drains(&mut self) {
+        if !self.drains.is_empty() {
+            self.answer_drains(true);
+        }
+    }
+}

@@ -1,0 +1,251 @@
+//! The fact stage: one row per event, appended in one insert per batch while the next batch
+//! is turned into rows. The store deduplicates by event id, so a retried or replayed row
+//! counts once.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use futures::future::BoxFuture;
+use projectors::analytics::Fact;
+use projectors::document::StreamKey;
+use projectors::parking::ParkFrom;
+use projectors::{FactProjector, Parked};
+use tokio::sync::mpsc;
+
+use super::parking::ParkRecord;
+use super::retry::Retry;
+use super::stage::{Batch, EventRef, Mode, StageCtx};
+use super::targets::Target;
+use crate::sinks::{FactStore, SinkError};
+
+pub type OpenFacts<S> = Arc<dyn Fn(String) -> BoxFuture<'static, Result<S, SinkError>> + Send + Sync>;
+
+struct Prepared {
+    batch: Batch,
+    target: Target,
+    facts: Vec<Fact>,
+    letters: Vec<(EventRef, &'static str, String)>,
+    parks: Vec<ParkRecord>,
+    events: usize,
+}
+
+struct InFlight {
+    prepared: Prepared,
+    started: Instant,
+    task: tokio::task::JoinHandle<(Vec<Fact>, Result<(), SinkError>)>,
+}
+
+pub struct FactStage<F: FactProjector, S: FactStore> {
+    f: Arc<F>,
+    ctx: StageCtx,
+    open: OpenFacts<S>,
+    state: Option<(Target, S, Parked)>,
+    keys: StreamKey,
+    seen_gen: u64,
+}
+
+impl<F: FactProjector, S: FactStore> FactStage<F, S> {
+    pub fn new(f: Arc<F>, ctx: StageCtx, open: OpenFacts<S>) -> Self {
+        FactStage {
+            f,
+            ctx,
+            open,
+            state: None,
+            keys: StreamKey::default(),
+            seen_gen: 0,
+        }
+    }
+
+    pub async fn run(mut self, mut rx: mpsc::Receiver<Arc<super::Window>>) {
+        let mut inflight: Option<InFlight> = None;
+        while let Some(batch) = self.ctx.recv(&mut rx).await {
+            let mut next = self.prepare(batch).await;
+            if let Some(f) = inflight.take() {
+                self.finish(f).await;
+                if Some(&next.target) != self.state.as_ref().map(|s| &s.0) {
+                    next = self.prepare(next.batch).await;
+                }
+            }
+            inflight = Some(self.start(next));
+        }
+        if let Some(f) = inflight.take() {
+            self.finish(f).await;
+        }
+    }
+
+    async fn ensure(&mut self, target: &Target) {
+        let generation = self.ctx.shared.assignment_gen.load(Ordering::Relaxed);
+        let live = matches!(self.ctx.mode, Mode::Live { .. });
+        if self.state.as_ref().is_some_and(|s| &s.0 == target) && !(live && generation != self.seen_gen) {
+            return;
+        }
+        self.seen_gen = generation;
+        let store = match self.state.take() {
+            Some((t, s, _)) if &t == target => s,
+            _ => {
+                let mut retry = Retry::new(&self.ctx.shared, self.ctx.store, "opening the read model");
+                loop {
+                    match (self.open)(target.version.clone()).await {
+                        Ok(s) => break s,
+                        Err(e) => retry.failed(&e).await,
+                    }
+                }
+            }
+        };
+        let parked = self.ctx.load_parks(&target.version).await;
+        self.state = Some((target.clone(), store, parked));
+    }
+
+    async fn prepare(&mut self, batch: Batch) -> Prepared {
+        let target = self.ctx.target(false).await;
+        self.ensure(&target).await;
+        let f = self.f.clone();
+        let name = self.ctx.name;
+        let mut prep = Prepared {
+            facts: Vec::with_capacity(batch.messages()),
+            batch,
+            target,
+            letters: Vec::new(),
+            parks: Vec::new(),
+            events: 0,
+        };
+        let Some((target, _, parked)) = self.state.as_mut() else {
+            unreachable!("a target is set before any batch")
+        };
+        for (wi, w) in prep.batch.windows.iter().enumerate() {
+            for (ii, item) in w.items.iter().enumerate() {
+                let e = match &item.decoded {
+                    Err(poison) => {
+                        if let Some(stream) = &poison.stream {
+                            let from = match (poison.sequence, item.origin.position()) {
+                                (Some(s), _) => Some(ParkFrom::Sequence(s)),
+                                (None, Some((partition, offset))) => Some(ParkFrom::Offset { partition, offset }),
+                                (None, None) => None,
+                            };
+                            if let Some(from) = from {
+                                parked.park(stream, from, &poison.error.to_string());
+                            }
+                        }
+                        continue;
+                    }
+                    Ok(e) => e,
+                };
+                if !e.event_type().is_some_and(|t| f.handles().contains(&t)) {
+                    continue;
+                }
+                prep.events += 1;
+                let r = (wi as u32, ii as u32);
+                let seq = e.header.sequence_number;
+                let stream = self.keys.of(e);
+                if let Some(mark) = parked.holding(stream, seq, item.origin.position()) {
+                    prep.letters.push((r, "parked", format!("stream {stream} is parked: {}", mark.reason)));
+                    continue;
+                }
+                match f.fact(e) {
+                    Ok(fact) => prep.facts.push(fact),
+                    Err(reason) => {
+                        let stream = stream.to_owned();
+                        if parked.park(&stream, ParkFrom::Sequence(seq), &reason) {
+                            prep.parks.push(ParkRecord {
+                                projection: name.to_owned(),
+                                version: target.version.clone(),
+                                stream,
+                                from: ParkFrom::Sequence(seq),
+                                reason: reason.clone(),
+                            });
+                        }
+                        prep.letters.push((r, "rejected", reason));
+                    }
+                }
+            }
+        }
+        prep
+    }
+
+    fn start(&mut self, mut prepared: Prepared) -> InFlight {
+        let Some((_, store, _)) = self.state.as_ref() else {
+            unreachable!("a target is set before any batch")
+        };
+        let store = store.clone();
+        let facts = std::mem::take(&mut prepared.facts);
+        InFlight {
+            prepared,
+            started: Instant::now(),
+            task: tokio::spawn(async move {
+                let r = store.insert(&facts).await;
+                (facts, r)
+            }),
+        }
+    }
+
+    async fn finish(&mut self, f: InFlight) {
+        let InFlight {
+            mut prepared,
+            started,
+            task,
+        } = f;
+        let (facts, mut result) = match task.await {
+            Ok(r) => r,
+            Err(e) => (Vec::new(), Err(SinkError::transient(self.ctx.store, e))),
+        };
+        prepared.facts = facts;
+        loop {
+            {
+                let mut retry = Retry::new(&self.ctx.shared, self.ctx.store, "inserting facts");
+                while let Err(e) = &result {
+                    retry.failed(e).await;
+                    // A switch while the store was down: write where the pointers say now.
+                    if let Mode::Live { .. } = self.ctx.mode {
+                        let t = self.ctx.target(true).await;
+                        if t != prepared.target {
+                            break;
+                        }
+                    }
+                    let store = self.state.as_ref().map(|s| s.1.clone());
+                    result = match store {
+                        Some(s) => s.insert(&prepared.facts).await,
+                        None => Err(SinkError::transient(self.ctx.store, "no store")),
+                    };
+                }
+            }
+            if let Mode::Replay { .. } = self.ctx.mode {
+                break;
+            }
+            let t = self.ctx.target(true).await;
+            if t == prepared.target && result.is_ok() {
+                break;
+            }
+            tracing::info!(projection = self.ctx.name, to = %t.version,
+                "the read model was switched under a batch: writing it to the new version");
+            let batch = prepared.batch;
+            prepared = self.prepare(batch).await;
+            let store = self.state.as_ref().map(|s| s.1.clone());
+            result = match store {
+                Some(s) => s.insert(&prepared.facts).await,
+                None => Err(SinkError::transient(self.ctx.store, "no store")),
+            };
+        }
+        let name = self.ctx.name;
+        let letters = prepared
+            .letters
+            .iter()
+            .filter_map(|(r, kind, reason)| prepared.batch.letter(*r, kind, reason.clone(), name))
+            .collect();
+        self.ctx.send_letters(letters).await;
+        self.ctx.save_parks(&prepared.parks).await;
+        let s = &self.ctx.stats;
+        s.events.fetch_add(prepared.events as u64, Ordering::Relaxed);
+        s.writes
+            .fetch_add(prepared.facts.len() as u64, Ordering::Relaxed);
+        s.write_nanos
+            .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        metrics::counter!("projector_projected_events_total", "projector" => name)
+            .increment(prepared.events as u64);
+        metrics::counter!("projector_writes_total", "projector" => name, "store" => self.ctx.store)
+            .increment(prepared.facts.len() as u64);
+        metrics::histogram!("projector_write_seconds", "projector" => name, "store" => self.ctx.store)
+            .record(started.elapsed().as_secs_f64());
+        self.ctx.ack(&prepared.batch);
+    }
+}

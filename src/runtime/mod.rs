@@ -1,0 +1,116 @@
+//! The pipelined runtime:
+//!
+//! ```text
+//! source (one thread: poll, window, pause) ──► decode (every core) ──┬─► poison: dead letters, parks
+//!                                                                    ├─► documents stage × shards ─► Redis / MongoDB
+//!                                                                    └─► facts stage ──────────────► ClickHouse
+//!                       commit tracker ◄── acknowledgements of durable windows ──┘
+//! ```
+//!
+//! Bounded queues between the stages give backpressure; a stage writes one batch while it
+//! folds the next; the tracker alone decides what may be committed. The same stages, fed by
+//! a replay of the event store instead of the source, rebuild a read model.
+
+pub mod commit;
+pub mod documents;
+pub mod facts;
+pub mod parking;
+pub mod pipeline;
+pub mod poison;
+pub mod retry;
+pub mod stage;
+pub mod targets;
+
+pub use crate::source::window::Window;
+
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+pub use pipeline::{RunOptions, RunReport, run};
+
+/// State every part of a running worker can see (lock-free).
+#[derive(Debug)]
+pub struct Shared {
+    /// Messages polled and not yet committed (or dropped).
+    pub in_flight: AtomicUsize,
+    /// Stages waiting right now (a store down, a handover, a dead-letter retry): while any
+    /// waits, the source pauses its partitions.
+    pub waiting: AtomicUsize,
+    /// Bumped by every rebalance: stages drop cached views and reload parked streams.
+    pub assignment_gen: AtomicU64,
+    /// The consumer failed for good: the source re-creates it.
+    pub recreate: AtomicBool,
+    pub shutdown: AtomicBool,
+    pub paused: AtomicBool,
+    pub assigned: AtomicBool,
+    /// Stores whose circuit is open (consecutive failures).
+    pub open_circuits: AtomicUsize,
+    /// Total consumer lag (high watermark − committed), from the client's statistics.
+    pub lag_messages: AtomicI64,
+    pub consumer_restarts: AtomicU64,
+    started: Instant,
+    /// Milliseconds since `started` of the last commit (or of the start).
+    last_commit_ms: AtomicU64,
+}
+
+impl Default for Shared {
+    fn default() -> Self {
+        Shared {
+            in_flight: AtomicUsize::new(0),
+            waiting: AtomicUsize::new(0),
+            assignment_gen: AtomicU64::new(0),
+            recreate: AtomicBool::new(false),
+            shutdown: AtomicBool::new(false),
+            paused: AtomicBool::new(false),
+            assigned: AtomicBool::new(false),
+            open_circuits: AtomicUsize::new(0),
+            lag_messages: AtomicI64::new(0),
+            consumer_restarts: AtomicU64::new(0),
+            started: Instant::now(),
+            last_commit_ms: AtomicU64::new(0),
+        }
+    }
+}
+
+impl Shared {
+    pub fn note_commit(&self) {
+        self.last_commit_ms
+            .store(self.started.elapsed().as_millis() as u64, Ordering::Relaxed);
+        metrics::gauge!("projector_last_commit_timestamp_seconds")
+            .set(chrono::Utc::now().timestamp_millis() as f64 / 1000.0);
+    }
+
+    pub fn since_last_commit(&self) -> Duration {
+        let now = self.started.elapsed().as_millis() as u64;
+        Duration::from_millis(now.saturating_sub(self.last_commit_ms.load(Ordering::Relaxed)))
+    }
+
+    /// Ready for traffic: partitions assigned, not paused, every circuit closed.
+    pub fn ready(&self) -> bool {
+        self.assigned.load(Ordering::Relaxed)
+            && !self.paused.load(Ordering::Relaxed)
+            && self.open_circuits.load(Ordering::Relaxed) == 0
+    }
+
+    /// Alive means making progress: unhealthy only when work waits (messages in flight or
+    /// consumer lag) and nothing has been committed for `stall`.
+    pub fn live(&self, stall: Duration) -> bool {
+        let work = self.in_flight.load(Ordering::Relaxed) > 0
+            || self.lag_messages.load(Ordering::Relaxed) > 0;
+        !work || self.since_last_commit() < stall
+    }
+
+    /// Mark a stage as waiting for as long as the guard lives.
+    pub fn waiting(self: &std::sync::Arc<Self>) -> WaitGuard {
+        self.waiting.fetch_add(1, Ordering::Relaxed);
+        WaitGuard(self.clone())
+    }
+}
+
+pub struct WaitGuard(std::sync::Arc<Shared>);
+
+impl Drop for WaitGuard {
+    fn drop(&mut self) {
+        self.0.waiting.fetch_sub(1, Ordering::Relaxed);
+    }
+}

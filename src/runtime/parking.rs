@@ -1,0 +1,146 @@
+//! Parked streams, shared by every worker of a deployment (PostgreSQL `parked_streams`).
+//! A stage records the streams it parks before it acknowledges the window that parked them,
+//! so they are durable before the offsets that cover the refusal are committed; a worker
+//! that takes over partitions reloads them.
+
+use std::sync::Arc;
+
+use projectors::Parked;
+use projectors::parking::ParkFrom;
+
+use crate::store::{Pg, StoreError};
+
+/// Every projector / every version.
+pub const ANY: &str = "*";
+
+/// One parked stream to record.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ParkRecord {
+    pub projection: String,
+    pub version: String,
+    pub stream: String,
+    pub from: ParkFrom,
+    pub reason: String,
+}
+
+#[derive(Clone)]
+pub struct ParkStore {
+    pg: Arc<Pg>,
+    scope: String,
+}
+
+impl ParkStore {
+    /// `scope`: the deployment (consumer group) the parks belong to.
+    pub fn new(pg: Arc<Pg>, scope: &str) -> ParkStore {
+        ParkStore {
+            pg,
+            scope: scope.to_owned(),
+        }
+    }
+
+    /// The parked streams of `projection` writing `version` (and the ones parked for all).
+    pub async fn load(&self, projection: &str, version: &str) -> Result<Parked, StoreError> {
+        let (scope, projection, version) = (self.scope.clone(), projection.to_owned(), version.to_owned());
+        let rows = self
+            .pg
+            .run(|c| async move {
+                c.query(
+                    "SELECT stream, from_sequence, from_partition, from_offset, reason \
+                     FROM parked_streams WHERE scope = $1 AND projection IN ($2, '*') \
+                     AND version IN ($3, '*')",
+                    &[&scope, &projection, &version],
+                )
+                .await
+            })
+            .await?;
+        let mut parked = Parked::default();
+        for r in rows {
+            let stream: String = r.get(0);
+            let from = match (r.get::<_, Option<i64>>(1), r.get::<_, Option<i32>>(2), r.get::<_, Option<i64>>(3)) {
+                (Some(seq), _, _) => ParkFrom::Sequence(seq),
+                (None, Some(partition), Some(offset)) => ParkFrom::Offset { partition, offset },
+                _ => continue,
+            };
+            parked.park(&stream, from, &r.get::<_, String>(4));
+        }
+        Ok(parked)
+    }
+
+    /// Record parks (an earlier sequence replaces a later one; anything else is kept).
+    pub async fn save(&self, records: &[ParkRecord]) -> Result<(), StoreError> {
+        if records.is_empty() {
+            return Ok(());
+        }
+        let scope = self.scope.clone();
+        let records = records.to_vec();
+        self.pg
+            .run(|c| async move {
+                for r in &records {
+                    let (seq, part, off) = match r.from {
+                        ParkFrom::Sequence(s) => (Some(s), None, None),
+                        ParkFrom::Offset { partition, offset } => (None, Some(partition), Some(offset)),
+                    };
+                    c.execute(
+                        "INSERT INTO parked_streams (scope, projection, version, stream, from_sequence, \
+                           from_partition, from_offset, reason) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
+                         ON CONFLICT (scope, projection, version, stream) DO UPDATE \
+                           SET from_sequence = EXCLUDED.from_sequence, from_partition = NULL, \
+                               from_offset = NULL, reason = EXCLUDED.reason, parked_at = now() \
+                         WHERE EXCLUDED.from_sequence IS NOT NULL AND (parked_streams.from_sequence IS NULL \
+                           OR EXCLUDED.from_sequence < parked_streams.from_sequence)",
+                        &[&scope, &r.projection, &r.version, &r.stream, &seq, &part, &off, &r.reason],
+                    )
+                    .await?;
+                }
+                Ok(())
+            })
+            .await
+    }
+
+    /// Forget a park (the operator fixed the cause); returns whether there was one.
+    pub async fn unpark(
+        &self,
+        projection: &str,
+        version: &str,
+        stream: &str,
+    ) -> Result<bool, StoreError> {
+        let (scope, projection, version, stream) = (
+            self.scope.clone(),
+            projection.to_owned(),
+            version.to_owned(),
+            stream.to_owned(),
+        );
+        let n = self
+            .pg
+            .run(|c| async move {
+                c.execute(
+                    "DELETE FROM parked_streams WHERE scope = $1 AND projection IN ($2, '*') \
+                     AND version IN ($3, '*') AND stream = $4",
+                    &[&scope, &projection, &version, &stream],
+                )
+                .await
+            })
+            .await?;
+        Ok(n > 0)
+    }
+
+    /// Every park of the deployment: (projection, version, stream, reason).
+    pub async fn list(&self) -> Result<Vec<(String, String, String, String)>, StoreError> {
+        let scope = self.scope.clone();
+        let rows = self
+            .pg
+            .run(|c| async move {
+                c.query(
+                    "SELECT projection, version, stream, reason FROM parked_streams \
+                     WHERE scope = $1 ORDER BY parked_at",
+                    &[&scope],
+                )
+                .await
+            })
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+            .collect())
+    }
+}

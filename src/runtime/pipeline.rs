@@ -1,0 +1,436 @@
+//! Wiring: stages per registered projector, the decode step, the tracker, and the source
+//! thread; the live worker (`projector run`) is [`run`].
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use futures::FutureExt;
+use projectors::{FactProjector, Projector, Registrar, StoreKind};
+use tokio::sync::mpsc;
+
+use super::Shared;
+use super::commit::{Tracker, TrackerMsg, TrackerStats};
+use super::documents::{DocStage, OpenStore};
+use super::facts::{FactStage, OpenFacts};
+use super::parking::ParkStore;
+use super::stage::{Mode, StageCtx, StageStats};
+use super::targets::Pointers;
+use crate::config::Config;
+use crate::resilience::dead_letter::DeadLetterQueue;
+use crate::sinks::clickhouse::ClickHouseSink;
+use crate::sinks::mongo::MongoSink;
+use crate::sinks::null::{NullDocs, NullFacts};
+use crate::sinks::redis::RedisSink;
+use crate::sinks::{DocStore, FactStore};
+use crate::source::kafka::{KafkaSource, RawWindow};
+use crate::source::window::Window;
+use crate::store::{EventStore, Pg};
+
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    #[error("kafka: {0}")]
+    Kafka(#[from] rdkafka::error::KafkaError),
+    #[error("unknown projector {0:?} in worker.projectors (known: {1})")]
+    UnknownProjector(String, String),
+    #[error("the source thread failed: {0}")]
+    Source(String),
+}
+
+/// Windows queued between two stages, at most.
+const QUEUE: usize = 2;
+
+/// Opens the stores of each kind for a read-model version.
+pub trait SinkFactory: Send + Sync + 'static {
+    type Redis: DocStore;
+    type Mongo: DocStore;
+    type Facts: FactStore;
+    fn redis(&self) -> OpenStore<Self::Redis>;
+    fn mongo(&self) -> OpenStore<Self::Mongo>;
+    fn facts(&self) -> OpenFacts<Self::Facts>;
+}
+
+/// The real stores, named per version from the settings.
+pub struct RealSinks(pub Config);
+
+impl SinkFactory for RealSinks {
+    type Redis = RedisSink;
+    type Mongo = MongoSink;
+    type Facts = ClickHouseSink;
+
+    fn redis(&self) -> OpenStore<RedisSink> {
+        let cfg = self.0.clone();
+        Arc::new(move |v: String| {
+            let cfg = cfg.clone();
+            async move {
+                let views = crate::versions::views_for(&cfg, &v);
+                RedisSink::connect(&cfg.redis, &views.redis_prefix).await
+            }
+            .boxed()
+        })
+    }
+
+    fn mongo(&self) -> OpenStore<MongoSink> {
+        let cfg = self.0.clone();
+        Arc::new(move |v: String| {
+            let cfg = cfg.clone();
+            async move {
+                let views = crate::versions::views_for(&cfg, &v);
+                MongoSink::connect(&cfg.mongo, &views.mongo_collection).await
+            }
+            .boxed()
+        })
+    }
+
+    fn facts(&self) -> OpenFacts<ClickHouseSink> {
+        let cfg = self.0.clone();
+        Arc::new(move |v: String| {
+            let cfg = cfg.clone();
+            async move {
+                let views = crate::versions::views_for(&cfg, &v);
+                ClickHouseSink::connect(&cfg.clickhouse, &views.clickhouse_table).await
+            }
+            .boxed()
+        })
+    }
+}
+
+/// Stores that keep nothing (the engine benchmark).
+#[derive(Default)]
+pub struct NullSinks {
+    pub docs: NullDocs,
+    pub facts: NullFacts,
+}
+
+impl SinkFactory for NullSinks {
+    type Redis = NullDocs;
+    type Mongo = NullDocs;
+    type Facts = NullFacts;
+    fn redis(&self) -> OpenStore<NullDocs> {
+        let d = self.docs.clone();
+        Arc::new(move |_| futures::future::ready(Ok(d.clone())).boxed())
+    }
+    fn mongo(&self) -> OpenStore<NullDocs> {
+        self.redis()
+    }
+    fn facts(&self) -> OpenFacts<NullFacts> {
+        let f = self.facts.clone();
+        Arc::new(move |_| futures::future::ready(Ok(f.clone())).boxed())
+    }
+}
+
+/// The running stages: where to send windows, and their counters.
+pub struct Stages {
+    pub txs: Vec<mpsc::Sender<Arc<Window>>>,
+    pub handles: Vec<tokio::task::JoinHandle<()>>,
+    /// (projector, store, counters) per stage.
+    pub stats: Vec<(&'static str, &'static str, Arc<StageStats>)>,
+    /// Acknowledgements each window needs.
+    pub participants: usize,
+}
+
+/// What every stage of one pipeline shares.
+pub struct StageEnv {
+    pub cfg: Config,
+    pub shared: Arc<Shared>,
+    pub tracker: mpsc::UnboundedSender<TrackerMsg>,
+    pub parks: ParkStore,
+    pub mode: Arc<dyn Fn() -> Mode + Send + Sync>,
+    /// Projectors to run (empty: all).
+    pub only: Vec<String>,
+    pub shards: usize,
+    pub cache_entries: usize,
+    pub max_batch: usize,
+}
+
+struct Builder<'a, F: SinkFactory> {
+    env: &'a StageEnv,
+    sinks: &'a F,
+    stages: Stages,
+}
+
+impl<F: SinkFactory> Builder<'_, F> {
+    fn ctx(&mut self, name: &'static str, store: &'static str) -> (StageCtx, mpsc::Receiver<Arc<Window>>) {
+        let (tx, rx) = mpsc::channel(QUEUE);
+        let stats = Arc::new(StageStats::default());
+        self.stages.stats.push((name, store, stats.clone()));
+        self.stages.txs.push(tx);
+        let participant = self.stages.participants;
+        self.stages.participants += 1;
+        let e = self.env;
+        (
+            StageCtx {
+                name,
+                store,
+                shared: e.shared.clone(),
+                tracker: e.tracker.clone(),
+                participant,
+                mode: (e.mode)(),
+                parks: e.parks.clone(),
+                stats,
+                max_batch: e.max_batch,
+            },
+            rx,
+        )
+    }
+
+    fn wanted(&self, name: &str) -> bool {
+        self.env.only.is_empty() || self.env.only.iter().any(|n| n == name)
+    }
+
+    fn doc_stages<P: Projector, S: DocStore>(&mut self, p: Arc<P>, open: OpenStore<S>, store: &'static str) {
+        let shards = self.env.shards.max(1);
+        for shard in 0..shards {
+            let (ctx, rx) = self.ctx(p.name(), store);
+            let stage = DocStage::new(p.clone(), ctx, shard, shards, open.clone(), self.env.cache_entries);
+            self.stages.handles.push(tokio::spawn(stage.run(rx)));
+        }
+    }
+}
+
+impl<F: SinkFactory> Registrar for Builder<'_, F> {
+    fn document<P: Projector>(&mut self, p: P) {
+        if !self.wanted(p.name()) {
+            return;
+        }
+        let p = Arc::new(p);
+        match p.store() {
+            StoreKind::Mongo => self.doc_stages(p, self.sinks.mongo(), "mongo"),
+            _ => self.doc_stages(p, self.sinks.redis(), "redis"),
+        }
+    }
+
+    fn facts<P: FactProjector>(&mut self, f: P) {
+        if !self.wanted(f.name()) {
+            return;
+        }
+        let (ctx, rx) = self.ctx(f.name(), "clickhouse");
+        let stage = FactStage::new(Arc::new(f), ctx, self.sinks.facts());
+        self.stages.handles.push(tokio::spawn(stage.run(rx)));
+    }
+}
+
+/// Start a stage for every selected projector (shards of document projectors), and the
+/// poison stage.
+pub fn spawn_stages<F: SinkFactory>(env: &StageEnv, sinks: &F) -> Result<Stages, RuntimeError> {
+    let known = projectors::names();
+    for n in &env.only {
+        if !known.contains(&n.as_str()) {
+            return Err(RuntimeError::UnknownProjector(n.clone(), known.join(", ")));
+        }
+    }
+    let mut b = Builder {
+        env,
+        sinks,
+        stages: Stages {
+            txs: Vec::new(),
+            handles: Vec::new(),
+            stats: Vec::new(),
+            participants: 0,
+        },
+    };
+    projectors::register_all(&mut b);
+    let (ctx, rx) = b.ctx("poison", "dead-letter topic");
+    b.stages.handles.push(tokio::spawn(super::poison::run(ctx, rx)));
+    Ok(b.stages)
+}
+
+/// Decode raw windows (on every core) and fan them out to the stages.
+pub async fn decode_loop(
+    mut rx: mpsc::Receiver<RawWindow>,
+    txs: Vec<mpsc::Sender<Arc<Window>>>,
+    topics: Arc<Vec<String>>,
+    topic_prefix: String,
+) {
+    while let Some(raw) = rx.recv().await {
+        let RawWindow {
+            id,
+            generation,
+            items,
+            arena,
+            opened,
+        } = raw;
+        let (t, p) = (topics.clone(), topic_prefix.clone());
+        let decoded = tokio::task::spawn_blocking(move || {
+            let items = crate::source::decode::decode_all(items, &arena, &t, &p);
+            (items, arena)
+        })
+        .await;
+        let Ok((items, arena)) = decoded else {
+            tracing::error!("decoding a window panicked; stopping");
+            return;
+        };
+        let mut by_type: HashMap<&str, u64> = HashMap::new();
+        for it in &items {
+            let t = match &it.decoded {
+                Ok(e) => e.header.event_type.as_str(),
+                Err(_) => "poison",
+            };
+            *by_type.entry(t).or_default() += 1;
+        }
+        for (t, n) in by_type {
+            metrics::counter!("projector_events_total", "event_type" => t.to_owned()).increment(n);
+        }
+        let w = Arc::new(Window {
+            id,
+            generation,
+            items,
+            arena,
+            topics: topics.clone(),
+            opened,
+        });
+        for tx in &txs {
+            if tx.send(w.clone()).await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// Exit once no message has arrived for this long (tests, demo, bench). `None`: run until
+    /// shutdown is requested through `shared`.
+    pub stop_when_idle: Option<Duration>,
+}
+
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+pub struct RunReport {
+    pub messages: u64,
+    pub windows: u64,
+    pub dead_letters: u64,
+    pub duplicates: u64,
+    pub conflicts: u64,
+    pub loads: u64,
+    pub consumer_restarts: u64,
+    /// Documents/rows written per projector, and the time spent writing them.
+    pub writes: HashMap<String, u64>,
+    pub write_seconds: HashMap<String, f64>,
+    pub largest_window: u64,
+    /// Seconds from the first message received to the last commit.
+    pub active_seconds: f64,
+    /// Publish → visible in every read model, per message, in milliseconds.
+    pub latency_ms_p50: u64,
+    pub latency_ms_p99: u64,
+    pub latency_ms_max: u64,
+}
+
+impl RunReport {
+    pub fn from_parts(t: &TrackerStats, stages: &[(&'static str, &'static str, Arc<StageStats>)]) -> RunReport {
+        let mut r = RunReport {
+            messages: t.messages,
+            windows: t.windows,
+            largest_window: t.largest_window,
+            ..Default::default()
+        };
+        if let (Some(a), Some(b)) = (t.first_message, t.last_commit) {
+            r.active_seconds = b.saturating_duration_since(a).as_secs_f64();
+        }
+        if let Some(h) = &t.latency {
+            r.latency_ms_p50 = h.value_at_quantile(0.5);
+            r.latency_ms_p99 = h.value_at_quantile(0.99);
+            r.latency_ms_max = h.max();
+        }
+        for (name, _, s) in stages {
+            r.dead_letters += s.letters.load(Ordering::Relaxed);
+            if *name == "poison" {
+                continue;
+            }
+            r.duplicates += s.duplicates.load(Ordering::Relaxed);
+            r.conflicts += s.conflicts.load(Ordering::Relaxed);
+            r.loads += s.loads.load(Ordering::Relaxed);
+            *r.writes.entry((*name).to_owned()).or_default() += s.writes.load(Ordering::Relaxed);
+            *r.write_seconds.entry((*name).to_owned()).or_default() +=
+                s.write_nanos.load(Ordering::Relaxed) as f64 / 1e9;
+        }
+        r
+    }
+}
+
+/// Migrate the event store, waiting for PostgreSQL if it is not up yet.
+async fn migrate(cfg: &Config, shared: &Arc<Shared>) {
+    let mut retry = super::retry::Retry::new(shared, "postgres", "applying migrations");
+    loop {
+        let r = async {
+            let mut s = EventStore::connect(&cfg.postgres.url).await?;
+            s.migrate().await
+        }
+        .await;
+        match r {
+            Ok(_) => return,
+            Err(e) => retry.failed(&e).await,
+        }
+    }
+}
+
+/// The live worker: join the group and keep the read models up to date until shutdown
+/// (`shared.shutdown`) or idleness; returns the run's figures.
+pub async fn run(cfg: &Config, opts: RunOptions, shared: Arc<Shared>) -> Result<RunReport, RuntimeError> {
+    {
+        let mut retry = super::retry::Retry::new(&shared, "kafka", "creating topics");
+        while let Err(e) = crate::kafka::ensure_topics(&cfg.kafka).await {
+            if shared.shutdown.load(Ordering::Relaxed) {
+                return Ok(RunReport::default());
+            }
+            retry.failed(&e).await;
+        }
+    }
+    migrate(cfg, &shared).await;
+    let pg = Arc::new(Pg::from_config(&cfg.postgres));
+    let pointers = Arc::new(Pointers::new(pg.clone(), &cfg.kafka.group_id));
+    let dlq = Arc::new(DeadLetterQueue::new(&cfg.kafka)?);
+    let topics = Arc::new(crate::kafka::event_topics(&cfg.kafka));
+    let (tracker_tx, tracker_rx) = mpsc::unbounded_channel();
+    let env = StageEnv {
+        cfg: cfg.clone(),
+        shared: shared.clone(),
+        tracker: tracker_tx.clone(),
+        parks: ParkStore::new(pg.clone(), &cfg.kafka.group_id),
+        mode: Arc::new(move || Mode::Live {
+            pointers: pointers.clone(),
+            dlq: dlq.clone(),
+        }),
+        only: cfg.worker.projectors.clone(),
+        shards: cfg.worker.shard_count(),
+        cache_entries: cfg.worker.cache_entries,
+        max_batch: cfg.worker.window_size.max(1) * 4,
+    };
+    let stages = spawn_stages(&env, &RealSinks(cfg.clone()))?;
+    drop(env);
+    let tracker = Tracker::new(stages.participants, shared.clone(), topics.clone(), None);
+    let tracker = tokio::spawn(tracker.run(tracker_rx));
+    let (raw_tx, raw_rx) = mpsc::channel(QUEUE);
+    let decode = tokio::spawn(decode_loop(
+        raw_rx,
+        stages.txs.clone(),
+        topics.clone(),
+        cfg.kafka.topic_prefix.clone(),
+    ));
+    let source = KafkaSource::new(cfg, shared.clone(), tracker_tx, raw_tx, topics.clone());
+    tracing::info!(group = %cfg.kafka.group_id, topics = ?topics, stages = stages.participants, "worker started");
+    let idle = opts.stop_when_idle;
+    let names = topics.as_ref().clone();
+    let thread = std::thread::Builder::new()
+        .name("kafka-source".into())
+        .spawn(move || source.run(names, idle))
+        .map_err(|e| RuntimeError::Source(e.to_string()))?;
+    let joined = tokio::task::spawn_blocking(move || thread.join()).await;
+    if !matches!(joined, Ok(Ok(()))) {
+        return Err(RuntimeError::Source("the source thread panicked".into()));
+    }
+    // The source is gone: the decode step, then the stages, then the tracker wind down.
+    let Stages { txs, handles, stats, .. } = stages;
+    drop(txs);
+    let _ = decode.await;
+    for mut h in handles {
+        if tokio::time::timeout(Duration::from_secs(30), &mut h).await.is_err() {
+            tracing::warn!("a stage did not finish in time; its windows stay uncommitted");
+            h.abort();
+        }
+    }
+    let tstats = tracker.await.unwrap_or_default();
+    let mut report = RunReport::from_parts(&tstats, &stats);
+    report.consumer_restarts = shared.consumer_restarts.load(Ordering::Relaxed);
+    Ok(report)
+}

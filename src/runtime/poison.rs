@@ -1,0 +1,46 @@
+//! The poison stage: messages nobody can read (bad bytes, bad JSON, a payload that breaks the
+//! contract, missing or contradicting headers) go to the dead-letter topic with their reason,
+//! and their stream is parked for every projector, before the window is acknowledged.
+
+use std::sync::Arc;
+
+use projectors::parking::ParkFrom;
+use tokio::sync::mpsc;
+
+use super::parking::{ANY, ParkRecord};
+use super::stage::{Batch, StageCtx};
+use crate::resilience::dead_letter::DeadLetter;
+
+pub async fn run(ctx: StageCtx, mut rx: mpsc::Receiver<Arc<super::Window>>) {
+    while let Some(batch) = ctx.recv(&mut rx).await {
+        handle(&ctx, &batch).await;
+        ctx.ack(&batch);
+    }
+}
+
+async fn handle(ctx: &StageCtx, batch: &Batch) {
+    let mut letters = Vec::new();
+    let mut parks = Vec::new();
+    for w in &batch.windows {
+        for item in &w.items {
+            let Err(p) = &item.decoded else { continue };
+            letters.extend(DeadLetter::of(w, item, p.error.kind(), p.error.to_string(), None));
+            let from = match (p.sequence, item.origin.position()) {
+                (Some(s), _) => Some(ParkFrom::Sequence(s)),
+                (None, Some((partition, offset))) => Some(ParkFrom::Offset { partition, offset }),
+                (None, None) => None,
+            };
+            if let (Some(stream), Some(from)) = (&p.stream, from) {
+                parks.push(ParkRecord {
+                    projection: ANY.into(),
+                    version: ANY.into(),
+                    stream: stream.clone(),
+                    from,
+                    reason: p.error.to_string(),
+                });
+            }
+        }
+    }
+    ctx.send_letters(letters).await;
+    ctx.save_parks(&parks).await;
+}

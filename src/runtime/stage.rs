@@ -1,0 +1,214 @@
+//! What every projector stage shares: its batches of windows, its context (live feed or
+//! replay), acknowledgements, dead letters and parks, each retried until durable.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use contract::Event;
+use tokio::sync::mpsc;
+
+use super::Shared;
+use super::commit::TrackerMsg;
+use super::parking::{ParkRecord, ParkStore};
+use super::retry::Retry;
+use super::targets::{Check, Pointers, Target};
+use crate::resilience::dead_letter::{DeadLetter, DeadLetterQueue};
+use crate::source::window::{Item, Window};
+use crate::versions::LIVE;
+
+/// An event of a batch: (window index in the batch, item index in the window).
+pub type EventRef = (u32, u32);
+
+/// Consecutive windows handled as one unit (a stage that fell behind takes what is queued).
+pub struct Batch {
+    pub windows: Vec<Arc<Window>>,
+}
+
+impl Batch {
+    pub fn item(&self, r: EventRef) -> &Item {
+        &self.windows[r.0 as usize].items[r.1 as usize]
+    }
+
+    /// The event behind a reference (only references to decoded events are ever made).
+    pub fn event(&self, r: EventRef) -> &Event {
+        match &self.item(r).decoded {
+            Ok(e) => e,
+            Err(_) => unreachable!("event references point at decoded events only"),
+        }
+    }
+
+    pub fn letter(
+        &self,
+        r: EventRef,
+        kind: &str,
+        reason: String,
+        projector: &'static str,
+    ) -> Option<DeadLetter> {
+        let w = &self.windows[r.0 as usize];
+        DeadLetter::of(w, &w.items[r.1 as usize], kind, reason, Some(projector))
+    }
+
+    pub fn messages(&self) -> usize {
+        self.windows.iter().map(|w| w.items.len()).sum()
+    }
+}
+
+/// Where a stage's input comes from and what it answers to.
+pub enum Mode {
+    /// The live feed: writes the version the pointers name, verifies them before
+    /// acknowledging, sends dead letters.
+    Live {
+        pointers: Arc<Pointers>,
+        dlq: Arc<DeadLetterQueue>,
+    },
+    /// A replay of the event store into one version (rebuild). `fresh`: the version was
+    /// empty when the replay began, so a key never seen is absent (no load).
+    Replay { version: String, fresh: bool },
+}
+
+/// Counters of one stage, read for the run report and metrics.
+#[derive(Debug, Default)]
+pub struct StageStats {
+    pub events: AtomicU64,
+    pub writes: AtomicU64,
+    pub duplicates: AtomicU64,
+    pub conflicts: AtomicU64,
+    pub letters: AtomicU64,
+    pub loads: AtomicU64,
+    pub write_nanos: AtomicU64,
+}
+
+pub struct StageCtx {
+    pub name: &'static str,
+    pub store: &'static str,
+    pub shared: Arc<Shared>,
+    pub tracker: mpsc::UnboundedSender<TrackerMsg>,
+    pub participant: usize,
+    pub mode: Mode,
+    pub parks: ParkStore,
+    pub stats: Arc<StageStats>,
+    /// The largest batch (in messages) a stage takes at once when windows queue up.
+    pub max_batch: usize,
+}
+
+impl StageCtx {
+    /// The next batch: one window, plus whatever else is already queued (up to `max_batch`
+    /// messages). `None` when the input is closed.
+    pub async fn recv(&self, rx: &mut mpsc::Receiver<Arc<Window>>) -> Option<Batch> {
+        let first = rx.recv().await?;
+        let mut n = first.items.len();
+        let mut windows = vec![first];
+        while n < self.max_batch {
+            match rx.try_recv() {
+                Ok(w) => {
+                    n += w.items.len();
+                    windows.push(w);
+                }
+                Err(_) => break,
+            }
+        }
+        Some(Batch { windows })
+    }
+
+    pub fn ack(&self, batch: &Batch) {
+        for w in &batch.windows {
+            let _ = self.tracker.send(TrackerMsg::Ack {
+                id: w.id,
+                participant: self.participant,
+            });
+        }
+    }
+
+    /// Which version to write now (holding while a handover runs).
+    pub async fn target(&self, fresh: bool) -> Target {
+        match &self.mode {
+            Mode::Replay { version, .. } => Target {
+                version: version.clone(),
+                epoch: 0,
+            },
+            Mode::Live { pointers, .. } => {
+                let mut retry = Retry::new(&self.shared, "postgres", "reading version pointers");
+                let mut holding = None;
+                let mut fresh = fresh;
+                loop {
+                    match pointers.check(self.name, fresh).await {
+                        Ok(Check::Write(t)) => return t,
+                        Ok(Check::Hold) => {
+                            if holding.is_none() {
+                                tracing::info!(projection = self.name, "handover in progress: holding");
+                                holding = Some(self.shared.waiting());
+                            }
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                        }
+                        Err(e) => retry.failed(&e).await,
+                    }
+                    fresh = true;
+                }
+            }
+        }
+    }
+
+    pub fn version_of(target: &Target) -> &str {
+        if target.version.is_empty() {
+            LIVE
+        } else {
+            &target.version
+        }
+    }
+
+    /// Send dead letters, retrying until the broker has them.
+    pub async fn send_letters(&self, letters: Vec<DeadLetter>) {
+        let Mode::Live { dlq, .. } = &self.mode else {
+            return;
+        };
+        if letters.is_empty() {
+            return;
+        }
+        let mut retry = Retry::new(&self.shared, "dead-letter topic", "sending dead letters");
+        loop {
+            match dlq.send(&letters).await {
+                Ok(()) => break,
+                Err(e) => retry.failed(&e).await,
+            }
+        }
+        self.stats
+            .letters
+            .fetch_add(letters.len() as u64, Ordering::Relaxed);
+        for l in &letters {
+            metrics::counter!("projector_dead_letters_total", "kind" => l.kind.clone(),
+                "projector" => self.name)
+            .increment(1);
+        }
+    }
+
+    /// Record parks, retrying until PostgreSQL has them.
+    pub async fn save_parks(&self, records: &[ParkRecord]) {
+        if records.is_empty() {
+            return;
+        }
+        let mut retry = Retry::new(&self.shared, "postgres", "recording parked streams");
+        loop {
+            match self.parks.save(records).await {
+                Ok(()) => break,
+                Err(e) => retry.failed(&e).await,
+            }
+        }
+        for r in records {
+            tracing::warn!(projection = %r.projection, version = %r.version, stream = %r.stream,
+                from = ?r.from, reason = %r.reason, "stream parked: its later events are held");
+            metrics::counter!("projector_parked_streams_total", "projector" => self.name).increment(1);
+        }
+    }
+
+    /// The parked streams of `version`, retried until PostgreSQL answers.
+    pub async fn load_parks(&self, version: &str) -> projectors::Parked {
+        let mut retry = Retry::new(&self.shared, "postgres", "loading parked streams");
+        loop {
+            match self.parks.load(self.name, version).await {
+                Ok(p) => return p,
+                Err(e) => retry.failed(&e).await,
+            }
+        }
+    }
+}

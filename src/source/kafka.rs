@@ -1,0 +1,450 @@
+//! The Kafka source: one thread that owns the consumer and never stops polling.
+//!
+//! It cuts the polled messages into windows (by size and by time), registers each with the
+//! commit tracker and hands it to the pipeline. However slow or dead a store is, this thread
+//! keeps calling `poll`, so the member stays in its group; when the pipeline is full or a
+//! stage waits (store failure, handover, dead-letter retry) it *pauses* its partitions
+//! instead of buffering more. A revoked partition is drained (its windows written and
+//! committed) before it is let go, and a consumer that failed for good (fenced, fatal) is
+//! replaced by a new one under the same identity.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+use rdkafka::message::{BorrowedMessage, Headers};
+use rdkafka::{Message, Offset, TopicPartitionList};
+use tokio::sync::mpsc;
+
+use super::consumer::{RebalanceHandler, SourceConsumer, SourceContext, create_consumer, is_fatal};
+use super::decode::RawItem;
+use super::window::{Arena, Origin, RawRef};
+use crate::config::Config;
+use crate::runtime::Shared;
+use crate::runtime::commit::{Registration, Tp, TrackerMsg};
+
+/// A closed window of raw messages, registered with the tracker, not decoded yet.
+pub struct RawWindow {
+    pub id: u64,
+    pub generation: u64,
+    pub items: Vec<RawItem>,
+    pub arena: Arena,
+    pub opened: Instant,
+}
+
+struct Builder {
+    items: Vec<RawItem>,
+    arena: Arena,
+    opened: Option<Instant>,
+    offsets: HashMap<(Tp, u32), i64>,
+    timestamps: Vec<i64>,
+}
+
+impl Builder {
+    fn new() -> Builder {
+        Builder {
+            items: Vec::new(),
+            arena: Arena::with_capacity(1 << 20),
+            opened: None,
+            offsets: HashMap::new(),
+            timestamps: Vec::new(),
+        }
+    }
+}
+
+struct State {
+    builder: Builder,
+    /// Closed windows the pipeline has not taken yet.
+    ready: VecDeque<RawWindow>,
+    /// Assignment epoch of each owned partition (a partition assigned again gets a new one).
+    epochs: HashMap<Tp, u32>,
+    next_epoch: u32,
+    generation: u64,
+    next_window: u64,
+    last_registered: Option<u64>,
+}
+
+pub struct KafkaSource {
+    cfg: Config,
+    shared: Arc<Shared>,
+    tracker: mpsc::UnboundedSender<TrackerMsg>,
+    windows: mpsc::Sender<RawWindow>,
+    topics: Arc<Vec<String>>,
+    topic_index: HashMap<String, u16>,
+    state: Mutex<State>,
+}
+
+impl KafkaSource {
+    pub fn new(
+        cfg: &Config,
+        shared: Arc<Shared>,
+        tracker: mpsc::UnboundedSender<TrackerMsg>,
+        windows: mpsc::Sender<RawWindow>,
+        topics: Arc<Vec<String>>,
+    ) -> Arc<KafkaSource> {
+        let topic_index = topics
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.clone(), i as u16))
+            .collect();
+        Arc::new(KafkaSource {
+            cfg: cfg.clone(),
+            shared,
+            tracker,
+            windows,
+            topics,
+            topic_index,
+            state: Mutex::new(State {
+                builder: Builder::new(),
+                ready: VecDeque::new(),
+                epochs: HashMap::new(),
+                next_epoch: 1,
+                generation: 0,
+                next_window: 1,
+                last_registered: None,
+            }),
+        })
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn tp_of(&self, topic: &str, partition: i32) -> Option<Tp> {
+        self.topic_index.get(topic).map(|t| (*t, partition))
+    }
+
+    /// Copy one message into the open window.
+    fn push(&self, m: &BorrowedMessage<'_>) {
+        let Some(tp) = self.tp_of(m.topic(), m.partition()) else {
+            return;
+        };
+        let mut st = self.state();
+        let epoch = st.epochs.get(&tp).copied().unwrap_or(0);
+        let b = &mut st.builder;
+        b.opened.get_or_insert_with(Instant::now);
+        let raw = RawRef {
+            key: m.key().map(|k| b.arena.push(k)),
+            payload: m.payload().map(|p| b.arena.push(p)),
+            headers: m
+                .headers()
+                .map(|h| b.arena.push_headers(h.iter().map(|h| (h.key, h.value)))),
+        };
+        let timestamp_ms = m.timestamp().to_millis();
+        b.items.push(RawItem {
+            origin: Origin::Kafka {
+                topic: tp.0,
+                partition: tp.1,
+                offset: m.offset(),
+                epoch,
+                timestamp_ms,
+            },
+            raw,
+        });
+        let slot = b.offsets.entry((tp, epoch)).or_insert(m.offset());
+        *slot = (*slot).max(m.offset());
+        b.timestamps
+            .push(timestamp_ms.unwrap_or_else(|| chrono::Utc::now().timestamp_millis()));
+        self.shared.in_flight.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Close the open window if it is full or old enough (`force`: if it has anything).
+    fn close(&self, st: &mut State, force: bool) {
+        let b = &st.builder;
+        let Some(opened) = b.opened else { return };
+        let full = b.items.len() >= self.cfg.worker.window_size.max(1);
+        let old = opened.elapsed() >= Duration::from_millis(self.cfg.worker.window_ms);
+        if !(force || full || old) {
+            return;
+        }
+        let b = std::mem::replace(&mut st.builder, Builder::new());
+        let id = st.next_window;
+        st.next_window += 1;
+        let reg = Registration {
+            id,
+            generation: st.generation,
+            offsets: b
+                .offsets
+                .into_iter()
+                .map(|((tp, epoch), o)| (tp, epoch, o))
+                .collect(),
+            messages: b.items.len(),
+            timestamps: b.timestamps,
+        };
+        // Registered before any stage can see it, so no acknowledgement arrives first.
+        let _ = self.tracker.send(TrackerMsg::Register(reg));
+        st.last_registered = Some(id);
+        st.ready.push_back(RawWindow {
+            id,
+            generation: st.generation,
+            items: b.items,
+            arena: b.arena,
+            opened,
+        });
+    }
+
+    /// Hand closed windows to the pipeline without blocking; true when none is left.
+    fn offer(&self, st: &mut State) -> bool {
+        while let Some(w) = st.ready.pop_front() {
+            match self.windows.try_send(w) {
+                Ok(()) => {}
+                Err(mpsc::error::TrySendError::Full(w)) => {
+                    st.ready.push_front(w);
+                    return false;
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => return true,
+            }
+        }
+        true
+    }
+
+    /// Close the open window and hand everything over, waiting up to `deadline`.
+    fn flush(&self, deadline: Instant) -> Option<u64> {
+        let mut st = self.state();
+        self.close(&mut st, true);
+        while !self.offer(&mut st) && Instant::now() < deadline {
+            drop(st);
+            std::thread::sleep(Duration::from_millis(5));
+            st = self.state();
+        }
+        st.last_registered
+    }
+
+    fn set_paused(&self, consumer: &SourceConsumer, paused: bool) {
+        let Ok(assignment) = consumer.assignment() else {
+            return;
+        };
+        if assignment.count() == 0 {
+            return;
+        }
+        let r = if paused {
+            consumer.pause(&assignment)
+        } else {
+            consumer.resume(&assignment)
+        };
+        if let Err(e) = r {
+            tracing::warn!(error = %e, paused, "could not change the pause state");
+        }
+    }
+
+    fn tpl_of(&self, offsets: &[(Tp, i64)]) -> TopicPartitionList {
+        let mut tpl = TopicPartitionList::new();
+        for ((t, p), o) in offsets {
+            if let Some(topic) = self.topics.get(*t as usize) {
+                let _ = tpl.add_partition_offset(topic, *p, Offset::Offset(*o));
+            }
+        }
+        tpl
+    }
+
+    /// Wait until the tracker has everything up to `upto`, then commit `parts` synchronously.
+    fn drain_and_commit(&self, consumer: &SourceConsumer, parts: Vec<Tp>, upto: Option<u64>) {
+        let deadline = Instant::now() + Duration::from_millis(self.cfg.worker.drain_timeout_ms);
+        let offsets = match upto {
+            None => Vec::new(),
+            Some(upto) => {
+                let (tx, rx) = std::sync::mpsc::channel();
+                let _ = self.tracker.send(TrackerMsg::Drain {
+                    upto,
+                    partitions: parts,
+                    deadline,
+                    reply: tx,
+                });
+                rx.recv_timeout(
+                    deadline.saturating_duration_since(Instant::now()) + Duration::from_secs(1),
+                )
+                .unwrap_or_default()
+            }
+        };
+        if offsets.is_empty() {
+            return;
+        }
+        let tpl = self.tpl_of(&offsets);
+        if let Err(e) = consumer.commit(&tpl, CommitMode::Sync) {
+            tracing::warn!(error = %e, "final commit of revoked partitions failed; their new owner redelivers");
+        }
+    }
+
+    /// The source thread: poll, window, pause, re-create a failed consumer; returns at
+    /// shutdown once everything polled is written and committed (or the deadline passed).
+    pub fn run(self: Arc<Self>, topics: Vec<String>, stop_when_idle: Option<Duration>) {
+        let mut backoff = crate::resilience::backoff::Backoff::new(
+            Duration::from_millis(200),
+            Duration::from_secs(10),
+        );
+        loop {
+            let generation = {
+                let mut st = self.state();
+                st.generation += 1;
+                st.epochs.clear();
+                st.generation
+            };
+            let ctx = SourceContext {
+                shared: self.shared.clone(),
+                handler: self.clone(),
+            };
+            let consumer = match create_consumer(&self.cfg.kafka, ctx).and_then(|c| {
+                c.subscribe(&topics.iter().map(String::as_str).collect::<Vec<_>>())?;
+                Ok(c)
+            }) {
+                Ok(c) => Arc::new(c),
+                Err(e) => {
+                    tracing::error!(error = %e, "could not create the consumer; retrying");
+                    std::thread::sleep(backoff.next_delay());
+                    continue;
+                }
+            };
+            backoff.reset();
+            let _ = self.tracker.send(TrackerMsg::Consumer {
+                generation,
+                consumer: consumer.clone(),
+            });
+            let finished = self.poll_loop(&consumer, stop_when_idle);
+            // Hand over what this consumer polled (written, not committed if re-created).
+            let last = self.flush(Instant::now() + Duration::from_secs(30));
+            if finished {
+                self.wait_until_written(&consumer);
+                let parts: Vec<Tp> = self.state().epochs.keys().copied().collect();
+                self.drain_and_commit(&consumer, parts, last);
+            }
+            let (tx, rx) = std::sync::mpsc::channel();
+            let _ = self.tracker.send(TrackerMsg::Release { reply: tx });
+            let _ = rx.recv_timeout(Duration::from_secs(5));
+            self.shared.assigned.store(false, Ordering::Relaxed);
+            drop(consumer); // leaves the group (a static member only closes)
+            if finished {
+                return;
+            }
+            self.shared.assignment_gen.fetch_add(1, Ordering::Relaxed);
+            self.shared.consumer_restarts.fetch_add(1, Ordering::Relaxed);
+            metrics::counter!("projector_consumer_restarts_total").increment(1);
+            tracing::warn!(generation, "consumer re-created after a fatal error; rejoining under the same identity");
+        }
+    }
+
+    /// Poll until shutdown (true) or until the consumer must be re-created (false).
+    fn poll_loop(&self, consumer: &SourceConsumer, stop_when_idle: Option<Duration>) -> bool {
+        let mut paused = false;
+        let mut last_activity = Instant::now();
+        let mut last_check = Instant::now();
+        let mut assigned = false;
+        let max_in_flight = self.cfg.worker.max_in_flight.max(1);
+        loop {
+            if self.shared.shutdown.load(Ordering::Relaxed) {
+                return true;
+            }
+            if self.shared.recreate.swap(false, Ordering::Relaxed) {
+                return false;
+            }
+            let backlog = !self.state().ready.is_empty();
+            let want_pause = backlog
+                || self.shared.in_flight.load(Ordering::Relaxed) >= max_in_flight
+                || self.shared.waiting.load(Ordering::Relaxed) > 0;
+            if want_pause != paused {
+                self.set_paused(consumer, want_pause);
+                paused = want_pause;
+                self.shared.paused.store(paused, Ordering::Relaxed);
+                metrics::gauge!("projector_paused").set(if paused { 1.0 } else { 0.0 });
+            }
+            match consumer.poll(Duration::from_millis(if paused { 50 } else { 20 })) {
+                Some(Ok(m)) => {
+                    self.push(&m);
+                    last_activity = Instant::now();
+                }
+                Some(Err(e)) if is_fatal(&e) => {
+                    tracing::error!(error = %e, "the consumer failed for good: re-creating it");
+                    return false;
+                }
+                Some(Err(e)) => tracing::warn!(error = %e, "consumer error"),
+                None => {}
+            }
+            {
+                let mut st = self.state();
+                self.close(&mut st, false);
+                self.offer(&mut st);
+            }
+            if last_check.elapsed() >= Duration::from_millis(250) {
+                last_check = Instant::now();
+                assigned = consumer.assignment().is_ok_and(|a| a.count() > 0);
+                self.shared.assigned.store(assigned, Ordering::Relaxed);
+                // A paused partition assigned meanwhile starts unpaused: pause it too.
+                if paused {
+                    self.set_paused(consumer, true);
+                }
+            }
+            // Idle time counts only while partitions are assigned and nothing is pending (a
+            // join can take a while when a killed member's session has yet to expire).
+            if !assigned || self.shared.in_flight.load(Ordering::Relaxed) > 0 {
+                last_activity = Instant::now();
+            }
+            if let Some(idle) = stop_when_idle
+                && last_activity.elapsed() >= idle
+            {
+                tracing::info!("idle: stopping");
+                self.shared.shutdown.store(true, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// At shutdown: keep polling (paused, so the session stays alive) until every window is
+    /// written and acknowledged, or the shutdown deadline passes.
+    fn wait_until_written(&self, consumer: &SourceConsumer) {
+        self.set_paused(consumer, true);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while self.shared.in_flight.load(Ordering::Relaxed) > 0 && Instant::now() < deadline {
+            let _ = consumer.poll(Duration::from_millis(50));
+            let mut st = self.state();
+            self.offer(&mut st);
+        }
+        let left = self.shared.in_flight.load(Ordering::Relaxed);
+        if left > 0 {
+            tracing::warn!(messages = left, "shutdown deadline: leaving them uncommitted (redelivered later)");
+        }
+    }
+}
+
+impl RebalanceHandler for KafkaSource {
+    fn revoke(&self, consumer: &BaseConsumer<SourceContext>, partitions: &TopicPartitionList) {
+        let parts: Vec<Tp> = partitions
+            .elements()
+            .iter()
+            .filter_map(|e| self.tp_of(e.topic(), e.partition()))
+            .collect();
+        let deadline = Instant::now() + Duration::from_millis(self.cfg.worker.drain_timeout_ms);
+        let last = self.flush(deadline);
+        self.drain_and_commit(consumer, parts.clone(), last);
+        {
+            let mut st = self.state();
+            for tp in &parts {
+                st.epochs.remove(tp);
+            }
+        }
+        let _ = self.tracker.send(TrackerMsg::Revoked(parts));
+        self.shared.assignment_gen.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn assign(&self, consumer: &BaseConsumer<SourceContext>, partitions: &TopicPartitionList) {
+        let mut assigned = Vec::new();
+        {
+            let mut st = self.state();
+            for e in partitions.elements() {
+                if let Some(tp) = self.tp_of(e.topic(), e.partition()) {
+                    let epoch = st.next_epoch;
+                    st.next_epoch += 1;
+                    st.epochs.insert(tp, epoch);
+                    assigned.push((tp, epoch));
+                }
+            }
+        }
+        let _ = self.tracker.send(TrackerMsg::Assigned(assigned));
+        self.shared.assignment_gen.fetch_add(1, Ordering::Relaxed);
+        self.shared.assigned.store(true, Ordering::Relaxed);
+        if self.shared.paused.load(Ordering::Relaxed)
+            && let Err(e) = consumer.pause(partitions)
+        {
+            tracing::warn!(error = %e, "could not pause newly assigned partitions");
+        }
+    }
+}

@@ -1,0 +1,202 @@
+//! Windows: the unit that flows through the pipeline. A window is a run of consecutive
+//! messages (closed by size or by time); it is decoded once, folded by every projector,
+//! written by every store, and committed when all of them have acknowledged it.
+//!
+//! The raw bytes of a window's messages (keys, values, headers) live in one arena, so a
+//! window costs one allocation for its bytes, and dead letters can still carry the
+//! original message untouched.
+
+use std::ops::Range;
+use std::sync::Arc;
+use std::time::Instant;
+
+use contract::{ContractError, Event};
+
+use crate::store::ReplayPosition;
+
+/// Where a message came from.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Origin {
+    /// The live feed: topic (index into [`Window::topics`]), partition, offset, the
+    /// partition's assignment epoch when polled, and the message's create time.
+    Kafka {
+        topic: u16,
+        partition: i32,
+        offset: i64,
+        epoch: u32,
+        timestamp_ms: Option<i64>,
+    },
+    /// A replay of the event store (rebuild).
+    Replay { position: ReplayPosition },
+}
+
+impl Origin {
+    /// (partition, offset) for the parking rule of unreadable messages.
+    pub fn position(&self) -> Option<(i32, i64)> {
+        match *self {
+            Origin::Kafka {
+                partition, offset, ..
+            } => Some((partition, offset)),
+            Origin::Replay { .. } => None,
+        }
+    }
+}
+
+/// A message that cannot be projected by anyone, with why.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Poison {
+    pub error: ContractError,
+    /// The stream it belongs to, when the topic and key tell (`aggregate_type/aggregate_id`).
+    pub stream: Option<String>,
+    /// Its sequence, when the `sequence` header tells.
+    pub sequence: Option<i64>,
+}
+
+/// Byte ranges of a message in its window's arena.
+#[derive(Debug, Clone, Default)]
+pub struct RawRef {
+    pub key: Option<Range<u32>>,
+    pub payload: Option<Range<u32>>,
+    /// Encoded headers (see [`Arena::push_headers`]).
+    pub headers: Option<Range<u32>>,
+}
+
+/// One message of a window.
+#[derive(Debug)]
+pub struct Item {
+    pub origin: Origin,
+    pub decoded: Result<Event, Poison>,
+    pub raw: RawRef,
+}
+
+/// Owned bytes of a window's messages.
+#[derive(Debug, Default)]
+pub struct Arena(Vec<u8>);
+
+impl Arena {
+    pub fn with_capacity(n: usize) -> Arena {
+        Arena(Vec::with_capacity(n))
+    }
+
+    pub fn push(&mut self, bytes: &[u8]) -> Range<u32> {
+        let start = self.0.len() as u32;
+        self.0.extend_from_slice(bytes);
+        start..self.0.len() as u32
+    }
+
+    /// Headers as `u16 name length, name, u32 value length (u32::MAX: null), value`.
+    pub fn push_headers<'a>(
+        &mut self,
+        headers: impl Iterator<Item = (&'a str, Option<&'a [u8]>)>,
+    ) -> Range<u32> {
+        let start = self.0.len() as u32;
+        for (name, value) in headers {
+            let name = &name.as_bytes()[..name.len().min(u16::MAX as usize)];
+            self.0.extend_from_slice(&(name.len() as u16).to_le_bytes());
+            self.0.extend_from_slice(name);
+            match value {
+                Some(v) => {
+                    self.0.extend_from_slice(&(v.len() as u32).to_le_bytes());
+                    self.0.extend_from_slice(v);
+                }
+                None => self.0.extend_from_slice(&u32::MAX.to_le_bytes()),
+            }
+        }
+        start..self.0.len() as u32
+    }
+
+    pub fn get(&self, r: &Range<u32>) -> &[u8] {
+        &self.0[r.start as usize..r.end as usize]
+    }
+
+    /// The headers stored by [`Arena::push_headers`].
+    pub fn headers(&self, r: &Range<u32>) -> HeaderIter<'_> {
+        HeaderIter(self.get(r))
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+pub struct HeaderIter<'a>(&'a [u8]);
+
+impl<'a> Iterator for HeaderIter<'a> {
+    type Item = (&'a str, Option<&'a [u8]>);
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let b = self.0;
+        let n = u16::from_le_bytes(b.get(..2)?.try_into().ok()?) as usize;
+        let name = std::str::from_utf8(b.get(2..2 + n)?).unwrap_or("");
+        let at = 2 + n;
+        let len = u32::from_le_bytes(b.get(at..at + 4)?.try_into().ok()?);
+        let (value, rest) = if len == u32::MAX {
+            (None, at + 4)
+        } else {
+            let end = at + 4 + len as usize;
+            (Some(b.get(at + 4..end)?), end)
+        };
+        self.0 = &b[rest..];
+        Some((name, value))
+    }
+}
+
+/// A window of decoded messages, shared by every stage that handles it.
+#[derive(Debug)]
+pub struct Window {
+    pub id: u64,
+    /// The consumer incarnation that polled it (a re-created consumer starts a new one; the
+    /// windows of an old one are written but never committed).
+    pub generation: u64,
+    pub items: Vec<Item>,
+    pub arena: Arena,
+    /// Topic names, indexed by [`Origin::Kafka::topic`].
+    pub topics: Arc<Vec<String>>,
+    pub opened: Instant,
+}
+
+impl Window {
+    pub fn topic(&self, origin: &Origin) -> &str {
+        match origin {
+            Origin::Kafka { topic, .. } => self
+                .topics
+                .get(*topic as usize)
+                .map_or("?", String::as_str),
+            Origin::Replay { .. } => "event-store",
+        }
+    }
+
+    pub fn events(&self) -> impl Iterator<Item = (usize, &Event)> {
+        self.items
+            .iter()
+            .enumerate()
+            .filter_map(|(i, it)| it.decoded.as_ref().ok().map(|e| (i, e)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn headers_round_trip_through_the_arena_including_nulls() {
+        let mut a = Arena::default();
+        let r = a.push_headers(
+            [("event_type", Some(&b"order.placed"[..])), ("x", None), ("", Some(&b""[..]))]
+                .into_iter(),
+        );
+        let back: Vec<_> = a.headers(&r).collect();
+        assert_eq!(
+            back,
+            vec![
+                ("event_type", Some(&b"order.placed"[..])),
+                ("x", None),
+                ("", Some(&b""[..]))
+            ]
+        );
+    }
+}
