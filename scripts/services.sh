@@ -11,11 +11,12 @@
 #   status   up/down per service; exit 1 if any is down
 #   install  install only
 #   env      print `export PROJECTOR_...=...` lines for the ports in use (for non-default ports)
+#   pid      print the pid of each server this script started (fault tests signal them)
 #
 # Service    | port (env)                                      | installed from
 # kafka      | KAFKA_PORT=19092                                | PyPI noida-db==0.2.3 (Kafka-protocol broker) in a venv
 # postgres   | POSTGRES_PORT=15432                             | Debian postgresql-15; own cluster (initdb), role+db "projector"
-# redis      | REDIS_PORT=16379                                | Debian redis-server; AOF on (appendfsync everysec)
+# redis      | REDIS_PORT=16379                                | Debian redis-server; AOF on (appendfsync always)
 # mongo      | MONGO_PORT=27117                                | crates.io secantus-mdb 0.5.3-beta.196 (secantusd-rs, GPL, separate process)
 # clickhouse | CLICKHOUSE_HTTP_PORT=18123 CLICKHOUSE_TCP_PORT=19001 | PyPI chdb-core==26.9.0 + a small launcher
 #
@@ -27,7 +28,9 @@ set -euo pipefail
 
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd -P)"
 SERVICES_HOME="${PROJECTOR_SERVICES_HOME:-${HOME:-/root}/.cache/projector-services}"
-RUN_ROOT="$REPO_ROOT/.services"
+# A second, independent set (other ports, SERVICES_RUN_ROOT) lets the fault tests hang, kill
+# and restart servers without disturbing the tests that share the default set.
+RUN_ROOT="${SERVICES_RUN_ROOT:-$REPO_ROOT/.services}"
 ALL_SERVICES=(kafka postgres redis mongo clickhouse)
 
 KAFKA_PORT="${KAFKA_PORT:-19092}"
@@ -201,14 +204,14 @@ pg_dirs() {
   PG_DIR="$RUN_ROOT/postgres"
   if [[ $EUID -eq 0 ]] && id -u postgres >/dev/null 2>&1 \
       && ! runuser -u postgres -- test -x "$REPO_ROOT" 2>/dev/null; then
-    PG_DIR="/var/tmp/projector-services-$(printf '%s' "$REPO_ROOT" | sha1sum | cut -c1-12)/postgres"
+    PG_DIR="/var/tmp/projector-services-$(printf '%s' "$RUN_ROOT" | sha1sum | cut -c1-12)/postgres"
   fi
   PG_DATA="$PG_DIR/data"
   PG_LOG="$PG_DIR/postgres.log"
   PG_SOCK="$PG_DIR/socket"
   # unix socket paths are limited to 107 bytes
   if (( ${#PG_SOCK} > 80 )); then
-    PG_SOCK="/tmp/projector-pg-$(printf '%s' "$REPO_ROOT" | sha1sum | cut -c1-12)"
+    PG_SOCK="/tmp/projector-pg-$(printf '%s' "$RUN_ROOT" | sha1sum | cut -c1-12)"
   fi
 }
 
@@ -323,9 +326,11 @@ redis_launch() {
   mkdir -p "$REDIS_DIR/data"
   rm -f "$REDIS_PIDFILE"
   : >"$REDIS_LOG"
-  # AOF on: the store survives restarts like production (RDB snapshots off).
+  # AOF on, fsynced before every acknowledgement: the worker commits Kafka offsets once Redis
+  # has acknowledged, so an acknowledged write must survive a crash (Redis 7.0 has no
+  # WAITAOF). RDB snapshots off.
   clean_exec redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save "" \
-    --appendonly yes --appendfsync everysec \
+    --appendonly yes --appendfsync always \
     --daemonize yes --pidfile "$REDIS_PIDFILE" --dir "$REDIS_DIR/data" --logfile "$REDIS_LOG" \
     </dev/null >"$REDIS_DIR/redis-start.log" 2>&1
 }
@@ -475,6 +480,11 @@ EOF
         <log>$CH_DIR/server.log</log>
         <errorlog>$CH_DIR/server.err.log</errorlog>
     </logger>
+    <!-- The Kafka table engine (the benchmark's peer): the local broker ignores fetch size
+         limits, so allow large fetch responses. -->
+    <kafka>
+        <receive_message_max_bytes>1000000000</receive_message_max_bytes>
+    </kafka>
 </clickhouse>
 EOF
   spawn "$CH_PIDFILE" "$CH_DIR/stdout.log" env PYTHONPATH="$CH_SITE" \
@@ -637,7 +647,7 @@ cmd_env() {
 }
 
 usage() {
-  echo "usage: $0 [up|down|status|install|env] [${ALL_SERVICES[*]}]" >&2
+  echo "usage: $0 [up|down|status|install|env|pid] [${ALL_SERVICES[*]}]" >&2
   exit 2
 }
 
@@ -659,6 +669,8 @@ main() {
       flock -w 1800 9 || { log "another services.sh is still running"; exit 1; }
       "cmd_$cmd" "$@" ;;
     status) cmd_status "$@" ;;
+    pid)
+      for svc in "$@"; do echo "$svc $("${svc}_pid" || echo -)"; done ;;
     env) cmd_env ;;
     -h | --help | help) usage ;;
     *) log "unknown command: $cmd"; usage ;;

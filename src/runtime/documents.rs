@@ -115,6 +115,8 @@ struct Prepared {
     parks: Vec<ParkRecord>,
     events: usize,
     duplicates: usize,
+    /// When its writes were sent.
+    started: Instant,
 }
 
 impl Prepared {
@@ -147,10 +149,17 @@ struct TargetState<V, S> {
     parks_loaded: Instant,
 }
 
+type Written = (Vec<DocWrite>, Result<WriteOutcome, SinkError>);
+
+/// A write task's result; a task that died is a transient failure (its writes are retried).
+fn joined(r: Result<Written, tokio::task::JoinError>, store: &'static str) -> Written {
+    r.unwrap_or_else(|e| (Vec::new(), Err(SinkError::transient(store, e))))
+}
+
 struct InFlight {
     prepared: Prepared,
     order: Vec<usize>,
-    task: tokio::task::JoinHandle<(Vec<DocWrite>, Result<WriteOutcome, SinkError>)>,
+    task: tokio::task::JoinHandle<Written>,
 }
 
 pub struct DocStage<P: Projector, S: DocStore> {
@@ -192,13 +201,31 @@ impl<P: Projector, S: DocStore> DocStage<P, S> {
         }
     }
 
-    /// Run until the input closes; every batch taken is written and acknowledged.
+    /// Run until the input closes; every batch taken is written and acknowledged. A batch is
+    /// folded while the one before is being written; when nothing new arrives, the batch in
+    /// flight is finished (acknowledged) at once.
     pub async fn run(mut self, mut rx: mpsc::Receiver<Arc<super::Window>>) {
         let mut inflight: Option<InFlight> = None;
-        while let Some(batch) = self.ctx.recv(&mut rx).await {
+        loop {
+            let first = match inflight.as_mut() {
+                None => rx.recv().await,
+                Some(f) => tokio::select! {
+                    w = rx.recv() => w,
+                    r = &mut f.task => {
+                        let done = inflight.take().map(|f| (f.prepared, f.order));
+                        if let Some((prepared, order)) = done {
+                            self.finish_opt(prepared, order, joined(r, self.ctx.store), &mut None).await;
+                        }
+                        continue;
+                    }
+                },
+            };
+            let Some(first) = first else { break };
+            let batch = self.ctx.coalesce(first, &mut rx);
             let mut next = self.prepare(batch).await;
             if let Some(f) = inflight.take() {
-                self.finish(f, &mut next).await;
+                let r = joined(f.task.await, self.ctx.store);
+                self.finish_opt(f.prepared, f.order, r, &mut Some(&mut next)).await;
                 if Some(&next.target) != self.state.as_ref().map(|s| &s.target) {
                     // The batch in flight moved to another version: fold this one there too.
                     next = self.prepare(next.batch).await;
@@ -207,8 +234,8 @@ impl<P: Projector, S: DocStore> DocStage<P, S> {
             inflight = Some(self.start(next));
         }
         if let Some(f) = inflight.take() {
-            let mut none = None;
-            self.finish_opt(f, &mut none).await;
+            let r = joined(f.task.await, self.ctx.store);
+            self.finish_opt(f.prepared, f.order, r, &mut None).await;
         }
     }
 
@@ -312,6 +339,7 @@ impl<P: Projector, S: DocStore> DocStage<P, S> {
             parks: Vec::new(),
             events: 0,
             duplicates: 0,
+            started: Instant::now(),
         };
 
         // Route: this projector's events of this shard, and which views to load.
@@ -570,6 +598,7 @@ impl<P: Projector, S: DocStore> DocStage<P, S> {
     }
 
     fn start(&mut self, mut prepared: Prepared) -> InFlight {
+        prepared.started = Instant::now();
         let (writes, order) = prepared.take_writes();
         let store = self.st().store.clone();
         let task = tokio::spawn(async move {
@@ -583,24 +612,17 @@ impl<P: Projector, S: DocStore> DocStage<P, S> {
         }
     }
 
-    async fn finish(&mut self, f: InFlight, next: &mut Prepared) {
-        let mut next = Some(next);
-        self.finish_opt(f, &mut next).await;
-    }
-
     /// Wait for a batch's writes, settle conflicts and refusals (patching `next`), check
     /// the pointers, then send its letters, record its parks and acknowledge it.
-    async fn finish_opt(&mut self, f: InFlight, next: &mut Option<&mut Prepared>) {
-        let started = Instant::now();
-        let InFlight {
-            mut prepared,
-            order,
-            task,
-        } = f;
-        let (writes, mut result) = match task.await {
-            Ok(r) => r,
-            Err(e) => (Vec::new(), Err(SinkError::transient(self.ctx.store, e))),
-        };
+    async fn finish_opt(
+        &mut self,
+        mut prepared: Prepared,
+        order: Vec<usize>,
+        written: (Vec<DocWrite>, Result<WriteOutcome, SinkError>),
+        next: &mut Option<&mut Prepared>,
+    ) {
+        let started = prepared.started;
+        let (writes, mut result) = written;
         prepared.put_back(writes, &order);
         loop {
             self.write_until_settled(&mut prepared, result, next).await;

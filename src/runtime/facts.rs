@@ -30,10 +30,17 @@ struct Prepared {
     events: usize,
 }
 
+type Inserted = (Vec<Fact>, Result<(), SinkError>);
+
+/// An insert task's result; a task that died is a transient failure (retried).
+fn joined(r: Result<Inserted, tokio::task::JoinError>, store: &'static str) -> Inserted {
+    r.unwrap_or_else(|e| (Vec::new(), Err(SinkError::transient(store, e))))
+}
+
 struct InFlight {
     prepared: Prepared,
     started: Instant,
-    task: tokio::task::JoinHandle<(Vec<Fact>, Result<(), SinkError>)>,
+    task: tokio::task::JoinHandle<Inserted>,
 }
 
 pub struct FactStage<F: FactProjector, S: FactStore> {
@@ -59,10 +66,25 @@ impl<F: FactProjector, S: FactStore> FactStage<F, S> {
 
     pub async fn run(mut self, mut rx: mpsc::Receiver<Arc<super::Window>>) {
         let mut inflight: Option<InFlight> = None;
-        while let Some(batch) = self.ctx.recv(&mut rx).await {
+        loop {
+            let first = match inflight.as_mut() {
+                None => rx.recv().await,
+                Some(f) => tokio::select! {
+                    w = rx.recv() => w,
+                    r = &mut f.task => {
+                        if let Some(f) = inflight.take() {
+                            self.finish(f.prepared, f.started, joined(r, self.ctx.store)).await;
+                        }
+                        continue;
+                    }
+                },
+            };
+            let Some(first) = first else { break };
+            let batch = self.ctx.coalesce(first, &mut rx);
             let mut next = self.prepare(batch).await;
             if let Some(f) = inflight.take() {
-                self.finish(f).await;
+                let r = joined(f.task.await, self.ctx.store);
+                self.finish(f.prepared, f.started, r).await;
                 if Some(&next.target) != self.state.as_ref().map(|s| &s.0) {
                     next = self.prepare(next.batch).await;
                 }
@@ -70,7 +92,8 @@ impl<F: FactProjector, S: FactStore> FactStage<F, S> {
             inflight = Some(self.start(next));
         }
         if let Some(f) = inflight.take() {
-            self.finish(f).await;
+            let r = joined(f.task.await, self.ctx.store);
+            self.finish(f.prepared, f.started, r).await;
         }
     }
 
@@ -179,16 +202,8 @@ impl<F: FactProjector, S: FactStore> FactStage<F, S> {
         }
     }
 
-    async fn finish(&mut self, f: InFlight) {
-        let InFlight {
-            mut prepared,
-            started,
-            task,
-        } = f;
-        let (facts, mut result) = match task.await {
-            Ok(r) => r,
-            Err(e) => (Vec::new(), Err(SinkError::transient(self.ctx.store, e))),
-        };
+    async fn finish(&mut self, mut prepared: Prepared, started: Instant, inserted: Inserted) {
+        let (facts, mut result) = inserted;
         prepared.facts = facts;
         loop {
             {

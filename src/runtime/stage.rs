@@ -97,6 +97,11 @@ impl StageCtx {
     /// messages). `None` when the input is closed.
     pub async fn recv(&self, rx: &mut mpsc::Receiver<Arc<Window>>) -> Option<Batch> {
         let first = rx.recv().await?;
+        Some(self.coalesce(first, rx))
+    }
+
+    /// `first`, plus whatever else is already queued (up to `max_batch` messages).
+    pub fn coalesce(&self, first: Arc<Window>, rx: &mut mpsc::Receiver<Arc<Window>>) -> Batch {
         let mut n = first.items.len();
         let mut windows = vec![first];
         while n < self.max_batch {
@@ -108,7 +113,7 @@ impl StageCtx {
                 Err(_) => break,
             }
         }
-        Some(Batch { windows })
+        Batch { windows }
     }
 
     pub fn ack(&self, batch: &Batch) {

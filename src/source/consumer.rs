@@ -31,12 +31,7 @@ pub type SourceConsumer = BaseConsumer<SourceContext>;
 pub fn is_fatal(e: &KafkaError) -> bool {
     matches!(
         e.rdkafka_error_code(),
-        Some(
-            RDKafkaErrorCode::Fatal
-                | RDKafkaErrorCode::FencedInstanceId
-                | RDKafkaErrorCode::UnknownMemberId
-                | RDKafkaErrorCode::IllegalGeneration
-        )
+        Some(RDKafkaErrorCode::Fatal | RDKafkaErrorCode::FencedInstanceId)
     ) || matches!(e, KafkaError::MessageConsumptionFatal(_))
 }
 

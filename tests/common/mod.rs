@@ -1,6 +1,8 @@
 //! Shared by the integration tests: settings for the real local services and unique names.
 #![allow(dead_code)]
 
+pub mod faults;
+
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -301,4 +303,20 @@ pub async fn append_refused(cfg: &Config, ns: &str) -> usize {
         .await
         .unwrap();
     envs.len()
+}
+
+/// GET a path over plain HTTP/1.0: (status, body).
+pub async fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes())
+        .await
+        .ok()?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).await.ok()?;
+    let status = buf.split_whitespace().nth(1)?.parse().ok()?;
+    Some((
+        status,
+        buf.split("\r\n\r\n").nth(1).unwrap_or_default().to_owned(),
+    ))
 }

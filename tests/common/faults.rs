@@ -1,0 +1,233 @@
+//! Fault injection against real servers: a second set of the five servers (own ports and
+//! data, started by `scripts/services.sh` with `SERVICES_RUN_ROOT`), which the fault tests
+//! hang (SIGSTOP/SIGCONT), kill -9 and restart by the pids the script recorded — without
+//! disturbing the tests that share the default set.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use projector::config::Config;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::{Offset, TopicPartitionList};
+
+pub const SERVICES: [&str; 5] = ["kafka", "postgres", "redis", "mongo", "clickhouse"];
+
+const PORTS: [(&str, &str); 6] = [
+    ("KAFKA_PORT", "29092"),
+    ("POSTGRES_PORT", "25432"),
+    ("REDIS_PORT", "26379"),
+    ("MONGO_PORT", "27217"),
+    ("CLICKHOUSE_HTTP_PORT", "28123"),
+    ("CLICKHOUSE_TCP_PORT", "29001"),
+];
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn services(args: &[&str]) -> std::process::Output {
+    Command::new("bash")
+        .arg(repo().join("scripts/services.sh"))
+        .args(args)
+        .env("SERVICES_RUN_ROOT", repo().join(".services-faults"))
+        .envs(PORTS)
+        .stdin(Stdio::null())
+        .output()
+        .expect("scripts/services.sh runs")
+}
+
+/// The fault-test servers, started if they are not running.
+pub struct FaultSet;
+
+impl FaultSet {
+    pub fn up() -> FaultSet {
+        let out = services(&["up"]);
+        assert!(
+            out.status.success(),
+            "fault-test servers did not start:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        FaultSet
+    }
+
+    /// Settings pointing at the fault-test servers.
+    pub fn config(&self) -> Config {
+        let mut c = super::config();
+        c.kafka.brokers = "127.0.0.1:29092".into();
+        c.postgres.url = "postgres://projector@127.0.0.1:25432/projector".into();
+        c.redis.url = "redis://127.0.0.1:26379/".into();
+        c.mongo.uri = "mongodb://127.0.0.1:27217/?directConnection=true".into();
+        c.clickhouse.url = "http://127.0.0.1:28123".into();
+        c
+    }
+
+    /// Isolated names on the fault-test servers.
+    pub fn isolated(&self, tag: &str) -> (Config, String) {
+        let ns = super::unique_namespace(tag);
+        let id = ns.trim_end_matches('-').replace('-', "_");
+        (self.config().isolated(&id), ns)
+    }
+
+    pub fn pid(&self, svc: &str) -> u32 {
+        let out = services(&["pid", svc]);
+        let text = String::from_utf8_lossy(&out.stdout);
+        text.split_whitespace()
+            .nth(1)
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("{svc} has no pid: {text}"))
+    }
+
+    /// The server's process and, for PostgreSQL, its backends (stopping only the postmaster
+    /// would leave open connections served).
+    fn pids(&self, svc: &str) -> Vec<String> {
+        let pid = self.pid(svc);
+        let mut all = vec![pid.to_string()];
+        if svc == "postgres" {
+            let out = Command::new("pgrep").args(["-P", &pid.to_string()]).output().unwrap();
+            all.extend(String::from_utf8_lossy(&out.stdout).split_whitespace().map(str::to_owned));
+        }
+        all
+    }
+
+    fn signal(&self, svc: &str, sig: &str) {
+        for p in self.pids(svc) {
+            let _ = Command::new("kill").args([sig, &p]).status();
+        }
+    }
+
+    pub fn hang(&self, svc: &str) {
+        self.signal(svc, "-STOP");
+    }
+
+    pub fn resume(&self, svc: &str) {
+        self.signal(svc, "-CONT");
+    }
+
+    pub fn kill9(&self, svc: &str) {
+        let pid = self.pid(svc);
+        self.signal(svc, "-KILL");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::path::Path::new(&format!("/proc/{pid}")).exists()
+            && std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .map(|s| !s.contains(") Z "))
+                .unwrap_or(false)
+            && Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn restart(&self, svc: &str) {
+        let out = services(&["up", svc]);
+        assert!(
+            out.status.success(),
+            "{svc} did not come back:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+/// A worker process (a pod with a stable identity), killed if the test ends early.
+pub struct Worker {
+    pub child: Child,
+    pub http: String,
+    pub name: String,
+}
+
+impl Worker {
+    pub fn spawn(cfg: &Config, name: &str, log_tag: &str, extra: &[(&str, String)]) -> Worker {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let http = format!("127.0.0.1:{port}");
+        let dir = repo().join("target/fault-logs");
+        std::fs::create_dir_all(&dir).unwrap();
+        let log = std::fs::File::create(dir.join(format!("{log_tag}-{name}.log"))).unwrap();
+        let child = Command::new(super::projector_bin())
+            .arg("run")
+            .envs(super::config_env(cfg))
+            .env("PROJECTOR_KAFKA__BROKERS", &cfg.kafka.brokers)
+            .env("PROJECTOR_POSTGRES__URL", &cfg.postgres.url)
+            .env("PROJECTOR_REDIS__URL", &cfg.redis.url)
+            .env("PROJECTOR_MONGO__URI", &cfg.mongo.uri)
+            .env("PROJECTOR_CLICKHOUSE__URL", &cfg.clickhouse.url)
+            .env("PROJECTOR_KAFKA__INSTANCE_ID", name)
+            .env("PROJECTOR_WORKER__HTTP_ADDR", &http)
+            .env("RUST_LOG", "info")
+            .envs(extra.iter().map(|(k, v)| (*k, v.as_str())))
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn worker");
+        Worker {
+            child,
+            http,
+            name: name.to_owned(),
+        }
+    }
+
+    pub fn running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// A metric's value summed over its series (0 when absent).
+    pub async fn metric(&self, name: &str) -> f64 {
+        let Some((_, body)) = super::http_get(&self.http, "/metrics").await else {
+            return f64::NAN;
+        };
+        body.lines()
+            .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+
+    pub fn stop(mut self) {
+        let pid = self.child.id().to_string();
+        Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+        let status = self.child.wait().unwrap();
+        assert!(status.success(), "{} exits 0 on SIGTERM: {status:?}", self.name);
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Committed offsets and high watermarks of the group, summed over the event topics.
+/// `None` while the broker does not answer.
+pub fn progress(cfg: &Config) -> Option<(i64, i64)> {
+    let consumer: BaseConsumer = projector::kafka::base_client_config(&cfg.kafka)
+        .set("group.id", &cfg.kafka.group_id)
+        .create()
+        .ok()?;
+    let mut tpl = TopicPartitionList::new();
+    for t in projector::kafka::event_topics(&cfg.kafka) {
+        for p in 0..cfg.kafka.partitions {
+            tpl.add_partition(&t, p);
+        }
+    }
+    let committed = consumer.committed_offsets(tpl.clone(), Duration::from_secs(3)).ok()?;
+    let (mut done, mut high) = (0i64, 0i64);
+    for e in tpl.elements() {
+        let (_, hi) = consumer
+            .fetch_watermarks(e.topic(), e.partition(), Duration::from_secs(3))
+            .ok()?;
+        high += hi;
+        if let Some(c) = committed.find_partition(e.topic(), e.partition())
+            && let Offset::Offset(o) = c.offset()
+        {
+            done += o;
+        }
+    }
+    Some((done, high))
+}
