@@ -39,14 +39,26 @@ async fn survive(svc: &'static str, fault: Fault) {
     let mut w0 = Worker::spawn(&cfg, "w0", &format!("{tag}-{svc}"), &extra);
     let mut w1 = Worker::spawn(&cfg, "w1", &format!("{tag}-{svc}"), &extra);
 
-    // Load, then the fault as soon as the workers are busy writing it.
-    generate_on(&set, &cfg, &format!("{ns}a-"), 8_000, 1).await;
+    // Load arrives in rounds before, during and after the fault; the fault lands as soon as
+    // the workers have committed something, while they write the rest.
+    let load = tokio::spawn(load(cfg.clone(), ns.clone(), 24, 500));
     let c = cfg.clone();
-    wait_until(Duration::from_secs(120), "the workers to be busy", || {
+    wait_until(Duration::from_secs(120), "the workers' first commits", || {
         progress(&c).is_some_and(|(done, high)| done > 0 && done < high)
     })
     .await;
-    let (busy, total) = progress(&cfg).unwrap();
+    // …and lands while a worker holds polled messages it has not committed yet.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let held = w0.metric("projector_in_flight_messages").await
+            + w1.metric("projector_in_flight_messages").await;
+        if held > 0.0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the workers never had messages in flight");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (busy, high) = progress(&cfg).unwrap();
     let t0 = Instant::now();
     match fault {
         Fault::Hang(d) => {
@@ -63,67 +75,116 @@ async fn survive(svc: &'static str, fault: Fault) {
     let during = t0.elapsed();
     let t1 = Instant::now();
     let at_end = progress(&cfg).map_or(busy, |p| p.0);
-    // More load after the fault, then wait for the lag to return to 0 by itself.
-    generate_on(&set, &cfg, &format!("{ns}b-"), 3_000, 2).await;
+    let published = load.await.unwrap();
+    let broker_lost = svc == "kafka" && matches!(fault, Fault::Kill { .. });
+    if broker_lost {
+        // The local broker persists by periodic full snapshots: kill -9 loses messages it had
+        // acknowledged, and committed offsets (Apache Kafka keeps both). Publish the history
+        // again from the event store, as an outbox relay would; the workers must converge.
+        let log = common::event_log_at(&cfg, &ns).await;
+        let envs: Vec<_> = log.iter().map(|e| e.to_envelope()).collect();
+        projector::kafka::EventPublisher::new(&cfg.kafka)
+            .unwrap()
+            .publish(&envs)
+            .await
+            .unwrap();
+    }
     let c = cfg.clone();
     wait_until(Duration::from_secs(240), "the lag to return to 0", || {
-        progress(&c).is_some_and(|(done, high)| done == high && high > total)
+        progress(&c).is_some_and(|(done, high)| {
+            done == high && high > 0 && (broker_lost || high >= published)
+        })
     })
     .await;
     let to_zero = t1.elapsed();
     let (done, _) = progress(&cfg).unwrap();
     eprintln!(
-        "FAULT {svc} {fault:?}: in flight at the fault {} of {total}; {:.0} events/s during, \
-         {:.0} events/s after; lag 0 {:.1} s after the fault ended",
-        total - busy,
+        "FAULT {svc} {fault:?}: {} messages uncommitted when it began; {:.0} msg/s during, \
+         {:.0} msg/s after; lag 0 {:.1} s after the fault ended",
+        high - busy,
         (at_end - busy) as f64 / during.as_secs_f64(),
         (done - at_end) as f64 / to_zero.as_secs_f64(),
         to_zero.as_secs_f64(),
     );
     for w in [&mut w0, &mut w1] {
         assert!(w.running(), "{} is still running: nobody restarted it", w.name);
-        assert_eq!(
-            w.metric("projector_consumer_restarts_total").await,
-            0.0,
-            "{}: the consumer stayed in its group (never fenced, never re-created)",
-            w.name
-        );
+        let restarts = w.metric("projector_consumer_restarts_total").await;
+        if svc == "kafka" {
+            // A broker that went away may fence a static member's old session when it
+            // rejoins: the worker re-creates its consumer under the same identity.
+            eprintln!("{}: consumer re-created {restarts} times", w.name);
+        } else {
+            assert_eq!(
+                restarts, 0.0,
+                "{}: a store fault never costs the consumer its place in the group",
+                w.name
+            );
+        }
     }
     common::assert_read_models_equal_fold(&cfg, &ns).await;
     w0.stop();
     w1.stop();
+    // The local broker keeps everything in memory: leave it as small as it was.
+    let _ = projector::kafka::delete_topics(&cfg.kafka).await;
 }
 
-/// Append and publish a seeded history on the fault-test servers (3 % duplicates, 5 %
-/// redeliveries), retrying while a server is still coming back.
-async fn generate_on(set: &FaultSet, cfg: &projector::config::Config, ns: &str, n: u64, seed: u64) {
-    let _ = set;
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let attempt = async {
-            let mut store = projector::store::EventStore::connect(&cfg.postgres.url).await?;
-            store.migrate().await?;
-            let publisher = projector::kafka::EventPublisher::new(&cfg.kafka)?;
-            let opts = projector::generator::GenerateOptions {
-                seed,
-                events: n,
-                namespace: ns.to_owned(),
-                batch_size: 1_000,
-                duplicate_rate: 0.03,
-                redelivery_rate: 0.05,
+/// A load generator that survives the servers it writes to: `rounds` batches of a seeded
+/// history (3 % duplicates, 5 % redeliveries on the wire), each appended — retried until it
+/// is known to be in the store — then published, retried until the broker has it. Returns
+/// the messages published.
+async fn load(cfg: projector::config::Config, ns: String, rounds: usize, per: usize) -> i64 {
+    use projector::generator::{GenerateOptions, History, Injector};
+    let mut history = History::new(7, &ns);
+    let mut injector = Injector::new(&GenerateOptions {
+        seed: 7,
+        duplicate_rate: 0.03,
+        redelivery_rate: 0.05,
+        ..Default::default()
+    });
+    let mut published = 0i64;
+    for _ in 0..rounds {
+        let mut batch: Vec<contract::EventEnvelope> = history.by_ref().take(per).collect();
+        let first = batch[0].event_id;
+        loop {
+            let attempt = async {
+                let mut store = projector::store::EventStore::connect(&cfg.postgres.url).await?;
+                store.migrate().await?;
+                // A commit whose answer was lost: the batch is in already.
+                let there = store
+                    .client()
+                    .query_opt("SELECT 1 FROM events WHERE event_id = $1", &[&first])
+                    .await?
+                    .is_some();
+                if !there {
+                    store.append(&mut batch).await?;
+                }
+                Ok::<_, anyhow::Error>(())
             };
-            projector::generator::generate(&mut [store], Some(&publisher), &opts, |_| {}).await?;
-            Ok::<_, anyhow::Error>(())
-        };
-        match attempt.await {
-            Ok(()) => return,
-            Err(e) if Instant::now() < deadline => {
-                eprintln!("load generator: {e}; retrying");
-                tokio::time::sleep(Duration::from_secs(1)).await;
+            match tokio::time::timeout(Duration::from_secs(10), attempt).await {
+                Ok(Ok(())) => break,
+                Ok(Err(e)) => eprintln!("load: append: {e}; retrying"),
+                Err(_) => eprintln!("load: append timed out; retrying"),
             }
-            Err(e) => panic!("load generator: {e}"),
+            tokio::time::sleep(Duration::from_millis(500)).await;
         }
+        let wire = injector.wire_order(&batch);
+        loop {
+            let attempt = async {
+                let p = projector::kafka::EventPublisher::new(&cfg.kafka)?;
+                p.publish(&wire).await?;
+                Ok::<_, anyhow::Error>(())
+            };
+            match tokio::time::timeout(Duration::from_secs(40), attempt).await {
+                Ok(Ok(())) => break,
+                Ok(Err(e)) => eprintln!("load: publish: {e}; retrying"),
+                Err(_) => eprintln!("load: publish timed out; retrying"),
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        published += wire.len() as i64;
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    published
 }
 
 const HANG: Fault = Fault::Hang(Duration::from_secs(10));

@@ -29,3 +29,14 @@ pub async fn ensure_topics(cfg: &KafkaConfig) -> Result<(), KafkaError> {
     }
     Ok(())
 }
+
+/// Delete the event topics and the dead-letter topic (tests, benchmarks).
+pub async fn delete_topics(cfg: &KafkaConfig) -> Result<(), KafkaError> {
+    let admin: AdminClient<DefaultClientContext> = base_client_config(cfg).create()?;
+    let mut names = event_topics(cfg);
+    names.push(cfg.dlq_topic.clone());
+    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+    admin.delete_topics(&refs, &opts).await?;
+    Ok(())
+}

@@ -3,7 +3,7 @@
 mod admin;
 mod publisher;
 
-pub use admin::ensure_topics;
+pub use admin::{delete_topics, ensure_topics};
 pub use publisher::EventPublisher;
 
 use rdkafka::ClientConfig;

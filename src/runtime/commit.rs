@@ -245,6 +245,7 @@ impl Tracker {
         if Some(reg.generation) != current {
             return; // polled by a consumer that is gone: its new owner redelivers
         }
+
         for (tp, epoch, offset) in reg.offsets {
             if self.owned.get(&tp) != Some(&epoch) {
                 continue;

@@ -194,6 +194,7 @@ impl DocStore for MongoSink {
         MAX_DOC_BYTES
     }
 
+
     fn encode<V: Serialize>(&self, doc: &Doc<V>) -> Result<Vec<u8>, String> {
         bson::to_vec(doc).map_err(|e| e.to_string())
     }

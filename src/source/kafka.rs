@@ -167,9 +167,10 @@ impl KafkaSource {
             generation: st.generation,
             offsets: b
                 .offsets
-                .into_iter()
-                .map(|((tp, epoch), o)| (tp, epoch, o))
+                .iter()
+                .map(|((tp, epoch), o)| (*tp, *epoch, *o))
                 .collect(),
+
             messages: b.items.len(),
             timestamps: b.timestamps,
         };
@@ -297,6 +298,8 @@ impl KafkaSource {
                 }
             };
             backoff.reset();
+            // Whatever the old consumer reported is history now.
+            self.shared.recreate.store(false, Ordering::Relaxed);
             let _ = self.tracker.send(TrackerMsg::Consumer {
                 generation,
                 consumer: consumer.clone(),
@@ -368,6 +371,8 @@ impl KafkaSource {
             if last_check.elapsed() >= Duration::from_millis(250) {
                 last_check = Instant::now();
                 assigned = consumer.assignment().is_ok_and(|a| a.count() > 0);
+                metrics::gauge!("projector_in_flight_messages")
+                    .set(self.shared.in_flight.load(Ordering::Relaxed) as f64);
                 self.shared.assigned.store(assigned, Ordering::Relaxed);
                 // A paused partition assigned meanwhile starts unpaused: pause it too.
                 if paused {

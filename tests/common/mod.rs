@@ -106,8 +106,14 @@ pub async fn generate(
 
 /// The event log of a namespace, in commit order.
 pub async fn event_log(ns: &str) -> Vec<Event> {
-    store()
+    event_log_at(&config(), ns).await
+}
+
+/// The event log of a namespace in the event store `cfg` names.
+pub async fn event_log_at(cfg: &Config, ns: &str) -> Vec<Event> {
+    EventStore::connect(&cfg.postgres.url)
         .await
+        .unwrap()
         .read_prefix(ns)
         .await
         .unwrap()
@@ -183,7 +189,7 @@ pub fn assert_same(want: &Snapshot, got: &Snapshot, what: &str) {
 
 /// Every read model equals the pure fold of the event log, exactly.
 pub async fn assert_read_models_equal_fold(cfg: &Config, ns: &str) {
-    let log = event_log(ns).await;
+    let log = event_log_at(cfg, ns).await;
     assert!(!log.is_empty());
     let sinks = VersionSinks::connect_views(cfg, &cfg.views).await.unwrap();
     assert_same(&fold(&log, ns), &snapshot(&sinks, ns).await, "live read models vs the fold");
