@@ -93,20 +93,35 @@ impl Committer for Positions {
     }
 }
 
-/// Replay everything after `from` (up to `upto` when given, else to the head as it moves)
-/// into `version` of `selected`. `durable` is called in order with (position, events) once
-/// all events up to that position are durable. Returns the last position and the count.
-#[allow(clippy::too_many_arguments)]
+/// What a replay reads.
+#[derive(Debug, Clone)]
+pub enum Source {
+    /// The log in commit order after `from` (up to `upto` when given, else to the head as
+    /// it moves).
+    Log {
+        from: ReplayPosition,
+        upto: Option<ReplayPosition>,
+    },
+    /// One stream (`aggregate_type/aggregate_id`), in sequence.
+    Stream(String),
+}
+
+/// Replay `source` into `version` of `selected`. `durable` is called in order with
+/// (position, events) once all events up to that position are durable. Returns the last
+/// position and the count.
 pub async fn replay(
     cfg: &Config,
     selected: &[String],
     version: &str,
-    from: ReplayPosition,
-    upto: Option<ReplayPosition>,
+    source: Source,
     fresh: bool,
     opts: &RebuildOptions,
     durable: &mut (dyn FnMut(ReplayPosition, u64) + Send),
 ) -> Result<(ReplayPosition, u64), RebuildError> {
+    let from = match &source {
+        Source::Log { from, .. } => *from,
+        Source::Stream(_) => ReplayPosition::default(),
+    };
     let shared = Arc::new(Shared::default());
     let pg = Arc::new(Pg::from_config(&cfg.postgres));
     let (tracker_tx, tracker_rx) = mpsc::unbounded_channel();
@@ -149,13 +164,23 @@ pub async fn replay(
     let page = opts.batch.max(1);
     let reader = tokio::spawn(async move {
         let store = EventStore::connect(&reader_cfg.postgres.url).await?;
-        let mut cursor = from;
-        loop {
-            let rows = store.read_events_after(cursor, upto, page).await?;
-            let Some((last, _)) = rows.last() else { break };
-            cursor = *last;
-            if page_tx.send(rows).await.is_err() {
-                break;
+        match source {
+            Source::Log { from, upto } => {
+                let mut cursor = from;
+                loop {
+                    let rows = store.read_events_after(cursor, upto, page).await?;
+                    let Some((last, _)) = rows.last() else { break };
+                    cursor = *last;
+                    if page_tx.send(rows).await.is_err() {
+                        break;
+                    }
+                }
+            }
+            Source::Stream(stream) => {
+                let rows = store.read_stream(&stream).await?;
+                if !rows.is_empty() {
+                    let _ = page_tx.send(rows).await;
+                }
             }
         }
         Ok::<_, RebuildError>(())
@@ -318,7 +343,16 @@ pub async fn rebuild(
         progress(base + n, pos, head);
         let _ = cp_tx.send((pos, n));
     };
-    let replayed = replay(cfg, selected, &opts.version, from, upto, fresh, opts, &mut on_durable).await;
+    let replayed = replay(
+        cfg,
+        selected,
+        &opts.version,
+        Source::Log { from, upto },
+        fresh,
+        opts,
+        &mut on_durable,
+    )
+    .await;
     drop(on_durable);
     drop(cp_tx);
     let (_, n) = replayed?;
@@ -355,4 +389,48 @@ async fn save_all(
 /// Connect the stores of `version`'s read models (created if missing).
 pub async fn version_sinks(cfg: &Config, version: &str) -> Result<crate::versions::VersionSinks, SinkError> {
     crate::versions::VersionSinks::connect(cfg, version).await
+}
+
+/// Let a parked stream flow again (after its cause was fixed): forget the park, and replay
+/// the stream from the event store into the version the projection's readers use — then
+/// again once every worker has read the parks afresh, for events held meanwhile. The guards
+/// skip whatever is applied already. Returns the events replayed the second time.
+pub async fn unpark_and_replay(
+    cfg: &Config,
+    projections: &[String],
+    stream: &str,
+) -> Result<u64, RebuildError> {
+    let store = EventStore::connect(&cfg.postgres.url).await?;
+    let live = crate::versions::live_versions(&store, cfg).await?;
+    let pg = Arc::new(Pg::from_config(&cfg.postgres));
+    let parks = ParkStore::new(pg, &cfg.kafka.group_id);
+    // Projections that share a version replay together.
+    let mut by_version: HashMap<String, Vec<String>> = HashMap::new();
+    for p in projections {
+        let version = live.of(p).to_owned();
+        let was = parks.unpark(p, &version, stream).await?;
+        tracing::info!(projection = %p, stream, %version, was_parked = was, "unparked: replaying the stream");
+        by_version.entry(version).or_default().push(p.clone());
+    }
+    let source = Source::Stream(stream.to_owned());
+    let run = |second: bool| {
+        let (by_version, source) = (by_version.clone(), source.clone());
+        async move {
+            let mut n = 0;
+            for (version, selected) in &by_version {
+                let opts = RebuildOptions {
+                    version: version.clone(),
+                    batch: 10_000,
+                    checkpoint_every: 10_000,
+                };
+                let (_, k) = replay(cfg, selected, version, source.clone(), false, &opts, &mut |_, _| {}).await?;
+                n += k;
+            }
+            let _ = second;
+            Ok::<_, RebuildError>(n)
+        }
+    };
+    run(false).await?;
+    tokio::time::sleep(crate::runtime::documents::PARKS_REFRESH + std::time::Duration::from_secs(2)).await;
+    run(true).await
 }

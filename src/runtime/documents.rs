@@ -35,7 +35,7 @@ pub type OpenStore<S> = Arc<dyn Fn(String) -> BoxFuture<'static, Result<S, SinkE
 const CAS_ROUNDS: usize = 10;
 
 /// How often parked streams are read again (an operator may have unparked one).
-const PARKS_REFRESH: Duration = Duration::from_secs(10);
+pub const PARKS_REFRESH: Duration = Duration::from_secs(10);
 
 /// The shard of a view key.
 pub fn shard_of(key: &str, shards: usize) -> usize {
@@ -175,6 +175,9 @@ pub struct DocStage<P: Projector, S: DocStore> {
     keys: StreamKey,
     /// Parks of batches folded but not finished yet: kept across a reload of the table.
     pending_parks: Vec<ParkRecord>,
+    /// Parks of unreadable messages (the poison stage records them): kept across reloads
+    /// for a while, in case this stage reloads before that stage's record lands.
+    poison_parks: Vec<(Instant, String, ParkFrom, String)>,
 }
 
 impl<P: Projector, S: DocStore> DocStage<P, S> {
@@ -198,6 +201,7 @@ impl<P: Projector, S: DocStore> DocStage<P, S> {
             tick: 0,
             keys: StreamKey::default(),
             pending_parks: Vec::new(),
+            poison_parks: Vec::new(),
         }
     }
 
@@ -265,9 +269,7 @@ impl<P: Projector, S: DocStore> DocStage<P, S> {
         }
         self.pending_parks.retain(|r| r.version == target.version);
         let mut parked = self.ctx.load_parks(&target.version).await;
-        for r in &self.pending_parks {
-            parked.park(&r.stream, r.from, &r.reason);
-        }
+        self.merge_unsaved(&mut parked);
         let seen = matches!(self.ctx.mode, Mode::Replay { fresh: true, .. }).then(HashSet::new);
         self.state = Some(TargetState {
             target: target.clone(),
@@ -296,14 +298,24 @@ impl<P: Projector, S: DocStore> DocStage<P, S> {
         self.seen_gen = generation;
         let version = self.st().target.version.clone();
         let mut parked = self.ctx.load_parks(&version).await;
-        for r in &self.pending_parks {
-            parked.park(&r.stream, r.from, &r.reason);
-        }
+        self.merge_unsaved(&mut parked);
         let st = self.st();
         st.parked = parked;
         st.parks_loaded = Instant::now();
         if rebalanced {
             st.cache.map.clear();
+        }
+    }
+
+    /// Parks made here (or seen in poison) that the table may not have yet.
+    fn merge_unsaved(&mut self, parked: &mut Parked) {
+        for r in &self.pending_parks {
+            parked.park(&r.stream, r.from, &r.reason);
+        }
+        self.poison_parks
+            .retain(|(at, ..)| at.elapsed() < PARKS_REFRESH * 6);
+        for (_, stream, from, reason) in &self.poison_parks {
+            parked.park(stream, *from, reason);
         }
     }
 
@@ -364,7 +376,9 @@ impl<P: Projector, S: DocStore> DocStage<P, S> {
                                     (None, None) => None,
                                 };
                                 if let Some(from) = from {
-                                    st.parked.park(stream, from, &poison.error.to_string());
+                                    let why = poison.error.to_string();
+                                    st.parked.park(stream, from, &why);
+                                    self.poison_parks.push((Instant::now(), stream.clone(), from, why));
                                 }
                             }
                             continue;

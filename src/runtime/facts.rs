@@ -50,6 +50,10 @@ pub struct FactStage<F: FactProjector, S: FactStore> {
     state: Option<(Target, S, Parked)>,
     keys: StreamKey,
     seen_gen: u64,
+    parks_loaded: Instant,
+    /// Parks of this stage and of unreadable messages, kept across reloads for a while (the
+    /// table may not have them yet).
+    unsaved: Vec<(Instant, String, ParkFrom, String)>,
 }
 
 impl<F: FactProjector, S: FactStore> FactStage<F, S> {
@@ -61,6 +65,8 @@ impl<F: FactProjector, S: FactStore> FactStage<F, S> {
             state: None,
             keys: StreamKey::default(),
             seen_gen: 0,
+            parks_loaded: Instant::now(),
+            unsaved: Vec::new(),
         }
     }
 
@@ -100,9 +106,14 @@ impl<F: FactProjector, S: FactStore> FactStage<F, S> {
     async fn ensure(&mut self, target: &Target) {
         let generation = self.ctx.shared.assignment_gen.load(Ordering::Relaxed);
         let live = matches!(self.ctx.mode, Mode::Live { .. });
-        if self.state.as_ref().is_some_and(|s| &s.0 == target) && !(live && generation != self.seen_gen) {
+        let stale = live && self.parks_loaded.elapsed() >= super::documents::PARKS_REFRESH;
+        if self.state.as_ref().is_some_and(|s| &s.0 == target)
+            && !(live && generation != self.seen_gen)
+            && !stale
+        {
             return;
         }
+        self.parks_loaded = Instant::now();
         self.seen_gen = generation;
         let store = match self.state.take() {
             Some((t, s, _)) if &t == target => s,
@@ -116,7 +127,12 @@ impl<F: FactProjector, S: FactStore> FactStage<F, S> {
                 }
             }
         };
-        let parked = self.ctx.load_parks(&target.version).await;
+        let mut parked = self.ctx.load_parks(&target.version).await;
+        self.unsaved
+            .retain(|(at, ..)| at.elapsed() < super::documents::PARKS_REFRESH * 6);
+        for (_, stream, from, why) in &self.unsaved {
+            parked.park(stream, *from, why);
+        }
         self.state = Some((target.clone(), store, parked));
     }
 
@@ -147,7 +163,9 @@ impl<F: FactProjector, S: FactStore> FactStage<F, S> {
                                 (None, None) => None,
                             };
                             if let Some(from) = from {
-                                parked.park(stream, from, &poison.error.to_string());
+                                let why = poison.error.to_string();
+                                parked.park(stream, from, &why);
+                                self.unsaved.push((Instant::now(), stream.clone(), from, why));
                             }
                         }
                         continue;
@@ -169,6 +187,7 @@ impl<F: FactProjector, S: FactStore> FactStage<F, S> {
                     Ok(fact) => prep.facts.push(fact),
                     Err(reason) => {
                         let stream = stream.to_owned();
+                        self.unsaved.push((Instant::now(), stream.clone(), ParkFrom::Sequence(seq), reason.clone()));
                         if parked.park(&stream, ParkFrom::Sequence(seq), &reason) {
                             prep.parks.push(ParkRecord {
                                 projection: name.to_owned(),

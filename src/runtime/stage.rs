@@ -199,6 +199,7 @@ impl StageCtx {
                 Err(e) => retry.failed(&e).await,
             }
         }
+        failpoint("after_parks_saved");
         for r in records {
             tracing::warn!(projection = %r.projection, version = %r.version, stream = %r.stream,
                 from = ?r.from, reason = %r.reason, "stream parked: its later events are held");
@@ -215,5 +216,14 @@ impl StageCtx {
                 Err(e) => retry.failed(&e).await,
             }
         }
+    }
+}
+
+/// Test hook: `PROJECTOR_FAILPOINT=<name>` makes the process die (as kill -9 would) when it
+/// reaches the named point, so a test can land a crash exactly there.
+pub fn failpoint(name: &str) {
+    if std::env::var("PROJECTOR_FAILPOINT").is_ok_and(|v| v == name) {
+        eprintln!("failpoint {name}: aborting");
+        std::process::abort();
     }
 }

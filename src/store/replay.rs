@@ -130,6 +130,32 @@ impl EventStore {
     }
 }
 
+impl EventStore {
+    /// Every event of one stream (`aggregate_type/aggregate_id`), in sequence.
+    pub async fn read_stream(&self, stream: &str) -> Result<Vec<Replayed>, StoreError> {
+        let (t, id) = stream.split_once('/').unwrap_or((stream, ""));
+        let rows = self
+            .client
+            .query(
+                "SELECT global_position, event_id, aggregate_type, aggregate_id, sequence_number, \
+                   event_type, event_data::text, metadata::text, timestamp, transaction_id::text \
+                 FROM events WHERE aggregate_type = $1 AND aggregate_id = $2 ORDER BY sequence_number",
+                &[&t, &id],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| {
+                let position = ReplayPosition {
+                    transaction_id: r.get::<_, String>(9).parse().unwrap_or(0),
+                    global_position: r.get(0),
+                };
+                (position, typed(r))
+            })
+            .collect())
+    }
+}
+
 fn typed(r: &tokio_postgres::Row) -> Result<Event, (String, i64, contract::ContractError)> {
     let aggregate_type: String = r.get(2);
     let aggregate_id: String = r.get(3);

@@ -247,6 +247,24 @@ pub async fn append_refused(cfg: &Config, ns: &str) -> usize {
     let ghost = format!("{ns}ord-ghost");
     let early = format!("{ns}cus-early");
     let customer = format!("{ns}cus-ghost");
+    let twice = format!("{ns}ord-twice");
+    let placed = |seq| {
+        Event::new(
+            uuid::Uuid::new_v4(),
+            &twice,
+            seq,
+            EventData::OrderPlaced(OrderPlaced {
+                order_id: twice.clone(),
+                customer_id: early.clone(),
+                items: vec![],
+                shipping_address: Default::default(),
+                total_amount: 12.5,
+                currency: None,
+            }),
+            Default::default(),
+            t,
+        )
+    };
     let events = vec![
         Event::new(
             uuid::Uuid::new_v4(),
@@ -299,9 +317,48 @@ pub async fn append_refused(cfg: &Config, ns: &str) -> usize {
             t,
         ),
     ];
-    let mut envs: Vec<contract::EventEnvelope> =
-        events.into_iter().map(|e| e.unwrap().to_envelope()).collect();
-    store().await.append(&mut envs).await.unwrap();
+    // ord-twice: placed, validated, placed again (the order view refuses it; Customer-360
+    // and analytics take it), then shipped (held by the order view only).
+    let mut events = events;
+    events.push(placed(0));
+    events.push(Event::new(
+        uuid::Uuid::new_v4(),
+        &twice,
+        1,
+        EventData::OrderValidated(OrderValidated {
+            order_id: twice.clone(),
+            customer_id: early.clone(),
+            validation_details: Default::default(),
+        }),
+        Default::default(),
+        t,
+    ));
+    events.push(placed(2));
+    events.push(Event::new(
+        uuid::Uuid::new_v4(),
+        &twice,
+        3,
+        EventData::OrderShipped(OrderShipped {
+            order_id: twice.clone(),
+            customer_id: early.clone(),
+            carrier: "DHL".into(),
+            tracking_number: "9".into(),
+        }),
+        Default::default(),
+        t,
+    ));
+    append_and_publish(cfg, events.into_iter().map(|e| e.unwrap()).collect()).await
+}
+
+/// Append events to the event store and publish them; returns how many.
+pub async fn append_and_publish(cfg: &Config, events: Vec<Event>) -> usize {
+    let mut envs: Vec<contract::EventEnvelope> = events.iter().map(|e| e.to_envelope()).collect();
+    EventStore::connect(&cfg.postgres.url)
+        .await
+        .unwrap()
+        .append(&mut envs)
+        .await
+        .unwrap();
     kafka::ensure_topics(&cfg.kafka).await.unwrap();
     EventPublisher::new(&cfg.kafka)
         .unwrap()

@@ -1,0 +1,269 @@
+//! Refused and unreadable events against the real servers: parks are per projector, shared
+//! by every worker (a worker that takes partitions over holds what another one parked),
+//! recorded before the offsets move (a crash right after recording them changes nothing),
+//! and an operator can unpark a stream and replay it from the event store. Inputs that the
+//! earlier engine retried forever become dead letters while the rest flows.
+
+mod common;
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use contract::EventData;
+use contract::catalogue::*;
+use projector::config::Config;
+use projector::runtime::parking::ParkStore;
+use projector::store::Pg;
+
+/// A worker process: dynamic membership unless `pod` is given.
+fn worker(cfg: &Config, pod: Option<&str>, idle: Option<f64>, env: &[(&str, &str)]) -> std::process::Child {
+    let mut cmd = Command::new(common::projector_bin());
+    cmd.arg("run").envs(common::config_env(cfg)).env("RUST_LOG", "warn");
+    if let Some(p) = pod {
+        cmd.env("PROJECTOR_KAFKA__INSTANCE_ID", p);
+    }
+    if let Some(s) = idle {
+        cmd.arg("--exit-when-idle").arg(s.to_string());
+    }
+    cmd.envs(env.iter().copied())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+fn sigterm(child: &mut std::process::Child) -> std::process::ExitStatus {
+    let pid = child.id().to_string();
+    Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    child.wait().unwrap()
+}
+
+async fn parks(cfg: &Config) -> Vec<(String, String, String, String)> {
+    ParkStore::new(std::sync::Arc::new(Pg::from_config(&cfg.postgres)), &cfg.kafka.group_id)
+        .list()
+        .await
+        .unwrap()
+}
+
+fn completed(ns: &str, seq: i64) -> contract::Event {
+    let id = format!("{ns}ord-twice");
+    contract::Event::new(
+        uuid::Uuid::new_v4(),
+        &id,
+        seq,
+        EventData::OrderCompleted(OrderCompleted {
+            order_id: id.clone(),
+            customer_id: format!("{ns}cus-early"),
+        }),
+        Default::default(),
+        chrono::Utc::now(),
+    )
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parks_are_per_projector_and_survive_a_rebalance() {
+    let (cfg, ns) = common::isolated_config("pr");
+    common::generate(&cfg, &ns, 1_000, 3, 0.0, 0.0).await;
+    common::append_refused(&cfg, &ns).await;
+    // a alone parks; then b joins, and a leaves: b owns every partition, ord-twice's too.
+    let mut a = worker(&cfg, None, None, &[]);
+    let want = common::event_log(&ns).await.len();
+    let have = common::wait_for_facts(&common::live_sinks(&cfg).await, &ns, want).await;
+    assert_eq!(have, want);
+    let mut b = worker(&cfg, None, None, &[]);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let p = parks(&cfg).await;
+    let twice = format!("order/{ns}ord-twice");
+    assert!(
+        p.iter().any(|(proj, _, s, _)| proj == "order_view" && *s == twice),
+        "the order view parked ord-twice: {p:?}"
+    );
+    assert!(
+        !p.iter().any(|(proj, _, s, _)| proj != "order_view" && *s == twice),
+        "only the order view refused it: {p:?}"
+    );
+    // a leaves; b takes its partitions over and must hold what a parked.
+    assert!(sigterm(&mut a).success());
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    common::append_and_publish(&cfg, vec![completed(&ns, 4)]).await;
+    let have = common::wait_for_facts(&common::live_sinks(&cfg).await, &ns, want + 1).await;
+    assert_eq!(have, want + 1, "analytics took the new event");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(sigterm(&mut b).success());
+    // The fold parks the same way: the order view holds seq 3 and 4, Customer-360 applies them.
+    common::assert_read_models_equal_fold(&cfg, &ns).await;
+    let sinks = common::live_sinks(&cfg).await;
+    let view: Vec<_> = common::decoded(sinks.mongo.scan_all::<projectors::order_view::OrderView>().await.unwrap())
+        .into_iter()
+        .filter(|(k, _)| k.ends_with("ord-twice"))
+        .collect();
+    assert_eq!(view[0].1.view.status, "payment_pending", "stopped before the refused event");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_between_recording_parks_and_committing_changes_nothing() {
+    let (cfg, ns) = common::isolated_config("pc");
+    common::generate(&cfg, &ns, 800, 4, 0.0, 0.0).await;
+    common::append_refused(&cfg, &ns).await;
+    // The first worker dies the moment its parks are recorded, before any commit covers them.
+    let mut crashing = worker(&cfg, Some("pod-0"), None, &[("PROJECTOR_FAILPOINT", "after_parks_saved")]);
+    let status = tokio::task::spawn_blocking(move || crashing.wait().unwrap()).await.unwrap();
+    assert!(!status.success(), "the failpoint killed it: {status:?}");
+    assert!(!parks(&cfg).await.is_empty(), "parks were recorded before the crash");
+    // Its replacement redelivers the uncommitted events: the ones before the refusal apply,
+    // the refused one and those after it are held, exactly as the fold says.
+    let mut next = worker(&cfg, Some("pod-0"), Some(4.0), &[]);
+    assert!(tokio::task::spawn_blocking(move || next.wait().unwrap()).await.unwrap().success());
+    common::assert_read_models_equal_fold(&cfg, &ns).await;
+    let p = parks(&cfg).await;
+    let twice = format!("order/{ns}ord-twice");
+    let mark = p.iter().find(|(proj, _, s, _)| proj == "order_view" && *s == twice).unwrap();
+    assert!(mark.3.contains("already placed"), "{mark:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unparked_stream_is_replayed_from_the_event_store() {
+    let (cfg, ns) = common::isolated_config("up");
+    common::generate(&cfg, &ns, 500, 5, 0.0, 0.0).await;
+    // A stream whose first event was corrupted in transit: the event store has it intact.
+    let id = format!("{ns}cus-transit");
+    let created = contract::Event::new(
+        uuid::Uuid::new_v4(),
+        &id,
+        0,
+        EventData::CustomerCreated(CustomerCreated {
+            customer_id: id.clone(),
+            name: "T".into(),
+            email: "t@x".into(),
+            phone: None,
+            address: None,
+        }),
+        Default::default(),
+        chrono::Utc::now(),
+    )
+    .unwrap();
+    let mut env = created.to_envelope();
+    projector::store::EventStore::connect(&cfg.postgres.url)
+        .await
+        .unwrap()
+        .append(std::slice::from_mut(&mut env))
+        .await
+        .unwrap();
+    let publisher = projector::kafka::EventPublisher::new(&cfg.kafka).unwrap();
+    publisher
+        .publish_raw(
+            &format!("{}customer", cfg.kafka.topic_prefix),
+            &id,
+            b"\x00\x01 garbled",
+            &[("event_type", "customer.created"), ("aggregate_type", "customer"), ("sequence", "0")],
+        )
+        .await
+        .unwrap();
+    let later = contract::Event::new(
+        uuid::Uuid::new_v4(),
+        &id,
+        1,
+        EventData::InteractionRecorded(InteractionRecorded {
+            customer_id: id.clone(),
+            agent_id: "a".into(),
+            interaction_id: "i".into(),
+            interaction_type: "chat".into(),
+            channel: None,
+            sentiment_score: Some(0.9),
+        }),
+        Default::default(),
+        chrono::Utc::now(),
+    )
+    .unwrap();
+    common::append_and_publish(&cfg, vec![later]).await;
+    let mut w = worker(&cfg, Some("pod-0"), None, &[]);
+    let stream = format!("customer/{id}");
+    let sinks = common::live_sinks(&cfg).await;
+    let want = common::event_log(&ns).await.len() - 2;
+    assert_eq!(common::wait_for_facts(&sinks, &ns, want).await, want);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(parks(&cfg).await.iter().any(|(_, _, s, _)| *s == stream), "parked by the garbled message");
+    // The operator fixes nothing here (the store was right all along): unpark and replay,
+    // while the worker runs.
+    let all: Vec<String> = projectors::names().iter().map(|s| (*s).to_owned()).collect();
+    projector::rebuild::unpark_and_replay(&cfg, &all, &stream).await.unwrap();
+    assert!(!parks(&cfg).await.iter().any(|(_, _, s, _)| *s == stream));
+    assert!(sigterm(&mut w).success());
+    common::assert_read_models_equal_fold(&cfg, &ns).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inputs_that_used_to_wedge_the_worker_become_dead_letters_or_just_work() {
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    let (cfg, ns) = common::isolated_config("pe");
+    let t0 = chrono::DateTime::parse_from_rfc3339("2010-01-15T00:00:00Z").unwrap().to_utc();
+    // An id ending like the old revision keys, and 150 months of events in one window.
+    let mut events = Vec::new();
+    for (i, id) in [format!("{ns}cus-7"), format!("{ns}cus-7:rev")].iter().enumerate() {
+        events.push(
+            contract::Event::new(
+                uuid::Uuid::new_v4(),
+                id,
+                0,
+                EventData::CustomerCreated(CustomerCreated {
+                    customer_id: id.clone(),
+                    name: format!("n{i}"),
+                    email: "e".into(),
+                    phone: None,
+                    address: None,
+                }),
+                Default::default(),
+                t0,
+            )
+            .unwrap(),
+        );
+    }
+    for m in 0..150i64 {
+        let id = format!("{ns}cus-m{m}");
+        events.push(
+            contract::Event::new(
+                uuid::Uuid::new_v4(),
+                &id,
+                0,
+                EventData::CustomerCreated(CustomerCreated {
+                    customer_id: id.clone(),
+                    name: "m".into(),
+                    email: "e".into(),
+                    phone: None,
+                    address: None,
+                }),
+                Default::default(),
+                t0 + chrono::Duration::days(31 * m),
+            )
+            .unwrap(),
+        );
+    }
+    common::append_and_publish(&cfg, events).await;
+    // Kafka only (the contract keeps them out of the event store): an integer no store can
+    // hold, and a message bigger than the dead-letter producer takes.
+    let producer: FutureProducer = projector::kafka::base_client_config(&cfg.kafka)
+        .set("message.max.bytes", "10000000")
+        .create()
+        .unwrap();
+    let order = format!("{ns}ord-big");
+    let huge_int = format!(
+        r#"{{"event_id":"{}","aggregate_type":"order","aggregate_id":"{order}","sequence_number":0,"global_position":1,
+        "event_type":"order.placed","event_data":{{"order_id":"{order}","customer_id":"c","items":[],
+        "shipping_address":{{"zip":18446744073709551615}},"total_amount":1.0}},"timestamp":"2026-11-22T10:00:00Z"}}"#,
+        uuid::Uuid::new_v4()
+    );
+    let oversized = vec![b'x'; 2_000_000];
+    let headers = projector::kafka::headers([("event_type", "order.placed"), ("aggregate_type", "order"), ("sequence", "0")]);
+    for payload in [huge_int.as_bytes(), oversized.as_slice()] {
+        let topic = format!("{}order", cfg.kafka.topic_prefix);
+        let r = FutureRecord::to(&topic).key(order.as_str()).payload(payload).headers(headers.clone());
+        projector::kafka::send(&producer, r).await.unwrap();
+    }
+    let report = common::run_worker_until_idle(&cfg, Duration::from_secs(4)).await;
+    assert_eq!(report.dead_letters, 2, "{report:?}");
+    common::assert_read_models_equal_fold(&cfg, &ns).await;
+    let sinks = common::live_sinks(&cfg).await;
+    let facts = common::facts_of(&sinks, &ns).await;
+    assert_eq!(facts.len(), 152, "every month's facts inserted");
+}
