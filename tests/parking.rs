@@ -243,7 +243,6 @@ async fn inputs_that_used_to_wedge_the_worker_become_dead_letters_or_just_work()
     // Kafka only (the contract keeps them out of the event store): an integer no store can
     // hold, and a message bigger than the dead-letter producer takes.
     let producer: FutureProducer = projector::kafka::base_client_config(&cfg.kafka)
-        .set("message.max.bytes", "10000000")
         .create()
         .unwrap();
     let order = format!("{ns}ord-big");
@@ -253,7 +252,9 @@ async fn inputs_that_used_to_wedge_the_worker_become_dead_letters_or_just_work()
         "shipping_address":{{"zip":18446744073709551615}},"total_amount":1.0}},"timestamp":"2026-11-22T10:00:00Z"}}"#,
         uuid::Uuid::new_v4()
     );
-    let oversized = vec![b'x'; 2_000_000];
+    // Under the contract's 1 MB (so it is read, and refused as not JSON), but with the
+    // dead-letter headers over what the producer and broker take: it keeps its head only.
+    let oversized = vec![b'x'; 990_000];
     let headers = projector::kafka::headers([("event_type", "order.placed"), ("aggregate_type", "order"), ("sequence", "0")]);
     for payload in [huge_int.as_bytes(), oversized.as_slice()] {
         let topic = format!("{}order", cfg.kafka.topic_prefix);
@@ -266,4 +267,25 @@ async fn inputs_that_used_to_wedge_the_worker_become_dead_letters_or_just_work()
     let sinks = common::live_sinks(&cfg).await;
     let facts = common::facts_of(&sinks, &ns).await;
     assert_eq!(facts.len(), 152, "every month's facts inserted");
+    // The big one kept the head of its payload, and says how big it was.
+    use rdkafka::Message;
+    use rdkafka::consumer::{Consumer, StreamConsumer};
+    use rdkafka::message::Headers;
+    let dlq: StreamConsumer = projector::kafka::base_client_config(&cfg.kafka)
+        .set("group.id", format!("{ns}dlq"))
+        .set("auto.offset.reset", "earliest")
+        .create()
+        .unwrap();
+    dlq.subscribe(&[cfg.kafka.dlq_topic.as_str()]).unwrap();
+    let mut truncated = None;
+    for _ in 0..2 {
+        let m = tokio::time::timeout(Duration::from_secs(30), dlq.recv()).await.unwrap().unwrap();
+        let h = m.headers().unwrap();
+        if let Some(v) = h.iter().find(|x| x.key == "dlq_truncated_from_bytes").and_then(|x| x.value) {
+            truncated = Some((String::from_utf8_lossy(v).into_owned(), m.payload().map_or(0, <[u8]>::len)));
+        }
+    }
+    let (from, len) = truncated.expect("the oversized letter is marked truncated");
+    assert_eq!(from, "990000");
+    assert!(len < cfg.kafka.dlq_max_bytes, "{len}");
 }

@@ -8,7 +8,7 @@
 
 use std::borrow::Cow;
 
-use chrono::{DateTime, Datelike, Utc};
+use chrono::{DateTime, Datelike, SubsecRound, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use serde_json::{Map, Value};
@@ -178,7 +178,7 @@ impl EventEnvelope {
             global_position: self.global_position,
             event_type: self.event_type.clone(),
             metadata: Metadata::from_map(&self.metadata),
-            timestamp: self.timestamp,
+            timestamp: self.timestamp.trunc_subsecs(6),
         }
     }
 
@@ -407,13 +407,16 @@ fn non_empty<'s>(field: &'static str, s: &'s str) -> Result<&'s str, ContractErr
     Ok(s)
 }
 
+/// Event times keep microseconds, as the event store does: an event read back from the
+/// store and the same event off the wire fold into the same bytes.
 fn timestamp(field: &'static str, text: &str) -> Result<DateTime<Utc>, ContractError> {
     let t = DateTime::parse_from_rfc3339(text)
         .map_err(|_| ContractError::InvalidTimestamp {
             field,
             value: text.to_owned(),
         })?
-        .with_timezone(&Utc);
+        .with_timezone(&Utc)
+        .trunc_subsecs(6);
     if !(MIN_YEAR..=MAX_YEAR).contains(&t.year()) {
         return Err(ContractError::InvalidValue {
             field,
