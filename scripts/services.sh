@@ -543,6 +543,9 @@ start_service() {
       "${svc}_stop" "$pid"
     fi
   fi
+  # A server we just stopped may hold its port a moment longer (or a child of it does).
+  local i
+  for ((i = 0; i < 100; i++)); do foreign_port "$svc" >/dev/null || break; sleep 0.1; done
   if busy=$(foreign_port "$svc"); then
     log "$svc: port $busy is already served by a process that services.sh did not start; stop it first"
     START_NOTE="port conflict"

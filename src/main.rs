@@ -90,6 +90,9 @@ struct BenchCli {
     /// Skip the ClickHouse Kafka engine comparison.
     #[arg(long)]
     no_clickhouse_engine: bool,
+    /// Measure the engine alone and stop (for profiling).
+    #[arg(long)]
+    engine_only: bool,
 }
 
 #[derive(Args)]
@@ -164,6 +167,7 @@ async fn main() -> anyhow::Result<()> {
                     raw_docs: args.raw_docs,
                     steady: !args.no_steady,
                     clickhouse_engine: !args.no_clickhouse_engine,
+                    engine_only: args.engine_only,
                 },
             )
             .await?
@@ -472,10 +476,7 @@ async fn rebuild(config: &Config, args: RebuildArgs) -> anyhow::Result<()> {
     if report.replaced.is_empty() {
         return Ok(());
     }
-    println!(
-        "retiring {:?} in {} s",
-        report.replaced, args.grace_seconds
-    );
+    println!("retiring {:?} in {} s", report.replaced, args.grace_seconds);
     tokio::time::sleep(std::time::Duration::from_secs(args.grace_seconds)).await;
     for (p, old) in &report.replaced {
         rebuild::retire(config, &store, p, old).await?;

@@ -70,7 +70,10 @@ pub async fn serve(
                 if s.health.shared.live(s.health.stall) {
                     (StatusCode::OK, "ok")
                 } else {
-                    (StatusCode::SERVICE_UNAVAILABLE, "stalled: work waits and nothing was committed")
+                    (
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "stalled: work waits and nothing was committed",
+                    )
                 }
             }),
         )

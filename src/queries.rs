@@ -43,7 +43,7 @@ pub struct ResolutionPercentiles {
 impl ClickHouseSink {
     /// Revenue (order totals placed) and order count per day.
     pub async fn revenue_per_day(&self) -> Result<Vec<RevenueDay>, SinkError> {
-        Ok(self
+        self
             .client()
             .query(&format!(
                 "SELECT toString(toDate(ts)) AS day, count() AS orders, sum(amount_cents) AS revenue_cents
@@ -52,13 +52,12 @@ impl ClickHouseSink {
             ))
             .fetch_all()
             .await
-            .map_err(crate::sinks::clickhouse::classify)?)
+            .map_err(crate::sinks::clickhouse::classify)
     }
 
     /// Orders that reached each step of the funnel.
     pub async fn funnel(&self) -> Result<Funnel, SinkError> {
-        Ok(self
-            .client()
+        self.client()
             .query(&format!(
                 "SELECT countIf(event_type = 'order.placed') AS placed,
                         countIf(event_type = 'order.validated') AS validated,
@@ -72,13 +71,12 @@ impl ClickHouseSink {
             ))
             .fetch_one()
             .await
-            .map_err(crate::sinks::clickhouse::classify)?)
+            .map_err(crate::sinks::clickhouse::classify)
     }
 
     /// Mean sentiment per day and interaction type (interactions with a score).
     pub async fn sentiment_per_day(&self) -> Result<Vec<SentimentDay>, SinkError> {
-        Ok(self
-            .client()
+        self.client()
             .query(&format!(
                 "SELECT toString(toDate(ts)) AS day, interaction_type, count() AS interactions,
                         avg(sentiment) AS avg_sentiment
@@ -88,13 +86,12 @@ impl ClickHouseSink {
             ))
             .fetch_all()
             .await
-            .map_err(crate::sinks::clickhouse::classify)?)
+            .map_err(crate::sinks::clickhouse::classify)
     }
 
     /// Ticket resolution time percentiles (created → resolved, per ticket).
     pub async fn resolution_percentiles(&self) -> Result<ResolutionPercentiles, SinkError> {
-        Ok(self
-            .client()
+        self.client()
             .query(&format!(
                 "SELECT count() AS resolved,
                         quantileExact(0.5)(secs) AS p50_seconds,
@@ -113,6 +110,6 @@ impl ClickHouseSink {
             ))
             .fetch_one()
             .await
-            .map_err(crate::sinks::clickhouse::classify)?)
+            .map_err(crate::sinks::clickhouse::classify)
     }
 }

@@ -40,14 +40,21 @@ pub struct VersionSinks {
 }
 
 impl VersionSinks {
-    pub async fn connect(cfg: &Config, version: &str) -> Result<VersionSinks, crate::sinks::SinkError> {
+    pub async fn connect(
+        cfg: &Config,
+        version: &str,
+    ) -> Result<VersionSinks, crate::sinks::SinkError> {
         Self::connect_views(cfg, &views_for(cfg, version)).await
     }
 
-    pub async fn connect_views(cfg: &Config, views: &ViewsConfig) -> Result<VersionSinks, crate::sinks::SinkError> {
+    pub async fn connect_views(
+        cfg: &Config,
+        views: &ViewsConfig,
+    ) -> Result<VersionSinks, crate::sinks::SinkError> {
         Ok(VersionSinks {
             redis: crate::sinks::redis::RedisSink::connect(&cfg.redis, &views.redis_prefix).await?,
-            mongo: crate::sinks::mongo::MongoSink::connect(&cfg.mongo, &views.mongo_collection).await?,
+            mongo: crate::sinks::mongo::MongoSink::connect(&cfg.mongo, &views.mongo_collection)
+                .await?,
             clickhouse: crate::sinks::clickhouse::ClickHouseSink::connect(
                 &cfg.clickhouse,
                 &views.clickhouse_table,

@@ -43,9 +43,11 @@ async fn survive(svc: &'static str, fault: Fault) {
     // the workers have committed something, while they write the rest.
     let load = tokio::spawn(load(cfg.clone(), ns.clone(), 24, 500));
     let c = cfg.clone();
-    wait_until(Duration::from_secs(120), "the workers' first commits", || {
-        progress(&c).is_some_and(|(done, high)| done > 0 && done < high)
-    })
+    wait_until(
+        Duration::from_secs(120),
+        "the workers' first commits",
+        || progress(&c).is_some_and(|(done, high)| done > 0 && done < high),
+    )
     .await;
     // …and lands while a worker holds polled messages it has not committed yet.
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -55,7 +57,10 @@ async fn survive(svc: &'static str, fault: Fault) {
         if held > 0.0 {
             break;
         }
-        assert!(Instant::now() < deadline, "the workers never had messages in flight");
+        assert!(
+            Instant::now() < deadline,
+            "the workers never had messages in flight"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let (busy, high) = progress(&cfg).unwrap();
@@ -107,7 +112,11 @@ async fn survive(svc: &'static str, fault: Fault) {
         to_zero.as_secs_f64(),
     );
     for w in [&mut w0, &mut w1] {
-        assert!(w.running(), "{} is still running: nobody restarted it", w.name);
+        assert!(
+            w.running(),
+            "{} is still running: nobody restarted it",
+            w.name
+        );
         let restarts = w.metric("projector_consumer_restarts_total").await;
         if svc == "kafka" {
             // A broker that went away may fence a static member's old session when it

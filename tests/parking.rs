@@ -16,9 +16,16 @@ use projector::runtime::parking::ParkStore;
 use projector::store::Pg;
 
 /// A worker process: dynamic membership unless `pod` is given.
-fn worker(cfg: &Config, pod: Option<&str>, idle: Option<f64>, env: &[(&str, &str)]) -> std::process::Child {
+fn worker(
+    cfg: &Config,
+    pod: Option<&str>,
+    idle: Option<f64>,
+    env: &[(&str, &str)],
+) -> std::process::Child {
     let mut cmd = Command::new(common::projector_bin());
-    cmd.arg("run").envs(common::config_env(cfg)).env("RUST_LOG", "warn");
+    cmd.arg("run")
+        .envs(common::config_env(cfg))
+        .env("RUST_LOG", "warn");
     if let Some(p) = pod {
         cmd.env("PROJECTOR_KAFKA__INSTANCE_ID", p);
     }
@@ -39,10 +46,13 @@ fn sigterm(child: &mut std::process::Child) -> std::process::ExitStatus {
 }
 
 async fn parks(cfg: &Config) -> Vec<(String, String, String, String)> {
-    ParkStore::new(std::sync::Arc::new(Pg::from_config(&cfg.postgres)), &cfg.kafka.group_id)
-        .list()
-        .await
-        .unwrap()
+    ParkStore::new(
+        std::sync::Arc::new(Pg::from_config(&cfg.postgres)),
+        &cfg.kafka.group_id,
+    )
+    .list()
+    .await
+    .unwrap()
 }
 
 fn completed(ns: &str, seq: i64) -> contract::Event {
@@ -76,11 +86,13 @@ async fn parks_are_per_projector_and_survive_a_rebalance() {
     let p = parks(&cfg).await;
     let twice = format!("order/{ns}ord-twice");
     assert!(
-        p.iter().any(|(proj, _, s, _)| proj == "order_view" && *s == twice),
+        p.iter()
+            .any(|(proj, _, s, _)| proj == "order_view" && *s == twice),
         "the order view parked ord-twice: {p:?}"
     );
     assert!(
-        !p.iter().any(|(proj, _, s, _)| proj != "order_view" && *s == twice),
+        !p.iter()
+            .any(|(proj, _, s, _)| proj != "order_view" && *s == twice),
         "only the order view refused it: {p:?}"
     );
     // a leaves; b takes its partitions over and must hold what a parked.
@@ -94,11 +106,20 @@ async fn parks_are_per_projector_and_survive_a_rebalance() {
     // The fold parks the same way: the order view holds seq 3 and 4, Customer-360 applies them.
     common::assert_read_models_equal_fold(&cfg, &ns).await;
     let sinks = common::live_sinks(&cfg).await;
-    let view: Vec<_> = common::decoded(sinks.mongo.scan_all::<projectors::order_view::OrderView>().await.unwrap())
-        .into_iter()
-        .filter(|(k, _)| k.ends_with("ord-twice"))
-        .collect();
-    assert_eq!(view[0].1.view.status, "payment_pending", "stopped before the refused event");
+    let view: Vec<_> = common::decoded(
+        sinks
+            .mongo
+            .scan_all::<projectors::order_view::OrderView>()
+            .await
+            .unwrap(),
+    )
+    .into_iter()
+    .filter(|(k, _)| k.ends_with("ord-twice"))
+    .collect();
+    assert_eq!(
+        view[0].1.view.status, "payment_pending",
+        "stopped before the refused event"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -107,18 +128,36 @@ async fn a_crash_between_recording_parks_and_committing_changes_nothing() {
     common::generate(&cfg, &ns, 800, 4, 0.0, 0.0).await;
     common::append_refused(&cfg, &ns).await;
     // The first worker dies the moment its parks are recorded, before any commit covers them.
-    let mut crashing = worker(&cfg, Some("pod-0"), None, &[("PROJECTOR_FAILPOINT", "after_parks_saved")]);
-    let status = tokio::task::spawn_blocking(move || crashing.wait().unwrap()).await.unwrap();
+    let mut crashing = worker(
+        &cfg,
+        Some("pod-0"),
+        None,
+        &[("PROJECTOR_FAILPOINT", "after_parks_saved")],
+    );
+    let status = tokio::task::spawn_blocking(move || crashing.wait().unwrap())
+        .await
+        .unwrap();
     assert!(!status.success(), "the failpoint killed it: {status:?}");
-    assert!(!parks(&cfg).await.is_empty(), "parks were recorded before the crash");
+    assert!(
+        !parks(&cfg).await.is_empty(),
+        "parks were recorded before the crash"
+    );
     // Its replacement redelivers the uncommitted events: the ones before the refusal apply,
     // the refused one and those after it are held, exactly as the fold says.
     let mut next = worker(&cfg, Some("pod-0"), Some(4.0), &[]);
-    assert!(tokio::task::spawn_blocking(move || next.wait().unwrap()).await.unwrap().success());
+    assert!(
+        tokio::task::spawn_blocking(move || next.wait().unwrap())
+            .await
+            .unwrap()
+            .success()
+    );
     common::assert_read_models_equal_fold(&cfg, &ns).await;
     let p = parks(&cfg).await;
     let twice = format!("order/{ns}ord-twice");
-    let mark = p.iter().find(|(proj, _, s, _)| proj == "order_view" && *s == twice).unwrap();
+    let mark = p
+        .iter()
+        .find(|(proj, _, s, _)| proj == "order_view" && *s == twice)
+        .unwrap();
     assert!(mark.3.contains("already placed"), "{mark:?}");
 }
 
@@ -156,7 +195,11 @@ async fn an_unparked_stream_is_replayed_from_the_event_store() {
             &format!("{}customer", cfg.kafka.topic_prefix),
             &id,
             b"\x00\x01 garbled",
-            &[("event_type", "customer.created"), ("aggregate_type", "customer"), ("sequence", "0")],
+            &[
+                ("event_type", "customer.created"),
+                ("aggregate_type", "customer"),
+                ("sequence", "0"),
+            ],
         )
         .await
         .unwrap();
@@ -183,11 +226,19 @@ async fn an_unparked_stream_is_replayed_from_the_event_store() {
     let want = common::event_log(&ns).await.len() - 2;
     assert_eq!(common::wait_for_facts(&sinks, &ns, want).await, want);
     tokio::time::sleep(Duration::from_secs(1)).await;
-    assert!(parks(&cfg).await.iter().any(|(_, _, s, _)| *s == stream), "parked by the garbled message");
+    assert!(
+        parks(&cfg).await.iter().any(|(_, _, s, _)| *s == stream),
+        "parked by the garbled message"
+    );
     // The operator fixes nothing here (the store was right all along): unpark and replay,
     // while the worker runs.
-    let all: Vec<String> = projectors::names().iter().map(|s| (*s).to_owned()).collect();
-    projector::rebuild::unpark_and_replay(&cfg, &all, &stream).await.unwrap();
+    let all: Vec<String> = projectors::names()
+        .iter()
+        .map(|s| (*s).to_owned())
+        .collect();
+    projector::rebuild::unpark_and_replay(&cfg, &all, &stream)
+        .await
+        .unwrap();
     assert!(!parks(&cfg).await.iter().any(|(_, _, s, _)| *s == stream));
     assert!(sigterm(&mut w).success());
     common::assert_read_models_equal_fold(&cfg, &ns).await;
@@ -197,10 +248,15 @@ async fn an_unparked_stream_is_replayed_from_the_event_store() {
 async fn inputs_that_used_to_wedge_the_worker_become_dead_letters_or_just_work() {
     use rdkafka::producer::{FutureProducer, FutureRecord};
     let (cfg, ns) = common::isolated_config("pe");
-    let t0 = chrono::DateTime::parse_from_rfc3339("2010-01-15T00:00:00Z").unwrap().to_utc();
+    let t0 = chrono::DateTime::parse_from_rfc3339("2010-01-15T00:00:00Z")
+        .unwrap()
+        .to_utc();
     // An id ending like the old revision keys, and 150 months of events in one window.
     let mut events = Vec::new();
-    for (i, id) in [format!("{ns}cus-7"), format!("{ns}cus-7:rev")].iter().enumerate() {
+    for (i, id) in [format!("{ns}cus-7"), format!("{ns}cus-7:rev")]
+        .iter()
+        .enumerate()
+    {
         events.push(
             contract::Event::new(
                 uuid::Uuid::new_v4(),
@@ -255,10 +311,17 @@ async fn inputs_that_used_to_wedge_the_worker_become_dead_letters_or_just_work()
     // Under the contract's 1 MB (so it is read, and refused as not JSON), but with the
     // dead-letter headers over what the producer and broker take: it keeps its head only.
     let oversized = vec![b'x'; 990_000];
-    let headers = projector::kafka::headers([("event_type", "order.placed"), ("aggregate_type", "order"), ("sequence", "0")]);
+    let headers = projector::kafka::headers([
+        ("event_type", "order.placed"),
+        ("aggregate_type", "order"),
+        ("sequence", "0"),
+    ]);
     for payload in [huge_int.as_bytes(), oversized.as_slice()] {
         let topic = format!("{}order", cfg.kafka.topic_prefix);
-        let r = FutureRecord::to(&topic).key(order.as_str()).payload(payload).headers(headers.clone());
+        let r = FutureRecord::to(&topic)
+            .key(order.as_str())
+            .payload(payload)
+            .headers(headers.clone());
         projector::kafka::send(&producer, r).await.unwrap();
     }
     let report = common::run_worker_until_idle(&cfg, Duration::from_secs(4)).await;
@@ -279,10 +342,20 @@ async fn inputs_that_used_to_wedge_the_worker_become_dead_letters_or_just_work()
     dlq.subscribe(&[cfg.kafka.dlq_topic.as_str()]).unwrap();
     let mut truncated = None;
     for _ in 0..2 {
-        let m = tokio::time::timeout(Duration::from_secs(30), dlq.recv()).await.unwrap().unwrap();
+        let m = tokio::time::timeout(Duration::from_secs(30), dlq.recv())
+            .await
+            .unwrap()
+            .unwrap();
         let h = m.headers().unwrap();
-        if let Some(v) = h.iter().find(|x| x.key == "dlq_truncated_from_bytes").and_then(|x| x.value) {
-            truncated = Some((String::from_utf8_lossy(v).into_owned(), m.payload().map_or(0, <[u8]>::len)));
+        if let Some(v) = h
+            .iter()
+            .find(|x| x.key == "dlq_truncated_from_bytes")
+            .and_then(|x| x.value)
+        {
+            truncated = Some((
+                String::from_utf8_lossy(v).into_owned(),
+                m.payload().map_or(0, <[u8]>::len),
+            ));
         }
     }
     let (from, len) = truncated.expect("the oversized letter is marked truncated");

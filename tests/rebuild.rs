@@ -33,7 +33,10 @@ async fn seed_at_head(cfg: &Config, store: &EventStore, version: &str) -> Checkp
 }
 
 fn all() -> Vec<String> {
-    projectors::names().iter().map(|s| (*s).to_owned()).collect()
+    projectors::names()
+        .iter()
+        .map(|s| (*s).to_owned())
+        .collect()
 }
 
 fn opts(version: &str) -> RebuildOptions {
@@ -69,7 +72,10 @@ impl Pod {
     fn stop(mut self) {
         let pid = self.0.id().to_string();
         Command::new("kill").args(["-TERM", &pid]).status().unwrap();
-        assert!(self.0.wait().unwrap().success(), "SIGTERM drains and exits 0");
+        assert!(
+            self.0.wait().unwrap().success(),
+            "SIGTERM drains and exits 0"
+        );
     }
 }
 
@@ -100,10 +106,12 @@ async fn a_rebuild_equals_the_live_read_models_refused_events_included() {
     let done = rebuild_to_end(&cfg, &store, &version).await;
     let n = 2_500 + refused as i64;
     assert!(
-        done.iter().all(|c| c.status == "caught_up" && c.events_applied >= n),
+        done.iter()
+            .all(|c| c.status == "caught_up" && c.events_applied >= n),
         "{done:?}"
     );
-    let rebuilt = common::snapshot(&VersionSinks::connect(&cfg, &version).await.unwrap(), &ns).await;
+    let rebuilt =
+        common::snapshot(&VersionSinks::connect(&cfg, &version).await.unwrap(), &ns).await;
     assert!(!live.customers.is_empty() && !live.orders.is_empty());
     assert_eq!(live.facts.len() as i64, n);
     common::assert_same(&live, &rebuilt, "rebuilt vs live");
@@ -153,7 +161,10 @@ async fn a_rebuild_killed_and_resumed_equals_an_uninterrupted_one() {
             .unwrap();
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
-            let c = rebuild::load_checkpoint(&store, &key, &interrupted).await.unwrap().unwrap();
+            let c = rebuild::load_checkpoint(&store, &key, &interrupted)
+                .await
+                .unwrap()
+                .unwrap();
             if c.position > last || Instant::now() > deadline {
                 last = c.position;
                 break;
@@ -163,7 +174,10 @@ async fn a_rebuild_killed_and_resumed_equals_an_uninterrupted_one() {
         let _ = child.kill(); // SIGKILL: mid-page, mid-write, or between checkpoints
         child.wait().unwrap();
     }
-    let resumed_from = rebuild::load_checkpoint(&store, &key, &interrupted).await.unwrap().unwrap();
+    let resumed_from = rebuild::load_checkpoint(&store, &key, &interrupted)
+        .await
+        .unwrap()
+        .unwrap();
     assert!(
         resumed_from.position > seed.position && resumed_from.position < head,
         "the kills landed mid-rebuild: checkpoint {:?}, seed {:?}, head {head:?}",
@@ -172,9 +186,16 @@ async fn a_rebuild_killed_and_resumed_equals_an_uninterrupted_one() {
     );
     assert_eq!(resumed_from.status, "building");
     let done = rebuild_to_end(&cfg, &store, &interrupted).await;
-    assert!(done.iter().all(|c| c.status == "caught_up" && c.position >= head));
+    assert!(
+        done.iter()
+            .all(|c| c.status == "caught_up" && c.position >= head)
+    );
 
-    let a = common::snapshot(&VersionSinks::connect(&cfg, &interrupted).await.unwrap(), &ns).await;
+    let a = common::snapshot(
+        &VersionSinks::connect(&cfg, &interrupted).await.unwrap(),
+        &ns,
+    )
+    .await;
     let b = common::snapshot(&VersionSinks::connect(&cfg, &clean).await.unwrap(), &ns).await;
     assert!(!b.customers.is_empty() && b.facts.len() == 12_000);
     common::assert_same(&b, &a, "resumed vs uninterrupted");
@@ -213,16 +234,25 @@ async fn live_traffic_continues_through_a_rebuild_and_the_switch_loses_and_doubl
     // And after the switch.
     common::generate(&cfg, &format!("{ns}p5-"), 600, 90, 0.02, 0.2).await;
 
-    let versions = projector::versions::live_versions(&store, &cfg).await.unwrap();
+    let versions = projector::versions::live_versions(&store, &cfg)
+        .await
+        .unwrap();
     for p in projectors::names() {
-        assert_eq!(versions.of(p), version, "readers point at the rebuilt version");
+        assert_eq!(
+            versions.of(p),
+            version,
+            "readers point at the rebuilt version"
+        );
     }
     let mut rebuilt = cfg.clone();
     rebuilt.views = cfg.versioned_views(&version);
     let want = common::event_log(&ns).await.len();
     let sinks = common::live_sinks(&rebuilt).await;
     let have = common::wait_for_facts(&sinks, &ns, want).await;
-    assert_eq!(have, want, "the live worker kept the rebuilt version up to date");
+    assert_eq!(
+        have, want,
+        "the live worker kept the rebuilt version up to date"
+    );
     pod.stop();
     // Nothing lost, nothing doubled: the rebuilt version equals the fold of the whole log.
     common::assert_read_models_equal_fold(&rebuilt, &ns).await;
@@ -230,18 +260,31 @@ async fn live_traffic_continues_through_a_rebuild_and_the_switch_loses_and_doubl
     // After the grace period the replaced version is deleted; the new one is untouched.
     for (projection, old) in &report.replaced {
         assert_eq!(old, projector::versions::LIVE);
-        rebuild::retire(&cfg, &store, projection, old).await.unwrap();
+        rebuild::retire(&cfg, &store, projection, old)
+            .await
+            .unwrap();
     }
     let old = common::live_sinks(&cfg).await;
     assert!(
-        old.redis.scan_all::<projectors::customer360::Customer360>().await.unwrap().is_empty(),
+        old.redis
+            .scan_all::<projectors::customer360::Customer360>()
+            .await
+            .unwrap()
+            .is_empty(),
         "old Customer-360 keys deleted"
     );
     assert!(
-        old.mongo.scan_all::<projectors::order_view::OrderView>().await.unwrap().is_empty(),
+        old.mongo
+            .scan_all::<projectors::order_view::OrderView>()
+            .await
+            .unwrap()
+            .is_empty(),
         "old order views dropped"
     );
-    assert!(old.clickhouse.all_facts().await.unwrap().is_empty(), "old facts dropped");
+    assert!(
+        old.clickhouse.all_facts().await.unwrap().is_empty(),
+        "old facts dropped"
+    );
     common::assert_read_models_equal_fold(&rebuilt, &ns).await;
 }
 
@@ -259,9 +302,19 @@ async fn a_rebuild_killed_while_switching_never_leaves_the_workers_held() {
         .await
         .unwrap();
     tokio::spawn(conn);
-    holder.batch_execute("BEGIN; SELECT pg_current_xact_id();").await.unwrap();
+    holder
+        .batch_execute("BEGIN; SELECT pg_current_xact_id();")
+        .await
+        .unwrap();
     let mut child = Command::new(common::projector_bin())
-        .args(["rebuild-projection", "--all", "--version", &version, "--grace-seconds", "0"])
+        .args([
+            "rebuild-projection",
+            "--all",
+            "--version",
+            &version,
+            "--grace-seconds",
+            "0",
+        ])
         .envs(common::config_env(&cfg))
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
@@ -270,11 +323,16 @@ async fn a_rebuild_killed_while_switching_never_leaves_the_workers_held() {
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(90);
     loop {
-        let live = projector::versions::live_versions(&store, &cfg).await.unwrap();
+        let live = projector::versions::live_versions(&store, &cfg)
+            .await
+            .unwrap();
         if live.switching.len() == 3 {
             break;
         }
-        assert!(Instant::now() < deadline, "the handover never raised its flag");
+        assert!(
+            Instant::now() < deadline,
+            "the handover never raised its flag"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let _ = child.kill(); // the rebuild dies holding the flag
@@ -286,8 +344,13 @@ async fn a_rebuild_killed_while_switching_never_leaves_the_workers_held() {
     common::generate(&cfg, &format!("{ns}b-"), 1_000, 96, 0.0, 0.0).await;
     let want = common::event_log(&ns).await.len();
     let have = common::wait_for_facts(&common::live_sinks(&cfg).await, &ns, want).await;
-    assert_eq!(have, want, "the live worker went on after the lease expired");
-    let live = projector::versions::live_versions(&store, &cfg).await.unwrap();
+    assert_eq!(
+        have, want,
+        "the live worker went on after the lease expired"
+    );
+    let live = projector::versions::live_versions(&store, &cfg)
+        .await
+        .unwrap();
     assert!(live.switching.is_empty(), "the expired flag was lowered");
     for p in projectors::names() {
         assert_eq!(live.of(p), projector::versions::LIVE, "nothing switched");

@@ -175,7 +175,9 @@ async fn the_head_and_the_typed_reader_order_transactions_numerically() {
     // On a session of its own, a temporary `events` table shadows the real one, so the test
     // can give rows transaction ids whose text order differs from their numeric order
     // ("999" sorts after "1331" as text). Both are finished (far below any snapshot's xmin).
-    let store = EventStore::connect(&common::config().postgres.url).await.unwrap();
+    let store = EventStore::connect(&common::config().postgres.url)
+        .await
+        .unwrap();
     store
         .client()
         .batch_execute(

@@ -177,7 +177,12 @@ async fn events_of_one_aggregate_are_applied_in_sequence() {
     for (id, types) in &streams {
         let doc = &views[id];
         // The timeline records the order events were applied in.
-        let applied: Vec<String> = doc.view.timeline.iter().map(|t| t.event_type.clone()).collect();
+        let applied: Vec<String> = doc
+            .view
+            .timeline
+            .iter()
+            .map(|t| t.event_type.clone())
+            .collect();
         assert_eq!(&applied, types, "order {id} applied out of sequence");
         assert_eq!(doc.view.version, types.len() as i64 - 1);
     }
@@ -289,7 +294,11 @@ async fn poison_goes_to_the_dead_letter_topic_with_its_reason_and_never_stops_th
             Some(order_topic.as_str())
         );
         kinds.insert(
-            (key, get("dlq_source_offset").unwrap(), get("dlq_projector").unwrap_or_default()),
+            (
+                key,
+                get("dlq_source_offset").unwrap(),
+                get("dlq_projector").unwrap_or_default(),
+            ),
             (get("dlq_kind").unwrap(), reason),
         );
     }
@@ -298,7 +307,11 @@ async fn poison_goes_to_the_dead_letter_topic_with_its_reason_and_never_stops_th
         .filter(|(_, (k, _))| k == "parked")
         .map(|((_, _, p), _)| p.as_str())
         .collect();
-    assert_eq!(parked_by, ["analytics", "customer360", "order_view"], "{kinds:?}");
+    assert_eq!(
+        parked_by,
+        ["analytics", "customer360", "order_view"],
+        "{kinds:?}"
+    );
     let kinds: Vec<(String, String)> = kinds.into_values().collect();
     let has = |kind: &str, text: &str| kinds.iter().any(|(k, r)| k == kind && r.contains(text));
     assert!(has("invalid_json", "not valid JSON"), "{kinds:?}");
@@ -338,7 +351,10 @@ async fn a_pod_exposes_health_readiness_and_metrics() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     assert!(ready, "ready once partitions are assigned");
-    assert_eq!(common::http_get(&addr, "/healthz").await.map(|r| r.0), Some(200));
+    assert_eq!(
+        common::http_get(&addr, "/healthz").await.map(|r| r.0),
+        Some(200)
+    );
     let names = [
         "projector_events_total",
         "projector_writes_total",

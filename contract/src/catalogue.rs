@@ -281,10 +281,12 @@ fn amount(t: EventType, field: &str, v: f64) -> Result<(), ContractError> {
 /// stores hold signed 64-bit integers at most, so a larger integer could never be projected.
 fn storable(t: EventType, field: &str, v: &Value) -> Result<(), ContractError> {
     match v {
-        Value::Number(n) if n.is_u64() && n.as_i64().is_none() => Err(ContractError::InvalidEventData {
-            event_type: t.as_str().to_owned(),
-            reason: format!("{field} holds the integer {n}, outside the signed 64-bit range"),
-        }),
+        Value::Number(n) if n.is_u64() && n.as_i64().is_none() => {
+            Err(ContractError::InvalidEventData {
+                event_type: t.as_str().to_owned(),
+                reason: format!("{field} holds the integer {n}, outside the signed 64-bit range"),
+            })
+        }
         Value::Array(xs) => xs.iter().try_for_each(|x| storable(t, field, x)),
         Value::Object(m) => m.values().try_for_each(|x| storable(t, field, x)),
         _ => Ok(()),
@@ -375,10 +377,13 @@ impl EventData {
                 }
                 storable_map(t, "shipping_address", &d.shipping_address)?;
             }
-            Self::OrderValidated(d) => storable_map(t, "validation_details", &d.validation_details)?,
-            Self::OrderValidationFailed(d) => {
-                d.details.iter().try_for_each(|x| storable(t, "details", x))?
+            Self::OrderValidated(d) => {
+                storable_map(t, "validation_details", &d.validation_details)?
             }
+            Self::OrderValidationFailed(d) => d
+                .details
+                .iter()
+                .try_for_each(|x| storable(t, "details", x))?,
             Self::OrderPaymentConfirmed(d) => {
                 amount(t, "amount", d.amount)?;
                 storable_map(t, "transaction_details", &d.transaction_details)?;

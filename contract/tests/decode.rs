@@ -365,7 +365,11 @@ fn amounts_are_bounded_so_money_arithmetic_cannot_overflow() {
 
 #[test]
 fn event_times_outside_what_the_stores_hold_are_rejected() {
-    for t in ["1899-12-31T23:59:59Z", "2262-01-01T00:00:00Z", "9999-01-01T00:00:00Z"] {
+    for t in [
+        "1899-12-31T23:59:59Z",
+        "2262-01-01T00:00:00Z",
+        "9999-01-01T00:00:00Z",
+    ] {
         let err = decode(&with("timestamp", json!(t))).unwrap_err();
         assert_eq!(err.kind(), "invalid_value", "{t}: {err}");
     }

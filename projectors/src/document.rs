@@ -153,10 +153,7 @@ mod tests {
             rev: 42,
         };
         let text = serde_json::to_string(&d).unwrap();
-        assert_eq!(
-            text,
-            r#"{"a":1,"b":"x","_guard":{"order/o1":3},"_rev":42}"#
-        );
+        assert_eq!(text, r#"{"a":1,"b":"x","_guard":{"order/o1":3},"_rev":42}"#);
         let back: Doc<V> = serde_json::from_str(&text).unwrap();
         assert_eq!(back, d);
     }

@@ -47,7 +47,12 @@ impl Parked {
     }
 
     /// The mark holding this event, if any.
-    pub fn holding(&self, stream: &str, seq: i64, position: Option<(i32, i64)>) -> Option<&ParkMark> {
+    pub fn holding(
+        &self,
+        stream: &str,
+        seq: i64,
+        position: Option<(i32, i64)>,
+    ) -> Option<&ParkMark> {
         self.marks.get(stream).filter(|m| m.holds(seq, position))
     }
 

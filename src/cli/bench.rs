@@ -38,6 +38,8 @@ pub struct BenchArgs {
     pub raw_docs: usize,
     pub steady: bool,
     pub clickhouse_engine: bool,
+    /// Only the engine-alone figure (for profiling).
+    pub engine_only: bool,
 }
 
 const SEED: u64 = 7;
@@ -54,7 +56,12 @@ struct Row {
     ratio: Option<f64>,
 }
 
-fn row(figure: impl Into<String>, value: impl Into<String>, reference: impl Into<String>, ratio: Option<f64>) -> Row {
+fn row(
+    figure: impl Into<String>,
+    value: impl Into<String>,
+    reference: impl Into<String>,
+    ratio: Option<f64>,
+) -> Row {
     Row {
         figure: figure.into(),
         value: value.into(),
@@ -68,15 +75,29 @@ pub async fn run(base: &Config, args: BenchArgs) -> anyhow::Result<()> {
     let cfg = base.isolated(&id);
     let ns = format!("{id}-");
     let n = args.events;
-    println!("== projector bench: {n} events (seed {SEED}), windows of up to {} messages, {} cores",
-        cfg.worker.window_size, std::thread::available_parallelism().map_or(1, |c| c.get()));
+    println!(
+        "== projector bench: {n} events (seed {SEED}), windows of up to {} messages, {} cores",
+        cfg.worker.window_size,
+        std::thread::available_parallelism().map_or(1, |c| c.get())
+    );
     let history: Vec<EventEnvelope> = History::new(SEED, &ns).take(n as usize).collect();
     let mut rows = Vec::new();
 
     // 1. The engine alone.
     let (engine_rate, engine) = engine_alone(&cfg, &history).await?;
-    println!("engine alone: {engine_rate:.0} events/s ({} windows)", engine.windows);
-    rows.push(row("engine alone (decode, route, fold, encode)", format!("{engine_rate:.0} events/s"), "target 500,000", Some(engine_rate / 500_000.0)));
+    println!(
+        "engine alone: {engine_rate:.0} events/s ({} windows)",
+        engine.windows
+    );
+    rows.push(row(
+        "engine alone (decode, route, fold, encode)",
+        format!("{engine_rate:.0} events/s"),
+        "target 500,000",
+        Some(engine_rate / 500_000.0),
+    ));
+    if args.engine_only {
+        return Ok(());
+    }
 
     // 2. Raw capacity.
     let raw = raw_capacity(&cfg, &history, args.raw_docs).await?;
@@ -96,7 +117,10 @@ pub async fn run(base: &Config, args: BenchArgs) -> anyhow::Result<()> {
     let publisher = EventPublisher::new(&cfg.kafka)?;
     let t = Instant::now();
     let g = generator::generate(
-        &mut [EventStore::connect(&cfg.postgres.url).await?, EventStore::connect(&cfg.postgres.url).await?],
+        &mut [
+            EventStore::connect(&cfg.postgres.url).await?,
+            EventStore::connect(&cfg.postgres.url).await?,
+        ],
         Some(&publisher),
         &GenerateOptions {
             seed: SEED,
@@ -108,20 +132,34 @@ pub async fn run(base: &Config, args: BenchArgs) -> anyhow::Result<()> {
         |_| {},
     )
     .await?;
-    println!("backlog: {} events appended and published in {:.1}s", g.appended, t.elapsed().as_secs_f64());
+    println!(
+        "backlog: {} events appended and published in {:.1}s",
+        g.appended,
+        t.elapsed().as_secs_f64()
+    );
 
     // 4. Drains: all three read models, analytics only, ClickHouse's Kafka engine.
     let all = drain(&cfg, "all", None).await?;
-    let all_rate = rate(all.report.messages as f64, Duration::from_secs_f64(all.report.active_seconds));
-    println!("drain, all three read models: {all_rate:.0} events/s ({:.1}s), peak RSS {:.0} MiB",
-        all.report.active_seconds, all.rss_mib);
+    let all_rate = rate(
+        all.report.messages as f64,
+        Duration::from_secs_f64(all.report.active_seconds),
+    );
+    println!(
+        "drain, all three read models: {all_rate:.0} events/s ({:.1}s), peak RSS {:.0} MiB",
+        all.report.active_seconds, all.rss_mib
+    );
     let mut analytics_cfg = cfg.clone();
     analytics_cfg.kafka.group_id = format!("{id}-analytics");
     analytics_cfg.views.clickhouse_table = format!("{id}_facts_only");
     let only = drain(&analytics_cfg, "analytics", Some("analytics")).await?;
-    let only_rate = rate(only.report.messages as f64, Duration::from_secs_f64(only.report.active_seconds));
-    println!("drain, analytics only: {only_rate:.0} events/s ({:.1}s), peak RSS {:.0} MiB",
-        only.report.active_seconds, only.rss_mib);
+    let only_rate = rate(
+        only.report.messages as f64,
+        Duration::from_secs_f64(only.report.active_seconds),
+    );
+    println!(
+        "drain, analytics only: {only_rate:.0} events/s ({:.1}s), peak RSS {:.0} MiB",
+        only.report.active_seconds, only.rss_mib
+    );
     let ch_engine = if args.clickhouse_engine {
         let r = clickhouse_engine(&cfg, &id, n).await?;
         println!("ClickHouse Kafka engine, same backlog: {r:.0} rows/s");
@@ -129,18 +167,37 @@ pub async fn run(base: &Config, args: BenchArgs) -> anyhow::Result<()> {
     } else {
         None
     };
-    rows.push(row("backlog drain, all three read models", format!("{all_rate:.0} events/s"), "target 60,000", Some(all_rate / 60_000.0)));
+    rows.push(row(
+        "backlog drain, all three read models",
+        format!("{all_rate:.0} events/s"),
+        "target 60,000",
+        Some(all_rate / 60_000.0),
+    ));
     rows.push(row(
         "backlog drain, analytics only",
         format!("{only_rate:.0} events/s"),
-        ch_engine.map_or("-".into(), |r| format!("ClickHouse Kafka engine {r:.0} rows/s (target 2x)")),
+        ch_engine.map_or("-".into(), |r| {
+            format!("ClickHouse Kafka engine {r:.0} rows/s (target 2x)")
+        }),
         ch_engine.map(|r| only_rate / r),
     ));
-    rows.push(row("worker peak RSS, draining all three", format!("{:.0} MiB", all.rss_mib), "target 150 MiB", Some(all.rss_mib / 150.0)));
-    for (name, store) in [("customer360", "redis"), ("order_view", "mongo"), ("analytics", "clickhouse")] {
+    rows.push(row(
+        "worker peak RSS, draining all three",
+        format!("{:.0} MiB", all.rss_mib),
+        "target 150 MiB",
+        Some(all.rss_mib / 150.0),
+    ));
+    for (name, store) in [
+        ("customer360", "redis"),
+        ("order_view", "mongo"),
+        ("analytics", "clickhouse"),
+    ] {
         let writes = all.report.writes.get(name).copied().unwrap_or(0);
         let capacity = raw.of(store);
-        let busy = rate(writes as f64, Duration::from_secs_f64(all.report.active_seconds));
+        let busy = rate(
+            writes as f64,
+            Duration::from_secs_f64(all.report.active_seconds),
+        );
         rows.push(row(
             format!("{store} writes while draining ({name})"),
             format!("{busy:.0}/s ({writes} in all)"),
@@ -153,8 +210,15 @@ pub async fn run(base: &Config, args: BenchArgs) -> anyhow::Result<()> {
     if args.steady {
         let target = (all_rate / 2.0).max(100.0);
         let (p50, p99, sent) = steady(&cfg, &id, target).await?;
-        println!("steady state at {target:.0} events/s ({sent} events): publish → visible p50 {p50} ms, p99 {p99} ms");
-        rows.push(row(format!("p99 publish → visible at {target:.0} events/s"), format!("{p99} ms (p50 {p50} ms)"), "target 1,000 ms", Some(p99 as f64 / 1000.0)));
+        println!(
+            "steady state at {target:.0} events/s ({sent} events): publish → visible p50 {p50} ms, p99 {p99} ms"
+        );
+        rows.push(row(
+            format!("p99 publish → visible at {target:.0} events/s"),
+            format!("{p99} ms (p50 {p50} ms)"),
+            "target 1,000 ms",
+            Some(p99 as f64 / 1000.0),
+        ));
     }
 
     // 6. Rebuilds from the event store: exactly this run's history.
@@ -188,20 +252,36 @@ pub async fn run(base: &Config, args: BenchArgs) -> anyhow::Result<()> {
         let done = rebuild::rebuild(&cfg, &store, &names, &opts, None, &mut |_, _, _| {}).await?;
         let secs = t.elapsed();
         let applied = done.first().map_or(0, |c| c.events_applied);
-        anyhow::ensure!(applied as u64 == n, "rebuild {label} replayed {applied} events, not {n}");
+        anyhow::ensure!(
+            applied as u64 == n,
+            "rebuild {label} replayed {applied} events, not {n}"
+        );
         let r = rate(applied as f64, secs);
-        let target = if label == "analytics" { 300_000.0 } else if label == "--all" { 100_000.0 } else { 0.0 };
+        let target = if label == "analytics" {
+            300_000.0
+        } else if label == "--all" {
+            100_000.0
+        } else {
+            0.0
+        };
         println!("rebuild {label}: {r:.0} events/s ({applied} events)");
         rows.push(row(
             format!("rebuild {label}"),
             format!("{r:.0} events/s"),
-            if target > 0.0 { format!("target {target:.0}") } else { "-".into() },
+            if target > 0.0 {
+                format!("target {target:.0}")
+            } else {
+                "-".into()
+            },
             (target > 0.0).then(|| r / target),
         ));
     }
 
     println!();
-    println!("{:<48} {:>26} {:>46} {:>7}", "figure", "measured", "reference (same run)", "ratio");
+    println!(
+        "{:<48} {:>26} {:>46} {:>7}",
+        "figure", "measured", "reference (same run)", "ratio"
+    );
     for r in &rows {
         println!(
             "{:<48} {:>26} {:>46} {:>7}",
@@ -232,7 +312,9 @@ fn raw_windows(cfg: &Config, history: &[EventEnvelope]) -> (Vec<RawWindow>, Arc<
             let raw = RawRef {
                 key: Some(arena.push(e.aggregate_id.as_bytes())),
                 payload: Some(arena.push(&e.to_json_bytes())),
-                headers: Some(arena.push_headers(pairs.iter().map(|(k, v)| (*k, Some(v.as_bytes()))))),
+                headers: Some(
+                    arena.push_headers(pairs.iter().map(|(k, v)| (*k, Some(v.as_bytes())))),
+                ),
             };
             items.push(RawItem {
                 origin: Origin::Kafka {
@@ -260,7 +342,10 @@ async fn engine_alone(cfg: &Config, history: &[EventEnvelope]) -> anyhow::Result
     let (windows, topics) = raw_windows(cfg, history);
     let sinks = NullSinks::default();
     let (took, report) = run_memory(cfg, windows, topics, &sinks).await?;
-    anyhow::ensure!(report.messages == history.len() as u64, "the engine lost messages");
+    anyhow::ensure!(
+        report.messages == history.len() as u64,
+        "the engine lost messages"
+    );
     Ok((rate(history.len() as f64, took), report))
 }
 
@@ -284,7 +369,11 @@ impl RawCapacity {
 
 /// Documents of a realistic size through the sinks' own write path (compare-and-set
 /// scripts, insert/update commands, RowBinary inserts), no projection.
-async fn raw_capacity(cfg: &Config, history: &[EventEnvelope], n: usize) -> anyhow::Result<RawCapacity> {
+async fn raw_capacity(
+    cfg: &Config,
+    history: &[EventEnvelope],
+    n: usize,
+) -> anyhow::Result<RawCapacity> {
     #[derive(serde::Serialize, serde::Deserialize, Default, Clone)]
     struct Blob {
         customer_id: String,
@@ -298,7 +387,9 @@ async fn raw_capacity(cfg: &Config, history: &[EventEnvelope], n: usize) -> anyh
         guard: Default::default(),
         rev,
     };
-    let writes = |store: &dyn Fn(&projectors::Doc<Blob>) -> Vec<u8>, expected: &[u64]| -> (Vec<DocWrite>, Vec<u64>) {
+    let writes = |store: &dyn Fn(&projectors::Doc<Blob>) -> Vec<u8>,
+                  expected: &[u64]|
+     -> (Vec<DocWrite>, Vec<u64>) {
         let mut revs = Vec::with_capacity(n);
         let ws = (0..n)
             .map(|i| {
@@ -318,13 +409,23 @@ async fn raw_capacity(cfg: &Config, history: &[EventEnvelope], n: usize) -> anyh
 
     let redis = RedisSink::connect(&cfg.redis, &format!("{}raw:", cfg.views.redis_prefix)).await?;
     let mut con = redis.connection();
-    let old: Vec<String> = redis::cmd("CONFIG").arg("GET").arg("appendfsync").query_async(&mut con).await.unwrap_or_default();
+    let old: Vec<String> = redis::cmd("CONFIG")
+        .arg("GET")
+        .arg("appendfsync")
+        .query_async(&mut con)
+        .await
+        .unwrap_or_default();
     let redis_rate = |policy: &'static str| {
         let redis = redis.clone();
         let mut con = con.clone();
         let (ws, _) = writes(&|d| redis.encode(d).unwrap_or_default(), &[]);
         async move {
-            let _: Result<(), _> = redis::cmd("CONFIG").arg("SET").arg("appendfsync").arg(policy).query_async(&mut con).await;
+            let _: Result<(), _> = redis::cmd("CONFIG")
+                .arg("SET")
+                .arg("appendfsync")
+                .arg(policy)
+                .query_async(&mut con)
+                .await;
             redis.delete_all().await?;
             let t = Instant::now();
             for c in ws.chunks(window) {
@@ -336,11 +437,17 @@ async fn raw_capacity(cfg: &Config, history: &[EventEnvelope], n: usize) -> anyh
     let redis_everysec = redis_rate("everysec").await?;
     let redis_always = redis_rate("always").await?;
     if let Some(policy) = old.get(1) {
-        let _: Result<(), _> = redis::cmd("CONFIG").arg("SET").arg("appendfsync").arg(policy).query_async(&mut con).await;
+        let _: Result<(), _> = redis::cmd("CONFIG")
+            .arg("SET")
+            .arg("appendfsync")
+            .arg(policy)
+            .query_async(&mut con)
+            .await;
     }
     redis.delete_all().await?;
 
-    let mongo = MongoSink::connect(&cfg.mongo, &format!("{}_raw", cfg.views.mongo_collection)).await?;
+    let mongo =
+        MongoSink::connect(&cfg.mongo, &format!("{}_raw", cfg.views.mongo_collection)).await?;
     let (ws, revs) = writes(&|d| mongo.encode(d).unwrap_or_default(), &[]);
     let t = Instant::now();
     for c in ws.chunks(window) {
@@ -356,12 +463,22 @@ async fn raw_capacity(cfg: &Config, history: &[EventEnvelope], n: usize) -> anyh
     let mongo_update = rate(ws.len() as f64, t.elapsed());
     mongo.drop_collection().await?;
 
-    let ch = ClickHouseSink::connect(&cfg.clickhouse, &format!("{}_raw", cfg.views.clickhouse_table)).await?;
+    let ch = ClickHouseSink::connect(
+        &cfg.clickhouse,
+        &format!("{}_raw", cfg.views.clickhouse_table),
+    )
+    .await?;
     let facts: Vec<projectors::analytics::Fact> = history
         .iter()
         .cycle()
         .take(n)
-        .filter_map(|e| projectors::FactProjector::fact(&projectors::analytics::AnalyticsProjector, &e.clone().into_event().ok()?).ok())
+        .filter_map(|e| {
+            projectors::FactProjector::fact(
+                &projectors::analytics::AnalyticsProjector,
+                &e.clone().into_event().ok()?,
+            )
+            .ok()
+        })
         .collect();
     let t = Instant::now();
     for c in facts.chunks(window) {
@@ -392,13 +509,17 @@ struct Drain {
 async fn drain(cfg: &Config, label: &str, only: Option<&str>) -> anyhow::Result<Drain> {
     let stats = std::env::temp_dir().join(format!("{}-{label}-stats.json", cfg.kafka.group_id));
     let mut cmd = std::process::Command::new(std::env::current_exe()?);
-    cmd.args(["run", "--exit-when-idle", "3", "--stats-json"]).arg(&stats);
+    cmd.args(["run", "--exit-when-idle", "3", "--stats-json"])
+        .arg(&stats);
     if let Some(p) = only {
         cmd.args(["--projectors", p]);
     }
     let child = cmd
         .envs(cfg.child_env())
-        .env("RUST_LOG", std::env::var("BENCH_WORKER_LOG").unwrap_or_else(|_| "warn".into()))
+        .env(
+            "RUST_LOG",
+            std::env::var("BENCH_WORKER_LOG").unwrap_or_else(|_| "warn".into()),
+        )
         .stdout(Stdio::null())
         .spawn()
         .context("starting the worker")?;
@@ -412,7 +533,9 @@ async fn drain(cfg: &Config, label: &str, only: Option<&str>) -> anyhow::Result<
     })
 }
 
-async fn wait_sampling_rss(mut child: std::process::Child) -> anyhow::Result<(std::process::ExitStatus, u64)> {
+async fn wait_sampling_rss(
+    mut child: std::process::Child,
+) -> anyhow::Result<(std::process::ExitStatus, u64)> {
     let pid = child.id();
     let mut peak = 0u64;
     loop {
@@ -441,14 +564,24 @@ async fn clickhouse_engine(cfg: &Config, id: &str, n: u64) -> anyhow::Result<f64
     let c = ch.client();
     let topics = kafka::event_topics(&cfg.kafka).join(",");
     let exec = |sql: String| async move { c.query(&sql).execute().await };
-    exec(format!(
+    // The local engine answers CREATE of a Kafka table with "Shutdown was called" though it
+    // creates it: believe the catalogue.
+    let created = exec(format!(
         "CREATE TABLE {id}_kqueue (raw String) ENGINE = Kafka SETTINGS \
          kafka_broker_list = '{}', kafka_topic_list = '{topics}', kafka_group_name = '{id}-clickhouse', \
          kafka_format = 'JSONAsString', kafka_num_consumers = 1, kafka_flush_interval_ms = 200, \
          kafka_max_block_size = 65536",
         cfg.kafka.brokers
     ))
-    .await?;
+    .await;
+    if let Err(e) = created {
+        let exists: u8 = c
+            .query(&format!("EXISTS TABLE {id}_kqueue"))
+            .fetch_one()
+            .await
+            .unwrap_or(0);
+        anyhow::ensure!(exists == 1, "creating the Kafka table: {e}");
+    }
     let t = Instant::now();
     exec(format!(
         "CREATE MATERIALIZED VIEW {id}_kmv TO {id}_kengine_facts AS SELECT \
@@ -483,7 +616,10 @@ async fn clickhouse_engine(cfg: &Config, id: &str, n: u64) -> anyhow::Result<f64
         if have >= n {
             break;
         }
-        anyhow::ensure!(Instant::now() < deadline, "the Kafka engine stalled at {have} of {n} rows");
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the Kafka engine stalled at {have} of {n} rows"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let took = first.map_or(t.elapsed(), |f| f.elapsed());
@@ -497,7 +633,8 @@ async fn clickhouse_engine(cfg: &Config, id: &str, n: u64) -> anyhow::Result<f64
 /// about 15 s; publish → visible percentiles from the worker's own figures.
 async fn steady(cfg: &Config, id: &str, target: f64) -> anyhow::Result<(u64, u64, u64)> {
     let stats = std::env::temp_dir().join(format!("{id}-steady-stats.json"));
-    let child = spawn_worker(cfg, &stats)?;
+    let child = spawn_worker(cfg, &stats, 8.0)?;
+    // Joined and caught up before the load starts (the worker exits 8 s after the last event).
     tokio::time::sleep(Duration::from_secs(3)).await;
     let history: Vec<EventEnvelope> = History::new(SEED + 1, &format!("{id}s-"))
         .take((target * 15.0) as usize)
@@ -515,15 +652,22 @@ async fn steady(cfg: &Config, id: &str, target: f64) -> anyhow::Result<(u64, u64
     anyhow::ensure!(status.success(), "worker exited with {status}");
     let report: RunReport = serde_json::from_slice(&std::fs::read(&stats)?)?;
     let _ = std::fs::remove_file(&stats);
-    Ok((report.latency_ms_p50, report.latency_ms_p99, history.len() as u64))
+    Ok((
+        report.latency_ms_p50,
+        report.latency_ms_p99,
+        history.len() as u64,
+    ))
 }
 
-fn spawn_worker(cfg: &Config, stats: &Path) -> anyhow::Result<std::process::Child> {
+fn spawn_worker(cfg: &Config, stats: &Path, idle: f64) -> anyhow::Result<std::process::Child> {
     std::process::Command::new(std::env::current_exe()?)
-        .args(["run", "--exit-when-idle", "3", "--stats-json"])
+        .args(["run", "--exit-when-idle", &idle.to_string(), "--stats-json"])
         .arg(PathBuf::from(stats))
         .envs(cfg.child_env())
-        .env("RUST_LOG", std::env::var("BENCH_WORKER_LOG").unwrap_or_else(|_| "warn".into()))
+        .env(
+            "RUST_LOG",
+            std::env::var("BENCH_WORKER_LOG").unwrap_or_else(|_| "warn".into()),
+        )
         .stdout(Stdio::null())
         .spawn()
         .context("starting the worker")

@@ -44,10 +44,14 @@ pub fn headers<K: AsRef<str>, V: AsRef<[u8]>>(
 }
 
 /// Kafka headers from `(name, value)` pairs, where a value may be null.
-pub fn headers_opt<'a>(pairs: impl IntoIterator<Item = (&'a str, Option<&'a [u8]>)>) -> OwnedHeaders {
+pub fn headers_opt<'a>(
+    pairs: impl IntoIterator<Item = (&'a str, Option<&'a [u8]>)>,
+) -> OwnedHeaders {
     pairs
         .into_iter()
-        .fold(OwnedHeaders::new(), |h, (key, value)| h.insert(Header { key, value }))
+        .fold(OwnedHeaders::new(), |h, (key, value)| {
+            h.insert(Header { key, value })
+        })
 }
 
 /// The headers of an event as published (DESIGN §1).

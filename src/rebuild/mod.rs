@@ -187,7 +187,10 @@ pub async fn replay(
     });
 
     let Stages {
-        txs, handles, stats: _, ..
+        txs,
+        handles,
+        stats: _,
+        ..
     } = stages;
     let mut items: Vec<Item> = Vec::with_capacity(window);
     let mut last = from;
@@ -353,7 +356,6 @@ pub async fn rebuild(
         &mut on_durable,
     )
     .await;
-    drop(on_durable);
     drop(cp_tx);
     let (_, n) = replayed?;
     let done = saver
@@ -387,7 +389,10 @@ async fn save_all(
 }
 
 /// Connect the stores of `version`'s read models (created if missing).
-pub async fn version_sinks(cfg: &Config, version: &str) -> Result<crate::versions::VersionSinks, SinkError> {
+pub async fn version_sinks(
+    cfg: &Config,
+    version: &str,
+) -> Result<crate::versions::VersionSinks, SinkError> {
     crate::versions::VersionSinks::connect(cfg, version).await
 }
 
@@ -423,7 +428,16 @@ pub async fn unpark_and_replay(
                     batch: 10_000,
                     checkpoint_every: 10_000,
                 };
-                let (_, k) = replay(cfg, selected, version, source.clone(), false, &opts, &mut |_, _| {}).await?;
+                let (_, k) = replay(
+                    cfg,
+                    selected,
+                    version,
+                    source.clone(),
+                    false,
+                    &opts,
+                    &mut |_, _| {},
+                )
+                .await?;
                 n += k;
             }
             let _ = second;
@@ -431,6 +445,9 @@ pub async fn unpark_and_replay(
         }
     };
     run(false).await?;
-    tokio::time::sleep(crate::runtime::documents::PARKS_REFRESH + std::time::Duration::from_secs(2)).await;
+    tokio::time::sleep(
+        crate::runtime::documents::PARKS_REFRESH + std::time::Duration::from_secs(2),
+    )
+    .await;
     run(true).await
 }

@@ -28,6 +28,14 @@ pub trait Committer: Send + 'static {
     fn windows_durable(&mut self, upto: u64);
 }
 
+/// A pending drain: (up to window, partitions, deadline, where to answer).
+type DrainRequest = (
+    u64,
+    Vec<Tp>,
+    Instant,
+    std::sync::mpsc::Sender<Vec<(Tp, i64)>>,
+);
+
 /// What the tracker is told.
 pub enum TrackerMsg {
     /// A window the source closed (before any stage sees it).
@@ -41,9 +49,7 @@ pub enum TrackerMsg {
         consumer: Arc<SourceConsumer>,
     },
     /// Drop the consumer (the source closes it on its own thread).
-    Release {
-        reply: std::sync::mpsc::Sender<()>,
-    },
+    Release { reply: std::sync::mpsc::Sender<()> },
     /// Partitions now owned, with their assignment epoch.
     Assigned(Vec<(Tp, u32)>),
     /// Partitions given up: nothing more is committed for them.
@@ -96,7 +102,7 @@ pub struct Tracker {
     committable: HashMap<Tp, (u32, i64)>,
     committed: HashMap<Tp, i64>,
     topics: Arc<Vec<String>>,
-    drains: Vec<(u64, Vec<Tp>, Instant, std::sync::mpsc::Sender<Vec<(Tp, i64)>>)>,
+    drains: Vec<DrainRequest>,
     /// Every window below this id is complete.
     low_water: u64,
     stats: TrackerStats,
@@ -188,7 +194,7 @@ impl Tracker {
                 reply,
             } => {
                 self.drains.push((upto, partitions, deadline, reply));
-                self.answer_drains(false);
+                self.answer_drains();
             }
         }
     }
@@ -210,7 +216,7 @@ impl Tracker {
             .map_or(u64::MAX, |(id, _)| *id);
         if progressed {
             self.commit();
-            self.answer_drains(false);
+            self.answer_drains();
         }
     }
 
@@ -296,13 +302,13 @@ impl Tracker {
         self.shared.note_commit();
     }
 
-    fn answer_drains(&mut self, expired_only: bool) {
+    fn answer_drains(&mut self) {
         let now = Instant::now();
         let low = self.low_water;
         let mut keep = Vec::new();
         for (upto, parts, deadline, reply) in std::mem::take(&mut self.drains) {
             let done = low > upto;
-            if done || now >= deadline || (expired_only && now >= deadline) {
+            if done || now >= deadline {
                 let offsets = parts
                     .iter()
                     .filter_map(|tp| self.committable.get(tp).map(|(_, o)| (*tp, *o)))
@@ -317,7 +323,7 @@ impl Tracker {
 
     fn expire_drains(&mut self) {
         if !self.drains.is_empty() {
-            self.answer_drains(true);
+            self.answer_drains();
         }
     }
 }

@@ -29,7 +29,8 @@ use crate::resilience::dead_letter::DeadLetter;
 use crate::sinks::{DocStore, DocWrite, SinkError, WriteOutcome, new_rev};
 
 /// Opens the store of a read-model version.
-pub type OpenStore<S> = Arc<dyn Fn(String) -> BoxFuture<'static, Result<S, SinkError>> + Send + Sync>;
+pub type OpenStore<S> =
+    Arc<dyn Fn(String) -> BoxFuture<'static, Result<S, SinkError>> + Send + Sync>;
 
 /// Rounds of reload-fold-write for contended views before the batch backs off a little.
 const CAS_ROUNDS: usize = 10;
@@ -229,7 +230,8 @@ impl<P: Projector, S: DocStore> DocStage<P, S> {
             let mut next = self.prepare(batch).await;
             if let Some(f) = inflight.take() {
                 let r = joined(f.task.await, self.ctx.store);
-                self.finish_opt(f.prepared, f.order, r, &mut Some(&mut next)).await;
+                self.finish_opt(f.prepared, f.order, r, &mut Some(&mut next))
+                    .await;
                 if Some(&next.target) != self.state.as_ref().map(|s| &s.target) {
                     // The batch in flight moved to another version: fold this one there too.
                     next = self.prepare(next.batch).await;
@@ -321,7 +323,11 @@ impl<P: Projector, S: DocStore> DocStage<P, S> {
 
     fn park(&mut self, stream: &str, seq: i64, reason: &str) -> Option<ParkRecord> {
         let version = self.st().target.version.clone();
-        if !self.st().parked.park(stream, ParkFrom::Sequence(seq), reason) {
+        if !self
+            .st()
+            .parked
+            .park(stream, ParkFrom::Sequence(seq), reason)
+        {
             return None;
         }
         let r = ParkRecord {
@@ -378,7 +384,12 @@ impl<P: Projector, S: DocStore> DocStage<P, S> {
                                 if let Some(from) = from {
                                     let why = poison.error.to_string();
                                     st.parked.park(stream, from, &why);
-                                    self.poison_parks.push((Instant::now(), stream.clone(), from, why));
+                                    self.poison_parks.push((
+                                        Instant::now(),
+                                        stream.clone(),
+                                        from,
+                                        why,
+                                    ));
                                 }
                             }
                             continue;
@@ -404,10 +415,18 @@ impl<P: Projector, S: DocStore> DocStage<P, S> {
                                     Some(seen) => !seen.contains(k),
                                     // A stream that starts here: its own view cannot exist
                                     // yet (a redelivery that proves otherwise conflicts).
-                                    None => e.header.sequence_number == 0 && e.header.aggregate_id == k,
+                                    None => {
+                                        e.header.sequence_number == 0 && e.header.aggregate_id == k
+                                    }
                                 };
                                 if absent {
-                                    st.cache.map.insert(k.to_owned(), Entry { doc: Doc::default(), used: tick });
+                                    st.cache.map.insert(
+                                        k.to_owned(),
+                                        Entry {
+                                            doc: Doc::default(),
+                                            used: tick,
+                                        },
+                                    );
                                 } else {
                                     wanted.insert(k);
                                     to_load.push(k.to_owned());
@@ -460,9 +479,17 @@ impl<P: Projector, S: DocStore> DocStage<P, S> {
                 }
             };
             let st = self.state.as_mut().unwrap_or_else(|| unreachable!());
-            let entry = st.cache.map.entry(key).or_insert_with(|| Entry { doc: Doc::default(), used: tick });
+            let entry = st.cache.map.entry(key).or_insert_with(|| Entry {
+                doc: Doc::default(),
+                used: tick,
+            });
             entry.used = tick;
-            match apply_event(p.as_ref(), &mut entry.doc, prep.batch.event(r), &mut self.keys) {
+            match apply_event(
+                p.as_ref(),
+                &mut entry.doc,
+                prep.batch.event(r),
+                &mut self.keys,
+            ) {
                 Step::Applied => prep.keys[ki].offered.push((r, Outcome::Applied)),
                 Step::Duplicate => {
                     prep.duplicates += 1;
@@ -470,7 +497,8 @@ impl<P: Projector, S: DocStore> DocStage<P, S> {
                 }
                 Step::Rejected(rej) => {
                     prep.keys[ki].offered.push((r, Outcome::Rejected));
-                    prep.parks.extend(self.park(&rej.stream, rej.sequence, &rej.reason));
+                    prep.parks
+                        .extend(self.park(&rej.stream, rej.sequence, &rej.reason));
                     prep.keys[ki].rejected.push((r, rej));
                 }
             }
@@ -506,7 +534,10 @@ impl<P: Projector, S: DocStore> DocStage<P, S> {
         };
         let st = self.st();
         for k in keys {
-            st.cache.map.entry(k).or_insert_with(|| Entry { doc: Doc::default(), used: tick });
+            st.cache.map.entry(k).or_insert_with(|| Entry {
+                doc: Doc::default(),
+                used: tick,
+            });
         }
         for (k, doc) in loaded {
             match doc {
@@ -587,7 +618,8 @@ impl<P: Projector, S: DocStore> DocStage<P, S> {
         kw.rejected.clear();
         let mut new_parks = Vec::new();
         for (r, outcome) in kw.offered.iter_mut() {
-            *outcome = match apply_event(p.as_ref(), &mut doc, prep.batch.event(*r), &mut self.keys) {
+            *outcome = match apply_event(p.as_ref(), &mut doc, prep.batch.event(*r), &mut self.keys)
+            {
                 Step::Applied => Outcome::Applied,
                 Step::Duplicate => Outcome::Duplicate,
                 Step::Rejected(rej) => {
@@ -604,10 +636,7 @@ impl<P: Projector, S: DocStore> DocStage<P, S> {
         for (stream, seq, reason) in new_parks {
             prep.parks.extend(self.park(&stream, seq, &reason));
         }
-        self.st()
-            .cache
-            .map
-            .insert(key, Entry { doc, used: tick });
+        self.st().cache.map.insert(key, Entry { doc, used: tick });
         self.encode(prep, ki);
     }
 
@@ -682,7 +711,9 @@ impl<P: Projector, S: DocStore> DocStage<P, S> {
         let mut rounds = 0;
         loop {
             let (writes_in_order, order) = {
-                let order: Vec<usize> = (0..prep.keys.len()).filter(|i| prep.keys[*i].write.is_some()).collect();
+                let order: Vec<usize> = (0..prep.keys.len())
+                    .filter(|i| prep.keys[*i].write.is_some())
+                    .collect();
                 (order.len(), order)
             };
             let outcome = match result {
@@ -701,7 +732,11 @@ impl<P: Projector, S: DocStore> DocStage<P, S> {
                 .map(|(i, why)| (order[*i], why.clone()))
                 .collect();
             // Everything not conflicted or refused is durable now.
-            let done: HashSet<usize> = conflicted.iter().copied().chain(refused.iter().map(|r| r.0)).collect();
+            let done: HashSet<usize> = conflicted
+                .iter()
+                .copied()
+                .chain(refused.iter().map(|r| r.0))
+                .collect();
             let mut written = 0;
             for (i, k) in prep.keys.iter_mut().enumerate() {
                 if !done.contains(&i) && k.write.take().is_some() {
@@ -716,7 +751,8 @@ impl<P: Projector, S: DocStore> DocStage<P, S> {
                 .increment(written);
             for (ki, why) in refused {
                 self.refuse(prep, ki, &why);
-                self.patch_next(next, &prep.keys[ki].key.clone(), None).await;
+                self.patch_next(next, &prep.keys[ki].key.clone(), None)
+                    .await;
             }
             if conflicted.is_empty() {
                 return;
@@ -731,7 +767,10 @@ impl<P: Projector, S: DocStore> DocStage<P, S> {
                 tokio::time::sleep(Duration::from_millis(20 * (rounds / CAS_ROUNDS) as u64)).await;
             }
             // Reload the contended views, fold this batch's events again, write again.
-            let keys: Vec<String> = conflicted.iter().map(|i| prep.keys[*i].key.clone()).collect();
+            let keys: Vec<String> = conflicted
+                .iter()
+                .map(|i| prep.keys[*i].key.clone())
+                .collect();
             for k in &keys {
                 self.st().cache.map.remove(k);
             }
@@ -753,12 +792,18 @@ impl<P: Projector, S: DocStore> DocStage<P, S> {
                 let after = self.st().cache.map.get(key).map(|e| e.doc.clone());
                 self.patch_next(next, key, after).await;
             }
-            let order: Vec<usize> = (0..prep.keys.len()).filter(|i| prep.keys[*i].write.is_some()).collect();
+            let order: Vec<usize> = (0..prep.keys.len())
+                .filter(|i| prep.keys[*i].write.is_some())
+                .collect();
             result = self.write_keys(prep, &order).await;
         }
     }
 
-    async fn write_keys(&mut self, prep: &mut Prepared, order: &[usize]) -> Result<WriteOutcome, SinkError> {
+    async fn write_keys(
+        &mut self,
+        prep: &mut Prepared,
+        order: &[usize],
+    ) -> Result<WriteOutcome, SinkError> {
         let writes: Vec<DocWrite> = order
             .iter()
             .filter_map(|i| prep.keys[*i].write.clone())
@@ -769,7 +814,12 @@ impl<P: Projector, S: DocStore> DocStage<P, S> {
 
     /// The batch behind changed this view (`base`: its new state; `None`: forgotten): fold
     /// the next batch's events of it again on top.
-    async fn patch_next(&mut self, next: &mut Option<&mut Prepared>, key: &str, base: Option<Doc<P::View>>) {
+    async fn patch_next(
+        &mut self,
+        next: &mut Option<&mut Prepared>,
+        key: &str,
+        base: Option<Doc<P::View>>,
+    ) {
         let Some(n) = next.as_deref_mut() else {
             return;
         };
@@ -785,7 +835,11 @@ impl<P: Projector, S: DocStore> DocStage<P, S> {
                     let e = n.batch.event(*r);
                     let stream = self.keys.of(e);
                     let pos = n.batch.item(*r).origin.position();
-                    match self.state.as_ref().and_then(|s| s.parked.holding(stream, e.header.sequence_number, pos)) {
+                    match self
+                        .state
+                        .as_ref()
+                        .and_then(|s| s.parked.holding(stream, e.header.sequence_number, pos))
+                    {
                         Some(mark) => {
                             held.push((*r, format!("stream {stream} is parked: {}", mark.reason)));
                             false
@@ -793,8 +847,11 @@ impl<P: Projector, S: DocStore> DocStage<P, S> {
                         None => true,
                     }
                 });
-                n.keys[ki].rejected.retain(|(r, _)| !held.iter().any(|(h, _)| h == r));
-                n.letters.extend(held.into_iter().map(|(r, why)| (r, "parked", why)));
+                n.keys[ki]
+                    .rejected
+                    .retain(|(r, _)| !held.iter().any(|(h, _)| h == r));
+                n.letters
+                    .extend(held.into_iter().map(|(r, why)| (r, "parked", why)));
                 let corrupt = self.load_into_cache(vec![key.to_owned()], self.tick).await;
                 if let Some(why) = corrupt.get(key) {
                     let why = why.clone();

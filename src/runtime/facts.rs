@@ -19,7 +19,8 @@ use super::stage::{Batch, EventRef, Mode, StageCtx};
 use super::targets::Target;
 use crate::sinks::{FactStore, SinkError};
 
-pub type OpenFacts<S> = Arc<dyn Fn(String) -> BoxFuture<'static, Result<S, SinkError>> + Send + Sync>;
+pub type OpenFacts<S> =
+    Arc<dyn Fn(String) -> BoxFuture<'static, Result<S, SinkError>> + Send + Sync>;
 
 struct Prepared {
     batch: Batch,
@@ -118,7 +119,8 @@ impl<F: FactProjector, S: FactStore> FactStage<F, S> {
         let store = match self.state.take() {
             Some((t, s, _)) if &t == target => s,
             _ => {
-                let mut retry = Retry::new(&self.ctx.shared, self.ctx.store, "opening the read model");
+                let mut retry =
+                    Retry::new(&self.ctx.shared, self.ctx.store, "opening the read model");
                 loop {
                     match (self.open)(target.version.clone()).await {
                         Ok(s) => break s,
@@ -159,13 +161,16 @@ impl<F: FactProjector, S: FactStore> FactStage<F, S> {
                         if let Some(stream) = &poison.stream {
                             let from = match (poison.sequence, item.origin.position()) {
                                 (Some(s), _) => Some(ParkFrom::Sequence(s)),
-                                (None, Some((partition, offset))) => Some(ParkFrom::Offset { partition, offset }),
+                                (None, Some((partition, offset))) => {
+                                    Some(ParkFrom::Offset { partition, offset })
+                                }
                                 (None, None) => None,
                             };
                             if let Some(from) = from {
                                 let why = poison.error.to_string();
                                 parked.park(stream, from, &why);
-                                self.unsaved.push((Instant::now(), stream.clone(), from, why));
+                                self.unsaved
+                                    .push((Instant::now(), stream.clone(), from, why));
                             }
                         }
                         continue;
@@ -180,14 +185,23 @@ impl<F: FactProjector, S: FactStore> FactStage<F, S> {
                 let seq = e.header.sequence_number;
                 let stream = self.keys.of(e);
                 if let Some(mark) = parked.holding(stream, seq, item.origin.position()) {
-                    prep.letters.push((r, "parked", format!("stream {stream} is parked: {}", mark.reason)));
+                    prep.letters.push((
+                        r,
+                        "parked",
+                        format!("stream {stream} is parked: {}", mark.reason),
+                    ));
                     continue;
                 }
                 match f.fact(e) {
                     Ok(fact) => prep.facts.push(fact),
                     Err(reason) => {
                         let stream = stream.to_owned();
-                        self.unsaved.push((Instant::now(), stream.clone(), ParkFrom::Sequence(seq), reason.clone()));
+                        self.unsaved.push((
+                            Instant::now(),
+                            stream.clone(),
+                            ParkFrom::Sequence(seq),
+                            reason.clone(),
+                        ));
                         if parked.park(&stream, ParkFrom::Sequence(seq), &reason) {
                             prep.parks.push(ParkRecord {
                                 projection: name.to_owned(),
@@ -269,7 +283,8 @@ impl<F: FactProjector, S: FactStore> FactStage<F, S> {
         self.ctx.send_letters(letters).await;
         self.ctx.save_parks(&prepared.parks).await;
         let s = &self.ctx.stats;
-        s.events.fetch_add(prepared.events as u64, Ordering::Relaxed);
+        s.events
+            .fetch_add(prepared.events as u64, Ordering::Relaxed);
         s.writes
             .fetch_add(prepared.facts.len() as u64, Ordering::Relaxed);
         s.write_nanos

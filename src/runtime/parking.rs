@@ -40,7 +40,11 @@ impl ParkStore {
 
     /// The parked streams of `projection` writing `version` (and the ones parked for all).
     pub async fn load(&self, projection: &str, version: &str) -> Result<Parked, StoreError> {
-        let (scope, projection, version) = (self.scope.clone(), projection.to_owned(), version.to_owned());
+        let (scope, projection, version) = (
+            self.scope.clone(),
+            projection.to_owned(),
+            version.to_owned(),
+        );
         let rows = self
             .pg
             .run(|c| async move {
@@ -56,7 +60,11 @@ impl ParkStore {
         let mut parked = Parked::default();
         for r in rows {
             let stream: String = r.get(0);
-            let from = match (r.get::<_, Option<i64>>(1), r.get::<_, Option<i32>>(2), r.get::<_, Option<i64>>(3)) {
+            let from = match (
+                r.get::<_, Option<i64>>(1),
+                r.get::<_, Option<i32>>(2),
+                r.get::<_, Option<i64>>(3),
+            ) {
                 (Some(seq), _, _) => ParkFrom::Sequence(seq),
                 (None, Some(partition), Some(offset)) => ParkFrom::Offset { partition, offset },
                 _ => continue,

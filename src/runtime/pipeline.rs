@@ -151,7 +151,11 @@ struct Builder<'a, F: SinkFactory> {
 }
 
 impl<F: SinkFactory> Builder<'_, F> {
-    fn ctx(&mut self, name: &'static str, store: &'static str) -> (StageCtx, mpsc::Receiver<Arc<Window>>) {
+    fn ctx(
+        &mut self,
+        name: &'static str,
+        store: &'static str,
+    ) -> (StageCtx, mpsc::Receiver<Arc<Window>>) {
         let (tx, rx) = mpsc::channel(QUEUE);
         let stats = Arc::new(StageStats::default());
         self.stages.stats.push((name, store, stats.clone()));
@@ -179,11 +183,23 @@ impl<F: SinkFactory> Builder<'_, F> {
         self.env.only.is_empty() || self.env.only.iter().any(|n| n == name)
     }
 
-    fn doc_stages<P: Projector, S: DocStore>(&mut self, p: Arc<P>, open: OpenStore<S>, store: &'static str) {
+    fn doc_stages<P: Projector, S: DocStore>(
+        &mut self,
+        p: Arc<P>,
+        open: OpenStore<S>,
+        store: &'static str,
+    ) {
         let shards = self.env.shards.max(1);
         for shard in 0..shards {
             let (ctx, rx) = self.ctx(p.name(), store);
-            let stage = DocStage::new(p.clone(), ctx, shard, shards, open.clone(), self.env.cache_entries);
+            let stage = DocStage::new(
+                p.clone(),
+                ctx,
+                shard,
+                shards,
+                open.clone(),
+                self.env.cache_entries,
+            );
             self.stages.handles.push(tokio::spawn(stage.run(rx)));
         }
     }
@@ -232,7 +248,9 @@ pub fn spawn_stages<F: SinkFactory>(env: &StageEnv, sinks: &F) -> Result<Stages,
     };
     projectors::register_all(&mut b);
     let (ctx, rx) = b.ctx("poison", "dead-letter topic");
-    b.stages.handles.push(tokio::spawn(super::poison::run(ctx, rx)));
+    b.stages
+        .handles
+        .push(tokio::spawn(super::poison::run(ctx, rx)));
     Ok(b.stages)
 }
 
@@ -317,7 +335,10 @@ pub struct RunReport {
 }
 
 impl RunReport {
-    pub fn from_parts(t: &TrackerStats, stages: &[(&'static str, &'static str, Arc<StageStats>)]) -> RunReport {
+    pub fn from_parts(
+        t: &TrackerStats,
+        stages: &[(&'static str, &'static str, Arc<StageStats>)],
+    ) -> RunReport {
         let mut r = RunReport {
             messages: t.messages,
             windows: t.windows,
@@ -366,7 +387,11 @@ async fn migrate(cfg: &Config, shared: &Arc<Shared>) {
 
 /// The live worker: join the group and keep the read models up to date until shutdown
 /// (`shared.shutdown`) or idleness; returns the run's figures.
-pub async fn run(cfg: &Config, opts: RunOptions, shared: Arc<Shared>) -> Result<RunReport, RuntimeError> {
+pub async fn run(
+    cfg: &Config,
+    opts: RunOptions,
+    shared: Arc<Shared>,
+) -> Result<RunReport, RuntimeError> {
     {
         let mut retry = super::retry::Retry::new(&shared, "kafka", "creating topics");
         while let Err(e) = crate::kafka::ensure_topics(&cfg.kafka).await {
@@ -420,11 +445,19 @@ pub async fn run(cfg: &Config, opts: RunOptions, shared: Arc<Shared>) -> Result<
         return Err(RuntimeError::Source("the source thread panicked".into()));
     }
     // The source is gone: the decode step, then the stages, then the tracker wind down.
-    let Stages { txs, handles, stats, .. } = stages;
+    let Stages {
+        txs,
+        handles,
+        stats,
+        ..
+    } = stages;
     drop(txs);
     let _ = decode.await;
     for mut h in handles {
-        if tokio::time::timeout(Duration::from_secs(30), &mut h).await.is_err() {
+        if tokio::time::timeout(Duration::from_secs(30), &mut h)
+            .await
+            .is_err()
+        {
             tracing::warn!("a stage did not finish in time; its windows stay uncommitted");
             h.abort();
         }
@@ -466,8 +499,18 @@ pub async fn run_memory<F: SinkFactory>(
     let tracker = Tracker::new(stages.participants, shared.clone(), topics.clone(), None);
     let tracker = tokio::spawn(tracker.run(tracker_rx));
     let (raw_tx, raw_rx) = mpsc::channel(QUEUE);
-    let Stages { txs, handles, stats, .. } = stages;
-    let decode = tokio::spawn(decode_loop(raw_rx, txs, topics, cfg.kafka.topic_prefix.clone()));
+    let Stages {
+        txs,
+        handles,
+        stats,
+        ..
+    } = stages;
+    let decode = tokio::spawn(decode_loop(
+        raw_rx,
+        txs,
+        topics,
+        cfg.kafka.topic_prefix.clone(),
+    ));
     let started = std::time::Instant::now();
     for w in windows {
         shared.in_flight.fetch_add(w.items.len(), Ordering::Relaxed);

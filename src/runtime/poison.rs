@@ -24,7 +24,13 @@ async fn handle(ctx: &StageCtx, batch: &Batch) {
     for w in &batch.windows {
         for item in &w.items {
             let Err(p) = &item.decoded else { continue };
-            letters.extend(DeadLetter::of(w, item, p.error.kind(), p.error.to_string(), None));
+            letters.extend(DeadLetter::of(
+                w,
+                item,
+                p.error.kind(),
+                p.error.to_string(),
+                None,
+            ));
             let from = match (p.sequence, item.origin.position()) {
                 (Some(s), _) => Some(ParkFrom::Sequence(s)),
                 (None, Some((partition, offset))) => Some(ParkFrom::Offset { partition, offset }),

@@ -86,7 +86,11 @@ impl Drop for Retry {
     fn drop(&mut self) {
         if self.open {
             circuit(&self.shared, self.store, false);
-            tracing::info!(store = self.store, what = self.what, "store answers again: circuit closed");
+            tracing::info!(
+                store = self.store,
+                what = self.what,
+                "store answers again: circuit closed"
+            );
         }
     }
 }

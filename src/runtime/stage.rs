@@ -141,7 +141,10 @@ impl StageCtx {
                         Ok(Check::Write(t)) => return t,
                         Ok(Check::Hold) => {
                             if holding.is_none() {
-                                tracing::info!(projection = self.name, "handover in progress: holding");
+                                tracing::info!(
+                                    projection = self.name,
+                                    "handover in progress: holding"
+                                );
                                 holding = Some(self.shared.waiting());
                             }
                             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -203,7 +206,8 @@ impl StageCtx {
         for r in records {
             tracing::warn!(projection = %r.projection, version = %r.version, stream = %r.stream,
                 from = ?r.from, reason = %r.reason, "stream parked: its later events are held");
-            metrics::counter!("projector_parked_streams_total", "projector" => self.name).increment(1);
+            metrics::counter!("projector_parked_streams_total", "projector" => self.name)
+                .increment(1);
         }
     }
 

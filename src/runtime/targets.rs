@@ -145,7 +145,11 @@ impl Pointers {
 
     /// Check one projection: write (to which version) or hold. Lowers an expired flag.
     pub async fn check(&self, projection: &str, fresh: bool) -> Result<Check, StoreError> {
-        let snap = if fresh { self.fresh().await? } else { self.cached().await };
+        let snap = if fresh {
+            self.fresh().await?
+        } else {
+            self.cached().await
+        };
         let p = snap.get(projection).cloned().unwrap_or_else(Pointer::live);
         if p.switching {
             if p.lease_expired && self.lower_expired(projection).await? {

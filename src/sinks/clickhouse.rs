@@ -145,9 +145,7 @@ fn create_table(table: &str) -> String {
 impl ClickHouseSink {
     pub async fn connect(cfg: &ClickHouseConfig, table: &str) -> Result<ClickHouseSink, SinkError> {
         let timeout = Duration::from_millis(cfg.timeout_ms);
-        let mut root = Client::default()
-            .with_url(&cfg.url)
-            .with_validation(false);
+        let mut root = Client::default().with_url(&cfg.url).with_validation(false);
         if let Some(user) = &cfg.user {
             root = root.with_user(user);
         }

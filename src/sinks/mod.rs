@@ -109,8 +109,10 @@ pub trait DocStore: Clone + Send + Sync + 'static {
         keys: Vec<String>,
     ) -> impl Future<Output = Result<Vec<(String, Loaded<V>)>, SinkError>> + Send;
     /// Write all, each under its compare-and-set; durable when this returns.
-    fn write(&self, writes: &[DocWrite])
-    -> impl Future<Output = Result<WriteOutcome, SinkError>> + Send;
+    fn write(
+        &self,
+        writes: &[DocWrite],
+    ) -> impl Future<Output = Result<WriteOutcome, SinkError>> + Send;
 }
 
 /// A store of one fact row per event.

@@ -36,9 +36,13 @@ const TRANSIENT_CODES: &[i32] = &[
 
 #[derive(Clone)]
 pub struct MongoSink {
+    client: Client,
     db: Database,
     collection: String,
     timeout: Duration,
+    /// A replica set (even of one node): updates of a command commit in one transaction,
+    /// so one journal write covers them all, not one per document.
+    transactions: bool,
 }
 
 pub(crate) fn classify(e: &mongodb::error::Error) -> SinkError {
@@ -63,12 +67,22 @@ impl MongoSink {
         options.connect_timeout = Some(Duration::from_millis(cfg.connect_timeout_ms));
         options.app_name = Some("projector".into());
         let client = Client::with_options(options).map_err(|e| classify(&e))?;
-        let sink = MongoSink {
+        let mut sink = MongoSink {
             db: client.database(&cfg.database),
+            client,
             collection: collection.to_owned(),
             timeout,
+            transactions: false,
         };
         with_timeout(STORE, timeout, sink.ensure_indexes()).await?;
+        let hello = with_timeout(STORE, timeout, async {
+            sink.db
+                .run_command(doc! {"hello": 1})
+                .await
+                .map_err(|e| classify(&e))
+        })
+        .await?;
+        sink.transactions = hello.get_str("setName").is_ok();
         Ok(sink)
     }
 
@@ -110,7 +124,9 @@ impl MongoSink {
     }
 
     /// Every document of the collection (tests, the demo): key → document.
-    pub async fn scan_all<V: DeserializeOwned>(&self) -> Result<Vec<(String, Loaded<V>)>, SinkError> {
+    pub async fn scan_all<V: DeserializeOwned>(
+        &self,
+    ) -> Result<Vec<(String, Loaded<V>)>, SinkError> {
         let docs: Vec<RawDocumentBuf> = self
             .db
             .collection::<RawDocumentBuf>(&self.collection)
@@ -146,6 +162,35 @@ impl MongoSink {
         })
         .await
     }
+}
+
+/// The document with `_id` = its key (a view that names its own `_id`, like the order
+/// view, already has it).
+fn with_id(d: RawDocumentBuf, key: &str) -> RawDocumentBuf {
+    if d.get_str("_id").is_ok_and(|id| id == key) {
+        return d;
+    }
+    let mut out = RawDocumentBuf::new();
+    out.append("_id", key);
+    for (k, v) in d.iter().flatten() {
+        if k != "_id" {
+            out.append_ref(k, v);
+        }
+    }
+    out
+}
+
+/// `{q: {_id, _rev: expected}, u: document, upsert}`: a replacement only while the stored
+/// token is the expected one.
+fn statement(w: &DocWrite, d: &RawDocumentBuf, upsert: bool) -> RawDocumentBuf {
+    let mut q = RawDocumentBuf::new();
+    q.append("_id", w.key.as_str());
+    q.append("_rev", w.expected.unwrap_or(0) as i64);
+    let mut stmt = RawDocumentBuf::new();
+    stmt.append("q", q);
+    stmt.append("u", d.clone());
+    stmt.append("upsert", upsert);
+    stmt
 }
 
 fn decode<V: DeserializeOwned>(d: &RawDocumentBuf) -> (String, Loaded<V>) {
@@ -185,6 +230,134 @@ fn chunks(sizes: &[usize]) -> Vec<std::ops::Range<usize>> {
     out
 }
 
+/// Attempts of one transaction before its still-pending statements count as conflicts.
+const TRANSACTION_ATTEMPTS: usize = 4;
+
+impl MongoSink {
+    /// Replace documents in one transaction (one journal write for all of them). A statement
+    /// whose token moved matches nothing, so the matched count tells whether all of them hold;
+    /// if not, the transaction is abandoned, the moved ones are found and reported as
+    /// conflicts, and the rest is tried again. Returns (conflicts, refused) by write index.
+    async fn update_in_transaction(
+        &self,
+        writes: &[DocWrite],
+        mut pending: Vec<(usize, RawDocumentBuf)>,
+    ) -> Result<(Vec<usize>, Vec<(usize, String)>), SinkError> {
+        use mongodb::options::{Acknowledgment, WriteConcern};
+        let mut conflicts = Vec::new();
+        let mut refused = Vec::new();
+        for _ in 0..TRANSACTION_ATTEMPTS {
+            if pending.is_empty() {
+                break;
+            }
+            let mut updates = RawArrayBuf::new();
+            for (i, d) in &pending {
+                updates.push(RawBson::Document(statement(&writes[*i], d, false)));
+            }
+            let mut command = RawDocumentBuf::new();
+            command.append("update", self.collection.as_str());
+            command.append("updates", updates);
+            command.append("ordered", false);
+            let wc = WriteConcern::builder()
+                .w(Acknowledgment::Nodes(1))
+                .journal(true)
+                .build();
+            let outcome = with_timeout(STORE, self.timeout, async {
+                let mut session = self
+                    .client
+                    .start_session()
+                    .await
+                    .map_err(|e| classify(&e))?;
+                session
+                    .start_transaction()
+                    .write_concern(wc)
+                    .await
+                    .map_err(|e| classify(&e))?;
+                let reply = self
+                    .db
+                    .run_raw_command(command)
+                    .session(&mut session)
+                    .await
+                    .map_err(|e| classify(&e))?;
+                let errors: Vec<(usize, i32, String)> = reply
+                    .get_array("writeErrors")
+                    .map(|a| {
+                        a.iter()
+                            .filter_map(|e| match e {
+                                Bson::Document(e) => Some((
+                                    number(e.get("index")).unwrap_or(-1) as usize,
+                                    number(e.get("code")).unwrap_or(-1) as i32,
+                                    e.get_str("errmsg").unwrap_or("").to_owned(),
+                                )),
+                                _ => None,
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                let matched = number(reply.get("n")).unwrap_or(-1);
+                if errors.is_empty() && matched == pending.len() as i64 {
+                    session
+                        .commit_transaction()
+                        .await
+                        .map_err(|e| classify(&e))?;
+                    return Ok(None);
+                }
+                let _ = session.abort_transaction().await;
+                Ok(Some(errors))
+            })
+            .await?;
+            let Some(errors) = outcome else {
+                return Ok((conflicts, refused));
+            };
+            // Statements the server refused for good leave; then find whose token moved.
+            let mut drop_now = Vec::new();
+            for (at, code, msg) in errors {
+                if TRANSIENT_CODES.contains(&code) {
+                    return Err(SinkError::transient(
+                        STORE,
+                        format!("write error {code}: {msg}"),
+                    ));
+                }
+                if let Some((i, _)) = pending.get(at) {
+                    refused.push((*i, format!("mongo write error {code}: {msg}")));
+                    drop_now.push(*i);
+                }
+            }
+            pending.retain(|(i, _)| !drop_now.contains(i));
+            let keys: Vec<&str> = pending
+                .iter()
+                .map(|(i, _)| writes[*i].key.as_str())
+                .collect();
+            let stored: Vec<Document> = with_timeout(STORE, self.timeout, async {
+                self.collection()
+                    .find(doc! {"_id": {"$in": &keys}})
+                    .projection(doc! {"_rev": 1})
+                    .await
+                    .map_err(|e| classify(&e))?
+                    .try_collect()
+                    .await
+                    .map_err(|e| classify(&e))
+            })
+            .await?;
+            let current: std::collections::HashMap<&str, i64> = stored
+                .iter()
+                .filter_map(|d| Some((d.get_str("_id").ok()?, number(d.get("_rev"))?)))
+                .collect();
+            pending.retain(|(i, _)| {
+                let w = &writes[*i];
+                let holds = current.get(w.key.as_str()).copied() == w.expected.map(|r| r as i64);
+                if !holds {
+                    conflicts.push(*i);
+                }
+                holds
+            });
+        }
+        // Still contended after every attempt: let the caller reload and fold again.
+        conflicts.extend(pending.iter().map(|(i, _)| *i));
+        Ok((conflicts, refused))
+    }
+}
+
 impl DocStore for MongoSink {
     fn name(&self) -> &'static str {
         STORE
@@ -193,7 +366,6 @@ impl DocStore for MongoSink {
     fn max_doc_bytes(&self) -> usize {
         MAX_DOC_BYTES
     }
-
 
     fn encode<V: Serialize>(&self, doc: &Doc<V>) -> Result<Vec<u8>, String> {
         bson::to_vec(doc).map_err(|e| e.to_string())
@@ -228,7 +400,7 @@ impl DocStore for MongoSink {
         let mut out = WriteOutcome::default();
         let (mut new, mut existing) = (Vec::new(), Vec::new());
         for (i, w) in writes.iter().enumerate() {
-            match RawDocumentBuf::from_bytes(w.body.clone()) {
+            match RawDocumentBuf::from_bytes(w.body.clone()).map(|d| with_id(d, &w.key)) {
                 Ok(d) if w.expected.is_none() => new.push((i, d)),
                 Ok(d) => existing.push((i, d)),
                 Err(e) => out.refused.push((i, format!("not a BSON document: {e}"))),
@@ -245,32 +417,38 @@ impl DocStore for MongoSink {
             commands.push(("insert", "documents", docs, idx));
         }
         let sizes: Vec<usize> = existing.iter().map(|(_, d)| d.as_bytes().len()).collect();
+        let mut in_transactions = Vec::new();
         for range in chunks(&sizes) {
+            if self.transactions {
+                in_transactions.push(existing[range].to_vec());
+                continue;
+            }
             let mut updates = RawArrayBuf::new();
             for (i, d) in &existing[range.clone()] {
                 let w = &writes[*i];
-                let mut q = RawDocumentBuf::new();
-                q.append("_id", w.key.as_str());
-                q.append("_rev", w.expected.unwrap_or(0) as i64);
-                let mut stmt = RawDocumentBuf::new();
-                stmt.append("q", q);
-                stmt.append("u", d.clone());
-                stmt.append("upsert", true);
-                updates.push(RawBson::Document(stmt));
+                updates.push(RawBson::Document(statement(w, d, true)));
             }
             let idx: Vec<usize> = existing[range].iter().map(|(i, _)| *i).collect();
             commands.push(("update", "updates", updates, idx));
         }
-        let replies = try_join_all(
-            commands
+        let transactional = try_join_all(
+            in_transactions
                 .into_iter()
-                .map(|(verb, field, stmts, idx)| async move {
-                    self.write_command(verb, field, stmts)
-                        .await
-                        .map(|reply| (reply, idx))
-                }),
-        )
-        .await?;
+                .map(|stmts| self.update_in_transaction(writes, stmts)),
+        );
+        let plain = try_join_all(commands.into_iter().map(
+            |(verb, field, stmts, idx)| async move {
+                self.write_command(verb, field, stmts)
+                    .await
+                    .map(|reply| (reply, idx))
+            },
+        ));
+        let (replies, transactional) = tokio::join!(plain, transactional);
+        for (conflicts, refused) in transactional? {
+            out.conflicts.extend(conflicts);
+            out.refused.extend(refused);
+        }
+        let replies = replies?;
         for (reply, idx) in replies {
             if let Ok(wce) = reply.get_document("writeConcernError") {
                 return Err(SinkError::transient(STORE, format!("write concern: {wce}")));
@@ -291,9 +469,13 @@ impl DocStore for MongoSink {
                 if code == DUPLICATE_KEY {
                     out.conflicts.push(i);
                 } else if TRANSIENT_CODES.contains(&code) {
-                    return Err(SinkError::transient(STORE, format!("write error {code}: {msg}")));
+                    return Err(SinkError::transient(
+                        STORE,
+                        format!("write error {code}: {msg}"),
+                    ));
                 } else {
-                    out.refused.push((i, format!("mongo write error {code}: {msg}")));
+                    out.refused
+                        .push((i, format!("mongo write error {code}: {msg}")));
                 }
             }
         }
@@ -308,7 +490,10 @@ mod tests {
     #[test]
     fn commands_hold_at_most_a_thousand_statements_and_eight_megabytes() {
         assert_eq!(chunks(&[]), Vec::<std::ops::Range<usize>>::new());
-        assert_eq!(chunks(&vec![10; 2_500]), vec![0..1000, 1000..2000, 2000..2500]);
+        assert_eq!(
+            chunks(&vec![10; 2_500]),
+            vec![0..1000, 1000..2000, 2000..2500]
+        );
         let big = 3 * 1024 * 1024;
         assert_eq!(chunks(&[big, big, big, 5]), vec![0..2, 2..4]);
         // One document over the byte budget still goes alone.

@@ -66,7 +66,10 @@ impl ConsumerContext for SourceContext {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
             Rebalance::Revoke(tpl) => {
-                tracing::info!(partitions = tpl.count(), "partitions revoked: draining them");
+                tracing::info!(
+                    partitions = tpl.count(),
+                    "partitions revoked: draining them"
+                );
                 self.handler.revoke(consumer, tpl);
             }
             Rebalance::Assign(_) => {}
@@ -99,10 +102,7 @@ impl ConsumerContext for SourceContext {
 }
 
 /// A consumer in the worker group: manual commits, earliest reset, cooperative-sticky.
-pub fn create_consumer(
-    cfg: &KafkaConfig,
-    ctx: SourceContext,
-) -> KafkaResult<SourceConsumer> {
+pub fn create_consumer(cfg: &KafkaConfig, ctx: SourceContext) -> KafkaResult<SourceConsumer> {
     let mut c = base_client_config(cfg);
     if let Some(id) = cfg.instance_id.as_deref().filter(|s| !s.is_empty()) {
         c.set("group.instance.id", id);

@@ -321,9 +321,14 @@ impl KafkaSource {
                 return;
             }
             self.shared.assignment_gen.fetch_add(1, Ordering::Relaxed);
-            self.shared.consumer_restarts.fetch_add(1, Ordering::Relaxed);
+            self.shared
+                .consumer_restarts
+                .fetch_add(1, Ordering::Relaxed);
             metrics::counter!("projector_consumer_restarts_total").increment(1);
-            tracing::warn!(generation, "consumer re-created after a fatal error; rejoining under the same identity");
+            tracing::warn!(
+                generation,
+                "consumer re-created after a fatal error; rejoining under the same identity"
+            );
         }
     }
 
@@ -405,7 +410,10 @@ impl KafkaSource {
         }
         let left = self.shared.in_flight.load(Ordering::Relaxed);
         if left > 0 {
-            tracing::warn!(messages = left, "shutdown deadline: leaving them uncommitted (redelivered later)");
+            tracing::warn!(
+                messages = left,
+                "shutdown deadline: leaving them uncommitted (redelivered later)"
+            );
         }
     }
 }

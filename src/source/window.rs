@@ -162,10 +162,9 @@ pub struct Window {
 impl Window {
     pub fn topic(&self, origin: &Origin) -> &str {
         match origin {
-            Origin::Kafka { topic, .. } => self
-                .topics
-                .get(*topic as usize)
-                .map_or("?", String::as_str),
+            Origin::Kafka { topic, .. } => {
+                self.topics.get(*topic as usize).map_or("?", String::as_str)
+            }
             Origin::Replay { .. } => "event-store",
         }
     }
@@ -186,8 +185,12 @@ mod tests {
     fn headers_round_trip_through_the_arena_including_nulls() {
         let mut a = Arena::default();
         let r = a.push_headers(
-            [("event_type", Some(&b"order.placed"[..])), ("x", None), ("", Some(&b""[..]))]
-                .into_iter(),
+            [
+                ("event_type", Some(&b"order.placed"[..])),
+                ("x", None),
+                ("", Some(&b""[..])),
+            ]
+            .into_iter(),
         );
         let back: Vec<_> = a.headers(&r).collect();
         assert_eq!(

@@ -7,8 +7,8 @@ mod read;
 mod replay;
 
 pub use append::AppendOutcome;
-pub use pg::Pg;
 pub use migrations::MIGRATIONS;
+pub use pg::Pg;
 pub use replay::ReplayPosition;
 
 use thiserror::Error;
@@ -52,11 +52,18 @@ impl StoreError {
     pub fn is_transient(&self) -> bool {
         match self {
             StoreError::Unavailable(_) => true,
-            StoreError::Postgres(e) => e.is_closed() || e.as_db_error().is_none_or(|db| {
-                // Shutdown, crash recovery, too many connections, serialization failures.
-                let c = db.code().code();
-                c.starts_with("57P") || c.starts_with("08") || c == "53300" || c == "40001" || c == "40P01"
-            }),
+            StoreError::Postgres(e) => {
+                e.is_closed()
+                    || e.as_db_error().is_none_or(|db| {
+                        // Shutdown, crash recovery, too many connections, serialization failures.
+                        let c = db.code().code();
+                        c.starts_with("57P")
+                            || c.starts_with("08")
+                            || c == "53300"
+                            || c == "40001"
+                            || c == "40P01"
+                    })
+            }
             _ => false,
         }
     }
@@ -99,7 +106,10 @@ impl EventStore {
 
     /// How many events the store holds (a rebuild's progress total).
     pub async fn count_committed(&self) -> Result<i64, StoreError> {
-        let row = self.client.query_one("SELECT count(*) FROM events", &[]).await?;
+        let row = self
+            .client
+            .query_one("SELECT count(*) FROM events", &[])
+            .await?;
         Ok(row.get(0))
     }
 

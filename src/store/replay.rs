@@ -84,7 +84,10 @@ impl EventStore {
 
 /// A replayed event: validated and typed, or why the stored row breaks the contract (its
 /// stream and sequence, so the replay can park it as the live feed would).
-pub type Replayed = (ReplayPosition, Result<Event, (String, i64, contract::ContractError)>);
+pub type Replayed = (
+    ReplayPosition,
+    Result<Event, (String, i64, contract::ContractError)>,
+);
 
 impl EventStore {
     /// Like [`EventStore::read_committed_after`], typed in one pass (payloads are read as

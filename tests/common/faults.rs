@@ -85,8 +85,15 @@ impl FaultSet {
         let pid = self.pid(svc);
         let mut all = vec![pid.to_string()];
         if svc == "postgres" {
-            let out = Command::new("pgrep").args(["-P", &pid.to_string()]).output().unwrap();
-            all.extend(String::from_utf8_lossy(&out.stdout).split_whitespace().map(str::to_owned));
+            let out = Command::new("pgrep")
+                .args(["-P", &pid.to_string()])
+                .output()
+                .unwrap();
+            all.extend(
+                String::from_utf8_lossy(&out.stdout)
+                    .split_whitespace()
+                    .map(str::to_owned),
+            );
         }
         all
     }
@@ -190,7 +197,11 @@ impl Worker {
         let pid = self.child.id().to_string();
         Command::new("kill").args(["-TERM", &pid]).status().unwrap();
         let status = self.child.wait().unwrap();
-        assert!(status.success(), "{} exits 0 on SIGTERM: {status:?}", self.name);
+        assert!(
+            status.success(),
+            "{} exits 0 on SIGTERM: {status:?}",
+            self.name
+        );
     }
 }
 
@@ -216,7 +227,9 @@ pub fn progress(cfg: &Config) -> Option<(i64, i64)> {
             tpl.add_partition(&t, p);
         }
     }
-    let committed = consumer.committed_offsets(tpl.clone(), Duration::from_secs(3)).ok()?;
+    let committed = consumer
+        .committed_offsets(tpl.clone(), Duration::from_secs(3))
+        .ok()?;
     let (mut done, mut high) = (0i64, 0i64);
     for e in tpl.elements() {
         let (_, hi) = consumer

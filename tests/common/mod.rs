@@ -52,8 +52,8 @@ use contract::Event;
 use projector::generator::{self, GenerateOptions};
 use projector::kafka::{self, EventPublisher};
 use projector::runtime::{self, Shared};
-use projector::sinks::clickhouse::FactRow;
 use projector::sinks::Loaded;
+use projector::sinks::clickhouse::FactRow;
 use projector::versions::VersionSinks;
 use projectors::analytics::AnalyticsProjector;
 use projectors::customer360::{Customer360, Customer360Projector};
@@ -152,8 +152,14 @@ pub struct Snapshot {
 
 pub async fn snapshot(sinks: &VersionSinks, ns: &str) -> Snapshot {
     Snapshot {
-        customers: comparable(decoded(sinks.redis.scan_all::<Customer360>().await.unwrap()), ns),
-        orders: comparable(decoded(sinks.mongo.scan_all::<OrderView>().await.unwrap()), ns),
+        customers: comparable(
+            decoded(sinks.redis.scan_all::<Customer360>().await.unwrap()),
+            ns,
+        ),
+        orders: comparable(
+            decoded(sinks.mongo.scan_all::<OrderView>().await.unwrap()),
+            ns,
+        ),
         facts: facts_of(sinks, ns).await,
     }
 }
@@ -175,15 +181,31 @@ pub fn fold(log: &[Event], ns: &str) -> Snapshot {
 
 /// `got` equals `want`, with a precise message for the first difference.
 pub fn assert_same(want: &Snapshot, got: &Snapshot, what: &str) {
-    assert_eq!(want.customers.len(), got.customers.len(), "{what}: Customer-360 document count");
+    assert_eq!(
+        want.customers.len(),
+        got.customers.len(),
+        "{what}: Customer-360 document count"
+    );
     for (k, w) in &want.customers {
-        assert_eq!(Some(w), got.customers.get(k), "{what}: Customer-360 {k} differs");
+        assert_eq!(
+            Some(w),
+            got.customers.get(k),
+            "{what}: Customer-360 {k} differs"
+        );
     }
-    assert_eq!(want.orders.len(), got.orders.len(), "{what}: order view count");
+    assert_eq!(
+        want.orders.len(),
+        got.orders.len(),
+        "{what}: order view count"
+    );
     for (k, w) in &want.orders {
         assert_eq!(Some(w), got.orders.get(k), "{what}: order view {k} differs");
     }
-    assert_eq!(want.facts.len(), got.facts.len(), "{what}: fact count (each event once)");
+    assert_eq!(
+        want.facts.len(),
+        got.facts.len(),
+        "{what}: fact count (each event once)"
+    );
     assert!(want.facts == got.facts, "{what}: analytics facts differ");
 }
 
@@ -192,7 +214,11 @@ pub async fn assert_read_models_equal_fold(cfg: &Config, ns: &str) {
     let log = event_log_at(cfg, ns).await;
     assert!(!log.is_empty());
     let sinks = VersionSinks::connect_views(cfg, &cfg.views).await.unwrap();
-    assert_same(&fold(&log, ns), &snapshot(&sinks, ns).await, "live read models vs the fold");
+    assert_same(
+        &fold(&log, ns),
+        &snapshot(&sinks, ns).await,
+        "live read models vs the fold",
+    );
 }
 
 /// Run the worker in this process until no event arrived for `idle`.

@@ -147,7 +147,8 @@ fn a_cancelled_order_refuses_later_steps() {
         v.cancellation.as_ref().unwrap().previous_status,
         "payment_pending"
     );
-    let mut doc: Doc<OrderView> = MemoryViews::fold(&OrderViewProjector, &events).docs["ord-1"].clone();
+    let mut doc: Doc<OrderView> =
+        MemoryViews::fold(&OrderViewProjector, &events).docs["ord-1"].clone();
     let before = doc.clone();
     let late = ev(
         3,
@@ -158,7 +159,12 @@ fn a_cancelled_order_refuses_later_steps() {
             tracking_number: "y".into(),
         }),
     );
-    let step = apply_event(&OrderViewProjector, &mut doc, &late, &mut StreamKey::default());
+    let step = apply_event(
+        &OrderViewProjector,
+        &mut doc,
+        &late,
+        &mut StreamKey::default(),
+    );
     assert!(matches!(&step, Step::Rejected(r) if r.reason.contains("already cancelled")));
     assert_eq!(doc, before);
 }
