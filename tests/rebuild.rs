@@ -339,9 +339,28 @@ async fn a_rebuild_killed_while_switching_never_leaves_the_workers_held() {
     child.wait().unwrap();
     holder.batch_execute("ROLLBACK").await.unwrap();
 
-    // Traffic after the death: the workers wait out the lease, lower the flag, and go on
-    // writing the version the pointers still name.
+    // Traffic after the death: the workers hold it until the lease expires, lower the flag,
+    // and go on writing the version the pointers still name.
+    let died = Instant::now();
     common::generate(&cfg, &format!("{ns}b-"), 1_000, 96, 0.0, 0.0).await;
+    loop {
+        let live = projector::versions::live_versions(&store, &cfg)
+            .await
+            .unwrap();
+        if live.switching.is_empty() {
+            break;
+        }
+        assert!(
+            died.elapsed() < Duration::from_secs(60),
+            "the expired flag was never lowered"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        died.elapsed() >= Duration::from_secs(5),
+        "the flag stayed up while its lease held ({:?})",
+        died.elapsed()
+    );
     let want = common::event_log(&ns).await.len();
     let have = common::wait_for_facts(&common::live_sinks(&cfg).await, &ns, want).await;
     assert_eq!(
@@ -351,7 +370,6 @@ async fn a_rebuild_killed_while_switching_never_leaves_the_workers_held() {
     let live = projector::versions::live_versions(&store, &cfg)
         .await
         .unwrap();
-    assert!(live.switching.is_empty(), "the expired flag was lowered");
     for p in projectors::names() {
         assert_eq!(live.of(p), projector::versions::LIVE, "nothing switched");
     }

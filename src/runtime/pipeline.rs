@@ -287,6 +287,11 @@ pub async fn decode_loop(
             };
             *by_type.entry(t).or_default() += 1;
         }
+        let unrouted: u64 = items
+            .iter()
+            .filter(|it| it.decoded.as_ref().is_ok_and(|e| e.event_type().is_none()))
+            .count() as u64;
+        metrics::counter!("projector_unrouted_total").increment(unrouted);
         for (t, n) in by_type {
             metrics::counter!("projector_events_total", "event_type" => t.to_owned()).increment(n);
         }
