@@ -67,10 +67,10 @@ fn default_window_ms() -> u64 {
     100
 }
 fn default_max_in_flight() -> usize {
-    40_000
+    20_000
 }
 fn default_cache_entries() -> usize {
-    50_000
+    20_000
 }
 fn default_drain_timeout_ms() -> u64 {
     10_000
@@ -115,6 +115,21 @@ pub struct KafkaConfig {
     /// in the source topic at the offset the headers name).
     #[serde(default = "default_dlq_max_bytes")]
     pub dlq_max_bytes: usize,
+    /// The largest response the client accepts. The local broker ignores fetch limits, so it
+    /// is large by default; with Apache Kafka it can be set near `fetch_max_bytes`.
+    #[serde(default = "default_receive_max")]
+    pub receive_message_max_bytes: u64,
+    /// Bytes per fetch response (honoured by Apache Kafka).
+    #[serde(default = "default_fetch_max")]
+    pub fetch_max_bytes: u64,
+}
+
+fn default_receive_max() -> u64 {
+    1_000_000_000
+}
+
+fn default_fetch_max() -> u64 {
+    16 * 1024 * 1024
 }
 
 fn default_assignment() -> String {

@@ -93,6 +93,9 @@ struct BenchCli {
     /// Measure the engine alone and stop (for profiling).
     #[arg(long)]
     engine_only: bool,
+    /// Measure only publish → visible latency at this steady rate (events/s), and stop.
+    #[arg(long)]
+    steady_rate: Option<f64>,
 }
 
 #[derive(Args)]
@@ -168,6 +171,7 @@ async fn main() -> anyhow::Result<()> {
                     steady: !args.no_steady,
                     clickhouse_engine: !args.no_clickhouse_engine,
                     engine_only: args.engine_only,
+                    steady_rate: args.steady_rate,
                 },
             )
             .await?

@@ -13,6 +13,7 @@ pub mod memory;
 pub mod order_view;
 pub mod parking;
 pub mod registry;
+pub mod time;
 
 pub use document::{Doc, Guard, Step, StreamKey, apply_event};
 pub use parking::{ParkMark, Parked};

@@ -40,6 +40,8 @@ pub struct BenchArgs {
     pub clickhouse_engine: bool,
     /// Only the engine-alone figure (for profiling).
     pub engine_only: bool,
+    /// Only the steady-state latency, at this publish rate (for profiling).
+    pub steady_rate: Option<f64>,
 }
 
 const SEED: u64 = 7;
@@ -80,6 +82,15 @@ pub async fn run(base: &Config, args: BenchArgs) -> anyhow::Result<()> {
         cfg.worker.window_size,
         std::thread::available_parallelism().map_or(1, |c| c.get())
     );
+    if let Some(rate) = args.steady_rate {
+        kafka::ensure_topics(&cfg.kafka).await?;
+        let (p50, p99, sent, rss) = steady(&cfg, &id, rate).await?;
+        println!(
+            "steady state at {rate:.0} events/s ({sent} events): publish → visible p50 {p50} ms, p99 {p99} ms, peak RSS {rss:.0} MiB"
+        );
+        cleanup(&cfg, &cfg).await;
+        return Ok(());
+    }
     let history: Vec<EventEnvelope> = History::new(SEED, &ns).take(n as usize).collect();
     let mut rows = Vec::new();
 
@@ -145,9 +156,16 @@ pub async fn run(base: &Config, args: BenchArgs) -> anyhow::Result<()> {
         Duration::from_secs_f64(all.report.active_seconds),
     );
     println!(
-        "drain, all three read models: {all_rate:.0} events/s ({:.1}s), peak RSS {:.0} MiB",
-        all.report.active_seconds, all.rss_mib
+        "drain, all three read models: {all_rate:.0} events/s ({:.1}s), peak RSS {:.0} MiB \
+         (median {:.0}); {} windows, {} views loaded, {} conflicts",
+        all.report.active_seconds,
+        all.rss_mib,
+        all.rss_median_mib,
+        all.report.windows,
+        all.report.loads,
+        all.report.conflicts
     );
+    println!("  CPU while draining (share of one core): {}", all.cpu);
     let mut analytics_cfg = cfg.clone();
     analytics_cfg.kafka.group_id = format!("{id}-analytics");
     analytics_cfg.views.clickhouse_table = format!("{id}_facts_only");
@@ -157,9 +175,10 @@ pub async fn run(base: &Config, args: BenchArgs) -> anyhow::Result<()> {
         Duration::from_secs_f64(only.report.active_seconds),
     );
     println!(
-        "drain, analytics only: {only_rate:.0} events/s ({:.1}s), peak RSS {:.0} MiB",
-        only.report.active_seconds, only.rss_mib
+        "drain, analytics only: {only_rate:.0} events/s ({:.1}s), peak RSS {:.0} MiB (median {:.0})",
+        only.report.active_seconds, only.rss_mib, only.rss_median_mib
     );
+    println!("  CPU while draining (share of one core): {}", only.cpu);
     let ch_engine = if args.clickhouse_engine {
         let r = clickhouse_engine(&cfg, &id, n).await?;
         println!("ClickHouse Kafka engine, same backlog: {r:.0} rows/s");
@@ -209,15 +228,21 @@ pub async fn run(base: &Config, args: BenchArgs) -> anyhow::Result<()> {
     // 5. Steady state at half the drain rate.
     if args.steady {
         let target = (all_rate / 2.0).max(100.0);
-        let (p50, p99, sent) = steady(&cfg, &id, target).await?;
+        let (p50, p99, sent, rss) = steady(&cfg, &id, target).await?;
         println!(
-            "steady state at {target:.0} events/s ({sent} events): publish → visible p50 {p50} ms, p99 {p99} ms"
+            "steady state at {target:.0} events/s ({sent} events): publish → visible p50 {p50} ms, p99 {p99} ms, peak RSS {rss:.0} MiB"
         );
         rows.push(row(
             format!("p99 publish → visible at {target:.0} events/s"),
             format!("{p99} ms (p50 {p50} ms)"),
             "target 1,000 ms",
             Some(p99 as f64 / 1000.0),
+        ));
+        rows.push(row(
+            "worker peak RSS, steady state (small fetches)",
+            format!("{rss:.0} MiB"),
+            "target 150 MiB",
+            Some(rss / 150.0),
         ));
     }
 
@@ -503,6 +528,11 @@ async fn raw_capacity(
 struct Drain {
     report: RunReport,
     rss_mib: f64,
+    /// Where the CPU went while it drained (share of one core per process).
+    cpu: String,
+    /// Median of the RSS samples: the peak is set by the broker's fetch responses, which the
+    /// local broker does not bound (see README).
+    rss_median_mib: f64,
 }
 
 /// A fresh group drains the backlog in a worker process (this binary); peak RSS sampled.
@@ -514,6 +544,7 @@ async fn drain(cfg: &Config, label: &str, only: Option<&str>) -> anyhow::Result<
     if let Some(p) = only {
         cmd.args(["--projectors", p]);
     }
+    let probe = CpuProbe::start();
     let child = cmd
         .envs(cfg.child_env())
         .env(
@@ -523,30 +554,114 @@ async fn drain(cfg: &Config, label: &str, only: Option<&str>) -> anyhow::Result<
         .stdout(Stdio::null())
         .spawn()
         .context("starting the worker")?;
-    let (status, rss) = wait_sampling_rss(child).await?;
+    let (status, rss, worker_cpu, median) = wait_sampling_rss(child).await?;
+    let cpu = probe.report(worker_cpu);
     anyhow::ensure!(status.success(), "worker exited with {status}");
     let report: RunReport = serde_json::from_slice(&std::fs::read(&stats)?)?;
     let _ = std::fs::remove_file(&stats);
     Ok(Drain {
         report,
         rss_mib: rss as f64 / 1024.0,
+        cpu,
+        rss_median_mib: median as f64 / 1024.0,
     })
 }
 
+/// Wait for a worker, sampling its peak RSS and median RSS (KiB) and its CPU seconds.
 async fn wait_sampling_rss(
     mut child: std::process::Child,
-) -> anyhow::Result<(std::process::ExitStatus, u64)> {
+) -> anyhow::Result<(std::process::ExitStatus, u64, Option<f64>, u64)> {
     let pid = child.id();
     let mut peak = 0u64;
+    let mut cpu = None;
+    let mut samples = Vec::new();
     loop {
         if let Some(s) = child.try_wait()? {
-            return Ok((s, peak));
+            samples.sort_unstable();
+            let median = samples.get(samples.len() / 2).copied().unwrap_or(0);
+            return Ok((s, peak, cpu, median));
         }
         if let Some(kib) = vm_hwm_kib(pid) {
             peak = peak.max(kib);
         }
+        if let Some(kib) = vm_rss_kib(pid) {
+            samples.push(kib);
+        }
+        if let Some(c) = cpu_seconds(pid) {
+            cpu = Some(c);
+        }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// CPU seconds (user + system) a process has used so far.
+fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = stat.rsplit_once(") ")?.1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
+    Some(ticks / 100.0)
+}
+
+/// The servers' pids, from the pid files `scripts/services.sh` keeps (this machine's
+/// servers only; none when they run elsewhere).
+fn server_pids() -> Vec<(&'static str, u32)> {
+    let out = std::process::Command::new("bash")
+        .args(["scripts/services.sh", "pid"])
+        .output();
+    let Ok(out) = out else { return Vec::new() };
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    ["kafka", "postgres", "redis", "mongo", "clickhouse"]
+        .into_iter()
+        .filter_map(|svc| {
+            let line = text.lines().find(|l| l.starts_with(svc))?;
+            Some((svc, line.split_whitespace().nth(1)?.parse().ok()?))
+        })
+        .collect()
+}
+
+/// CPU used by each server (and PostgreSQL's backends, counted with it) between two reads.
+struct CpuProbe(Vec<(&'static str, u32, f64)>, Instant);
+
+impl CpuProbe {
+    fn start() -> CpuProbe {
+        let v = server_pids()
+            .into_iter()
+            .map(|(s, p)| (s, p, cpu_seconds(p).unwrap_or(0.0)))
+            .collect();
+        CpuProbe(v, Instant::now())
+    }
+
+    /// "mongo 93%, redis 20%, …" of one core, over the time since `start`.
+    fn report(&self, worker: Option<f64>) -> String {
+        let secs = self.1.elapsed().as_secs_f64().max(1e-9);
+        let mut parts: Vec<(String, f64)> = self
+            .0
+            .iter()
+            .map(|(s, p, before)| {
+                (
+                    (*s).to_owned(),
+                    (cpu_seconds(*p).unwrap_or(*before) - before) / secs,
+                )
+            })
+            .collect();
+        if let Some(w) = worker {
+            parts.push(("worker".into(), w / secs));
+        }
+        parts.sort_by(|a, b| b.1.total_cmp(&a.1));
+        parts
+            .iter()
+            .map(|(s, c)| format!("{s} {:.0}%", c * 100.0))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
+
+/// Resident set of a process now (VmRSS), in KiB.
+fn vm_rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
 }
 
 /// Peak resident set of a process (VmHWM), in KiB.
@@ -631,7 +746,7 @@ async fn clickhouse_engine(cfg: &Config, id: &str, n: u64) -> anyhow::Result<f64
 
 /// A worker that has caught up receives a new history published at `target` events/s for
 /// about 15 s; publish → visible percentiles from the worker's own figures.
-async fn steady(cfg: &Config, id: &str, target: f64) -> anyhow::Result<(u64, u64, u64)> {
+async fn steady(cfg: &Config, id: &str, target: f64) -> anyhow::Result<(u64, u64, u64, f64)> {
     let stats = std::env::temp_dir().join(format!("{id}-steady-stats.json"));
     let child = spawn_worker(cfg, &stats, 8.0)?;
     // Joined and caught up before the load starts (the worker exits 8 s after the last event).
@@ -648,7 +763,7 @@ async fn steady(cfg: &Config, id: &str, target: f64) -> anyhow::Result<(u64, u64
         tokio::time::sleep_until(due.into()).await;
         publisher.publish(chunk).await?;
     }
-    let (status, _) = wait_sampling_rss(child).await?;
+    let (status, rss, _, _) = wait_sampling_rss(child).await?;
     anyhow::ensure!(status.success(), "worker exited with {status}");
     let report: RunReport = serde_json::from_slice(&std::fs::read(&stats)?)?;
     let _ = std::fs::remove_file(&stats);
@@ -656,6 +771,7 @@ async fn steady(cfg: &Config, id: &str, target: f64) -> anyhow::Result<(u64, u64
         report.latency_ms_p50,
         report.latency_ms_p99,
         history.len() as u64,
+        rss as f64 / 1024.0,
     ))
 }
 

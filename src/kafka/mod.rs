@@ -18,8 +18,14 @@ pub fn base_client_config(cfg: &KafkaConfig) -> ClientConfig {
     let mut c = ClientConfig::new();
     c.set("bootstrap.servers", &cfg.brokers)
         .set("client.id", "projector")
-        // Allow large fetches after a long pause (the local broker ignores fetch limits).
-        .set("receive.message.max.bytes", "1000000000");
+        // The local broker ignores fetch size limits: a fetch after a pause can return a
+        // partition's whole backlog, so the client must accept responses that large.
+        .set(
+            "receive.message.max.bytes",
+            cfg.receive_message_max_bytes.to_string(),
+        )
+        // With a broker that honours it, this bounds each fetch response (and the memory).
+        .set("fetch.max.bytes", cfg.fetch_max_bytes.to_string());
     c
 }
 

@@ -9,7 +9,7 @@
 //! it is patched before it is sent. Only then are its dead letters sent, its parks recorded,
 //! the pointers checked, and its windows acknowledged.
 
-use std::collections::{HashMap, HashSet};
+use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -43,7 +43,7 @@ pub fn shard_of(key: &str, shards: usize) -> usize {
     if shards <= 1 {
         return 0;
     }
-    let mut h = std::collections::hash_map::DefaultHasher::new();
+    let mut h = rustc_hash::FxHasher::default();
     key.hash(&mut h);
     (h.finish() % shards as u64) as usize
 }
@@ -272,12 +272,12 @@ impl<P: Projector, S: DocStore> DocStage<P, S> {
         self.pending_parks.retain(|r| r.version == target.version);
         let mut parked = self.ctx.load_parks(&target.version).await;
         self.merge_unsaved(&mut parked);
-        let seen = matches!(self.ctx.mode, Mode::Replay { fresh: true, .. }).then(HashSet::new);
+        let seen = matches!(self.ctx.mode, Mode::Replay { fresh: true, .. }).then(HashSet::default);
         self.state = Some(TargetState {
             target: target.clone(),
             store,
             cache: Cache {
-                map: HashMap::new(),
+                map: HashMap::default(),
                 cap: self.cache_cap,
             },
             parked,
@@ -352,7 +352,7 @@ impl<P: Projector, S: DocStore> DocStage<P, S> {
             batch,
             target,
             keys: Vec::new(),
-            index: HashMap::new(),
+            index: HashMap::default(),
             letters: Vec::new(),
             parks: Vec::new(),
             events: 0,
@@ -366,7 +366,7 @@ impl<P: Projector, S: DocStore> DocStage<P, S> {
         let mut to_load: Vec<String> = Vec::new();
         {
             let st = self.state.as_mut().unwrap_or_else(|| unreachable!());
-            let mut wanted: HashSet<&str> = HashSet::new();
+            let mut wanted: HashSet<&str> = HashSet::default();
             for (wi, w) in prep.batch.windows.iter().enumerate() {
                 for (ii, item) in w.items.iter().enumerate() {
                     let e = match &item.decoded {
@@ -514,7 +514,7 @@ impl<P: Projector, S: DocStore> DocStage<P, S> {
 
     /// Load views the cache lacks; returns the keys whose stored document does not decode.
     async fn load_into_cache(&mut self, keys: Vec<String>, tick: u64) -> HashMap<String, String> {
-        let mut corrupt = HashMap::new();
+        let mut corrupt = HashMap::default();
         if keys.is_empty() {
             return corrupt;
         }
@@ -883,6 +883,16 @@ impl<P: Projector, S: DocStore> DocStage<P, S> {
         self.ctx.send_letters(letters).await;
         self.ctx.save_parks(&prep.parks).await;
         self.pending_parks.retain(|r| !prep.parks.contains(r));
+        tracing::debug!(
+            projector = self.ctx.name,
+            shard = self.shard,
+            windows = prep.batch.windows.len(),
+            events = prep.events,
+            views = prep.keys.len(),
+            write_ms = started.elapsed().as_millis() as u64,
+            age_ms = prep.batch.windows[0].opened.elapsed().as_millis() as u64,
+            "batch durable"
+        );
         let s = &self.ctx.stats;
         s.events.fetch_add(prep.events as u64, Ordering::Relaxed);
         s.duplicates

@@ -282,6 +282,14 @@ impl<F: FactProjector, S: FactStore> FactStage<F, S> {
             .collect();
         self.ctx.send_letters(letters).await;
         self.ctx.save_parks(&prepared.parks).await;
+        tracing::debug!(
+            projector = self.ctx.name,
+            windows = prepared.batch.windows.len(),
+            rows = prepared.facts.len(),
+            write_ms = started.elapsed().as_millis() as u64,
+            age_ms = prepared.batch.windows[0].opened.elapsed().as_millis() as u64,
+            "batch durable"
+        );
         let s = &self.ctx.stats;
         s.events
             .fetch_add(prepared.events as u64, Ordering::Relaxed);

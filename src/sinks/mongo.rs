@@ -25,6 +25,9 @@ const STORE: &str = "mongo";
 const DUPLICATE_KEY: i32 = 11000;
 /// Statements per write command, and bytes.
 const CHUNK_STATEMENTS: usize = 1_000;
+/// Replacements per transaction: several transactions of a batch commit side by side, so a
+/// batch is written in about the time of its largest one.
+const TRANSACTION_STATEMENTS: usize = 1_000;
 const CHUNK_BYTES: usize = 8 * 1024 * 1024;
 /// BSON's document limit, less room for the statement around it.
 const MAX_DOC_BYTES: usize = 16 * 1024 * 1024 - 16 * 1024;
@@ -214,10 +217,15 @@ fn number(b: Option<&Bson>) -> Option<i64> {
 
 /// Split statements into commands of at most CHUNK_STATEMENTS and CHUNK_BYTES.
 fn chunks(sizes: &[usize]) -> Vec<std::ops::Range<usize>> {
+    chunks_of(sizes, CHUNK_STATEMENTS)
+}
+
+/// Split statements into commands of at most `max` statements and CHUNK_BYTES.
+fn chunks_of(sizes: &[usize], max: usize) -> Vec<std::ops::Range<usize>> {
     let mut out = Vec::new();
     let (mut start, mut bytes) = (0, 0);
     for (i, s) in sizes.iter().enumerate() {
-        if i > start && (i - start >= CHUNK_STATEMENTS || bytes + s > CHUNK_BYTES) {
+        if i > start && (i - start >= max || bytes + s > CHUNK_BYTES) {
             out.push(start..i);
             start = i;
             bytes = 0;
@@ -418,11 +426,12 @@ impl DocStore for MongoSink {
         }
         let sizes: Vec<usize> = existing.iter().map(|(_, d)| d.as_bytes().len()).collect();
         let mut in_transactions = Vec::new();
-        for range in chunks(&sizes) {
-            if self.transactions {
+        if self.transactions {
+            for range in chunks_of(&sizes, TRANSACTION_STATEMENTS) {
                 in_transactions.push(existing[range].to_vec());
-                continue;
             }
+        }
+        for range in chunks(&sizes).into_iter().filter(|_| !self.transactions) {
             let mut updates = RawArrayBuf::new();
             for (i, d) in &existing[range.clone()] {
                 let w = &writes[*i];

@@ -118,8 +118,9 @@ pub fn create_consumer(cfg: &KafkaConfig, ctx: SourceContext) -> KafkaResult<Sou
         // whatever the stores do, so only a wedged process can exceed it.
         .set("max.poll.interval.ms", cfg.max_poll_interval_ms.to_string())
         .set("enable.partition.eof", "false")
-        // Bound what librdkafka buffers ahead of the pipeline (the pipeline has its own cap).
-        .set("queued.max.messages.kbytes", "65536")
+        // Bound what librdkafka prefetches for each partition queue (the pipeline reads a
+        // queue only while it has room, so this is the whole buffer ahead of it).
+        .set("queued.max.messages.kbytes", "8192")
         .set("statistics.interval.ms", "5000")
         .create_with_context(ctx)
 }

@@ -13,6 +13,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use rdkafka::consumer::base_consumer::PartitionQueue;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::message::{BorrowedMessage, Headers};
 use rdkafka::{Message, Offset, TopicPartitionList};
@@ -64,6 +65,9 @@ struct State {
     generation: u64,
     next_window: u64,
     last_registered: Option<u64>,
+    /// Partitions assigned / revoked since the poll loop last looked (it owns their queues).
+    added: Vec<Tp>,
+    removed: Vec<Tp>,
 }
 
 pub struct KafkaSource {
@@ -104,6 +108,8 @@ impl KafkaSource {
                 generation: 0,
                 next_window: 1,
                 last_registered: None,
+                added: Vec::new(),
+                removed: Vec::new(),
             }),
         })
     }
@@ -122,7 +128,10 @@ impl KafkaSource {
             return;
         };
         let mut st = self.state();
-        let epoch = st.epochs.get(&tp).copied().unwrap_or(0);
+        // A message of a partition given up meanwhile: its new owner reads it.
+        let Some(epoch) = st.epochs.get(&tp).copied() else {
+            return;
+        };
         let b = &mut st.builder;
         b.opened.get_or_insert_with(Instant::now);
         let raw = RawRef {
@@ -333,11 +342,18 @@ impl KafkaSource {
     }
 
     /// Poll until shutdown (true) or until the consumer must be re-created (false).
-    fn poll_loop(&self, consumer: &SourceConsumer, stop_when_idle: Option<Duration>) -> bool {
-        let mut paused = false;
+    ///
+    /// Each owned partition's messages come through a queue of its own, read only while the
+    /// pipeline has room: when it has none, librdkafka's bounded prefetch fills and fetching
+    /// stops by itself. (Pausing would drop the prefetched messages and fetch them again at
+    /// every resume.) The main queue carries the group's events and is polled every turn.
+    fn poll_loop(&self, consumer: &Arc<SourceConsumer>, stop_when_idle: Option<Duration>) -> bool {
+        let mut queues: Vec<(Tp, PartitionQueue<SourceContext>)> = Vec::new();
+        let mut next = 0usize;
         let mut last_activity = Instant::now();
         let mut last_check = Instant::now();
         let mut assigned = false;
+        let mut held = false;
         let max_in_flight = self.cfg.worker.max_in_flight.max(1);
         loop {
             if self.shared.shutdown.load(Ordering::Relaxed) {
@@ -346,27 +362,95 @@ impl KafkaSource {
             if self.shared.recreate.swap(false, Ordering::Relaxed) {
                 return false;
             }
-            let backlog = !self.state().ready.is_empty();
-            let want_pause = backlog
-                || self.shared.in_flight.load(Ordering::Relaxed) >= max_in_flight
-                || self.shared.waiting.load(Ordering::Relaxed) > 0;
-            if want_pause != paused {
-                self.set_paused(consumer, want_pause);
-                paused = want_pause;
-                self.shared.paused.store(paused, Ordering::Relaxed);
-                metrics::gauge!("projector_paused").set(if paused { 1.0 } else { 0.0 });
+            // Partition queues follow the assignment.
+            let (added, removed) = {
+                let mut st = self.state();
+                (
+                    std::mem::take(&mut st.added),
+                    std::mem::take(&mut st.removed),
+                )
+            };
+            queues.retain(|(tp, _)| !removed.contains(tp));
+            let mut split = false;
+            for tp in added {
+                if let Some(topic) = self.topics.get(tp.0 as usize)
+                    && let Some(q) = consumer.split_partition_queue(topic, tp.1)
+                {
+                    queues.retain(|(t, _)| *t != tp);
+                    queues.push((tp, q));
+                    split = true;
+                }
             }
-            match consumer.poll(Duration::from_millis(if paused { 50 } else { 20 })) {
-                Some(Ok(m)) => {
-                    self.push(&m);
+            let waiting = self.shared.waiting.load(Ordering::Relaxed) > 0;
+            let room = self.state().ready.is_empty()
+                && self.shared.in_flight.load(Ordering::Relaxed) < max_in_flight
+                && !waiting;
+            if waiting != held {
+                held = waiting;
+                self.shared.paused.store(held, Ordering::Relaxed);
+                metrics::gauge!("projector_paused").set(if held { 1.0 } else { 0.0 });
+            }
+            // The main queue: group events, and messages fetched before their partition got a
+            // queue of its own (all of them first, so a partition's order holds).
+            let mut wait = if room && !queues.is_empty() {
+                Duration::ZERO
+            } else {
+                Duration::from_millis(20)
+            };
+            loop {
+                match consumer.poll(wait) {
+                    Some(Ok(m)) => {
+                        self.push(&m);
+                        last_activity = Instant::now();
+                    }
+                    Some(Err(e)) if is_fatal(&e) => {
+                        tracing::error!(error = %e, "the consumer failed for good: re-creating it");
+                        return false;
+                    }
+                    Some(Err(e)) => tracing::warn!(error = %e, "consumer error"),
+                    None => break,
+                }
+                if !split {
+                    break;
+                }
+                wait = Duration::ZERO;
+            }
+            if room && !queues.is_empty() {
+                let mut got = 0;
+                let mut empty = 0;
+                while got < 1_000
+                    && empty < queues.len()
+                    && self.shared.in_flight.load(Ordering::Relaxed) < max_in_flight
+                {
+                    let (_, q) = &queues[next % queues.len()];
+                    match q.poll(Duration::ZERO) {
+                        Some(Ok(m)) => {
+                            self.push(&m);
+                            got += 1;
+                            empty = 0;
+                        }
+                        Some(Err(e)) if is_fatal(&e) => {
+                            tracing::error!(error = %e, "the consumer failed for good: re-creating it");
+                            return false;
+                        }
+                        Some(Err(e)) => {
+                            tracing::warn!(error = %e, "consumer error");
+                            next += 1;
+                        }
+                        None => {
+                            empty += 1;
+                            next += 1;
+                        }
+                    }
+                }
+                if got > 0 {
                     last_activity = Instant::now();
+                } else {
+                    // Nothing prefetched: wait a little on the main queue (group events).
+                    if let Some(Ok(m)) = consumer.poll(Duration::from_millis(5)) {
+                        self.push(&m);
+                    }
                 }
-                Some(Err(e)) if is_fatal(&e) => {
-                    tracing::error!(error = %e, "the consumer failed for good: re-creating it");
-                    return false;
-                }
-                Some(Err(e)) => tracing::warn!(error = %e, "consumer error"),
-                None => {}
             }
             {
                 let mut st = self.state();
@@ -379,10 +463,6 @@ impl KafkaSource {
                 metrics::gauge!("projector_in_flight_messages")
                     .set(self.shared.in_flight.load(Ordering::Relaxed) as f64);
                 self.shared.assigned.store(assigned, Ordering::Relaxed);
-                // A paused partition assigned meanwhile starts unpaused: pause it too.
-                if paused {
-                    self.set_paused(consumer, true);
-                }
             }
             // Idle time counts only while partitions are assigned and nothing is pending (a
             // join can take a while when a killed member's session has yet to expire).
@@ -432,6 +512,8 @@ impl RebalanceHandler for KafkaSource {
             let mut st = self.state();
             for tp in &parts {
                 st.epochs.remove(tp);
+                st.removed.push(*tp);
+                st.added.retain(|t| t != tp);
             }
         }
         let _ = self.tracker.send(TrackerMsg::Revoked(parts));
@@ -447,6 +529,8 @@ impl RebalanceHandler for KafkaSource {
                     let epoch = st.next_epoch;
                     st.next_epoch += 1;
                     st.epochs.insert(tp, epoch);
+                    st.added.push(tp);
+                    st.removed.retain(|t| *t != tp);
                     assigned.push((tp, epoch));
                 }
             }
@@ -454,10 +538,6 @@ impl RebalanceHandler for KafkaSource {
         let _ = self.tracker.send(TrackerMsg::Assigned(assigned));
         self.shared.assignment_gen.fetch_add(1, Ordering::Relaxed);
         self.shared.assigned.store(true, Ordering::Relaxed);
-        if self.shared.paused.load(Ordering::Relaxed)
-            && let Err(e) = consumer.pause(partitions)
-        {
-            tracing::warn!(error = %e, "could not pause newly assigned partitions");
-        }
+        let _ = consumer;
     }
 }

@@ -32,6 +32,7 @@ pub struct Customer360 {
     pub profile: Option<Profile>,
     pub support: Support,
     /// The latest event time applied (never the wall clock).
+    #[serde(serialize_with = "crate::time::ser_opt")]
     pub updated_at: Option<DateTime<Utc>>,
     /// How many events this document reflects.
     pub version: u64,
@@ -43,6 +44,7 @@ pub struct Profile {
     /// Changed fields outside the fixed profile.
     #[serde(default, skip_serializing_if = "Map::is_empty")]
     pub attributes: Map<String, Value>,
+    #[serde(serialize_with = "crate::time::ser")]
     pub created_at: DateTime<Utc>,
     pub email: String,
     pub name: String,
@@ -52,6 +54,7 @@ pub struct Profile {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Interactions {
     pub by_type: BTreeMap<String, u64>,
+    #[serde(serialize_with = "crate::time::ser_opt")]
     pub last_at: Option<DateTime<Utc>>,
     pub recent_sentiment: Vec<SentimentPoint>,
     pub sentiment_avg: Option<f64>,
@@ -61,6 +64,7 @@ pub struct Interactions {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SentimentPoint {
+    #[serde(serialize_with = "crate::time::ser")]
     pub at: DateTime<Utc>,
     pub score: f64,
 }
@@ -70,6 +74,7 @@ pub struct Orders {
     pub cancelled: u64,
     pub completed: u64,
     pub failed: u64,
+    #[serde(serialize_with = "crate::time::ser_opt")]
     pub last_at: Option<DateTime<Utc>>,
     pub open: u64,
     pub total: u64,
@@ -79,6 +84,7 @@ pub struct Orders {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Support {
     pub avg_resolution_seconds: Option<i64>,
+    #[serde(serialize_with = "crate::time::ser_opt")]
     pub last_at: Option<DateTime<Utc>>,
     pub open_tickets: u64,
     pub total_tickets: u64,
@@ -87,6 +93,7 @@ pub struct Support {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct State {
     /// ticket_id → creation time, while open.
+    #[serde(serialize_with = "crate::time::ser_map")]
     pub open_tickets: BTreeMap<String, DateTime<Utc>>,
     pub order_value_cents: i64,
     /// order_id → status (open, completed, cancelled, failed).

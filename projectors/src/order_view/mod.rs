@@ -22,6 +22,7 @@ pub struct OrderView {
     pub customer_id: String,
     pub items: Vec<OrderItem>,
     pub payment: Option<Payment>,
+    #[serde(serialize_with = "crate::time::ser_opt")]
     pub placed_at: Option<DateTime<Utc>>,
     pub shipping: Option<Shipping>,
     pub shipping_address: Map<String, Value>,
@@ -30,6 +31,7 @@ pub struct OrderView {
     pub status: String,
     pub timeline: Vec<TimelineEntry>,
     pub total_amount: f64,
+    #[serde(serialize_with = "crate::time::ser_opt")]
     pub updated_at: Option<DateTime<Utc>>,
     pub validation_failure: Option<ValidationFailure>,
     /// The last applied sequence_number of the order's stream.
@@ -39,6 +41,7 @@ pub struct OrderView {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Payment {
     pub amount: f64,
+    #[serde(serialize_with = "crate::time::ser")]
     pub confirmed_at: DateTime<Utc>,
     pub payment_id: String,
 }
@@ -46,6 +49,7 @@ pub struct Payment {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Shipping {
     pub carrier: Option<String>,
+    #[serde(serialize_with = "crate::time::ser_opt")]
     pub shipped_at: Option<DateTime<Utc>>,
     pub tracking_number: Option<String>,
     pub warehouse_id: Option<String>,
@@ -53,6 +57,7 @@ pub struct Shipping {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Cancellation {
+    #[serde(serialize_with = "crate::time::ser")]
     pub at: DateTime<Utc>,
     pub cancelled_by: String,
     pub previous_status: String,
@@ -67,6 +72,7 @@ pub struct ValidationFailure {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TimelineEntry {
+    #[serde(serialize_with = "crate::time::ser")]
     pub at: DateTime<Utc>,
     pub event_type: String,
     pub status: String,
