@@ -41,9 +41,9 @@ fn format(t: &DateTime<Utc>, buf: &mut [u8; MAX]) -> Option<usize> {
     let mut n = 19;
     let (digits, mut frac) = if nanos == 0 {
         (0, 0)
-    } else if nanos % 1_000_000 == 0 {
+    } else if nanos.is_multiple_of(1_000_000) {
         (3, nanos / 1_000_000)
-    } else if nanos % 1_000 == 0 {
+    } else if nanos.is_multiple_of(1_000) {
         (6, nanos / 1_000)
     } else {
         (9, nanos)
