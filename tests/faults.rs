@@ -81,6 +81,7 @@ async fn survive(svc: &'static str, fault: Fault) {
     let t1 = Instant::now();
     let at_end = progress(&cfg).map_or(busy, |p| p.0);
     let published = load.await.unwrap();
+    let load_done = t1.elapsed();
     let broker_lost = svc == "kafka" && matches!(fault, Fault::Kill { .. });
     if broker_lost {
         // The local broker persists by periodic full snapshots: kill -9 loses messages it had
@@ -105,11 +106,13 @@ async fn survive(svc: &'static str, fault: Fault) {
     let (done, _) = progress(&cfg).unwrap();
     eprintln!(
         "FAULT {svc} {fault:?}: {} messages uncommitted when it began; {:.0} msg/s during, \
-         {:.0} msg/s after; lag 0 {:.1} s after the fault ended",
+         {:.0} msg/s after; lag 0 {:.1} s after the fault ended (the load went on for {:.1} s \
+         after it)",
         high - busy,
         (at_end - busy) as f64 / during.as_secs_f64(),
         (done - at_end) as f64 / to_zero.as_secs_f64(),
         to_zero.as_secs_f64(),
+        load_done.as_secs_f64(),
     );
     for w in [&mut w0, &mut w1] {
         assert!(

@@ -121,6 +121,9 @@ pub fn create_consumer(cfg: &KafkaConfig, ctx: SourceContext) -> KafkaResult<Sou
         // Bound what librdkafka prefetches for each partition queue (the pipeline reads a
         // queue only while it has room, so this is the whole buffer ahead of it).
         .set("queued.max.messages.kbytes", "8192")
+        // …and at most this many messages per partition (the default, 100,000, is a lot of
+        // memory once every partition has its own queue).
+        .set("queued.min.messages", "5000")
         .set("statistics.interval.ms", "5000")
         .create_with_context(ctx)
 }
