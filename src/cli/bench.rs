@@ -440,10 +440,8 @@ async fn raw_capacity(
         .query_async(&mut con)
         .await
         .unwrap_or_default();
-    let redis_rate = |policy: &'static str| {
-        let redis = redis.clone();
+    let set_fsync = |policy: String| {
         let mut con = con.clone();
-        let (ws, _) = writes(&|d| redis.encode(d).unwrap_or_default(), &[]);
         async move {
             let _: Result<(), _> = redis::cmd("CONFIG")
                 .arg("SET")
@@ -451,6 +449,14 @@ async fn raw_capacity(
                 .arg(policy)
                 .query_async(&mut con)
                 .await;
+        }
+    };
+    let redis_rate = |policy: &'static str| {
+        let redis = redis.clone();
+        let set_fsync = &set_fsync;
+        let (ws, _) = writes(&|d| redis.encode(d).unwrap_or_default(), &[]);
+        async move {
+            set_fsync(policy.to_owned()).await;
             redis.delete_all().await?;
             let t = Instant::now();
             for c in ws.chunks(window) {
@@ -462,12 +468,7 @@ async fn raw_capacity(
     let redis_everysec = redis_rate("everysec").await?;
     let redis_always = redis_rate("always").await?;
     if let Some(policy) = old.get(1) {
-        let _: Result<(), _> = redis::cmd("CONFIG")
-            .arg("SET")
-            .arg("appendfsync")
-            .arg(policy)
-            .query_async(&mut con)
-            .await;
+        set_fsync(policy.clone()).await;
     }
     redis.delete_all().await?;
 

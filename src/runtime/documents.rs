@@ -374,13 +374,7 @@ impl<P: Projector, S: DocStore> DocStage<P, S> {
                             // Unreadable messages park their stream for every projector (the
                             // poison stage records it); this stage holds later events too.
                             if let Some(stream) = &poison.stream {
-                                let from = match (poison.sequence, item.origin.position()) {
-                                    (Some(s), _) => Some(ParkFrom::Sequence(s)),
-                                    (None, Some((partition, offset))) => {
-                                        Some(ParkFrom::Offset { partition, offset })
-                                    }
-                                    (None, None) => None,
-                                };
+                                let from = poison.park_from(&item.origin);
                                 if let Some(from) = from {
                                     let why = poison.error.to_string();
                                     st.parked.park(stream, from, &why);

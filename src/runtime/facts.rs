@@ -159,13 +159,7 @@ impl<F: FactProjector, S: FactStore> FactStage<F, S> {
                 let e = match &item.decoded {
                     Err(poison) => {
                         if let Some(stream) = &poison.stream {
-                            let from = match (poison.sequence, item.origin.position()) {
-                                (Some(s), _) => Some(ParkFrom::Sequence(s)),
-                                (None, Some((partition, offset))) => {
-                                    Some(ParkFrom::Offset { partition, offset })
-                                }
-                                (None, None) => None,
-                            };
+                            let from = poison.park_from(&item.origin);
                             if let Some(from) = from {
                                 let why = poison.error.to_string();
                                 parked.park(stream, from, &why);

@@ -4,7 +4,6 @@
 
 use std::sync::Arc;
 
-use projectors::parking::ParkFrom;
 use tokio::sync::mpsc;
 
 use super::parking::{ANY, ParkRecord};
@@ -31,11 +30,7 @@ async fn handle(ctx: &StageCtx, batch: &Batch) {
                 p.error.to_string(),
                 None,
             ));
-            let from = match (p.sequence, item.origin.position()) {
-                (Some(s), _) => Some(ParkFrom::Sequence(s)),
-                (None, Some((partition, offset))) => Some(ParkFrom::Offset { partition, offset }),
-                (None, None) => None,
-            };
+            let from = p.park_from(&item.origin);
             if let (Some(stream), Some(from)) = (&p.stream, from) {
                 parks.push(ParkRecord {
                     projection: ANY.into(),

@@ -52,6 +52,19 @@ pub struct Poison {
     pub sequence: Option<i64>,
 }
 
+impl Poison {
+    /// Where its stream's held events begin: its sequence when the header tells, else after
+    /// its offset (a replay has neither and parks nothing).
+    pub fn park_from(&self, origin: &Origin) -> Option<projectors::parking::ParkFrom> {
+        use projectors::parking::ParkFrom;
+        match (self.sequence, origin.position()) {
+            (Some(s), _) => Some(ParkFrom::Sequence(s)),
+            (None, Some((partition, offset))) => Some(ParkFrom::Offset { partition, offset }),
+            (None, None) => None,
+        }
+    }
+}
+
 /// Byte ranges of a message in its window's arena.
 #[derive(Debug, Clone, Default)]
 pub struct RawRef {

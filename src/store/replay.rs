@@ -120,16 +120,7 @@ impl EventStore {
                 ],
             )
             .await?;
-        Ok(rows
-            .iter()
-            .map(|r| {
-                let position = ReplayPosition {
-                    transaction_id: r.get::<_, String>(9).parse().unwrap_or(0),
-                    global_position: r.get(0),
-                };
-                (position, typed(r))
-            })
-            .collect())
+        Ok(rows.iter().map(replayed).collect())
     }
 }
 
@@ -146,17 +137,17 @@ impl EventStore {
                 &[&t, &id],
             )
             .await?;
-        Ok(rows
-            .iter()
-            .map(|r| {
-                let position = ReplayPosition {
-                    transaction_id: r.get::<_, String>(9).parse().unwrap_or(0),
-                    global_position: r.get(0),
-                };
-                (position, typed(r))
-            })
-            .collect())
+        Ok(rows.iter().map(replayed).collect())
     }
+}
+
+/// A row of the typed replay select: its position and its event.
+fn replayed(r: &tokio_postgres::Row) -> Replayed {
+    let position = ReplayPosition {
+        transaction_id: r.get::<_, String>(9).parse().unwrap_or(0),
+        global_position: r.get(0),
+    };
+    (position, typed(r))
 }
 
 fn typed(r: &tokio_postgres::Row) -> Result<Event, (String, i64, contract::ContractError)> {
