@@ -50,6 +50,9 @@ pub struct WorkerConfig {
     /// committed before it lets them go (their new owner then redelivers; guards absorb it).
     #[serde(default = "default_drain_timeout_ms")]
     pub drain_timeout_ms: u64,
+    /// Offsets are committed at most this often (a crash redelivers at most this much).
+    #[serde(default = "default_commit_interval_ms")]
+    pub commit_interval_ms: u64,
     /// `/healthz` fails when messages wait and nothing was committed for this long.
     #[serde(default = "default_liveness_stall_secs")]
     pub liveness_stall_secs: u64,
@@ -74,6 +77,9 @@ fn default_cache_entries() -> usize {
 }
 fn default_drain_timeout_ms() -> u64 {
     10_000
+}
+fn default_commit_interval_ms() -> u64 {
+    500
 }
 fn default_liveness_stall_secs() -> u64 {
     120

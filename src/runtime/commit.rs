@@ -107,6 +107,10 @@ pub struct Tracker {
     low_water: u64,
     stats: TrackerStats,
     replay: Option<Box<dyn Committer>>,
+    /// Offsets are committed at most this often (every commit is broker work; a crash
+    /// redelivers at most this much, which the guards absorb).
+    commit_every: Duration,
+    last_commit: Option<Instant>,
 }
 
 impl Tracker {
@@ -129,7 +133,15 @@ impl Tracker {
             low_water: 0,
             stats: TrackerStats::default(),
             replay,
+            commit_every: Duration::from_millis(500),
+            last_commit: None,
         }
+    }
+
+    /// Commit offsets at most this often.
+    pub fn commit_every(mut self, every: Duration) -> Tracker {
+        self.commit_every = every;
+        self
     }
 
     /// Run until every sender is gone; returns the figures.
@@ -141,7 +153,10 @@ impl Tracker {
                     Some(m) => self.handle(m),
                     None => break,
                 },
-                _ = tick.tick() => self.expire_drains(),
+                _ = tick.tick() => {
+                    self.expire_drains();
+                    self.commit();
+                }
             }
         }
         self.advance();
@@ -265,6 +280,12 @@ impl Tracker {
     }
 
     fn commit(&mut self) {
+        if self
+            .last_commit
+            .is_some_and(|t| t.elapsed() < self.commit_every)
+        {
+            return;
+        }
         let Some((_, consumer)) = &self.consumer else {
             return;
         };
@@ -299,6 +320,7 @@ impl Tracker {
         }
         self.stats.commits += 1;
         self.stats.last_commit = Some(Instant::now());
+        self.last_commit = Some(Instant::now());
         self.shared.note_commit();
     }
 

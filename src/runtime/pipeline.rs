@@ -428,7 +428,8 @@ pub async fn run(
     };
     let stages = spawn_stages(&env, &RealSinks(cfg.clone()))?;
     drop(env);
-    let tracker = Tracker::new(stages.participants, shared.clone(), topics.clone(), None);
+    let tracker = Tracker::new(stages.participants, shared.clone(), topics.clone(), None)
+        .commit_every(Duration::from_millis(cfg.worker.commit_interval_ms));
     let tracker = tokio::spawn(tracker.run(tracker_rx));
     let (raw_tx, raw_rx) = mpsc::channel(QUEUE);
     let decode = tokio::spawn(decode_loop(
