@@ -739,8 +739,28 @@ async fn clickhouse_engine(cfg: &Config, id: &str, n: u64) -> anyhow::Result<f64
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let took = first.map_or(t.elapsed(), |f| f.elapsed());
-    let _ = exec(format!("DROP TABLE IF EXISTS {id}_kmv")).await;
-    let _ = exec(format!("DROP TABLE IF EXISTS {id}_kqueue")).await;
+    // A Kafka table left behind would keep consuming, and the local engine cannot even start
+    // with one whose topics are gone: drop it until it is really gone.
+    for table in [format!("{id}_kmv"), format!("{id}_kqueue")] {
+        let mut gone = false;
+        for _ in 0..10 {
+            let _ = exec(format!("DROP TABLE IF EXISTS {table} SYNC")).await;
+            let exists: u8 = c
+                .query(&format!("EXISTS TABLE {table}"))
+                .fetch_one()
+                .await
+                .unwrap_or(1);
+            if exists == 0 {
+                gone = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        anyhow::ensure!(
+            gone,
+            "could not drop the benchmark's table {table}: drop it by hand"
+        );
+    }
     let _ = ch.drop_table().await;
     Ok(rate(n as f64, took))
 }
