@@ -18,6 +18,49 @@ pub struct Config {
     pub clickhouse: ClickHouseConfig,
     pub views: ViewsConfig,
     pub worker: WorkerConfig,
+    #[serde(default)]
+    pub read: ReadConfig,
+}
+
+/// The read service (`projector serve`): agents' HTTP API and MCP tools.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default)]
+pub struct ReadConfig {
+    pub http_addr: String,
+    /// Bearer tokens accepted, from the environment only (`PROJECTOR_READ__TOKENS`,
+    /// comma-separated), never from a committed file.
+    #[serde(skip_serializing)]
+    pub tokens: Option<String>,
+    /// A file of accepted tokens, one per line (e.g. a mounted Kubernetes secret).
+    pub token_file: Option<std::path::PathBuf>,
+    /// Requests served at once; more wait up to a second, then get 503.
+    pub max_concurrent: usize,
+    /// The longest a read-your-writes request may wait for its event.
+    pub max_wait_ms: u64,
+    /// Orders per page at most (and the default page is 20).
+    pub max_page: usize,
+    /// Rows an analytics answer holds at most.
+    pub max_rows: usize,
+    /// Bytes of one answer's data at most (a page stops early, with a cursor).
+    pub max_bytes: usize,
+    /// How long pointers, lag and analytics positions are reused before being read again.
+    pub cache_ms: u64,
+}
+
+impl Default for ReadConfig {
+    fn default() -> Self {
+        ReadConfig {
+            http_addr: "127.0.0.1:8080".into(),
+            tokens: None,
+            token_file: None,
+            max_concurrent: 64,
+            max_wait_ms: 10_000,
+            max_page: 100,
+            max_rows: 1_000,
+            max_bytes: 1 << 20,
+            cache_ms: 1_000,
+        }
+    }
 }
 
 /// Names of the live read models (a rebuild writes a new version beside them).

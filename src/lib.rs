@@ -17,6 +17,7 @@ pub mod generator;
 pub mod kafka;
 pub mod observability;
 pub mod queries;
+pub mod read;
 pub mod rebuild;
 pub mod redact;
 pub mod resilience;

@@ -47,11 +47,26 @@ enum Command {
     RebuildProjection(RebuildArgs),
     /// Measure the engine alone and generate → worker end to end, beside each store's capacity.
     Bench(BenchCli),
+    /// Serve the read API for agents and services (HTTP, OpenAPI at /openapi.json; MCP at
+    /// /mcp). Bearer tokens from PROJECTOR_READ__TOKENS or read.token_file.
+    Serve(ServeArgs),
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// Listen here (default: read.http_addr).
+    #[arg(long)]
+    addr: Option<String>,
+    /// Accept requests without a bearer token (a local experiment only).
+    #[arg(long)]
+    no_auth: bool,
 }
 
 #[derive(Args)]
 struct RebuildArgs {
-    /// Projections to rebuild (customer360, order_view, analytics), or `status`.
+    /// Projections to rebuild (customer360, order_view, analytics); or `status`; or
+    /// `switch <version>` (a version built with `--no-switch` goes live, the old one retires
+    /// after `--grace-seconds`); or `drop <version>` (delete a version no reader uses).
     names: Vec<String>,
     /// Rebuild every projection in one pass.
     #[arg(long)]
@@ -162,6 +177,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Run(args) => run(&config, args).await?,
         Command::Show(args) => show(&config, args).await?,
         Command::RebuildProjection(args) => rebuild(&config, args).await?,
+        Command::Serve(args) => serve(&config, args).await?,
         Command::Bench(args) => {
             cli::bench::run(
                 &config,
@@ -275,6 +291,25 @@ async fn run(config: &Config, args: RunArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+async fn serve(config: &Config, args: ServeArgs) -> anyhow::Result<()> {
+    use projector::read::{ReadService, http};
+    let tokens = http::Tokens::load(&config.read).context("reading read.token_file")?;
+    anyhow::ensure!(
+        args.no_auth || !tokens.is_empty(),
+        "no bearer tokens: set PROJECTOR_READ__TOKENS or read.token_file (or --no-auth for a local experiment)"
+    );
+    let service = Arc::new(ReadService::new(config).await?);
+    let app = http::router(service, tokens, !args.no_auth, None);
+    let addr = args.addr.unwrap_or_else(|| config.read.http_addr.clone());
+    http::serve(&addr, app, wait_for_signal(), |a| {
+        // Tests and scripts read the bound address from this line.
+        println!("serving the read API on http://{a}");
+    })
+    .await
+    .with_context(|| format!("serving on {addr}"))?;
+    Ok(())
+}
+
 async fn wait_for_signal() {
     #[cfg(unix)]
     {
@@ -362,8 +397,11 @@ async fn rebuild(config: &Config, args: RebuildArgs) -> anyhow::Result<()> {
     use projector::rebuild::{self, RebuildOptions};
     let mut store = connect_store(config).await?;
     store.migrate().await?;
-    if args.names.first().map(String::as_str) == Some("status") {
-        return rebuild_status(config, &store).await;
+    match args.names.first().map(String::as_str) {
+        Some("status") => return rebuild_status(config, &store).await,
+        Some("switch") => return rebuild_switch(config, &mut store, &args).await,
+        Some("drop") => return rebuild_drop(config, &store, &args).await,
+        _ => {}
     }
     anyhow::ensure!(
         args.all || !args.names.is_empty(),
@@ -469,29 +507,148 @@ async fn rebuild(config: &Config, args: RebuildArgs) -> anyhow::Result<()> {
         }
         return Ok(());
     }
-    let report = rebuild::switch(config, &mut store, &names, &opts, &mut progress).await?;
+    let finished = switch_and_retire(
+        config,
+        &mut store,
+        &names,
+        &opts,
+        args.grace_seconds,
+        &mut progress,
+    )
+    .await;
     if let Some(bar) = &bar {
         bar.finish();
     }
+    finished
+}
+
+/// Hand readers and live workers over to `opts.version`, then retire what it replaced after
+/// the grace period (readers that resolved the old version just before finish their reads).
+async fn switch_and_retire(
+    config: &Config,
+    store: &mut EventStore,
+    names: &[String],
+    opts: &projector::rebuild::RebuildOptions,
+    grace_seconds: u64,
+    progress: projector::rebuild::Progress<'_>,
+) -> anyhow::Result<()> {
+    use projector::rebuild;
+    let report = rebuild::switch(config, store, names, opts, progress).await?;
     println!(
-        "switched {names:?} to {version} in {:.2}s (live workers held meanwhile)",
+        "switched {names:?} to {} in {:.2}s (live workers held meanwhile)",
+        opts.version,
         report.switch_time.as_secs_f64()
     );
     if report.replaced.is_empty() {
         return Ok(());
     }
-    println!("retiring {:?} in {} s", report.replaced, args.grace_seconds);
-    tokio::time::sleep(std::time::Duration::from_secs(args.grace_seconds)).await;
+    println!("retiring {:?} in {grace_seconds} s", report.replaced);
+    tokio::time::sleep(std::time::Duration::from_secs(grace_seconds)).await;
     for (p, old) in &report.replaced {
-        rebuild::retire(config, &store, p, old).await?;
+        rebuild::retire(config, store, p, old).await?;
         println!("retired {p} {old}");
+    }
+    Ok(())
+}
+
+/// The version named after `switch` or `drop`.
+fn version_arg(args: &RebuildArgs) -> anyhow::Result<String> {
+    match (args.names.get(1), args.names.len()) {
+        (Some(v), 2) => Ok(v.clone()),
+        _ => anyhow::bail!(
+            "usage: rebuild-projection {} <version> (versions: rebuild-projection status)",
+            args.names[0]
+        ),
+    }
+}
+
+/// `rebuild-projection switch <version>`: a version built with `--no-switch` goes live.
+async fn rebuild_switch(
+    config: &Config,
+    store: &mut EventStore,
+    args: &RebuildArgs,
+) -> anyhow::Result<()> {
+    use projector::rebuild::{self, RebuildOptions};
+    let version = version_arg(args)?;
+    let built = rebuild::versions_in_scope(config, store).await?;
+    let mine: Vec<_> = built.iter().filter(|c| c.version == version).collect();
+    anyhow::ensure!(
+        !mine.is_empty(),
+        "no rebuild of version {version} in this deployment (rebuild-projection status lists them)"
+    );
+    let names: Vec<String> = mine.iter().map(|c| c.projection.clone()).collect();
+    if let Some(c) = mine.iter().find(|c| c.status != "caught_up") {
+        anyhow::bail!(
+            "{} {version} is {}, not caught_up: {}",
+            c.projection,
+            c.status,
+            match c.status.as_str() {
+                "building" => format!(
+                    "finish it first: rebuild-projection {} --version {version}",
+                    c.projection
+                ),
+                "live" => "it is already live".to_owned(),
+                _ => "it was retired; rebuild a new version".to_owned(),
+            }
+        );
+    }
+    let opts = RebuildOptions {
+        version,
+        batch: args.batch.max(1),
+        checkpoint_every: args.checkpoint_every.max(1),
+    };
+    switch_and_retire(
+        config,
+        store,
+        &names,
+        &opts,
+        args.grace_seconds,
+        &mut |_, _, _| {},
+    )
+    .await
+}
+
+/// `rebuild-projection drop <version>`: delete a version readers do not use.
+async fn rebuild_drop(
+    config: &Config,
+    store: &EventStore,
+    args: &RebuildArgs,
+) -> anyhow::Result<()> {
+    use projector::rebuild;
+    let version = version_arg(args)?;
+    let live = projector::versions::live_versions(store, config).await?;
+    let built = rebuild::versions_in_scope(config, store).await?;
+    let mine: Vec<_> = built
+        .iter()
+        .filter(|c| c.version == version && c.status != "retired")
+        .collect();
+    anyhow::ensure!(
+        !mine.is_empty(),
+        "no version {version} to drop in this deployment (rebuild-projection status lists them)"
+    );
+    for c in &mine {
+        anyhow::ensure!(
+            live.of(&c.projection) != version && !live.switching.contains(&c.projection),
+            "{} reads version {version}: switch to another version before dropping it",
+            c.projection
+        );
+    }
+    if args.dry_run {
+        println!(
+            "dry run: would drop {version} of {:?}",
+            mine.iter().map(|c| &c.projection).collect::<Vec<_>>()
+        );
+        return Ok(());
+    }
+    for c in &mine {
+        rebuild::retire(config, store, &c.projection, &version).await?;
+        println!("dropped {} {version}", c.projection);
     }
     Ok(())
 }
 
 async fn rebuild_status(config: &Config, store: &EventStore) -> anyhow::Result<()> {
     let head = store.committed_head().await?;
-    let scope = projector::versions::scope_key(config, "");
     let live = projector::versions::live_versions(store, config).await?;
     println!(
         "event store head (commit order): position {}",
@@ -509,14 +666,37 @@ async fn rebuild_status(config: &Config, store: &EventStore) -> anyhow::Result<(
         "{:<12} {:<18} {:<10} {:>12} {:>12}",
         "projection", "version", "status", "position", "events"
     );
-    for c in projector::rebuild::all_checkpoints(store).await? {
-        let Some(name) = c.projection.strip_prefix(&scope) else {
-            continue;
-        };
+    let checkpoints = projector::rebuild::versions_in_scope(config, store).await?;
+    for c in &checkpoints {
         println!(
             "{:<12} {:<18} {:<10} {:>12} {:>12}",
-            name, c.version, c.status, c.position.global_position, c.events_applied
+            c.projection, c.version, c.status, c.position.global_position, c.events_applied
         );
+    }
+    // Versions readers do not use and nothing retired: they hold storage until handled.
+    let orphans: Vec<_> = checkpoints
+        .iter()
+        .filter(|c| {
+            matches!(c.status.as_str(), "building" | "caught_up")
+                && live.of(&c.projection) != c.version
+        })
+        .collect();
+    if !orphans.is_empty() {
+        println!("orphaned versions (not read by anyone):");
+        for c in orphans {
+            let hint = if c.status == "building" {
+                format!(
+                    "running, or interrupted: resume with `rebuild-projection {} --version {}`, or `rebuild-projection drop {}`",
+                    c.projection, c.version, c.version
+                )
+            } else {
+                format!(
+                    "`rebuild-projection switch {}` or `rebuild-projection drop {}`",
+                    c.version, c.version
+                )
+            };
+            println!("  {} {} ({}): {hint}", c.projection, c.version, c.status);
+        }
     }
     Ok(())
 }

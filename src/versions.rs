@@ -68,9 +68,16 @@ pub async fn live_versions(
     store: &EventStore,
     cfg: &Config,
 ) -> Result<LiveVersions, tokio_postgres::Error> {
+    live_versions_on(store.client(), cfg).await
+}
+
+/// The pointers, read through any client (the read service's reconnecting one).
+pub async fn live_versions_on(
+    client: &tokio_postgres::Client,
+    cfg: &Config,
+) -> Result<LiveVersions, tokio_postgres::Error> {
     let prefix = scope_key(cfg, "");
-    let rows = store
-        .client()
+    let rows = client
         .query(
             "SELECT projection, live_version, switching FROM projection_versions WHERE starts_with(projection, $1)",
             &[&prefix],

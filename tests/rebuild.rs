@@ -13,25 +13,6 @@ use projector::rebuild::{self, Checkpoint, RebuildOptions};
 use projector::store::EventStore;
 use projector::versions::VersionSinks;
 
-/// Start `version`'s rebuild at the current head, so the test replays only recent events
-/// (the event store is shared with every other test).
-async fn seed_at_head(cfg: &Config, store: &EventStore, version: &str) -> Checkpoint {
-    let head = store.committed_head().await.unwrap();
-    let mut seeded = None;
-    for p in projectors::names() {
-        let c = Checkpoint {
-            projection: projector::versions::scope_key(cfg, p),
-            version: version.to_owned(),
-            position: head,
-            events_applied: 0,
-            status: "building".into(),
-        };
-        rebuild::save_checkpoint(store, &c).await.unwrap();
-        seeded = Some(c);
-    }
-    seeded.unwrap()
-}
-
 fn all() -> Vec<String> {
     projectors::names()
         .iter()
@@ -93,7 +74,7 @@ async fn a_rebuild_equals_the_live_read_models_refused_events_included() {
     let (cfg, ns) = common::isolated_config("rb");
     let store = common::store().await;
     let version = format!("v{}", ns.trim_end_matches('-').replace('-', "_"));
-    seed_at_head(&cfg, &store, &version).await;
+    common::seed_at_head(&cfg, &store, &version).await;
     common::generate(&cfg, &ns, 2_500, 61, 0.05, 0.5).await;
     // Events the projectors refuse (valid contract, impossible in their streams): their
     // streams are parked live, and must be parked the same way by the rebuild.
@@ -129,8 +110,8 @@ async fn a_rebuild_killed_and_resumed_equals_an_uninterrupted_one() {
     let store = common::store().await;
     let id = ns.trim_end_matches('-').replace('-', "_");
     let (interrupted, clean) = (format!("a{id}"), format!("b{id}"));
-    let seed = seed_at_head(&cfg, &store, &interrupted).await;
-    seed_at_head(&cfg, &store, &clean).await;
+    let seed = common::seed_at_head(&cfg, &store, &interrupted).await;
+    common::seed_at_head(&cfg, &store, &clean).await;
     common::generate(&cfg, &ns, 12_000, 71, 0.0, 0.0).await;
     let head = store.committed_head().await.unwrap();
 
@@ -206,7 +187,7 @@ async fn live_traffic_continues_through_a_rebuild_and_the_switch_loses_and_doubl
     let (cfg, ns) = common::isolated_config("sw");
     let mut store = common::store().await;
     let version = format!("v{}", ns.trim_end_matches('-').replace('-', "_"));
-    seed_at_head(&cfg, &store, &version).await;
+    common::seed_at_head(&cfg, &store, &version).await;
     // A live pod, and traffic before the rebuild.
     let pod = Pod::spawn(&cfg, "pod-0");
     common::generate(&cfg, &format!("{ns}p0-"), 2_000, 80, 0.02, 0.2).await;
@@ -293,7 +274,7 @@ async fn a_rebuild_killed_while_switching_never_leaves_the_workers_held() {
     let (cfg, ns) = common::isolated_config("ks");
     let store = common::store().await;
     let version = format!("v{}", ns.trim_end_matches('-').replace('-', "_"));
-    seed_at_head(&cfg, &store, &version).await;
+    common::seed_at_head(&cfg, &store, &version).await;
     let pod = Pod::spawn(&cfg, "pod-0");
     common::generate(&cfg, &format!("{ns}a-"), 1_000, 95, 0.0, 0.0).await;
 

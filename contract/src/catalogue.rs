@@ -129,6 +129,7 @@ pub struct InteractionRecorded {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct OrderItem {
     pub product_id: String,
     pub quantity: u32,

@@ -60,6 +60,18 @@ fn format(t: &DateTime<Utc>, buf: &mut [u8; MAX]) -> Option<usize> {
     Some(n + 1)
 }
 
+/// The text a view stores for `t`.
+pub fn text(t: &DateTime<Utc>) -> String {
+    let mut buf = [0u8; MAX];
+    match format(t, &mut buf) {
+        Some(n) => String::from_utf8_lossy(&buf[..n]).into_owned(),
+        None => serde_json::to_value(t)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_owned))
+            .unwrap_or_default(),
+    }
+}
+
 pub fn ser<S: Serializer>(t: &DateTime<Utc>, s: S) -> Result<S::Ok, S::Error> {
     let mut buf = [0u8; MAX];
     match format(t, &mut buf) {

@@ -84,3 +84,20 @@ pub async fn all_checkpoints(store: &EventStore) -> Result<Vec<Checkpoint>, Rebu
         .map(|r| row_to(r, r.get(0), r.get(1), 2))
         .collect())
 }
+
+/// This deployment's checkpoints (its consumer group's scope), newest first, with plain
+/// projection names.
+pub async fn versions_in_scope(
+    cfg: &crate::config::Config,
+    store: &EventStore,
+) -> Result<Vec<Checkpoint>, RebuildError> {
+    let scope = crate::versions::scope_key(cfg, "");
+    Ok(all_checkpoints(store)
+        .await?
+        .into_iter()
+        .filter_map(|mut c| {
+            c.projection = c.projection.strip_prefix(&scope)?.to_owned();
+            Some(c)
+        })
+        .collect())
+}

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use super::{Progress, RebuildError, RebuildOptions, rebuild};
 use crate::config::Config;
 use crate::store::EventStore;
-use crate::versions::{LIVE, VersionSinks, scope_key};
+use crate::versions::{LIVE, scope_key};
 
 /// How long the flag holds without renewal; renewed every third of it.
 pub const LEASE: Duration = Duration::from_secs(10);
@@ -201,11 +201,31 @@ pub async fn retire(
     projection: &str,
     version: &str,
 ) -> Result<(), RebuildError> {
-    let sinks = VersionSinks::connect(cfg, version).await?;
+    // Only this projection's store is touched: connecting the others would recreate, empty,
+    // what retiring their projections already dropped.
+    let views = crate::versions::views_for(cfg, version);
     match projectors::registry::info(projection).map(|i| i.store) {
-        Some(projectors::StoreKind::Redis) => sinks.redis.delete_all().await?,
-        Some(projectors::StoreKind::Mongo) => sinks.mongo.drop_collection().await?,
-        Some(projectors::StoreKind::ClickHouse) => sinks.clickhouse.drop_table().await?,
+        Some(projectors::StoreKind::Redis) => {
+            crate::sinks::redis::RedisSink::connect(&cfg.redis, &views.redis_prefix)
+                .await?
+                .delete_all()
+                .await?
+        }
+        Some(projectors::StoreKind::Mongo) => {
+            crate::sinks::mongo::MongoSink::connect(&cfg.mongo, &views.mongo_collection)
+                .await?
+                .drop_collection()
+                .await?
+        }
+        Some(projectors::StoreKind::ClickHouse) => {
+            crate::sinks::clickhouse::ClickHouseSink::connect(
+                &cfg.clickhouse,
+                &views.clickhouse_table,
+            )
+            .await?
+            .drop_table()
+            .await?
+        }
         None => {
             return Err(RebuildError::UnknownProjection(
                 projection.to_owned(),

@@ -10,7 +10,9 @@
 mod checkpoints;
 mod handover;
 
-pub use checkpoints::{Checkpoint, all_checkpoints, load_checkpoint, save_checkpoint};
+pub use checkpoints::{
+    Checkpoint, all_checkpoints, load_checkpoint, save_checkpoint, versions_in_scope,
+};
 pub use handover::{SwitchReport, retire, switch};
 
 use std::collections::HashMap;

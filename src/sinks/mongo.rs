@@ -196,7 +196,7 @@ fn statement(w: &DocWrite, d: &RawDocumentBuf, upsert: bool) -> RawDocumentBuf {
     stmt
 }
 
-fn decode<V: DeserializeOwned>(d: &RawDocumentBuf) -> (String, Loaded<V>) {
+pub(crate) fn decode<V: DeserializeOwned>(d: &RawDocumentBuf) -> (String, Loaded<V>) {
     let key = d
         .get_str("_id")
         .map(str::to_owned)

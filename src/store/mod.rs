@@ -9,6 +9,7 @@ mod replay;
 pub use append::AppendOutcome;
 pub use migrations::MIGRATIONS;
 pub use pg::Pg;
+pub use read::{SELECT_EVENT, envelope_of};
 pub use replay::ReplayPosition;
 
 use thiserror::Error;

@@ -7,7 +7,8 @@ use tokio_postgres::Row;
 
 use super::{EventStore, StoreError};
 
-const SELECT: &str = "SELECT global_position, event_id, aggregate_type, aggregate_id, \
+/// The columns `envelope_of` reads.
+pub const SELECT_EVENT: &str = "SELECT global_position, event_id, aggregate_type, aggregate_id, \
                       sequence_number, event_type, event_data, metadata, timestamp FROM events";
 
 impl EventStore {
@@ -23,11 +24,13 @@ impl EventStore {
         let rows = self
             .client
             .query(
-                &format!("{SELECT} WHERE global_position > $1 ORDER BY global_position LIMIT $2"),
+                &format!(
+                    "{SELECT_EVENT} WHERE global_position > $1 ORDER BY global_position LIMIT $2"
+                ),
                 &[&after, &limit],
             )
             .await?;
-        rows.iter().map(envelope).collect()
+        rows.iter().map(envelope_of).collect()
     }
 
     /// Every event whose aggregate id starts with `prefix`, in position order (tests, demo).
@@ -42,15 +45,16 @@ impl EventStore {
         let rows = self
             .client
             .query(
-                &format!("{SELECT} WHERE aggregate_id LIKE $1 ORDER BY global_position"),
+                &format!("{SELECT_EVENT} WHERE aggregate_id LIKE $1 ORDER BY global_position"),
                 &[&pattern],
             )
             .await?;
-        rows.iter().map(envelope).collect()
+        rows.iter().map(envelope_of).collect()
     }
 }
 
-pub(super) fn envelope(row: &Row) -> Result<EventEnvelope, StoreError> {
+/// An event from a row of `SELECT_EVENT`.
+pub fn envelope_of(row: &Row) -> Result<EventEnvelope, StoreError> {
     let position: i64 = row.get(0);
     let corrupt = |source: ContractError| StoreError::Corrupt { position, source };
     let aggregate_type: String = row.get(2);

@@ -3,7 +3,7 @@
 use contract::{Event, EventData, EventEnvelope, EventHeader, Metadata};
 use serde::{Deserialize, Serialize};
 
-use super::read::envelope;
+use super::read::envelope_of as envelope;
 use super::{EventStore, StoreError};
 
 /// Where a replay stands: every event at or before this (commit order) has been read.

@@ -409,3 +409,28 @@ pub async fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
         buf.split("\r\n\r\n").nth(1).unwrap_or_default().to_owned(),
     ))
 }
+
+/// Start `version`'s rebuild at the current head, so the test replays only recent events
+/// (the event store is shared with every other test).
+pub async fn seed_at_head(
+    cfg: &Config,
+    store: &EventStore,
+    version: &str,
+) -> projector::rebuild::Checkpoint {
+    let head = store.committed_head().await.unwrap();
+    let mut seeded = None;
+    for p in projectors::names() {
+        let c = projector::rebuild::Checkpoint {
+            projection: projector::versions::scope_key(cfg, p),
+            version: version.to_owned(),
+            position: head,
+            events_applied: 0,
+            status: "building".into(),
+        };
+        projector::rebuild::save_checkpoint(store, &c)
+            .await
+            .unwrap();
+        seeded = Some(c);
+    }
+    seeded.unwrap()
+}

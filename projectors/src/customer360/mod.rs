@@ -22,6 +22,7 @@ pub const RECENT_SENTIMENT: usize = 10;
 // the earlier, map-based version wrote them, byte for byte.
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct Customer360 {
     /// Per-order and per-ticket facts the commutative counters are derived from.
     #[serde(rename = "_state", default)]
@@ -39,6 +40,7 @@ pub struct Customer360 {
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct Profile {
     pub address: Option<Value>,
     /// Changed fields outside the fixed profile.
@@ -52,6 +54,7 @@ pub struct Profile {
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct Interactions {
     pub by_type: BTreeMap<String, u64>,
     #[serde(serialize_with = "crate::time::ser_opt")]
@@ -63,6 +66,7 @@ pub struct Interactions {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct SentimentPoint {
     #[serde(serialize_with = "crate::time::ser")]
     pub at: DateTime<Utc>,
@@ -70,6 +74,7 @@ pub struct SentimentPoint {
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct Orders {
     pub cancelled: u64,
     pub completed: u64,
@@ -82,6 +87,7 @@ pub struct Orders {
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct Support {
     pub avg_resolution_seconds: Option<i64>,
     #[serde(serialize_with = "crate::time::ser_opt")]
@@ -91,6 +97,7 @@ pub struct Support {
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct State {
     /// ticket_id → creation time, while open.
     #[serde(serialize_with = "crate::time::ser_map")]

@@ -14,6 +14,7 @@ pub const NAME: &str = "order_view";
 // earlier, map-based version wrote them.
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct OrderView {
     #[serde(rename = "_id")]
     pub order_id: String,
@@ -39,6 +40,7 @@ pub struct OrderView {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct Payment {
     pub amount: f64,
     #[serde(serialize_with = "crate::time::ser")]
@@ -47,6 +49,7 @@ pub struct Payment {
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct Shipping {
     pub carrier: Option<String>,
     #[serde(serialize_with = "crate::time::ser_opt")]
@@ -56,6 +59,7 @@ pub struct Shipping {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct Cancellation {
     #[serde(serialize_with = "crate::time::ser")]
     pub at: DateTime<Utc>,
@@ -65,18 +69,32 @@ pub struct Cancellation {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct ValidationFailure {
     pub details: Vec<Value>,
     pub reason: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct TimelineEntry {
     #[serde(serialize_with = "crate::time::ser")]
     pub at: DateTime<Utc>,
     pub event_type: String,
     pub status: String,
 }
+
+/// Every status an order view can have.
+pub const STATUSES: [&str; 8] = [
+    "created",
+    "payment_pending",
+    "payment_confirmed",
+    "preparing",
+    "shipped",
+    "delivered",
+    "cancelled",
+    "validation_failed",
+];
 
 const TERMINAL: [&str; 3] = ["delivered", "cancelled", "validation_failed"];
 
