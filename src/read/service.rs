@@ -634,17 +634,20 @@ impl ReadService {
                 .await?;
             let included = match w.event() {
                 Some(e) => {
-                    let n: u64 = self
+                    let n = self
                         .ch
                         .query(&format!(
                             "SELECT count() FROM {table} WHERE event_type = ? AND event_id = ?"
                         ))
                         .bind(e.header.event_type.as_str())
                         .bind(e.header.event_id.to_string())
-                        .fetch_one()
-                        .await
-                        .map_err(|e| ReadError::store("clickhouse", e))?;
-                    n > 0
+                        .fetch_one::<u64>()
+                        .await;
+                    match n {
+                        Ok(n) => n > 0,
+                        Err(e) if missing_table(&e) => false,
+                        Err(e) => return Err(ReadError::store("clickhouse", e)),
+                    }
                 }
                 None => true,
             };
@@ -696,14 +699,19 @@ impl ReadService {
     where
         T: clickhouse::RowOwned + clickhouse::RowRead,
     {
-        let mut q = self.ch.query(&sql);
+        // One row past the cap tells the cap was hit, without reading everything.
+        let mut q = self
+            .ch
+            .query(&format!("{sql} LIMIT {}", self.cfg.read.max_rows + 1));
         for b in binds {
             q = q.bind(b);
         }
-        let rows: Vec<T> = q
-            .fetch_all()
-            .await
-            .map_err(|e| ReadError::store("clickhouse", e))?;
+        let rows: Vec<T> = match q.fetch_all().await {
+            Ok(rows) => rows,
+            // No table yet: nothing has been projected.
+            Err(e) if missing_table(&e) => Vec::new(),
+            Err(e) => return Err(ReadError::store("clickhouse", e)),
+        };
         if rows.len() > self.cfg.read.max_rows {
             return Err(ReadError::BadRequest(format!(
                 "{} rows: more than read.max_rows ({}); narrow the range or coarsen the granularity",
@@ -826,10 +834,12 @@ impl ReadService {
             )
             .await?;
         Ok(Answer {
-            data: a
-                .data
-                .pop()
-                .ok_or_else(|| ReadError::store("clickhouse", "no row"))?,
+            data: a.data.pop().unwrap_or(Resolution {
+                resolved: 0,
+                p50_seconds: 0.0,
+                p90_seconds: 0.0,
+                p99_seconds: 0.0,
+            }),
             freshness: a.freshness,
         })
     }
@@ -904,6 +914,10 @@ impl ReadService {
             read_at: super::now(),
         })
     }
+}
+
+fn missing_table(e: &clickhouse::error::Error) -> bool {
+    e.to_string().contains("UNKNOWN_TABLE")
 }
 
 fn handles<P: Projector>(p: &P, e: &Event) -> bool {

@@ -396,11 +396,23 @@ pub async fn append_and_publish(cfg: &Config, events: Vec<Event>) -> usize {
 
 /// GET a path over plain HTTP/1.0: (status, body).
 pub async fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
+    http_request(addr, path, &[]).await
+}
+
+/// GET a path with extra headers over plain HTTP/1.0: (status, body).
+pub async fn http_request(
+    addr: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> Option<(u16, String)> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
-    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes())
-        .await
-        .ok()?;
+    let mut req = format!("GET {path} HTTP/1.0\r\nHost: x\r\n");
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    s.write_all(req.as_bytes()).await.ok()?;
     let mut buf = String::new();
     s.read_to_string(&mut buf).await.ok()?;
     let status = buf.split_whitespace().nth(1)?.parse().ok()?;
@@ -408,6 +420,59 @@ pub async fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
         status,
         buf.split("\r\n\r\n").nth(1).unwrap_or_default().to_owned(),
     ))
+}
+
+/// `projector serve` as a child process on an ephemeral port, with one bearer token.
+pub struct ReadServer {
+    child: std::process::Child,
+    pub addr: String,
+    pub token: String,
+}
+
+impl ReadServer {
+    pub fn spawn(cfg: &Config, extra: &[(&str, String)]) -> ReadServer {
+        use std::io::BufRead;
+        let token = format!("tok-{}", unique_namespace("t").trim_end_matches('-'));
+        let mut child = std::process::Command::new(projector_bin())
+            .args(["serve", "--addr", "127.0.0.1:0"])
+            .envs(config_env(cfg))
+            .env("PROJECTOR_READ__TOKENS", &token)
+            .env("RUST_LOG", "warn")
+            .envs(extra.iter().map(|(k, v)| (*k, v.as_str())))
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let addr = line
+            .trim()
+            .rsplit("http://")
+            .next()
+            .filter(|a| !a.is_empty())
+            .unwrap_or_else(|| panic!("serve did not start: {line:?}"))
+            .to_owned();
+        ReadServer { child, addr, token }
+    }
+
+    /// GET with the token: (status, JSON body).
+    pub async fn get(&self, path: &str) -> (u16, serde_json::Value) {
+        let auth = format!("Bearer {}", self.token);
+        let (status, body) = http_request(&self.addr, path, &[("Authorization", &auth)])
+            .await
+            .unwrap_or_else(|| panic!("no answer to {path}"));
+        let json = serde_json::from_str(&body)
+            .unwrap_or_else(|e| panic!("{path}: {status} {body:?} is not JSON: {e}"));
+        (status, json)
+    }
+}
+
+impl Drop for ReadServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 /// Start `version`'s rebuild at the current head, so the test replays only recent events

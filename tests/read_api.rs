@@ -1,0 +1,371 @@
+//! The read service against the real servers, as an agent uses it: `projector serve` as a
+//! child process beside a live worker. Every answer equals the fold of the event log and says
+//! how fresh it is; read-your-writes waits for a new event, and answers `not_yet` (409) with
+//! where the projection stands when the event cannot be in; tokens and parameters are
+//! checked; an answer stays available across a rebuild's switch and names the new version.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::process::Command;
+use std::time::Duration;
+
+use common::ReadServer;
+use common::faults::Worker;
+use projector::store::EventStore;
+use serde_json::Value;
+
+/// The customer with the most orders in the fold (the richest answers).
+fn busiest(snap: &common::Snapshot) -> String {
+    let mut per: BTreeMap<&str, usize> = BTreeMap::new();
+    for (o, _) in snap.orders.values() {
+        *per.entry(o.customer_id.as_str()).or_default() += 1;
+    }
+    per.into_iter()
+        .max_by_key(|(c, n)| (*n, std::cmp::Reverse(*c)))
+        .map(|(c, _)| c.to_owned())
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agents_get_typed_fresh_answers_and_read_their_own_writes() {
+    let (cfg, ns) = common::isolated_config("read");
+    let store = common::store().await;
+    // A rebuilt version that starts at today's head replays this test's events only.
+    common::seed_at_head(&cfg, &store, "vr").await;
+    common::generate(&cfg, &ns, 2_000, 5, 0.02, 0.02).await;
+    let log = common::event_log_at(&cfg, &ns).await;
+    let want = common::fold(&log, &ns);
+    let mut worker = Worker::spawn(&cfg, "r0", "read_api", &[]);
+    let api = ReadServer::spawn(&cfg, &[("PROJECTOR_READ__MAX_WAIT_MS", "120000".into())]);
+
+    // Read-your-writes: wait (up to two minutes) for the history's last event.
+    let last = log.last().unwrap();
+    let customer = busiest(&want);
+    let (status, body) = api
+        .get(&format!(
+            "/v1/analytics/funnel?after_position={}&wait_ms=120000",
+            last.header.global_position
+        ))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["freshness"]["consistency"]["included"], true);
+    assert!(worker.running());
+
+    // A Customer-360 answer is the fold's view, with the guard as its per-stream freshness.
+    let (status, body) = api.get(&format!("/v1/customers/{customer}")).await;
+    assert_eq!(status, 200, "{body}");
+    let (view, guard) = &want.customers[&customer];
+    assert_eq!(body["data"], serde_json::to_value(view).unwrap());
+    assert_eq!(
+        body["freshness"]["streams"],
+        serde_json::to_value(guard).unwrap()
+    );
+    assert_eq!(body["freshness"]["version"], "live");
+    assert_eq!(body["freshness"]["projection"], "customer360");
+    assert!(body["freshness"]["lag"]["messages"].is_i64(), "{body}");
+    assert!(body["freshness"]["read_at"].is_string());
+
+    // The customer's orders, newest first, page by page, equal the fold's.
+    let mut theirs: Vec<_> = want
+        .orders
+        .values()
+        .filter(|(o, _)| o.customer_id == customer)
+        .map(|(o, _)| o.clone())
+        .collect();
+    theirs.sort_by(|a, b| (b.placed_at, &b.order_id).cmp(&(a.placed_at, &a.order_id)));
+    let mut got = Vec::new();
+    let mut cursor = String::new();
+    for _ in 0..100 {
+        let (status, body) = api
+            .get(&format!("/v1/customers/{customer}/orders?limit=2{cursor}"))
+            .await;
+        assert_eq!(status, 200, "{body}");
+        got.extend(body["data"]["orders"].as_array().unwrap().iter().cloned());
+        match body["data"]["next_cursor"].as_str() {
+            Some(c) => cursor = format!("&cursor={c}"),
+            None => break,
+        }
+    }
+    assert_eq!(
+        Value::Array(got),
+        serde_json::to_value(&theirs).unwrap(),
+        "pages in order, nothing missing or repeated"
+    );
+    let status_of = theirs[0].status.clone();
+    let (_, body) = api
+        .get(&format!(
+            "/v1/customers/{customer}/orders?status={status_of}&limit=100"
+        ))
+        .await;
+    let n = theirs.iter().filter(|o| o.status == status_of).count();
+    assert_eq!(body["data"]["orders"].as_array().unwrap().len(), n);
+
+    // One order.
+    let order = &theirs[0];
+    let (status, body) = api.get(&format!("/v1/orders/{}", order.order_id)).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["data"], serde_json::to_value(order).unwrap());
+
+    // Analytics over the isolated table equal the fold's facts.
+    let placed: Vec<_> = want
+        .facts
+        .values()
+        .filter(|f| f.event_type == "order.placed")
+        .collect();
+    let (status, body) = api.get("/v1/analytics/revenue?granularity=month").await;
+    assert_eq!(status, 200, "{body}");
+    let revenue: i64 = body["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["revenue_cents"].as_i64().unwrap())
+        .sum();
+    assert_eq!(revenue, placed.iter().map(|f| f.amount_cents).sum::<i64>());
+    assert!(
+        body["freshness"]["max_global_position"].as_i64().unwrap() >= last.header.global_position
+    );
+    let (_, body) = api.get("/v1/analytics/funnel").await;
+    assert_eq!(
+        body["data"]["placed"].as_u64().unwrap() as usize,
+        placed.len()
+    );
+    let (_, body) = api
+        .get(&format!("/v1/analytics/revenue?customer_id={customer}"))
+        .await;
+    let mine: i64 = body["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["revenue_cents"].as_i64().unwrap())
+        .sum();
+    assert_eq!(
+        mine,
+        placed
+            .iter()
+            .filter(|f| f.customer_id == customer)
+            .map(|f| f.amount_cents)
+            .sum::<i64>()
+    );
+    for path in [
+        "/v1/analytics/sentiment?granularity=week",
+        "/v1/analytics/resolution?from=2000-01-01",
+    ] {
+        let (status, body) = api.get(path).await;
+        assert_eq!(status, 200, "{path}: {body}");
+    }
+    let (status, body) = api.get("/v1/projections").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["projections"].as_array().unwrap().len(), 3);
+    assert!(body["event_store_head"].as_i64().unwrap() >= last.header.global_position);
+
+    // A write through the generator, then a read that must include it.
+    let ns2 = common::unique_namespace("readw");
+    common::generate(&cfg, &ns2, 200, 9, 0.0, 0.0).await;
+    let log2 = common::event_log_at(&cfg, &ns2).await;
+    let fold2 = common::fold(&log2, &ns2);
+    let e = log2
+        .iter()
+        .rev()
+        .find(|e| e.header.aggregate_type.as_str() == "customer")
+        .unwrap();
+    let (status, body) = api
+        .get(&format!(
+            "/v1/customers/{}?after_position={}&wait_ms=30000",
+            e.header.aggregate_id, e.header.global_position
+        ))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let c = &body["freshness"]["consistency"];
+    assert_eq!(c["included"], true);
+    assert_eq!(c["affects_answer"], true);
+    assert_eq!(c["event"]["sequence"], e.header.sequence_number);
+    let stream = format!("customer/{}", e.header.aggregate_id);
+    assert!(body["freshness"]["streams"][&stream].as_i64().unwrap() >= e.header.sequence_number);
+    // The same by stream and sequence; and an event about someone else does not hold the answer.
+    let (status, body) = api
+        .get(&format!(
+            "/v1/customers/{}?after_stream={stream}&after_sequence={}",
+            e.header.aggregate_id, e.header.sequence_number
+        ))
+        .await;
+    assert_eq!(
+        (status, &body["freshness"]["consistency"]["included"]),
+        (200, &Value::Bool(true))
+    );
+    let (status, body) = api
+        .get(&format!(
+            "/v1/customers/{customer}?after_position={}",
+            e.header.global_position
+        ))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["freshness"]["consistency"]["affects_answer"], false);
+    assert_eq!(fold2.customers.is_empty(), false);
+
+    // An event in the store that was never published cannot come in: 409 with freshness.
+    let mut unpublished = e.clone();
+    unpublished.header.event_id = uuid::Uuid::new_v4();
+    unpublished.header.sequence_number = log2
+        .iter()
+        .filter(|x| {
+            x.header.aggregate_id == e.header.aggregate_id
+                && x.header.aggregate_type == e.header.aggregate_type
+        })
+        .map(|x| x.header.sequence_number)
+        .max()
+        .unwrap()
+        + 1;
+    let mut envs = vec![unpublished.to_envelope()];
+    EventStore::connect(&cfg.postgres.url)
+        .await
+        .unwrap()
+        .append(&mut envs)
+        .await
+        .unwrap();
+    let (status, body) = api
+        .get(&format!(
+            "/v1/customers/{}?after_position={}&wait_ms=300",
+            e.header.aggregate_id, envs[0].global_position
+        ))
+        .await;
+    assert_eq!(status, 409, "{body}");
+    assert_eq!(body["error"], "not_yet");
+    let f = &body["freshness"];
+    assert_eq!(f["consistency"]["included"], false);
+    assert!(f["consistency"]["waited_ms"].as_u64().unwrap() >= 200);
+    assert_eq!(f["version"], "live");
+
+    // Tokens, parameters, unknowns.
+    let (status, _) = common::http_get(&api.addr, &format!("/v1/customers/{customer}"))
+        .await
+        .unwrap();
+    assert_eq!(status, 401);
+    let (status, _) = common::http_request(
+        &api.addr,
+        &format!("/v1/customers/{customer}"),
+        &[("Authorization", "Bearer wrong")],
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, 401);
+    assert_eq!(
+        common::http_get(&api.addr, "/healthz").await.unwrap().0,
+        200
+    );
+    let (status, doc) = common::http_get(&api.addr, "/openapi.json").await.unwrap();
+    assert_eq!(status, 200);
+    let doc: Value = serde_json::from_str(&doc).unwrap();
+    for p in projector::read::openapi::PATHS {
+        assert!(doc["paths"][p]["get"].is_object(), "{p} documented");
+    }
+    for (path, code, error) in [
+        (
+            format!("/v1/customers/{customer}/orders?limit=0"),
+            400,
+            "bad_request",
+        ),
+        (
+            format!("/v1/customers/{customer}/orders?status=lost"),
+            400,
+            "bad_request",
+        ),
+        (
+            format!("/v1/customers/{customer}/orders?cursor=zz"),
+            400,
+            "bad_request",
+        ),
+        (
+            "/v1/analytics/revenue?granularity=year".into(),
+            400,
+            "bad_request",
+        ),
+        (
+            "/v1/analytics/revenue?from=yesterday".into(),
+            400,
+            "bad_request",
+        ),
+        ("/v1/analytics/funnel?limit=3".into(), 400, "bad_request"),
+        (
+            format!("/v1/customers/{customer}?after_stream=customer"),
+            400,
+            "bad_request",
+        ),
+        (format!("/v1/customers/{ns}nobody"), 404, "not_found"),
+        (
+            format!("/v1/customers/{customer}?after_position=999999999999"),
+            404,
+            "unknown_event",
+        ),
+    ] {
+        let (status, body) = api.get(&path).await;
+        assert_eq!(
+            (status, body["error"].as_str()),
+            (code, Some(error)),
+            "{path}: {body}"
+        );
+        assert!(body["message"].as_str().is_some_and(|m| !m.is_empty()));
+    }
+
+    // A rebuild switches readers while an agent keeps asking: never an error, and the
+    // answers name the new version once it is live.
+    let asking = {
+        let (addr, token, customer) = (api.addr.clone(), api.token.clone(), customer.clone());
+        tokio::spawn(async move {
+            let auth = format!("Bearer {token}");
+            let mut seen = Vec::new();
+            for _ in 0..2_000 {
+                let (status, body) = common::http_request(
+                    &addr,
+                    &format!("/v1/customers/{customer}"),
+                    &[("Authorization", &auth)],
+                )
+                .await
+                .unwrap();
+                let body: Value = serde_json::from_str(&body).unwrap();
+                seen.push((
+                    status,
+                    body["freshness"]["version"].as_str().map(str::to_owned),
+                ));
+                if seen.last().unwrap().1.as_deref() == Some("vr") && seen.len() > 5 {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            seen
+        })
+    };
+    let out = Command::new(common::projector_bin())
+        .args([
+            "rebuild-projection",
+            "--all",
+            "--version",
+            "vr",
+            "--grace-seconds",
+            "3",
+        ])
+        .envs(common::config_env(&cfg))
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let seen = asking.await.unwrap();
+    assert!(
+        seen.iter().all(|(s, _)| *s == 200),
+        "no error across the switch: {seen:?}"
+    );
+    assert_eq!(seen.last().unwrap().1.as_deref(), Some("vr"));
+    let (status, body) = api.get(&format!("/v1/customers/{customer}")).await;
+    assert_eq!(status, 200);
+    assert_eq!(body["freshness"]["version"], "vr");
+    assert_eq!(body["data"], serde_json::to_value(view).unwrap());
+
+    worker.stop();
+    for p in projectors::names() {
+        projector::rebuild::retire(&cfg, &store, p, "vr").await.ok();
+    }
+}
