@@ -163,7 +163,6 @@ async fn agents_get_typed_fresh_answers_and_read_their_own_writes() {
     let ns2 = common::unique_namespace("readw");
     common::generate(&cfg, &ns2, 200, 9, 0.0, 0.0).await;
     let log2 = common::event_log_at(&cfg, &ns2).await;
-    let fold2 = common::fold(&log2, &ns2);
     let e = log2
         .iter()
         .rev()
@@ -201,7 +200,6 @@ async fn agents_get_typed_fresh_answers_and_read_their_own_writes() {
         .await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["freshness"]["consistency"]["affects_answer"], false);
-    assert_eq!(fold2.customers.is_empty(), false);
 
     // An event in the store that was never published cannot come in: 409 with freshness.
     let mut unpublished = e.clone();
