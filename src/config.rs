@@ -43,8 +43,11 @@ pub struct ReadConfig {
     pub max_rows: usize,
     /// Bytes of one answer's data at most (a page stops early, with a cursor).
     pub max_bytes: usize,
-    /// How long pointers, lag and analytics positions are reused before being read again.
+    /// How long pointers and lag are reused before being read again.
     pub cache_ms: u64,
+    /// `Host` headers the MCP endpoint accepts (a DNS-rebinding guard); empty: loopback
+    /// names only. Add the service's own name when it is reached through one.
+    pub allowed_hosts: Vec<String>,
 }
 
 impl Default for ReadConfig {
@@ -59,6 +62,7 @@ impl Default for ReadConfig {
             max_rows: 1_000,
             max_bytes: 1 << 20,
             cache_ms: 1_000,
+            allowed_hosts: Vec::new(),
         }
     }
 }

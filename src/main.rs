@@ -50,6 +50,8 @@ enum Command {
     /// Serve the read API for agents and services (HTTP, OpenAPI at /openapi.json; MCP at
     /// /mcp). Bearer tokens from PROJECTOR_READ__TOKENS or read.token_file.
     Serve(ServeArgs),
+    /// The MCP tools over stdio, for an agent that starts this process itself.
+    Mcp,
 }
 
 #[derive(Args)]
@@ -178,6 +180,10 @@ async fn main() -> anyhow::Result<()> {
         Command::Show(args) => show(&config, args).await?,
         Command::RebuildProjection(args) => rebuild(&config, args).await?,
         Command::Serve(args) => serve(&config, args).await?,
+        Command::Mcp => {
+            let service = std::sync::Arc::new(projector::read::ReadService::new(&config).await?);
+            projector::read::mcp::serve_stdio(service).await?;
+        }
         Command::Bench(args) => {
             cli::bench::run(
                 &config,
@@ -299,7 +305,8 @@ async fn serve(config: &Config, args: ServeArgs) -> anyhow::Result<()> {
         "no bearer tokens: set PROJECTOR_READ__TOKENS or read.token_file (or --no-auth for a local experiment)"
     );
     let service = Arc::new(ReadService::new(config).await?);
-    let app = http::router(service, tokens, !args.no_auth, None);
+    let mcp = projector::read::mcp::http_router(service.clone(), &config.read.allowed_hosts);
+    let app = http::router(service, tokens, !args.no_auth, Some(mcp));
     let addr = args.addr.unwrap_or_else(|| config.read.http_addr.clone());
     http::serve(&addr, app, wait_for_signal(), |a| {
         // Tests and scripts read the bound address from this line.

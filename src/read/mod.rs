@@ -3,6 +3,7 @@
 
 pub mod http;
 mod lag;
+pub mod mcp;
 pub mod openapi;
 pub mod service;
 pub mod types;

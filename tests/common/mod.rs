@@ -422,6 +422,36 @@ pub async fn http_request(
     ))
 }
 
+/// POST a JSON body over plain HTTP/1.0: (status, body).
+pub async fn http_post_json(
+    addr: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &serde_json::Value,
+) -> Option<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let body = body.to_string();
+    let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
+    let mut req = format!(
+        "POST {path} HTTP/1.0\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n\
+         Accept: application/json, text/event-stream\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    req.push_str(&body);
+    s.write_all(req.as_bytes()).await.ok()?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).await.ok()?;
+    let status = buf.split_whitespace().nth(1)?.parse().ok()?;
+    Some((
+        status,
+        buf.split("\r\n\r\n").nth(1).unwrap_or_default().to_owned(),
+    ))
+}
+
 /// `projector serve` as a child process on an ephemeral port, with one bearer token.
 pub struct ReadServer {
     child: std::process::Child,
