@@ -306,6 +306,16 @@ impl Config {
         }
     }
 
+    /// The Redis key naming the live Customer-360 version, for agents that read Redis
+    /// directly: `c360:current` beside `c360:live:` (never under any version's prefix).
+    pub fn redis_pointer_key(&self) -> String {
+        let v = &self.views;
+        match v.redis_prefix.strip_suffix("live:") {
+            Some(base) => format!("{base}current"),
+            None => format!("{}@current", v.redis_prefix.trim_end_matches(':')),
+        }
+    }
+
     /// The `PROJECTOR_*` variables that give a child process these names and batch size
     /// (its HTTP endpoint on an ephemeral port).
     pub fn child_env(&self) -> Vec<(&'static str, String)> {

@@ -16,7 +16,6 @@ pub mod config;
 pub mod generator;
 pub mod kafka;
 pub mod observability;
-pub mod queries;
 pub mod read;
 pub mod rebuild;
 pub mod redact;

@@ -366,36 +366,59 @@ async fn show(config: &Config, args: ShowArgs) -> anyhow::Result<()> {
         );
         println!("{}", serde_json::to_string_pretty(&doc.view)?);
     }
-    let ch = &sinks.clickhouse;
+    // Analytics through the read service: the answers agents get.
+    let read = projector::read::ReadService::new(config).await?;
+    let none = projector::read::Consistency::default();
+    let month = projector::read::Range {
+        granularity: projector::read::types::Granularity::Month,
+        ..Default::default()
+    };
     println!(
         "== Analytics (ClickHouse {}.{})",
         config.clickhouse.database, views.clickhouse_table
     );
-    let days = ch.revenue_per_day().await?;
-    println!("revenue per day (last 5 of {} days):", days.len());
-    for d in days.iter().rev().take(5).rev() {
+    let revenue = read.revenue(&month, &none).await?;
+    println!("{:<12} {:>8} {:>16}", "month", "orders", "revenue (EUR)");
+    for r in &revenue.data {
         println!(
-            "  {}  {:>5} orders  {:>12.2} EUR",
-            d.day,
-            d.orders,
-            d.revenue_cents as f64 / 100.0
+            "{:<12} {:>8} {:>16.2}",
+            r.period,
+            r.orders,
+            r.revenue_cents as f64 / 100.0
         );
     }
-    println!("order funnel: {:?}", ch.funnel().await?);
-    let s = ch.sentiment_per_day().await?;
-    if let Some(last) = s.last() {
-        println!(
-            "sentiment ({} day×type rows), latest: {} {} avg {:.3} over {}",
-            s.len(),
-            last.day,
-            last.interaction_type,
-            last.avg_sentiment,
-            last.interactions
-        );
+    let f = read.funnel(&Default::default(), &none).await?.data;
+    println!("order funnel (orders placed, then how many reached each step):");
+    for (step, n) in [
+        ("placed", f.placed),
+        ("validated", f.validated),
+        ("paid", f.paid),
+        ("shipped", f.shipped),
+        ("delivered", f.delivered),
+        ("cancelled", f.cancelled),
+        ("validation failed", f.validation_failed),
+    ] {
+        let share = 100.0 * n as f64 / f.placed.max(1) as f64;
+        println!("  {step:<18} {n:>8} {share:>6.1} %");
     }
+    let s = read.sentiment(&month, &none).await?.data;
     println!(
-        "ticket resolution: {:?}",
-        ch.resolution_percentiles().await?
+        "{:<12} {:<12} {:>12} {:>10}",
+        "month", "interaction", "interactions", "sentiment"
+    );
+    for r in &s {
+        let avg = r
+            .avg_sentiment
+            .map_or("-".to_owned(), |a| format!("{a:.3}"));
+        println!(
+            "{:<12} {:<12} {:>12} {:>10}",
+            r.period, r.interaction_type, r.interactions, avg
+        );
+    }
+    let r = read.resolution(&Default::default(), &none).await?.data;
+    println!(
+        "ticket resolution: {} resolved, p50 {:.0} s, p90 {:.0} s, p99 {:.0} s",
+        r.resolved, r.p50_seconds, r.p90_seconds, r.p99_seconds
     );
     Ok(())
 }

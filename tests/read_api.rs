@@ -51,6 +51,17 @@ async fn agents_get_typed_fresh_answers_and_read_their_own_writes() {
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["freshness"]["consistency"]["included"], true);
     assert!(worker.running());
+    // The live worker announced its version for agents that read Redis directly.
+    let mut con = projector::sinks::redis::RedisSink::connect(&cfg.redis, "x")
+        .await
+        .unwrap()
+        .connection();
+    let pointer: String = redis::cmd("GET")
+        .arg(cfg.redis_pointer_key())
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    assert!(pointer.contains("\"version\":\"live\""), "{pointer}");
 
     // A Customer-360 answer is the fold's view, with the guard as its per-stream freshness.
     let (status, body) = api.get(&format!("/v1/customers/{customer}")).await;

@@ -48,6 +48,13 @@ async fn statuses(
     s
 }
 
+async fn va_keys(cfg: &Config) -> redis::aio::ConnectionManager {
+    projector::sinks::redis::RedisSink::connect(&cfg.redis, "x")
+        .await
+        .unwrap()
+        .connection()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_operator_builds_switches_and_drops_versions_from_the_command_line() {
     let (cfg, ns) = common::isolated_config("rbcli");
@@ -78,6 +85,16 @@ async fn an_operator_builds_switches_and_drops_versions_from_the_command_line() 
         assert_eq!(live.of(p), "va", "{p} readers moved");
     }
     assert!(live.switching.is_empty());
+    // Agents that read Redis directly find the live version under the pointer key.
+    let pointer: Option<String> = redis::cmd("GET")
+        .arg(cfg.redis_pointer_key())
+        .query_async(&mut va_keys(&cfg).await)
+        .await
+        .unwrap();
+    let pointer: serde_json::Value =
+        serde_json::from_str(&pointer.expect("pointer key set")).unwrap();
+    assert_eq!(pointer["version"], "va");
+    assert_eq!(pointer["prefix"], cfg.versioned_views("va").redis_prefix);
     assert_eq!(
         statuses(&cfg, &store, "live").await,
         [

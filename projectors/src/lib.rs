@@ -71,7 +71,15 @@ pub trait Projector: Send + Sync + 'static {
     fn view_key<'e>(&self, event: &'e Event) -> Option<&'e str>;
     /// Apply one event. On `Err` the view must be left as it was (check before you change).
     fn apply(&self, view: &mut Self::View, event: &Event) -> Result<(), String>;
+
+    /// Fill the fields derived from the whole view, once before each write (not per event).
+    fn seal(&self, _view: &mut Self::View) {}
 }
+
+/// The read models' contract version (README, "Read models"): 2 added Customer-360
+/// `context`, `sentiment_trend` "neutral" before any score, the exact mean resolution time,
+/// and timestamps always with six fraction digits (they sort as text).
+pub const CONTRACT_VERSION: u32 = 2;
 
 /// A fact projector: one row per event, appended (the store deduplicates by event id).
 pub trait FactProjector: Send + Sync + 'static {

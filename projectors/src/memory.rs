@@ -80,6 +80,9 @@ impl<V: Default + Clone> MemoryViews<V> {
         }
         // A key whose only event was refused has no document.
         self.docs.retain(|_, d| !d.guard.is_empty());
+        for d in self.docs.values_mut() {
+            p.seal(&mut d.view);
+        }
     }
 }
 

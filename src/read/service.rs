@@ -753,22 +753,7 @@ impl ReadService {
             .analytics(
                 c,
                 Query {
-                    sql: format!(
-                        "SELECT count() AS placed, countIf(v) AS validated, countIf(p) AS paid, \
-                         countIf(s) AS shipped, countIf(d) AS delivered, countIf(x) AS cancelled, \
-                         countIf(f) AS validation_failed FROM ( \
-                           SELECT aggregate_id, \
-                             countIf(event_type = 'order.validated') > 0 AS v, \
-                             countIf(event_type = 'order.payment_confirmed') > 0 AS p, \
-                             countIf(event_type = 'order.shipped') > 0 AS s, \
-                             countIf(event_type = 'order.completed') > 0 AS d, \
-                             countIf(event_type = 'order.cancelled') > 0 AS x, \
-                             countIf(event_type = 'order.validation_failed') > 0 AS f \
-                           FROM {{table}} FINAL WHERE aggregate_type = 'order' \
-                             AND aggregate_id IN (SELECT aggregate_id FROM {{table}} FINAL \
-                                                  WHERE event_type = 'order.placed'{cond}) \
-                           GROUP BY aggregate_id)"
-                    ),
+                    sql: funnel_sql(&cond),
                     binds,
                 },
             )
@@ -914,6 +899,38 @@ impl ReadService {
             read_at: super::now(),
         })
     }
+}
+
+/// The funnel applies the order view's own rule: a step counts when the order was placed and
+/// the step came no later than the order's first final event (completed, cancelled or
+/// validation failed); the order view refuses anything after that.
+fn funnel_sql(placed_cond: &str) -> String {
+    let step =
+        |t: &str| format!("countIf(arrayExists(e -> e.1 = 'order.{t}' AND e.2 <= last, evs))");
+    let in_range = if placed_cond.is_empty() {
+        String::new()
+    } else {
+        format!(
+            " AND aggregate_id IN (SELECT aggregate_id FROM {{table}} FINAL \
+             WHERE event_type = 'order.placed'{placed_cond})"
+        )
+    };
+    format!(
+        "SELECT count() AS placed, {} AS validated, {} AS paid, {} AS shipped, {} AS delivered, \
+         {} AS cancelled, {} AS validation_failed FROM ( \
+           SELECT aggregate_id, groupArray((toString(event_type), sequence_number)) AS evs, \
+             ifNull(minIfOrNull(sequence_number, event_type IN \
+               ('order.completed', 'order.cancelled', 'order.validation_failed')), \
+               9223372036854775807) AS last \
+           FROM {{table}} FINAL WHERE aggregate_type = 'order'{in_range} \
+           GROUP BY aggregate_id HAVING countIf(event_type = 'order.placed') > 0)",
+        step("validated"),
+        step("payment_confirmed"),
+        step("shipped"),
+        step("completed"),
+        step("cancelled"),
+        step("validation_failed"),
+    )
 }
 
 fn missing_table(e: &clickhouse::error::Error) -> bool {

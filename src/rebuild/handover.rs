@@ -100,11 +100,39 @@ pub async fn switch(
         lower(store, &keys, &owner).await;
     }
     let (replaced, final_catch_up_events) = result?;
+    if selected.iter().any(|p| p == projectors::customer360::NAME) {
+        announce_redis(cfg, &opts.version).await;
+    }
     Ok(SwitchReport {
         switch_time: started.elapsed(),
         replaced,
         final_catch_up_events,
     })
+}
+
+/// Publish the new Customer-360 version for agents that read Redis directly (live workers
+/// announce it too whenever they open a version; this covers a deployment with no traffic).
+async fn announce_redis(cfg: &Config, version: &str) {
+    use crate::sinks::DocStore;
+    let views = crate::versions::views_for(cfg, version);
+    for attempt in 0..5u32 {
+        let r = match crate::sinks::redis::RedisSink::connect(&cfg.redis, &views.redis_prefix).await
+        {
+            Ok(s) => {
+                s.with_pointer(cfg.redis_pointer_key())
+                    .announce(version)
+                    .await
+            }
+            Err(e) => Err(e),
+        };
+        match r {
+            Ok(()) => return,
+            Err(e) => {
+                tracing::warn!(error = %e, attempt, "announcing the new version in Redis failed");
+                tokio::time::sleep(Duration::from_millis(500 << attempt)).await;
+            }
+        }
+    }
 }
 
 async fn lower(store: &EventStore, keys: &[String], owner: &str) {

@@ -269,6 +269,13 @@ impl<P: Projector, S: DocStore> DocStage<P, S> {
             tracing::info!(projection = self.ctx.name, version = %target.version, epoch = target.epoch,
                 "writing another version of the read model");
         }
+        if matches!(self.ctx.mode, Mode::Live { .. }) && self.shard == 0 {
+            // Best effort: readers that resolve versions through PostgreSQL are unaffected,
+            // and every live worker announces again whenever it opens a version.
+            if let Err(e) = store.announce(&target.version).await {
+                tracing::warn!(error = %e, version = %target.version, "the live version was not announced in the store");
+            }
+        }
         self.pending_parks.retain(|r| r.version == target.version);
         let mut parked = self.ctx.load_parks(&target.version).await;
         self.merge_unsaved(&mut parked);
@@ -554,11 +561,13 @@ impl<P: Projector, S: DocStore> DocStage<P, S> {
             return;
         }
         let key = prep.keys[ki].key.clone();
+        let p = self.p.clone();
         let st = self.st();
         let max = st.store.max_doc_bytes();
         let Some(entry) = st.cache.map.get_mut(&key) else {
             return;
         };
+        p.seal(&mut entry.doc.view);
         entry.doc.rev = new_rev();
         match st.store.encode(&entry.doc) {
             Ok(body) if body.len() <= max => {

@@ -65,7 +65,9 @@ impl SinkFactory for RealSinks {
             let cfg = cfg.clone();
             async move {
                 let views = crate::versions::views_for(&cfg, &v);
-                RedisSink::connect(&cfg.redis, &views.redis_prefix).await
+                Ok(RedisSink::connect(&cfg.redis, &views.redis_prefix)
+                    .await?
+                    .with_pointer(cfg.redis_pointer_key()))
             }
             .boxed()
         })

@@ -113,6 +113,11 @@ pub trait DocStore: Clone + Send + Sync + 'static {
         &self,
         writes: &[DocWrite],
     ) -> impl Future<Output = Result<WriteOutcome, SinkError>> + Send;
+    /// Tell readers of the store itself that `version` is the one live workers write (a
+    /// store whose readers resolve versions elsewhere does nothing).
+    fn announce(&self, _version: &str) -> impl Future<Output = Result<(), SinkError>> + Send {
+        async { Ok(()) }
+    }
 }
 
 /// A store of one fact row per event.

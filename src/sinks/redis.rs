@@ -47,6 +47,8 @@ const MAX_VALUE_BYTES: usize = 512 * 1024 * 1024;
 
 #[derive(Clone)]
 pub struct RedisSink {
+    /// Where the live version is published for agents that read Redis directly.
+    pointer_key: Option<Arc<str>>,
     con: ConnectionManager,
     /// More connections for the write pipelines (the first is `con`).
     writers: Arc<Vec<ConnectionManager>>,
@@ -105,6 +107,7 @@ impl RedisSink {
         }
         let con = cons[0].clone();
         let mut sink = RedisSink {
+            pointer_key: None,
             con,
             writers: Arc::new(cons),
             prefix: prefix.into(),
@@ -150,6 +153,12 @@ impl RedisSink {
             ),
         }
         false
+    }
+
+    /// Publish the live version under `key` on `announce` (the live worker's sink).
+    pub fn with_pointer(mut self, key: String) -> RedisSink {
+        self.pointer_key = Some(key.into());
+        self
     }
 
     pub fn key(&self, id: &str) -> String {
@@ -326,5 +335,27 @@ impl DocStore for RedisSink {
                 .map_err(classify)?;
         }
         Ok(out)
+    }
+
+    async fn announce(&self, version: &str) -> Result<(), SinkError> {
+        let Some(key) = &self.pointer_key else {
+            return Ok(());
+        };
+        let pointer = serde_json::json!({
+            "version": version,
+            "prefix": &*self.prefix,
+            "contract_version": projectors::CONTRACT_VERSION,
+        });
+        let mut con = self.con.clone();
+        let _: () = with_timeout(STORE, self.timeout, async {
+            redis::cmd("SET")
+                .arg(&**key)
+                .arg(pointer.to_string())
+                .query_async(&mut con)
+                .await
+                .map_err(classify)
+        })
+        .await?;
+        Ok(())
     }
 }

@@ -27,6 +27,10 @@ pub struct Customer360 {
     /// Per-order and per-ticket facts the commutative counters are derived from.
     #[serde(rename = "_state", default)]
     pub state: State,
+    /// For agents: flags, value tier and a one-line summary, derived only from this view
+    /// (set by [`Customer360Projector::seal`] before every write).
+    #[serde(default)]
+    pub context: Context,
     pub customer_id: String,
     pub interactions: Interactions,
     pub orders: Orders,
@@ -53,7 +57,7 @@ pub struct Profile {
     pub phone: Option<String>,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct Interactions {
     pub by_type: BTreeMap<String, u64>,
@@ -61,8 +65,47 @@ pub struct Interactions {
     pub last_at: Option<DateTime<Utc>>,
     pub recent_sentiment: Vec<SentimentPoint>,
     pub sentiment_avg: Option<f64>,
-    pub sentiment_trend: Option<String>,
+    /// positive (EMA above 0.6), negative (below 0.4), else neutral, also without any score.
+    #[serde(deserialize_with = "neutral_if_null")]
+    pub sentiment_trend: String,
     pub total: u64,
+}
+
+impl Default for Interactions {
+    fn default() -> Self {
+        Interactions {
+            by_type: BTreeMap::new(),
+            last_at: None,
+            recent_sentiment: Vec::new(),
+            sentiment_avg: None,
+            sentiment_trend: NEUTRAL.to_owned(),
+            total: 0,
+        }
+    }
+}
+
+const NEUTRAL: &str = "neutral";
+
+/// Documents of contract version 1 stored `null` before the first score.
+fn neutral_if_null<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    Ok(Option::<String>::deserialize(d)?.unwrap_or_else(|| NEUTRAL.to_owned()))
+}
+
+/// What an agent should know first about a customer, derived only from the view (a rebuild
+/// gives the same bytes).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+pub struct Context {
+    /// low (no flag but `no_profile`), medium (one), high (two or more, or negative
+    /// sentiment with an open ticket).
+    pub attention: String,
+    /// In this order, those that hold: negative_sentiment, open_tickets, cancelled_orders,
+    /// failed_orders, slow_support (mean resolution of a day or more), no_profile.
+    pub flags: Vec<String>,
+    /// One line for a prompt.
+    pub summary: String,
+    /// By the value of orders placed: none (0), low (< 100), medium (< 1,000), high.
+    pub value_tier: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -105,7 +148,9 @@ pub struct State {
     pub order_value_cents: i64,
     /// order_id → status (open, completed, cancelled, failed).
     pub orders: BTreeMap<String, String>,
-    pub resolution_seconds_sum: i64,
+    /// Exact durations (microseconds), so the mean is exact.
+    #[serde(default)]
+    pub resolution_micros_sum: i64,
     pub resolved_tickets: u64,
 }
 
@@ -146,6 +191,10 @@ impl Projector for Customer360Projector {
     }
     fn view_key<'e>(&self, event: &'e Event) -> Option<&'e str> {
         event.data.customer_id()
+    }
+
+    fn seal(&self, v: &mut Customer360) {
+        v.context = context(v);
     }
 
     fn apply(&self, v: &mut Customer360, event: &Event) -> Result<(), String> {
@@ -192,7 +241,7 @@ impl Projector for Customer360Projector {
                         Some(prev) => SENTIMENT_ALPHA * score + (1.0 - SENTIMENT_ALPHA) * prev,
                     };
                     i.sentiment_avg = Some(avg);
-                    i.sentiment_trend = Some(trend(avg).to_owned());
+                    i.sentiment_trend = trend(avg).to_owned();
                     i.recent_sentiment.push(SentimentPoint { at, score });
                     let excess = i.recent_sentiment.len().saturating_sub(RECENT_SENTIMENT);
                     i.recent_sentiment.drain(..excess);
@@ -223,14 +272,13 @@ impl Projector for Customer360Projector {
                 let Some(opened) = v.state.open_tickets.get(&d.ticket_id) else {
                     return Err(format!("ticket {} is not open", d.ticket_id));
                 };
-                let sum = v
-                    .state
-                    .resolution_seconds_sum
-                    .checked_add((at - *opened).num_seconds())
+                let sum = (at - *opened)
+                    .num_microseconds()
+                    .and_then(|d| v.state.resolution_micros_sum.checked_add(d))
                     .ok_or("the resolution time sum overflows")?;
                 v.state.open_tickets.remove(&d.ticket_id);
                 v.state.resolved_tickets += 1;
-                v.state.resolution_seconds_sum = sum;
+                v.state.resolution_micros_sum = sum;
             }
             EventData::Unknown { .. } => return Err("not a catalogue event".into()),
         }
@@ -269,9 +317,74 @@ fn derive_counters(v: &mut Customer360) {
     v.orders.failed = count("failed");
     v.orders.total_value = v.state.order_value_cents as f64 / 100.0;
     v.support.open_tickets = v.state.open_tickets.len() as u64;
+    // The exact mean (of exact durations), rounded to the nearest second.
     v.support.avg_resolution_seconds = (v.state.resolved_tickets > 0).then(|| {
-        (v.state.resolution_seconds_sum as f64 / v.state.resolved_tickets as f64).round() as i64
+        (v.state.resolution_micros_sum as f64 / v.state.resolved_tickets as f64 / 1e6).round()
+            as i64
     });
+}
+
+/// The agents' context of a view.
+pub fn context(v: &Customer360) -> Context {
+    let (i, o, s) = (&v.interactions, &v.orders, &v.support);
+    let negative = i.sentiment_trend == "negative";
+    let checks = [
+        (negative, "negative_sentiment"),
+        (s.open_tickets > 0, "open_tickets"),
+        (o.cancelled > 0, "cancelled_orders"),
+        (o.failed > 0, "failed_orders"),
+        (
+            s.avg_resolution_seconds.is_some_and(|a| a >= 86_400),
+            "slow_support",
+        ),
+        (v.profile.is_none(), "no_profile"),
+    ];
+    let flags: Vec<String> = checks
+        .iter()
+        .filter(|(on, _)| *on)
+        .map(|(_, f)| (*f).to_owned())
+        .collect();
+    let serious = flags.iter().filter(|f| *f != "no_profile").count();
+    let attention = if serious >= 2 || (negative && s.open_tickets > 0) {
+        "high"
+    } else if serious == 1 {
+        "medium"
+    } else {
+        "low"
+    };
+    let value_tier = match v.state.order_value_cents {
+        0 => "none",
+        c if c < 10_000 => "low",
+        c if c < 100_000 => "medium",
+        _ => "high",
+    };
+    let name = v
+        .profile
+        .as_ref()
+        .map_or("unknown customer", |p| p.name.as_str());
+    let sentiment = match i.sentiment_avg {
+        Some(a) => format!("{} ({a:.2})", i.sentiment_trend),
+        None => "not scored".to_owned(),
+    };
+    let summary = format!(
+        "{name} ({}): {value_tier} value, {} orders worth {:.2} ({} open, {} completed, {} cancelled, {} failed); {} of {} tickets open; {} interactions, sentiment {sentiment}; attention {attention}.",
+        v.customer_id,
+        o.total,
+        o.total_value,
+        o.open,
+        o.completed,
+        o.cancelled,
+        o.failed,
+        s.open_tickets,
+        s.total_tickets,
+        i.total,
+    );
+    Context {
+        attention: attention.to_owned(),
+        flags,
+        summary,
+        value_tier: value_tier.to_owned(),
+    }
 }
 
 #[cfg(test)]

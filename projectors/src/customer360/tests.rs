@@ -65,7 +65,7 @@ fn sentiment_ema_takes_the_first_score_as_is_then_weights_new_scores_by_0_3() {
     ]);
     let avg = v.interactions.sentiment_avg.unwrap();
     assert!((avg - (0.3 * 0.2 + 0.7 * 0.8)).abs() < 1e-12, "{avg}");
-    assert_eq!(v.interactions.sentiment_trend.as_deref(), Some("positive"));
+    assert_eq!(v.interactions.sentiment_trend, "positive");
     assert_eq!(v.interactions.total, 3);
     assert_eq!(v.interactions.by_type["call"], 2);
     assert_eq!(v.interactions.recent_sentiment.len(), 2);
@@ -94,7 +94,7 @@ fn recent_sentiment_keeps_the_last_ten() {
         scores,
         (6..=15).map(|i| i as f64 / 20.0).collect::<Vec<_>>()
     );
-    assert_eq!(v.interactions.sentiment_trend.as_deref(), Some("positive"));
+    assert_eq!(v.interactions.sentiment_trend, "positive");
 }
 
 fn order(id: &str, seq: i64, minute: i64, kind: &str, total: f64) -> Event {
@@ -278,4 +278,95 @@ fn documents_serialise_byte_for_byte_like_a_sorted_json_map() {
     let typed = serde_json::to_string(&doc.view).unwrap();
     let sorted = serde_json::to_string(&serde_json::to_value(&doc.view).unwrap()).unwrap();
     assert_eq!(typed, sorted);
+}
+
+fn ticket(id: &str, seq: i64, at: chrono::DateTime<Utc>, resolved: bool) -> Event {
+    let data = if resolved {
+        EventData::TicketResolved(TicketResolved {
+            ticket_id: id.into(),
+            customer_id: "cus-1".into(),
+            resolution: "r".into(),
+        })
+    } else {
+        EventData::TicketCreated(TicketCreated {
+            ticket_id: id.into(),
+            customer_id: "cus-1".into(),
+            subject: "s".into(),
+            priority: "p".into(),
+            channel: "c".into(),
+        })
+    };
+    Event::new(Uuid::new_v4(), id, seq, data, Map::new(), at).unwrap()
+}
+
+#[test]
+fn the_trend_is_neutral_before_any_score() {
+    let v = view(&[created(), interaction(1, 1, None)]);
+    assert_eq!(v.interactions.sentiment_trend, "neutral");
+    assert_eq!(v.interactions.sentiment_avg, None);
+    // Version 1 documents stored null: they read as neutral.
+    let mut json = serde_json::to_value(&v).unwrap();
+    json["interactions"]["sentiment_trend"] = serde_json::Value::Null;
+    let back: Customer360 = serde_json::from_value(json).unwrap();
+    assert_eq!(back.interactions.sentiment_trend, "neutral");
+}
+
+#[test]
+fn the_mean_resolution_time_is_exact_not_a_mean_of_truncated_seconds() {
+    let t0 = Utc.with_ymd_and_hms(2026, 11, 22, 10, 0, 0).unwrap();
+    let ms = chrono::Duration::milliseconds;
+    // 0.6 s and 1.7 s: the exact mean is 1.15 s (truncated seconds gave (0 + 1) / 2 = 0.5).
+    let v = view(&[
+        created(),
+        ticket("tkt-1", 0, t0, false),
+        ticket("tkt-1", 1, t0 + ms(600), true),
+        ticket("tkt-2", 0, t0, false),
+        ticket("tkt-2", 1, t0 + ms(1_700), true),
+    ]);
+    assert_eq!(v.state.resolution_micros_sum, 2_300_000);
+    assert_eq!(v.support.avg_resolution_seconds, Some(1));
+}
+
+#[test]
+fn the_agents_context_is_derived_from_the_view_alone() {
+    let t0 = Utc.with_ymd_and_hms(2026, 11, 22, 10, 0, 0).unwrap();
+    let calm = view(&[created(), order("ord-1", 0, 1, "placed", 1_500.0)]);
+    assert_eq!(calm.context.attention, "low");
+    assert!(calm.context.flags.is_empty());
+    assert_eq!(calm.context.value_tier, "high");
+    assert_eq!(
+        calm.context.summary,
+        "Ada (cus-1): high value, 1 orders worth 1500.00 (1 open, 0 completed, 0 cancelled, 0 failed); \
+         0 of 0 tickets open; 0 interactions, sentiment not scored; attention low."
+    );
+    let events = vec![
+        created(),
+        interaction(1, 1, Some(0.1)),
+        order("ord-1", 0, 2, "placed", 20.0),
+        order("ord-1", 1, 3, "cancelled", 0.0),
+        ticket("tkt-1", 0, t0, false),
+    ];
+    let upset = view(&events);
+    assert_eq!(
+        upset.context.flags,
+        ["negative_sentiment", "open_tickets", "cancelled_orders"]
+    );
+    assert_eq!(upset.context.attention, "high");
+    assert_eq!(upset.context.value_tier, "low");
+    // Any arrival order of the streams gives the same context (it is part of the document).
+    let mut reversed = events.clone();
+    reversed.reverse();
+    reversed.sort_by_key(|e| e.header.sequence_number);
+    assert_eq!(view(&reversed).context, upset.context);
+    let orphan = MemoryViews::fold(&Customer360Projector, &events[2..4]).docs["cus-1"]
+        .view
+        .clone();
+    assert_eq!(orphan.context.flags, ["cancelled_orders", "no_profile"]);
+    assert_eq!(orphan.context.attention, "medium");
+    assert!(
+        orphan
+            .context
+            .summary
+            .starts_with("unknown customer (cus-1)")
+    );
 }
