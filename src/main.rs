@@ -113,6 +113,9 @@ struct BenchCli {
     /// Measure only publish → visible latency at this steady rate (events/s), and stop.
     #[arg(long)]
     steady_rate: Option<f64>,
+    /// Measure only the read service's latency (HTTP and MCP) on a drained history.
+    #[arg(long)]
+    read_only: bool,
 }
 
 #[derive(Args)]
@@ -194,6 +197,7 @@ async fn main() -> anyhow::Result<()> {
                     clickhouse_engine: !args.no_clickhouse_engine,
                     engine_only: args.engine_only,
                     steady_rate: args.steady_rate,
+                    read_only: args.read_only,
                 },
             )
             .await?

@@ -42,6 +42,8 @@ pub struct BenchArgs {
     pub engine_only: bool,
     /// Only the steady-state latency, at this publish rate (for profiling).
     pub steady_rate: Option<f64>,
+    /// Only the read service's latency (HTTP and MCP) on a drained history.
+    pub read_only: bool,
 }
 
 const SEED: u64 = 7;
@@ -93,6 +95,13 @@ pub async fn run(base: &Config, args: BenchArgs) -> anyhow::Result<()> {
     }
     let history: Vec<EventEnvelope> = History::new(SEED, &ns).take(n as usize).collect();
     let mut rows = Vec::new();
+    if args.read_only {
+        backlog(&cfg, &ns, n).await?;
+        drain(&cfg, "all", None).await?;
+        read_latency(&cfg, &history, &mut rows).await?;
+        cleanup(&cfg, &cfg).await;
+        return Ok(());
+    }
 
     // 1. The engine alone.
     let (engine_rate, engine) = engine_alone(&cfg, &history).await?;
@@ -121,33 +130,7 @@ pub async fn run(base: &Config, args: BenchArgs) -> anyhow::Result<()> {
     ));
 
     // 3. The backlog: the same history, appended and published.
-    let mut store = EventStore::connect(&cfg.postgres.url).await?;
-    store.migrate().await?;
-    let start = store.committed_head().await?;
-    kafka::ensure_topics(&cfg.kafka).await?;
-    let publisher = EventPublisher::new(&cfg.kafka)?;
-    let t = Instant::now();
-    let g = generator::generate(
-        &mut [
-            EventStore::connect(&cfg.postgres.url).await?,
-            EventStore::connect(&cfg.postgres.url).await?,
-        ],
-        Some(&publisher),
-        &GenerateOptions {
-            seed: SEED,
-            events: n,
-            namespace: ns.clone(),
-            batch_size: 10_000,
-            ..Default::default()
-        },
-        |_| {},
-    )
-    .await?;
-    println!(
-        "backlog: {} events appended and published in {:.1}s",
-        g.appended,
-        t.elapsed().as_secs_f64()
-    );
+    let (store, start) = backlog(&cfg, &ns, n).await?;
 
     // 4. Drains: all three read models, analytics only, ClickHouse's Kafka engine.
     let all = drain(&cfg, "all", None).await?;
@@ -224,6 +207,9 @@ pub async fn run(base: &Config, args: BenchArgs) -> anyhow::Result<()> {
             Some(busy / capacity.max(1e-9)),
         ));
     }
+
+    // Read latency (HTTP and MCP) on the read models just drained.
+    read_latency(&cfg, &history, &mut rows).await?;
 
     // 5. Steady state at half the drain rate.
     if args.steady {
@@ -317,6 +303,85 @@ pub async fn run(base: &Config, args: BenchArgs) -> anyhow::Result<()> {
         );
     }
     cleanup(&cfg, &analytics_cfg).await;
+    Ok(())
+}
+
+/// Append the seeded history to the event store and publish it (the backlog every drain
+/// reads); returns the store and its head before the append.
+async fn backlog(
+    cfg: &Config,
+    ns: &str,
+    n: u64,
+) -> anyhow::Result<(EventStore, projector::store::ReplayPosition)> {
+    let mut store = EventStore::connect(&cfg.postgres.url).await?;
+    store.migrate().await?;
+    let start = store.committed_head().await?;
+    kafka::ensure_topics(&cfg.kafka).await?;
+    let publisher = EventPublisher::new(&cfg.kafka)?;
+    let t = Instant::now();
+    let g = generator::generate(
+        &mut [
+            EventStore::connect(&cfg.postgres.url).await?,
+            EventStore::connect(&cfg.postgres.url).await?,
+        ],
+        Some(&publisher),
+        &GenerateOptions {
+            seed: SEED,
+            events: n,
+            namespace: ns.to_owned(),
+            batch_size: 10_000,
+            ..Default::default()
+        },
+        |_| {},
+    )
+    .await?;
+    println!(
+        "backlog: {} events appended and published in {:.1}s",
+        g.appended,
+        t.elapsed().as_secs_f64()
+    );
+    Ok((store, start))
+}
+
+/// Read latency through the read service (HTTP and MCP) on the drained read models.
+async fn read_latency(
+    cfg: &Config,
+    history: &[EventEnvelope],
+    rows: &mut Vec<Row>,
+) -> anyhow::Result<()> {
+    let mut customers: Vec<String> = history
+        .iter()
+        .filter(|e| e.aggregate_type == contract::AggregateType::Customer)
+        .map(|e| e.aggregate_id.clone())
+        .collect();
+    customers.sort();
+    customers.dedup();
+    customers.truncate(5_000);
+    let lines = super::read_bench::measure(cfg, &customers, Duration::from_secs(2)).await?;
+    println!(
+        "{:<28} {:>11} {:>9} {:>10} {:>10}",
+        "read latency", "concurrency", "requests", "p50 µs", "p99 µs"
+    );
+    for l in &lines {
+        println!(
+            "{:<28} {:>11} {:>9} {:>10} {:>10}",
+            l.what, l.concurrency, l.requests, l.p50_us, l.p99_us
+        );
+        rows.push(row(
+            format!("p99 {} at concurrency {}", l.what, l.concurrency),
+            format!(
+                "{:.2} ms (p50 {:.2} ms)",
+                l.p99_us as f64 / 1e3,
+                l.p50_us as f64 / 1e3
+            ),
+            if l.what == "HTTP Customer-360" {
+                "target 2 ms".to_owned()
+            } else {
+                format!("{:.0} requests/s", l.requests as f64 / 2.0)
+            },
+            (l.what == "HTTP Customer-360").then(|| l.p99_us as f64 / 2_000.0),
+        ));
+    }
     Ok(())
 }
 

@@ -1,3 +1,4 @@
 //! Subcommands of the binary that are tools rather than the product: the benchmark.
 
 pub mod bench;
+pub mod read_bench;

@@ -151,6 +151,10 @@ pub struct State {
     /// Exact durations (microseconds), so the mean is exact.
     #[serde(default)]
     pub resolution_micros_sum: i64,
+    /// Contract 1 kept whole seconds: read from an older document, carried into
+    /// `resolution_micros_sum` on its next write.
+    #[serde(default, rename = "resolution_seconds_sum", skip_serializing)]
+    pub legacy_resolution_seconds: Option<i64>,
     pub resolved_tickets: u64,
 }
 
@@ -310,6 +314,12 @@ fn set_order(v: &mut Customer360, order_id: &str, status: &str) -> Result<(), St
 
 /// Counters derived from the per-order/per-ticket state, so they never depend on order.
 fn derive_counters(v: &mut Customer360) {
+    if let Some(secs) = v.state.legacy_resolution_seconds.take() {
+        v.state.resolution_micros_sum = v
+            .state
+            .resolution_micros_sum
+            .saturating_add(secs.saturating_mul(1_000_000));
+    }
     let count = |s: &str| v.state.orders.values().filter(|x| *x == s).count() as u64;
     v.orders.open = count("open");
     v.orders.completed = count("completed");

@@ -325,6 +325,21 @@ fn the_mean_resolution_time_is_exact_not_a_mean_of_truncated_seconds() {
     ]);
     assert_eq!(v.state.resolution_micros_sum, 2_300_000);
     assert_eq!(v.support.avg_resolution_seconds, Some(1));
+    // A contract-1 document (whole seconds) keeps its sum on its next write.
+    let mut json = serde_json::to_value(&v).unwrap();
+    let state = json["_state"].as_object_mut().unwrap();
+    state.remove("resolution_micros_sum");
+    state.insert("resolution_seconds_sum".into(), json!(2));
+    let mut old: Customer360 = serde_json::from_value(json).unwrap();
+    Customer360Projector
+        .apply(&mut old, &ticket("tkt-3", 0, t0, false))
+        .unwrap();
+    assert_eq!(old.state.resolution_micros_sum, 2_000_000);
+    assert!(
+        !serde_json::to_string(&old)
+            .unwrap()
+            .contains("resolution_seconds_sum")
+    );
 }
 
 #[test]
