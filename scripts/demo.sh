@@ -19,3 +19,13 @@ BIN=target/debug/projector
 # The worker projects the history into Redis, MongoDB and ClickHouse, then exits once idle.
 "$BIN" run --exit-when-idle 5
 "$BIN" show --namespace "$NS"
+
+# The agents' side: the read API answers with freshness (MCP tools at /mcp, or `projector mcp`).
+TOKEN="demo-$RANDOM$RANDOM$RANDOM"
+PROJECTOR_READ__TOKENS="$TOKEN" "$BIN" serve --addr 127.0.0.1:18080 >/dev/null 2>&1 &
+SERVE=$!
+trap 'kill "$SERVE" 2>/dev/null || true' EXIT
+for _ in $(seq 100); do curl -sf 127.0.0.1:18080/healthz >/dev/null && break; sleep 0.1; done
+echo "== Read API: GET /v1/customers/${NS}cus-1 (data.context and freshness shown)"
+curl -sf -H "Authorization: Bearer $TOKEN" "127.0.0.1:18080/v1/customers/${NS}cus-1" |
+  python3 -c 'import json,sys; a=json.load(sys.stdin); f=a["freshness"]; print(json.dumps({"context": a["data"]["context"], "freshness": {k: f.get(k) for k in ("version", "streams", "last_event_at", "lag")}}, indent=1))'
