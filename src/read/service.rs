@@ -141,6 +141,13 @@ impl ReadService {
         let lag = LagProbe::start(cfg, Duration::from_millis(cfg.read.cache_ms.max(200)))
             .map_err(|e| tracing::warn!(error = %e, "no consumer lag: the broker client failed"))
             .ok();
+        // The first answers should carry a lag too: give the first observation a moment.
+        for _ in 0..40 {
+            if lag.as_ref().is_none_or(|l| l.latest().is_some()) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
         Ok(ReadService {
             cfg: cfg.clone(),
             pg: Pg::from_config(&cfg.postgres),
