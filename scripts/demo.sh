@@ -13,6 +13,7 @@ bash scripts/install-deps.sh
 bash scripts/services.sh up
 cargo build --locked --quiet
 BIN=target/debug/projector
+START=$SECONDS
 
 "$BIN" migrate
 "$BIN" generate --events "$EVENTS" --seed "$SEED" --namespace "$NS" --duplicates 0.02 --redeliveries 0.1
@@ -29,3 +30,9 @@ for _ in $(seq 100); do curl -sf 127.0.0.1:18080/healthz >/dev/null && break; sl
 echo "== Read API: GET /v1/customers/${NS}cus-1 (data.context and freshness shown)"
 curl -sf -H "Authorization: Bearer $TOKEN" "127.0.0.1:18080/v1/customers/${NS}cus-1" |
   python3 -c 'import json,sys; a=json.load(sys.stdin); f=a["freshness"]; print(json.dumps({"context": a["data"]["context"], "freshness": {k: f.get(k) for k in ("version", "streams", "last_event_at", "lag")}}, indent=1))'
+
+ELAPSED=$((SECONDS - START))
+echo "== Done: $EVENTS events generated, published and projected into three read models in ${ELAPSED} s" \
+  "($((EVENTS / (ELAPSED > 0 ? ELAPSED : 1))) events/s end to end, with start-up and a 5 s idle wait; debug build)."
+echo "Next: '$BIN serve' (read API and MCP for agents), '$BIN rebuild-projection status'," \
+  "'$BIN dlq list', 'cargo run --release -- bench'; the README says what each shows."

@@ -52,6 +52,34 @@ enum Command {
     Serve(ServeArgs),
     /// The MCP tools over stdio, for an agent that starts this process itself.
     Mcp,
+    /// The dead-letter topic: list, show, replay chosen letters, unpark a stream.
+    #[command(subcommand)]
+    Dlq(DlqCli),
+}
+
+#[derive(clap::Subcommand)]
+enum DlqCli {
+    /// Every letter with its kind, projector, stream, source and reason.
+    List {
+        /// Only letters of this kind (e.g. rejected, parked, invalid_json).
+        #[arg(long)]
+        kind: Option<String>,
+        #[arg(long, default_value_t = 200)]
+        limit: usize,
+    },
+    /// One letter (partition:offset) in full: headers, origin, payload.
+    Show { id: String },
+    /// Send the originals of these letters (partition:offset) again to their topics, through
+    /// the normal guarded path (after a fix; a duplicate changes nothing).
+    Replay { ids: Vec<String> },
+    /// Let a parked stream's held events flow: unpark it and replay it from the event store.
+    Unpark {
+        /// aggregate_type/aggregate_id, e.g. customer/cus-7
+        stream: String,
+        /// Only for these projectors (default: every one).
+        #[arg(long = "projector")]
+        projectors: Vec<String>,
+    },
 }
 
 #[derive(Args)]
@@ -183,6 +211,16 @@ async fn main() -> anyhow::Result<()> {
         Command::Show(args) => show(&config, args).await?,
         Command::RebuildProjection(args) => rebuild(&config, args).await?,
         Command::Serve(args) => serve(&config, args).await?,
+        Command::Dlq(cmd) => {
+            use cli::dlq::DlqCommand;
+            let cmd = match cmd {
+                DlqCli::List { kind, limit } => DlqCommand::List { kind, limit },
+                DlqCli::Show { id } => DlqCommand::Show { id },
+                DlqCli::Replay { ids } => DlqCommand::Replay { ids },
+                DlqCli::Unpark { stream, projectors } => DlqCommand::Unpark { stream, projectors },
+            };
+            cli::dlq::run(&config, cmd).await?
+        }
         Command::Mcp => {
             let service = std::sync::Arc::new(projector::read::ReadService::new(&config).await?);
             projector::read::mcp::serve_stdio(service).await?;

@@ -3,3 +3,4 @@
 
 pub mod backoff;
 pub mod dead_letter;
+pub mod dlq_tools;
