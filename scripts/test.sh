@@ -16,4 +16,5 @@ fi
 
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
+bash scripts/ops-check.sh
 cargo nextest run --workspace --locked --no-fail-fast "$@"

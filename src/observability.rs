@@ -95,3 +95,56 @@ pub async fn serve(
     });
     Ok(local)
 }
+
+/// Export the deployment's rebuilds (from their checkpoints) from every worker, so a
+/// dashboard shows their progress and an alert sees one stall: events applied, position, and
+/// when the checkpoint last moved, per projection and version being built.
+pub fn watch_rebuilds(cfg: &crate::config::Config, pg: Arc<crate::store::Pg>) {
+    let scope = crate::versions::scope_key(cfg, "");
+    tokio::spawn(async move {
+        let mut seen: Vec<(String, String)> = Vec::new();
+        loop {
+            let q = scope.clone();
+            let rows = pg
+                .run(|c| async move {
+                    c.query(
+                        "SELECT projection, version, events_applied, position, \
+                         extract(epoch FROM updated_at)::float8 FROM projection_checkpoints \
+                         WHERE starts_with(projection, $1) AND status = 'building'",
+                        &[&q],
+                    )
+                    .await
+                })
+                .await;
+            if let Ok(rows) = rows {
+                let mut now = Vec::new();
+                for r in rows {
+                    let p: String = r.get(0);
+                    let p = p.strip_prefix(&scope).unwrap_or(&p).to_owned();
+                    let v: String = r.get(1);
+                    let labels = [("projection", p.clone()), ("version", v.clone())];
+                    metrics::gauge!("projector_rebuild_checkpoint_events", &labels)
+                        .set(r.get::<_, i64>(2) as f64);
+                    metrics::gauge!("projector_rebuild_checkpoint_position", &labels)
+                        .set(r.get::<_, i64>(3) as f64);
+                    metrics::gauge!("projector_rebuild_checkpoint_timestamp_seconds", &labels)
+                        .set(r.get::<_, f64>(4));
+                    now.push((p, v));
+                }
+                // A rebuild that finished (or was dropped) leaves no stale series behind.
+                for (p, v) in seen.iter().filter(|k| !now.contains(k)) {
+                    let labels = [("projection", p.clone()), ("version", v.clone())];
+                    for name in [
+                        "projector_rebuild_checkpoint_events",
+                        "projector_rebuild_checkpoint_position",
+                        "projector_rebuild_checkpoint_timestamp_seconds",
+                    ] {
+                        metrics::gauge!(name, &labels).set(f64::NAN);
+                    }
+                }
+                seen = now;
+            }
+            tokio::time::sleep(Duration::from_secs(10)).await;
+        }
+    });
+}

@@ -341,10 +341,7 @@ pub async fn rebuild(
         }
         Ok::<_, RebuildError>(saved)
     });
-    let version = opts.version.clone();
     let mut on_durable = |pos: ReplayPosition, n: u64| {
-        metrics::gauge!("projector_rebuild_events_applied", "version" => version.clone())
-            .set((base + n) as f64);
         progress(base + n, pos, head);
         let _ = cp_tx.send((pos, n));
     };

@@ -409,7 +409,23 @@ pub async fn run(
         }
     }
     migrate(cfg, &shared).await;
+    // Every series the dashboard and the alert rules name exists from the start, at zero.
+    metrics::gauge!("projector_paused").set(0.0);
+    for store in [
+        "kafka",
+        "postgres",
+        "redis",
+        "mongo",
+        "clickhouse",
+        "dead-letter topic",
+    ] {
+        metrics::gauge!("projector_circuit_open", "store" => store).set(0.0);
+        metrics::counter!("projector_store_errors_total", "store" => store).increment(0);
+    }
+    metrics::counter!("projector_unrouted_total").increment(0);
+    metrics::counter!("projector_consumer_restarts_total").increment(0);
     let pg = Arc::new(Pg::from_config(&cfg.postgres));
+    crate::observability::watch_rebuilds(cfg, pg.clone());
     let pointers = Arc::new(Pointers::new(pg.clone(), &cfg.kafka.group_id));
     let dlq = Arc::new(DeadLetterQueue::new(&cfg.kafka)?);
     let topics = Arc::new(crate::kafka::event_topics(&cfg.kafka));
