@@ -77,7 +77,7 @@ pub async fn run(cfg: &Config, cmd: DlqCommand) -> anyhow::Result<()> {
                     } else {
                         &l.projector
                     },
-                    cut(&stream, 40),
+                    stream,
                     l.event_type.as_deref().unwrap_or("-"),
                     format!(
                         "{}:{}@{}",
