@@ -15,8 +15,8 @@ use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use tokio::sync::Semaphore;
 
-use super::service::{Consistency, Range, ReadError, ReadService};
-use super::types::{After, ErrorBody, Granularity};
+use super::service::{Consistency, Range, ReadError, ReadService, Wait};
+use super::types::{ErrorBody, Granularity};
 
 /// Accepted bearer tokens.
 #[derive(Clone, Default)]
@@ -217,36 +217,10 @@ fn bad_query(e: QueryRejection) -> Response {
     error(StatusCode::BAD_REQUEST, "bad_request", e.body_text(), None)
 }
 
-/// Read-your-writes parameters, accepted by every data endpoint.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ConsistencyParams {
-    after_position: Option<i64>,
-    after_stream: Option<String>,
-    after_sequence: Option<i64>,
-    wait_ms: Option<u64>,
-}
-
-impl ConsistencyParams {
-    fn consistency(&self) -> Consistency {
-        let named = self.after_position.is_some()
-            || self.after_stream.is_some()
-            || self.after_sequence.is_some();
-        Consistency {
-            after: named.then(|| After {
-                position: self.after_position,
-                stream: self.after_stream.clone(),
-                sequence: self.after_sequence,
-            }),
-            wait_ms: self.wait_ms,
-        }
-    }
-}
-
 async fn customer(
     State(s): State<AppState>,
     Path(id): Path<String>,
-    q: Result<Query<ConsistencyParams>, QueryRejection>,
+    q: Result<Query<Wait>, QueryRejection>,
 ) -> Response {
     match q {
         Ok(Query(q)) => answer(s.service.customer(&id, &q.consistency()).await),
@@ -257,7 +231,7 @@ async fn customer(
 async fn order(
     State(s): State<AppState>,
     Path(id): Path<String>,
-    q: Result<Query<ConsistencyParams>, QueryRejection>,
+    q: Result<Query<Wait>, QueryRejection>,
 ) -> Response {
     match q {
         Ok(Query(q)) => answer(s.service.order(&id, &q.consistency()).await),
@@ -286,7 +260,7 @@ async fn customer_orders(
         Ok(q) => q,
         Err(e) => return bad_query(e),
     };
-    let c = ConsistencyParams {
+    let c = Wait {
         after_position: q.after_position,
         after_stream: q.after_stream,
         after_sequence: q.after_sequence,
@@ -320,7 +294,7 @@ struct RangeParams {
 
 impl RangeParams {
     fn split(self) -> (Range, Consistency) {
-        let c = ConsistencyParams {
+        let c = Wait {
             after_position: self.after_position,
             after_stream: self.after_stream,
             after_sequence: self.after_sequence,

@@ -13,39 +13,8 @@ use rmcp::{Json, ServerHandler, tool, tool_handler, tool_router};
 use schemars::JsonSchema;
 use serde::Deserialize;
 
-use super::service::{Consistency, Range, ReadError, ReadService};
+use super::service::{Range, ReadError, ReadService, Wait};
 use super::types::*;
-
-/// Read-your-writes, as every tool takes it.
-#[derive(Debug, Default, Deserialize, JsonSchema)]
-pub struct Wait {
-    /// Answer only once the read model includes the event at this global position (an
-    /// event the caller caused).
-    pub after_position: Option<i64>,
-    /// With after_sequence: the event's stream, `aggregate_type/aggregate_id`.
-    pub after_stream: Option<String>,
-    /// With after_stream: the event's sequence_number.
-    pub after_sequence: Option<i64>,
-    /// How long to wait for that event, in milliseconds (default 3000); then the tool
-    /// answers an error `not_yet` with where the projection stands.
-    pub wait_ms: Option<u64>,
-}
-
-impl Wait {
-    fn consistency(&self) -> Consistency {
-        let named = self.after_position.is_some()
-            || self.after_stream.is_some()
-            || self.after_sequence.is_some();
-        Consistency {
-            after: named.then(|| After {
-                position: self.after_position,
-                stream: self.after_stream.clone(),
-                sequence: self.after_sequence,
-            }),
-            wait_ms: self.wait_ms,
-        }
-    }
-}
 
 #[derive(Debug, Deserialize, JsonSchema)]
 pub struct CustomerParams {

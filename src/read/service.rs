@@ -9,10 +9,12 @@ use std::time::{Duration, Instant};
 
 use contract::Event;
 use mongodb::bson::{Bson, RawDocumentBuf, doc};
-use projectors::customer360::{self, Customer360, Customer360Projector};
+use projectors::customer360::{Customer360, Customer360Projector};
 use projectors::order_view::{self, OrderView, OrderViewProjector};
-use projectors::{Doc, FactProjector, Projector, analytics};
+use projectors::{Doc, FactProjector, Projector, StoreKind, analytics};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
 use tokio::sync::Mutex;
 
 use super::lag::LagProbe;
@@ -54,6 +56,38 @@ pub struct Consistency {
     pub after: Option<After>,
     /// Milliseconds to wait for `after` (capped by `read.max_wait_ms`).
     pub wait_ms: Option<u64>,
+}
+
+/// Read-your-writes parameters, as every endpoint and tool takes them.
+#[derive(Debug, Default, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Wait {
+    /// Answer only once the read model includes the event at this global position (an
+    /// event the caller caused).
+    pub after_position: Option<i64>,
+    /// With after_sequence: the event's stream, `aggregate_type/aggregate_id`.
+    pub after_stream: Option<String>,
+    /// With after_stream: the event's sequence_number.
+    pub after_sequence: Option<i64>,
+    /// How long to wait for that event, in milliseconds (default 3000, at most
+    /// `read.max_wait_ms`); then the answer is `not_yet` with where the projection stands.
+    pub wait_ms: Option<u64>,
+}
+
+impl Wait {
+    pub fn consistency(&self) -> Consistency {
+        let named = self.after_position.is_some()
+            || self.after_stream.is_some()
+            || self.after_sequence.is_some();
+        Consistency {
+            after: named.then(|| After {
+                position: self.after_position,
+                stream: self.after_stream.clone(),
+                sequence: self.after_sequence,
+            }),
+            wait_ms: self.wait_ms,
+        }
+    }
 }
 
 /// Parameters of the analytics queries.
@@ -391,42 +425,82 @@ impl ReadService {
         self.versions().await.of(projection).to_owned()
     }
 
-    async fn customer_doc(
+    /// The stored document `id` of `projection`'s `version` (Redis JSON or MongoDB BSON).
+    async fn load_doc<V: DeserializeOwned>(
         &self,
+        store: StoreKind,
         version: &str,
         id: &str,
-    ) -> Result<Option<Doc<Customer360>>, ReadError> {
-        let key = format!("{}{id}", views_for(&self.cfg, version).redis_prefix);
-        let mut con = self.redis().await?;
-        let raw: Option<Vec<u8>> = redis::cmd("GET")
-            .arg(&key)
-            .query_async(&mut con)
-            .await
-            .map_err(|e| ReadError::store("redis", e))?;
-        raw.map(|b| {
-            serde_json::from_slice::<Doc<Customer360>>(&b).map_err(|e| {
-                ReadError::store(
-                    "redis",
-                    format!("stored document {key} does not decode: {e}"),
-                )
-            })
-        })
-        .transpose()
+    ) -> Result<Option<Doc<V>>, ReadError> {
+        let views = views_for(&self.cfg, version);
+        match store {
+            StoreKind::Redis => {
+                let key = format!("{}{id}", views.redis_prefix);
+                let mut con = self.redis().await?;
+                let raw: Option<Vec<u8>> = redis::cmd("GET")
+                    .arg(&key)
+                    .query_async(&mut con)
+                    .await
+                    .map_err(|e| ReadError::store("redis", e))?;
+                raw.map(|b| {
+                    serde_json::from_slice::<Doc<V>>(&b).map_err(|e| {
+                        ReadError::store(
+                            "redis",
+                            format!("stored document {key} does not decode: {e}"),
+                        )
+                    })
+                })
+                .transpose()
+            }
+            StoreKind::Mongo => {
+                let raw = self
+                    .mongo
+                    .collection::<RawDocumentBuf>(&views.mongo_collection)
+                    .find_one(doc! {"_id": id})
+                    .await
+                    .map_err(|e| ReadError::store("mongo", e))?;
+                raw.map(|d| decode_doc(&d)).transpose()
+            }
+            StoreKind::ClickHouse => Err(ReadError::BadRequest(
+                "analytics keeps facts, not documents".into(),
+            )),
+        }
     }
 
-    async fn order_doc(
+    /// One document of a document projector, with its guard as freshness; `id_name` names
+    /// the id in errors, `updated_at` is the view's newest event time.
+    async fn document<P: Projector>(
         &self,
-        version: &str,
+        p: &P,
+        id_name: &str,
         id: &str,
-    ) -> Result<Option<Doc<OrderView>>, ReadError> {
-        let coll = views_for(&self.cfg, version).mongo_collection;
-        let raw = self
-            .mongo
-            .collection::<RawDocumentBuf>(&coll)
-            .find_one(doc! {"_id": id})
-            .await
-            .map_err(|e| ReadError::store("mongo", e))?;
-        raw.map(|d| decode_order(&d)).transpose()
+        c: &Consistency,
+        updated_at: fn(&P::View) -> Option<chrono::DateTime<chrono::Utc>>,
+    ) -> Result<Answer<P::View>, ReadError> {
+        check_id(id_name, id)?;
+        let mut w = self
+            .begin(c, |e| handles(p, e) && p.view_key(e) == Some(id))
+            .await?;
+        let (doc, version, report) = loop {
+            let version = self.version_of(p.name()).await;
+            let doc = self.load_doc::<P::View>(p.store(), &version, id).await?;
+            let included = w
+                .event()
+                .is_none_or(|e| guard_has(doc.as_ref().map(|d| &d.guard), e));
+            if let Step::Done(r) = self.settle(&mut w, p.name(), &version, included).await? {
+                break (doc, version, r);
+            }
+        };
+        let what = id_name.trim_end_matches("_id");
+        let doc = doc.ok_or_else(|| ReadError::NotFound(format!("{what} {id}")))?;
+        let mut f = self.base_freshness(p.name(), &version);
+        f.last_event_at = updated_at(&doc.view).map(super::time);
+        f.streams = Some(doc.guard);
+        f.consistency = report;
+        Ok(Answer {
+            data: doc.view,
+            freshness: f,
+        })
     }
 
     /// A customer's Customer-360 view.
@@ -435,66 +509,16 @@ impl ReadService {
         id: &str,
         c: &Consistency,
     ) -> Result<Answer<Customer360>, ReadError> {
-        check_id("customer_id", id)?;
-        let mut w = self
-            .begin(c, |e| {
-                handles(&Customer360Projector, e) && Customer360Projector.view_key(e) == Some(id)
-            })
-            .await?;
-        let (doc, version, report) = loop {
-            let version = self.version_of(customer360::NAME).await;
-            let doc = self.customer_doc(&version, id).await?;
-            let included = w
-                .event()
-                .is_none_or(|e| guard_has(doc.as_ref().map(|d| &d.guard), e));
-            if let Step::Done(r) = self
-                .settle(&mut w, customer360::NAME, &version, included)
-                .await?
-            {
-                break (doc, version, r);
-            }
-        };
-        let doc = doc.ok_or_else(|| ReadError::NotFound(format!("customer {id}")))?;
-        let mut f = self.base_freshness(customer360::NAME, &version);
-        f.last_event_at = doc.view.updated_at.map(super::time);
-        f.streams = Some(doc.guard);
-        f.consistency = report;
-        Ok(Answer {
-            data: doc.view,
-            freshness: f,
+        self.document(&Customer360Projector, "customer_id", id, c, |v| {
+            v.updated_at
         })
+        .await
     }
 
     /// One order view.
     pub async fn order(&self, id: &str, c: &Consistency) -> Result<Answer<OrderView>, ReadError> {
-        check_id("order_id", id)?;
-        let mut w = self
-            .begin(c, |e| {
-                handles(&OrderViewProjector, e) && OrderViewProjector.view_key(e) == Some(id)
-            })
-            .await?;
-        let (doc, version, report) = loop {
-            let version = self.version_of(order_view::NAME).await;
-            let doc = self.order_doc(&version, id).await?;
-            let included = w
-                .event()
-                .is_none_or(|e| guard_has(doc.as_ref().map(|d| &d.guard), e));
-            if let Step::Done(r) = self
-                .settle(&mut w, order_view::NAME, &version, included)
-                .await?
-            {
-                break (doc, version, r);
-            }
-        };
-        let doc = doc.ok_or_else(|| ReadError::NotFound(format!("order {id}")))?;
-        let mut f = self.base_freshness(order_view::NAME, &version);
-        f.last_event_at = doc.view.updated_at.map(super::time);
-        f.streams = Some(doc.guard);
-        f.consistency = report;
-        Ok(Answer {
-            data: doc.view,
-            freshness: f,
-        })
+        self.document(&OrderViewProjector, "order_id", id, c, |v| v.updated_at)
+            .await
     }
 
     /// A customer's orders, newest first (`placed_at`, then order id), optionally of one status.
@@ -533,7 +557,9 @@ impl ReadService {
                 .await?;
             let included = match w.event().map(|e| (e, OrderViewProjector.view_key(e))) {
                 Some((e, Some(key))) => {
-                    let doc = self.order_doc(&version, key).await?;
+                    let doc = self
+                        .load_doc::<OrderView>(StoreKind::Mongo, &version, key)
+                        .await?;
                     guard_has(doc.as_ref().map(|d| &d.guard), e)
                 }
                 _ => true,
@@ -606,7 +632,7 @@ impl ReadService {
                 break;
             }
             bytes += raw.as_bytes().len();
-            let doc = decode_order(&raw.to_raw_document_buf())?;
+            let doc = decode_doc::<OrderView>(&raw.to_raw_document_buf())?;
             orders.push(doc.view);
         }
         let next_cursor = more.then(|| {
@@ -968,8 +994,8 @@ fn check_id(what: &str, id: &str) -> Result<(), ReadError> {
     Ok(())
 }
 
-fn decode_order(d: &RawDocumentBuf) -> Result<Doc<OrderView>, ReadError> {
-    crate::sinks::mongo::decode::<OrderView>(d)
+fn decode_doc<V: DeserializeOwned>(d: &RawDocumentBuf) -> Result<Doc<V>, ReadError> {
+    crate::sinks::mongo::decode::<V>(d)
         .1
         .map_err(|e| ReadError::store("mongo", e))
 }
