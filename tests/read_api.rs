@@ -51,16 +51,25 @@ async fn agents_get_typed_fresh_answers_and_read_their_own_writes() {
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["freshness"]["consistency"]["included"], true);
     assert!(worker.running());
-    // The live worker announced its version for agents that read Redis directly.
+    // The live worker announces its version, for agents that read Redis directly, when its
+    // Customer-360 stage opens it (that stage may still be busy when analytics is done).
     let mut con = projector::sinks::redis::RedisSink::connect(&cfg.redis, "x")
         .await
         .unwrap()
         .connection();
-    let pointer: String = redis::cmd("GET")
-        .arg(cfg.redis_pointer_key())
-        .query_async(&mut con)
-        .await
-        .unwrap();
+    let mut pointer: Option<String> = None;
+    for _ in 0..100 {
+        pointer = redis::cmd("GET")
+            .arg(cfg.redis_pointer_key())
+            .query_async(&mut con)
+            .await
+            .unwrap();
+        if pointer.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let pointer = pointer.expect("the live version is announced");
     assert!(pointer.contains("\"version\":\"live\""), "{pointer}");
 
     // A Customer-360 answer is the fold's view, with the guard as its per-stream freshness.
