@@ -2,7 +2,7 @@
 //! through the normal guarded path, unpark a stream. Safe while workers run.
 
 use projector::config::Config;
-use projector::resilience::dlq_tools::{self, Letter, Raw};
+use projector::resilience::dlq_tools::{self, Letter, Message};
 
 pub enum DlqCommand {
     List {
@@ -111,7 +111,7 @@ pub async fn run(cfg: &Config, cmd: DlqCommand) -> anyhow::Result<()> {
                     l.sequence.map_or("?".into(), |q| q.to_string())
                 );
             }
-            for (k, v) in l.raw.original_headers() {
+            for (k, v) in l.message.original_headers() {
                 println!(
                     "header     {k} = {}",
                     v.map_or("(null)".into(), |v| String::from_utf8_lossy(&v)
@@ -123,7 +123,7 @@ pub async fn run(cfg: &Config, cmd: DlqCommand) -> anyhow::Result<()> {
                     "payload    truncated: the letter keeps the head of {n} bytes (the original is in the source topic)"
                 );
             }
-            match l.raw.payload.as_deref() {
+            match l.message.payload.as_deref() {
                 None => println!("payload    (none)"),
                 Some(p) => match serde_json::from_slice::<serde_json::Value>(p) {
                     Ok(v) => println!("payload\n{}", serde_json::to_string_pretty(&v)?),
@@ -140,14 +140,14 @@ pub async fn run(cfg: &Config, cmd: DlqCommand) -> anyhow::Result<()> {
             for id in ids {
                 let l = find(&all, &id)?;
                 // The letter's own copy is exact unless it was truncated; else the source's.
-                let original = if l.truncated_from.is_none() && l.raw.payload.is_some() {
-                    Some(Raw {
+                let original = if l.truncated_from.is_none() && l.message.payload.is_some() {
+                    Some(Message {
                         topic: l.source_topic.clone(),
                         partition: l.source_partition,
                         offset: l.source_offset,
-                        key: l.raw.key.clone(),
-                        payload: l.raw.payload.clone(),
-                        headers: l.raw.original_headers(),
+                        key: l.message.key.clone(),
+                        payload: l.message.payload.clone(),
+                        headers: l.message.original_headers(),
                     })
                 } else {
                     let (k, t, p, o) = (

@@ -11,6 +11,37 @@ use crate::kafka::base_client_config;
 use crate::sinks::SinkError;
 use crate::source::window::{Item, Origin, Window};
 
+/// A Kafka message as it was: where it is, key, payload and headers (a dead letter's
+/// original, or a message read back by the operators' tools).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Message {
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Option<Vec<u8>>,
+    pub payload: Option<Vec<u8>>,
+    pub headers: Vec<(String, Option<Vec<u8>>)>,
+}
+
+impl Message {
+    /// A record to `topic` with this message's key, the given payload and headers.
+    pub fn record<'a>(
+        &'a self,
+        topic: &'a str,
+        payload: Option<&'a [u8]>,
+        headers: rdkafka::message::OwnedHeaders,
+    ) -> FutureRecord<'a, [u8], [u8]> {
+        let mut record = FutureRecord::<[u8], [u8]>::to(topic).headers(headers);
+        if let Some(k) = &self.key {
+            record = record.key(k.as_slice());
+        }
+        if let Some(v) = payload {
+            record = record.payload(v);
+        }
+        record
+    }
+}
+
 /// One dead letter.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DeadLetter {
@@ -20,12 +51,8 @@ pub struct DeadLetter {
     pub kind: String,
     pub reason: String,
     pub projector: Option<&'static str>,
-    pub topic: String,
-    pub partition: i32,
-    pub offset: i64,
-    pub key: Option<Vec<u8>>,
-    pub payload: Option<Vec<u8>>,
-    pub headers: Vec<(String, Option<Vec<u8>>)>,
+    /// The message refused, as it arrived.
+    pub original: Message,
 }
 
 impl DeadLetter {
@@ -49,34 +76,36 @@ impl DeadLetter {
             kind: kind.to_owned(),
             reason,
             projector,
-            topic: w.topic(&item.origin).to_owned(),
-            partition,
-            offset,
-            key: item.raw.key.as_ref().map(|r| a.get(r).to_vec()),
-            payload: item.raw.payload.as_ref().map(|r| a.get(r).to_vec()),
-            headers: item
-                .raw
-                .headers
-                .as_ref()
-                .map(|r| {
-                    a.headers(r)
-                        .map(|(k, v)| (k.to_owned(), v.map(<[u8]>::to_vec)))
-                        .collect()
-                })
-                .unwrap_or_default(),
+            original: Message {
+                topic: w.topic(&item.origin).to_owned(),
+                partition,
+                offset,
+                key: item.raw.key.as_ref().map(|r| a.get(r).to_vec()),
+                payload: item.raw.payload.as_ref().map(|r| a.get(r).to_vec()),
+                headers: item
+                    .raw
+                    .headers
+                    .as_ref()
+                    .map(|r| {
+                        a.headers(r)
+                            .map(|(k, v)| (k.to_owned(), v.map(<[u8]>::to_vec)))
+                            .collect()
+                    })
+                    .unwrap_or_default(),
+            },
         })
     }
 
     /// Keep the letter under `max` bytes: an oversized payload keeps its head only, and says
     /// so (the whole message stays in its source topic at the offset named).
     fn fit(&self, max: usize) -> (Option<&[u8]>, Option<String>) {
-        let Some(p) = self.payload.as_deref() else {
+        let m = &self.original;
+        let Some(p) = m.payload.as_deref() else {
             return (None, None);
         };
         let overhead: usize = self.reason.len()
-            + self.key.as_ref().map_or(0, Vec::len)
-            + self
-                .headers
+            + m.key.as_ref().map_or(0, Vec::len)
+            + m.headers
                 .iter()
                 .map(|(k, v)| k.len() + v.as_ref().map_or(0, Vec::len))
                 .sum::<usize>()
@@ -113,9 +142,10 @@ impl DeadLetterQueue {
     pub async fn send(&self, letters: &[DeadLetter]) -> Result<(), SinkError> {
         let sends = letters.iter().map(|l| async move {
             let (payload, truncated) = l.fit(self.max_bytes);
-            let partition = l.partition.to_string();
-            let offset = l.offset.to_string();
-            let mut pairs: Vec<(&str, Option<&[u8]>)> = l
+            let m = &l.original;
+            let partition = m.partition.to_string();
+            let offset = m.offset.to_string();
+            let mut pairs: Vec<(&str, Option<&[u8]>)> = m
                 .headers
                 .iter()
                 .map(|(k, v)| (k.as_str(), v.as_deref()))
@@ -123,7 +153,7 @@ impl DeadLetterQueue {
             pairs.extend([
                 ("dlq_kind", Some(l.kind.as_bytes())),
                 ("dlq_reason", Some(l.reason.as_bytes())),
-                ("dlq_source_topic", Some(l.topic.as_bytes())),
+                ("dlq_source_topic", Some(m.topic.as_bytes())),
                 ("dlq_source_partition", Some(partition.as_bytes())),
                 ("dlq_source_offset", Some(offset.as_bytes())),
                 ("dlq_projector", Some(l.projector.unwrap_or("").as_bytes())),
@@ -131,14 +161,7 @@ impl DeadLetterQueue {
             if let Some(size) = &truncated {
                 pairs.push(("dlq_truncated_from_bytes", Some(size.as_bytes())));
             }
-            let headers = crate::kafka::headers_opt(pairs);
-            let mut record = FutureRecord::<[u8], [u8]>::to(&self.topic).headers(headers);
-            if let Some(k) = &l.key {
-                record = record.key(k.as_slice());
-            }
-            if let Some(v) = payload {
-                record = record.payload(v);
-            }
+            let record = m.record(&self.topic, payload, crate::kafka::headers_opt(pairs));
             crate::kafka::send(&self.producer, record).await
         });
         try_join_all(sends).await.map(|_| ()).map_err(|e| {
@@ -164,12 +187,14 @@ mod tests {
             kind: "oversized".into(),
             reason: "too big".into(),
             projector: None,
-            topic: "events.order".into(),
-            partition: 1,
-            offset: 7,
-            key: Some(b"ord-1".to_vec()),
-            payload: Some(vec![b'x'; payload]),
-            headers: vec![("event_type".into(), Some(b"order.placed".to_vec()))],
+            original: Message {
+                topic: "events.order".into(),
+                partition: 1,
+                offset: 7,
+                key: Some(b"ord-1".to_vec()),
+                payload: Some(vec![b'x'; payload]),
+                headers: vec![("event_type".into(), Some(b"order.placed".to_vec()))],
+            },
         }
     }
 

@@ -7,27 +7,17 @@ use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
-use rdkafka::message::{Headers, Message};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::message::{Headers, Message as _};
+use rdkafka::producer::FutureProducer;
 use rdkafka::{Offset, TopicPartitionList};
 
+pub use super::dead_letter::Message;
 use crate::config::KafkaConfig;
 use crate::kafka::base_client_config;
 
 const ASK: Duration = Duration::from_secs(5);
 
-/// A message as read back: where it is, key, payload and headers.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Raw {
-    pub topic: String,
-    pub partition: i32,
-    pub offset: i64,
-    pub key: Option<Vec<u8>>,
-    pub payload: Option<Vec<u8>>,
-    pub headers: Vec<(String, Option<Vec<u8>>)>,
-}
-
-impl Raw {
+impl Message {
     pub fn header(&self, name: &str) -> Option<String> {
         self.headers
             .iter()
@@ -49,7 +39,7 @@ impl Raw {
 /// A dead letter, decoded from its headers.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Letter {
-    pub raw: Raw,
+    pub message: Message,
     pub kind: String,
     pub reason: String,
     pub projector: String,
@@ -65,7 +55,7 @@ pub struct Letter {
 }
 
 impl Letter {
-    pub fn of(raw: Raw) -> Letter {
+    pub fn of(raw: Message) -> Letter {
         let h = |n: &str| raw.header(n);
         let key = raw
             .key
@@ -90,13 +80,13 @@ impl Letter {
             sequence: h(contract::headers::HEADER_SEQUENCE).and_then(|s| s.parse().ok()),
             event_type: h(contract::headers::HEADER_EVENT_TYPE),
             truncated_from: h("dlq_truncated_from_bytes").and_then(|s| s.parse().ok()),
-            raw,
+            message: raw,
         }
     }
 
     /// `partition:offset` in the dead-letter topic: how commands name a letter.
     pub fn id(&self) -> String {
-        format!("{}:{}", self.raw.partition, self.raw.offset)
+        format!("{}:{}", self.message.partition, self.message.offset)
     }
 }
 
@@ -112,8 +102,8 @@ fn reader(cfg: &KafkaConfig) -> Result<BaseConsumer, KafkaError> {
         .create()
 }
 
-fn raw_of<M: Message>(m: &M) -> Raw {
-    Raw {
+fn message_of<M: rdkafka::message::Message>(m: &M) -> Message {
+    Message {
         topic: m.topic().to_owned(),
         partition: m.partition(),
         offset: m.offset(),
@@ -155,17 +145,17 @@ pub fn read_letters(cfg: &KafkaConfig) -> Result<Vec<Letter>, KafkaError> {
     let done = |out: &[Letter]| {
         ends.iter().all(|(p, high)| {
             out.iter()
-                .any(|l| l.raw.partition == *p && l.raw.offset + 1 >= *high)
+                .any(|l| l.message.partition == *p && l.message.offset + 1 >= *high)
         })
     };
     while !done(&out) && Instant::now() < deadline {
         match c.poll(Duration::from_millis(200)) {
-            Some(Ok(m)) => out.push(Letter::of(raw_of(&m))),
+            Some(Ok(m)) => out.push(Letter::of(message_of(&m))),
             Some(Err(e)) => return Err(e),
             None => {}
         }
     }
-    out.sort_by_key(|l| (l.raw.partition, l.raw.offset));
+    out.sort_by_key(|l| (l.message.partition, l.message.offset));
     Ok(out)
 }
 
@@ -175,7 +165,7 @@ pub fn read_message(
     topic: &str,
     partition: i32,
     offset: i64,
-) -> Result<Option<Raw>, KafkaError> {
+) -> Result<Option<Message>, KafkaError> {
     let c = reader(cfg)?;
     let (low, high) = c.fetch_watermarks(topic, partition, ASK)?;
     if offset < low || offset >= high {
@@ -187,7 +177,7 @@ pub fn read_message(
     let deadline = Instant::now() + Duration::from_secs(10);
     while Instant::now() < deadline {
         match c.poll(Duration::from_millis(200)) {
-            Some(Ok(m)) if m.offset() == offset => return Ok(Some(raw_of(&m))),
+            Some(Ok(m)) if m.offset() == offset => return Ok(Some(message_of(&m))),
             Some(Ok(_)) | None => {}
             Some(Err(e)) => return Err(e),
         }
@@ -196,19 +186,12 @@ pub fn read_message(
 }
 
 /// Send a message again to its topic, with its key and headers.
-pub async fn republish(cfg: &KafkaConfig, m: &Raw) -> Result<(), KafkaError> {
+pub async fn republish(cfg: &KafkaConfig, m: &Message) -> Result<(), KafkaError> {
     let producer: FutureProducer = base_client_config(cfg)
         .set("enable.idempotence", "true")
         .set("acks", "all")
         .create()?;
     let headers =
         crate::kafka::headers_opt(m.headers.iter().map(|(k, v)| (k.as_str(), v.as_deref())));
-    let mut record = FutureRecord::<[u8], [u8]>::to(&m.topic).headers(headers);
-    if let Some(k) = &m.key {
-        record = record.key(k.as_slice());
-    }
-    if let Some(p) = &m.payload {
-        record = record.payload(p.as_slice());
-    }
-    crate::kafka::send(&producer, record).await
+    crate::kafka::send(&producer, m.record(&m.topic, m.payload.as_deref(), headers)).await
 }
