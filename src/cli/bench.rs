@@ -604,22 +604,8 @@ struct Drain {
 /// A fresh group drains the backlog in a worker process (this binary); peak RSS sampled.
 async fn drain(cfg: &Config, label: &str, only: Option<&str>) -> anyhow::Result<Drain> {
     let stats = std::env::temp_dir().join(format!("{}-{label}-stats.json", cfg.kafka.group_id));
-    let mut cmd = std::process::Command::new(std::env::current_exe()?);
-    cmd.args(["run", "--exit-when-idle", "3", "--stats-json"])
-        .arg(&stats);
-    if let Some(p) = only {
-        cmd.args(["--projectors", p]);
-    }
     let probe = CpuProbe::start();
-    let child = cmd
-        .envs(cfg.child_env())
-        .env(
-            "RUST_LOG",
-            std::env::var("BENCH_WORKER_LOG").unwrap_or_else(|_| "warn".into()),
-        )
-        .stdout(Stdio::null())
-        .spawn()
-        .context("starting the worker")?;
+    let child = spawn_worker(cfg, &stats, 3.0, only)?;
     let (status, rss, worker_cpu, median) = wait_sampling_rss(child).await?;
     let cpu = probe.report(worker_cpu);
     anyhow::ensure!(status.success(), "worker exited with {status}");
@@ -834,7 +820,7 @@ async fn clickhouse_engine(cfg: &Config, id: &str, n: u64) -> anyhow::Result<f64
 /// about 15 s; publish → visible percentiles from the worker's own figures.
 async fn steady(cfg: &Config, id: &str, target: f64) -> anyhow::Result<(u64, u64, u64, f64)> {
     let stats = std::env::temp_dir().join(format!("{id}-steady-stats.json"));
-    let child = spawn_worker(cfg, &stats, 8.0)?;
+    let child = spawn_worker(cfg, &stats, 8.0, None)?;
     // Joined and caught up before the load starts (the worker exits 8 s after the last event).
     tokio::time::sleep(Duration::from_secs(3)).await;
     let history: Vec<EventEnvelope> = History::new(SEED + 1, &format!("{id}s-"))
@@ -861,11 +847,21 @@ async fn steady(cfg: &Config, id: &str, target: f64) -> anyhow::Result<(u64, u64
     ))
 }
 
-fn spawn_worker(cfg: &Config, stats: &Path, idle: f64) -> anyhow::Result<std::process::Child> {
-    std::process::Command::new(std::env::current_exe()?)
-        .args(["run", "--exit-when-idle", &idle.to_string(), "--stats-json"])
-        .arg(PathBuf::from(stats))
-        .envs(cfg.child_env())
+/// A worker process that exits when idle, writing its figures to `stats` (only the `only`
+/// projector, if named).
+fn spawn_worker(
+    cfg: &Config,
+    stats: &Path,
+    idle: f64,
+    only: Option<&str>,
+) -> anyhow::Result<std::process::Child> {
+    let mut cmd = std::process::Command::new(std::env::current_exe()?);
+    cmd.args(["run", "--exit-when-idle", &idle.to_string(), "--stats-json"])
+        .arg(PathBuf::from(stats));
+    if let Some(p) = only {
+        cmd.args(["--projectors", p]);
+    }
+    cmd.envs(cfg.child_env())
         .env(
             "RUST_LOG",
             std::env::var("BENCH_WORKER_LOG").unwrap_or_else(|_| "warn".into()),
