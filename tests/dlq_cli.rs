@@ -9,8 +9,6 @@ mod common;
 use std::process::Command;
 use std::time::Duration;
 
-use contract::EventData;
-use contract::catalogue::{CustomerCreated, InteractionRecorded};
 use projector::config::Config;
 
 fn dlq(cfg: &Config, args: &[&str]) -> String {
@@ -36,59 +34,7 @@ async fn an_operator_reads_replays_and_unparks_dead_letters() {
     let (cfg, ns) = common::isolated_config("dlq");
     common::generate(&cfg, &ns, 300, 3, 0.0, 0.0).await;
     let id = format!("{ns}cus-garbled");
-    let created = contract::Event::new(
-        uuid::Uuid::new_v4(),
-        &id,
-        0,
-        EventData::CustomerCreated(CustomerCreated {
-            customer_id: id.clone(),
-            name: "G".into(),
-            email: "g@x".into(),
-            phone: None,
-            address: None,
-        }),
-        Default::default(),
-        chrono::Utc::now(),
-    )
-    .unwrap();
-    let mut env = created.to_envelope();
-    projector::store::EventStore::connect(&cfg.postgres.url)
-        .await
-        .unwrap()
-        .append(std::slice::from_mut(&mut env))
-        .await
-        .unwrap();
-    projector::kafka::EventPublisher::new(&cfg.kafka)
-        .unwrap()
-        .publish_raw(
-            &format!("{}customer", cfg.kafka.topic_prefix),
-            &id,
-            b"\x00\x01 garbled in transit",
-            &[
-                ("event_type", "customer.created"),
-                ("aggregate_type", "customer"),
-                ("sequence", "0"),
-            ],
-        )
-        .await
-        .unwrap();
-    let later = contract::Event::new(
-        uuid::Uuid::new_v4(),
-        &id,
-        1,
-        EventData::InteractionRecorded(InteractionRecorded {
-            customer_id: id.clone(),
-            agent_id: "a".into(),
-            interaction_id: "i".into(),
-            interaction_type: "chat".into(),
-            channel: None,
-            sentiment_score: Some(0.2),
-        }),
-        Default::default(),
-        chrono::Utc::now(),
-    )
-    .unwrap();
-    common::append_and_publish(&cfg, vec![later]).await;
+    common::stream_garbled_in_transit(&cfg, &id).await;
     common::run_worker_until_idle(&cfg, Duration::from_secs(3)).await;
 
     // The letters, with reasons and origins.

@@ -121,13 +121,7 @@ async fn agents_use_the_tools_over_stdio_and_streamable_http() {
         .clone();
     e.header.event_id = uuid::Uuid::new_v4();
     e.header.sequence_number = guard[&format!("customer/{customer}")] + 1;
-    let mut envs = vec![e.to_envelope()];
-    projector::store::EventStore::connect(&cfg.postgres.url)
-        .await
-        .unwrap()
-        .append(&mut envs)
-        .await
-        .unwrap();
+    let envs = common::append(&cfg, &[e]).await;
     let r = client
         .call_tool(
             CallToolRequestParams::new("get_customer_360").with_arguments(args(json!({

@@ -167,59 +167,7 @@ async fn an_unparked_stream_is_replayed_from_the_event_store() {
     common::generate(&cfg, &ns, 500, 5, 0.0, 0.0).await;
     // A stream whose first event was corrupted in transit: the event store has it intact.
     let id = format!("{ns}cus-transit");
-    let created = contract::Event::new(
-        uuid::Uuid::new_v4(),
-        &id,
-        0,
-        EventData::CustomerCreated(CustomerCreated {
-            customer_id: id.clone(),
-            name: "T".into(),
-            email: "t@x".into(),
-            phone: None,
-            address: None,
-        }),
-        Default::default(),
-        chrono::Utc::now(),
-    )
-    .unwrap();
-    let mut env = created.to_envelope();
-    projector::store::EventStore::connect(&cfg.postgres.url)
-        .await
-        .unwrap()
-        .append(std::slice::from_mut(&mut env))
-        .await
-        .unwrap();
-    let publisher = projector::kafka::EventPublisher::new(&cfg.kafka).unwrap();
-    publisher
-        .publish_raw(
-            &format!("{}customer", cfg.kafka.topic_prefix),
-            &id,
-            b"\x00\x01 garbled",
-            &[
-                ("event_type", "customer.created"),
-                ("aggregate_type", "customer"),
-                ("sequence", "0"),
-            ],
-        )
-        .await
-        .unwrap();
-    let later = contract::Event::new(
-        uuid::Uuid::new_v4(),
-        &id,
-        1,
-        EventData::InteractionRecorded(InteractionRecorded {
-            customer_id: id.clone(),
-            agent_id: "a".into(),
-            interaction_id: "i".into(),
-            interaction_type: "chat".into(),
-            channel: None,
-            sentiment_score: Some(0.9),
-        }),
-        Default::default(),
-        chrono::Utc::now(),
-    )
-    .unwrap();
-    common::append_and_publish(&cfg, vec![later]).await;
+    common::stream_garbled_in_transit(&cfg, &id).await;
     let mut w = worker(&cfg, Some("pod-0"), None, &[]);
     let stream = format!("customer/{id}");
     let sinks = common::live_sinks(&cfg).await;

@@ -12,7 +12,6 @@ use std::time::Duration;
 
 use common::ReadServer;
 use common::faults::Worker;
-use projector::store::EventStore;
 use serde_json::Value;
 
 /// The customer with the most orders in the fold (the richest answers).
@@ -234,13 +233,7 @@ async fn agents_get_typed_fresh_answers_and_read_their_own_writes() {
         .max()
         .unwrap()
         + 1;
-    let mut envs = vec![unpublished.to_envelope()];
-    EventStore::connect(&cfg.postgres.url)
-        .await
-        .unwrap()
-        .append(&mut envs)
-        .await
-        .unwrap();
+    let envs = common::append(&cfg, &[unpublished]).await;
     let (status, body) = api
         .get(&format!(
             "/v1/customers/{}?after_position={}&wait_ms=300",

@@ -376,8 +376,65 @@ pub async fn append_refused(cfg: &Config, ns: &str) -> usize {
     append_and_publish(cfg, events.into_iter().map(|e| e.unwrap()).collect()).await
 }
 
-/// Append events to the event store and publish them; returns how many.
-pub async fn append_and_publish(cfg: &Config, events: Vec<Event>) -> usize {
+/// A customer stream whose first event was garbled in transit: `customer.created` is intact
+/// in the event store, its Kafka copy is not JSON (poison: the stream parks), and the
+/// stream's next event (an interaction, sequence 1) is appended and published after it.
+pub async fn stream_garbled_in_transit(cfg: &Config, id: &str) {
+    use contract::EventData;
+    use contract::catalogue::{CustomerCreated, InteractionRecorded};
+    let event = |seq: i64, data: EventData| {
+        Event::new(
+            uuid::Uuid::new_v4(),
+            id,
+            seq,
+            data,
+            Default::default(),
+            chrono::Utc::now(),
+        )
+        .unwrap()
+    };
+    let created = event(
+        0,
+        EventData::CustomerCreated(CustomerCreated {
+            customer_id: id.to_owned(),
+            name: "G".into(),
+            email: "g@x".into(),
+            phone: None,
+            address: None,
+        }),
+    );
+    append(cfg, &[created]).await;
+    EventPublisher::new(&cfg.kafka)
+        .unwrap()
+        .publish_raw(
+            &format!("{}customer", cfg.kafka.topic_prefix),
+            id,
+            b"\x00\x01 garbled in transit",
+            &[
+                ("event_type", "customer.created"),
+                ("aggregate_type", "customer"),
+                ("sequence", "0"),
+            ],
+        )
+        .await
+        .unwrap();
+    let later = event(
+        1,
+        EventData::InteractionRecorded(InteractionRecorded {
+            customer_id: id.to_owned(),
+            agent_id: "a".into(),
+            interaction_id: "i".into(),
+            interaction_type: "chat".into(),
+            channel: None,
+            sentiment_score: Some(0.9),
+        }),
+    );
+    append_and_publish(cfg, vec![later]).await;
+}
+
+/// Append events to the event store only (never published); returns them as stored, with
+/// their global positions.
+pub async fn append(cfg: &Config, events: &[Event]) -> Vec<contract::EventEnvelope> {
     let mut envs: Vec<contract::EventEnvelope> = events.iter().map(|e| e.to_envelope()).collect();
     EventStore::connect(&cfg.postgres.url)
         .await
@@ -385,6 +442,12 @@ pub async fn append_and_publish(cfg: &Config, events: Vec<Event>) -> usize {
         .append(&mut envs)
         .await
         .unwrap();
+    envs
+}
+
+/// Append events to the event store and publish them; returns how many.
+pub async fn append_and_publish(cfg: &Config, events: Vec<Event>) -> usize {
+    let envs = append(cfg, &events).await;
     kafka::ensure_topics(&cfg.kafka).await.unwrap();
     EventPublisher::new(&cfg.kafka)
         .unwrap()
@@ -405,21 +468,13 @@ pub async fn http_request(
     path: &str,
     headers: &[(&str, &str)],
 ) -> Option<(u16, String)> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
-    let mut req = format!("GET {path} HTTP/1.0\r\nHost: x\r\n");
-    for (k, v) in headers {
-        req.push_str(&format!("{k}: {v}\r\n"));
-    }
-    req.push_str("\r\n");
-    s.write_all(req.as_bytes()).await.ok()?;
-    let mut buf = String::new();
-    s.read_to_string(&mut buf).await.ok()?;
-    let status = buf.split_whitespace().nth(1)?.parse().ok()?;
-    Some((
-        status,
-        buf.split("\r\n\r\n").nth(1).unwrap_or_default().to_owned(),
-    ))
+    exchange(
+        addr,
+        format!("GET {path} HTTP/1.0\r\nHost: x\r\n"),
+        headers,
+        "",
+    )
+    .await
 }
 
 /// POST a JSON body over plain HTTP/1.0: (status, body).
@@ -429,19 +484,29 @@ pub async fn http_post_json(
     headers: &[(&str, &str)],
     body: &serde_json::Value,
 ) -> Option<(u16, String)> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let body = body.to_string();
-    let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
-    let mut req = format!(
+    let head = format!(
         "POST {path} HTTP/1.0\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n\
          Accept: application/json, text/event-stream\r\nContent-Length: {}\r\n",
         body.len()
     );
+    exchange(addr, head, headers, &body).await
+}
+
+/// Send a request (its first lines, more headers, a body) and read the whole answer.
+async fn exchange(
+    addr: &str,
+    mut req: String,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> Option<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
     for (k, v) in headers {
         req.push_str(&format!("{k}: {v}\r\n"));
     }
     req.push_str("\r\n");
-    req.push_str(&body);
+    req.push_str(body);
     s.write_all(req.as_bytes()).await.ok()?;
     let mut buf = String::new();
     s.read_to_string(&mut buf).await.ok()?;
