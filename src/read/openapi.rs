@@ -3,7 +3,6 @@
 
 use projectors::customer360::Customer360;
 use projectors::order_view::OrderView;
-use schemars::JsonSchema;
 use schemars::generate::SchemaSettings;
 use serde_json::{Value, json};
 
@@ -196,9 +195,4 @@ pub fn document() -> Value {
         },
         "security": [{"bearer": []}]
     })
-}
-
-/// The JSON Schema of a type, for MCP output schemas.
-pub fn schema_of<T: JsonSchema>() -> Value {
-    schemars::schema_for!(T).to_value()
 }

@@ -3,7 +3,6 @@
 
 use std::collections::BTreeMap;
 
-use projectors::customer360::Customer360;
 use projectors::order_view::OrderView;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -110,9 +109,6 @@ pub struct OrderPage {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub next_cursor: Option<String>,
 }
-
-/// The Customer-360 view.
-pub type CustomerAnswer = Answer<Customer360>;
 
 /// Granularity of a time series.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
