@@ -3,7 +3,7 @@
 # projector on 127.0.0.1, without Docker (only Debian apt, PyPI and crates.io).
 #
 #   scripts/services.sh [up|down|status|install|env] [SERVICE...]    (default: status, all services)
-#   SERVICE: kafka postgres redis mongo clickhouse
+#   SERVICE: kafka postgres redis mongo clickhouse (the default set), rcluster
 #
 #   up       install what is missing, start what is not answering, wait for a protocol-level
 #            health check; prints install and start time per service (idempotent)
@@ -19,6 +19,8 @@
 # redis      | REDIS_PORT=16379                                | Debian redis-server; AOF on (appendfsync always)
 # mongo      | MONGO_PORT=27117                                | crates.io secantus-mdb 0.5.3-beta.196 (secantusd-rs, GPL, separate process)
 # clickhouse | CLICKHOUSE_HTTP_PORT=18123 CLICKHOUSE_TCP_PORT=19001 | PyPI chdb-core==26.9.0 + a small launcher
+# rcluster   | REDIS_CLUSTER_PORT=17101 (and +1, +2; bus +10000)  | Debian redis-server: a 3-primary Redis Cluster
+#            |   (not in the default set: `up rcluster`; the Customer-360 layout's cluster test bed)
 #
 # Installs go to ${PROJECTOR_SERVICES_HOME:-$HOME/.cache/projector-services}; data, logs and pid
 # files to <repo>/.services/<service>/ (gitignored). PostgreSQL's data dir moves to
@@ -32,10 +34,12 @@ SERVICES_HOME="${PROJECTOR_SERVICES_HOME:-${HOME:-/root}/.cache/projector-servic
 # and restart servers without disturbing the tests that share the default set.
 RUN_ROOT="${SERVICES_RUN_ROOT:-$REPO_ROOT/.services}"
 ALL_SERVICES=(kafka postgres redis mongo clickhouse)
+EXTRA_SERVICES=(rcluster)
 
 KAFKA_PORT="${KAFKA_PORT:-19092}"
 POSTGRES_PORT="${POSTGRES_PORT:-15432}"
 REDIS_PORT="${REDIS_PORT:-16379}"
+REDIS_CLUSTER_PORT="${REDIS_CLUSTER_PORT:-17101}"
 MONGO_PORT="${MONGO_PORT:-27117}"
 CLICKHOUSE_HTTP_PORT="${CLICKHOUSE_HTTP_PORT:-18123}"
 CLICKHOUSE_TCP_PORT="${CLICKHOUSE_TCP_PORT:-19001}"
@@ -336,6 +340,75 @@ redis_launch() {
 }
 redis_stop() { stop_pid redis "$1" 20; }
 
+# ---------------------------------------------------------------- rcluster (Redis Cluster)
+# Three primaries, no replicas, each with its own data dir, AOF fsynced like `redis`. A node
+# that was killed comes back alone on `up` (its nodes.conf keeps its id and slots).
+RC_DIR="$RUN_ROOT/rcluster"
+RC_PORTS=("$REDIS_CLUSTER_PORT" "$((REDIS_CLUSTER_PORT + 1))" "$((REDIS_CLUSTER_PORT + 2))")
+
+rcluster_install() { redis_install; }
+rc_node_pid() { pid_from_file "$RC_DIR/$1/redis.pid" redis-server; }
+rc_ping() { [[ "$(timeout 3 redis-cli -h 127.0.0.1 -p "$1" ping 2>/dev/null)" == PONG ]]; }
+# pid: the first node's, only while every node runs (a missing node makes `up` start it)
+rcluster_pid() {
+  local p
+  for p in "${RC_PORTS[@]}"; do rc_node_pid "$p" >/dev/null || return 1; done
+  rc_node_pid "${RC_PORTS[0]}"
+}
+rcluster_ready() { local p; for p in "${RC_PORTS[@]}"; do rc_ping "$p" || return 1; done; }
+rcluster_health() {
+  rcluster_ready &&
+    timeout 3 redis-cli -h 127.0.0.1 -p "${RC_PORTS[0]}" cluster info 2>/dev/null | grep -q '^cluster_state:ok'
+}
+# only the ports of nodes not running: the others are ours
+rcluster_ports() {
+  local p
+  for p in "${RC_PORTS[@]}"; do
+    rc_node_pid "$p" >/dev/null || echo "$p:REDIS_CLUSTER_PORT $((p + 10000)):REDIS_CLUSTER_PORT"
+  done
+}
+rcluster_endpoint() { echo "redis://127.0.0.1:${RC_PORTS[0]}/ (+2 primaries)"; }
+rcluster_logs() { local p; for p in "${RC_PORTS[@]}"; do echo "$RC_DIR/$p/redis.log"; done; }
+rcluster_wipe() { local p; for p in "${RC_PORTS[@]}"; do rm -rf "${RC_DIR:?}/$p"; done; }
+rcluster_launch() {
+  local p d
+  for p in "${RC_PORTS[@]}"; do
+    rc_node_pid "$p" >/dev/null && continue
+    d="$RC_DIR/$p"
+    mkdir -p "$d"
+    rm -f "$d/redis.pid"
+    clean_exec redis-server --port "$p" --bind 127.0.0.1 --save "" \
+      --cluster-enabled yes --cluster-config-file nodes.conf --cluster-node-timeout 5000 \
+      --appendonly yes --appendfsync always \
+      --daemonize yes --pidfile "$d/redis.pid" --dir "$d" --logfile "$d/redis.log" \
+      </dev/null >"$d/redis-start.log" 2>&1 || return 1
+  done
+}
+# Form the cluster once (slots spread over the three); later starts find it in nodes.conf.
+rcluster_after_start() {
+  local i addrs=()
+  if ! timeout 3 redis-cli -h 127.0.0.1 -p "${RC_PORTS[0]}" cluster info | grep -q '^cluster_slots_assigned:16384'; then
+    for i in "${RC_PORTS[@]}"; do addrs+=("127.0.0.1:$i"); done
+    redis-cli --cluster create "${addrs[@]}" --cluster-replicas 0 --cluster-yes \
+      >"$RC_DIR/create.log" 2>&1 || { log "rcluster: cluster create failed"; cat "$RC_DIR/create.log" >&2; return 1; }
+  fi
+  for ((i = 0; i < 300; i++)); do rcluster_health && return 0; sleep 0.1; done
+  log "rcluster: cluster_state is not ok after 30 s"
+  return 1
+}
+rcluster_stop() {
+  local p pid
+  for p in "${RC_PORTS[@]}"; do
+    if pid=$(rc_node_pid "$p"); then stop_pid "rcluster:$p" "$pid" 20; fi
+  done
+}
+# down with some nodes already gone
+rcluster_stop_any() {
+  local p
+  for p in "${RC_PORTS[@]}"; do rc_node_pid "$p" >/dev/null && { rcluster_stop; return 0; }; done
+  return 1
+}
+
 # ---------------------------------------------------------------- mongo (secantusd-rs)
 SECANTUS_ROOT="$SERVICES_HOME/secantus-$SECANTUS_VERSION"
 SECANTUS_BIN="$SECANTUS_ROOT/bin/secantusd-rs"
@@ -498,7 +571,7 @@ clickhouse_after_start() { ch_query "CREATE DATABASE IF NOT EXISTS $CLICKHOUSE_D
 clickhouse_stop() { stop_pid clickhouse "$1" 15; }
 
 # ---------------------------------------------------------------- generic driver
-health_timeout() { case $1 in postgres) echo 30 ;; redis) echo 15 ;; *) echo 60 ;; esac; }
+health_timeout() { case $1 in postgres) echo 30 ;; redis | rcluster) echo 15 ;; *) echo 60 ;; esac; }
 
 # ready SERVICE: the server answers its protocol (postgres: before our role/database exist)
 ready() { if declare -F "${1}_ready" >/dev/null; then "${1}_ready"; else "${1}_health"; fi; }
@@ -509,7 +582,7 @@ wait_healthy() {
   deadline=$(( $(now_ms) + $(health_timeout "$svc") * 1000 ))
   while (( $(now_ms) < deadline )); do
     ready "$svc" && return 0
-    if [[ $svc != redis && $svc != postgres ]] && ! pid=$("${svc}_pid"); then
+    if [[ $svc != redis && $svc != rcluster && $svc != postgres ]] && ! pid=$("${svc}_pid"); then
       log "$svc: process exited during start-up"
       return 1
     fi
@@ -617,6 +690,8 @@ cmd_down() {
     if pid=$("${svc}_pid"); then
       "${svc}_stop" "$pid"
       out "$(printf '%-10s stopped (pid %s)' "$svc" "$pid")"
+    elif declare -F "${svc}_stop_any" >/dev/null && "${svc}_stop_any"; then
+      out "$(printf '%-10s stopped (the nodes still running)' "$svc")"
     elif busy=$(foreign_port "$svc"); then
       out "$(printf '%-10s not started by services.sh; port %s is served by another process (left alone)' "$svc" "${busy%% *}")"
     else
@@ -649,12 +724,14 @@ cmd_env() {
   echo "export PROJECTOR_KAFKA__BROKERS='127.0.0.1:$KAFKA_PORT'"
   echo "export PROJECTOR_POSTGRES__URL='postgres://$PG_ROLE@127.0.0.1:$POSTGRES_PORT/$PG_DATABASE'"
   echo "export PROJECTOR_REDIS__URL='redis://127.0.0.1:$REDIS_PORT/'"
+  echo "# Redis Cluster instead (scripts/services.sh up rcluster):"
+  echo "#   PROJECTOR_REDIS__CLUSTER=true PROJECTOR_REDIS__URL='redis://127.0.0.1:${RC_PORTS[0]}/,redis://127.0.0.1:${RC_PORTS[1]}/,redis://127.0.0.1:${RC_PORTS[2]}/'"
   echo "export PROJECTOR_MONGO__URI='mongodb://127.0.0.1:$MONGO_PORT/?directConnection=true'"
   echo "export PROJECTOR_CLICKHOUSE__URL='$CH_URL'"
 }
 
 usage() {
-  echo "usage: $0 [up|down|status|install|env|pid] [${ALL_SERVICES[*]}]" >&2
+  echo "usage: $0 [up|down|status|install|env|pid] [${ALL_SERVICES[*]} ${EXTRA_SERVICES[*]}]" >&2
   exit 2
 }
 
@@ -664,7 +741,7 @@ main() {
   local svc s known
   for svc in "$@"; do
     known=0
-    for s in "${ALL_SERVICES[@]}"; do [[ $svc == "$s" ]] && known=1; done
+    for s in "${ALL_SERVICES[@]}" "${EXTRA_SERVICES[@]}"; do [[ $svc == "$s" ]] && known=1; done
     (( known )) || { log "unknown service: $svc"; usage; }
   done
   (( $# )) || set -- "${ALL_SERVICES[@]}"

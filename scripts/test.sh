@@ -6,6 +6,7 @@ cd "$(dirname "$0")/.."
 
 bash scripts/install-deps.sh
 bash scripts/services.sh up
+bash scripts/services.sh up rcluster   # tests/redis_cluster.rs
 
 # An MCP client this project did not write (the official Python SDK, from PyPI), for
 # tests/mcp.rs.

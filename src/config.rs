@@ -219,7 +219,11 @@ fn default_connect_timeout() -> u64 {
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
 pub struct RedisConfig {
+    /// The server; with `cluster`, seed nodes separated by commas.
     pub url: String,
+    /// Redis Cluster: commands route by key slot and loads are split per slot.
+    #[serde(default)]
+    pub cluster: bool,
     /// Response timeout of every request.
     #[serde(default = "default_redis_timeout")]
     pub timeout_ms: u64,

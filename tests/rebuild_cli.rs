@@ -48,7 +48,7 @@ async fn statuses(
     s
 }
 
-async fn va_keys(cfg: &Config) -> redis::aio::ConnectionManager {
+async fn va_keys(cfg: &Config) -> projector::sinks::redis::RedisCon {
     projector::sinks::redis::RedisSink::connect(&cfg.redis, "x")
         .await
         .unwrap()

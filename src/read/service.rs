@@ -7,12 +7,12 @@
 
 use std::time::{Duration, Instant};
 
+use crate::sinks::redis::RedisCon;
 use contract::Event;
 use mongodb::bson::{Bson, RawDocumentBuf, doc};
 use projectors::customer360::{Customer360, Customer360Projector};
 use projectors::order_view::{self, OrderView, OrderViewProjector};
 use projectors::{Doc, FactProjector, Projector, StoreKind, analytics};
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use tokio::sync::Mutex;
@@ -104,7 +104,7 @@ pub struct Range {
 pub struct ReadService {
     cfg: Config,
     pg: Pg,
-    redis: Mutex<Option<ConnectionManager>>,
+    redis: Mutex<Option<RedisCon>>,
     mongo: mongodb::Database,
     ch: clickhouse::Client,
     pointers: Mutex<Option<(Instant, LiveVersions)>>,
@@ -223,25 +223,14 @@ impl ReadService {
         }
     }
 
-    async fn redis(&self) -> Result<ConnectionManager, ReadError> {
+    async fn redis(&self) -> Result<RedisCon, ReadError> {
         let mut slot = self.redis.lock().await;
         if let Some(c) = slot.as_ref() {
             return Ok(c.clone());
         }
-        let r = &self.cfg.redis;
-        let client =
-            redis::Client::open(r.url.as_str()).map_err(|e| ReadError::store("redis", e))?;
-        let config = ConnectionManagerConfig::new()
-            .set_response_timeout(Some(Duration::from_millis(r.timeout_ms)))
-            .set_connection_timeout(Some(Duration::from_millis(r.connect_timeout_ms)))
-            .set_number_of_retries(1);
-        let con = tokio::time::timeout(
-            Duration::from_millis(r.connect_timeout_ms + 500),
-            ConnectionManager::new_with_config(client, config),
-        )
-        .await
-        .map_err(|_| ReadError::store("redis", "connect timed out"))?
-        .map_err(|e| ReadError::store("redis", e))?;
+        let con = RedisCon::open(&self.cfg.redis, 1)
+            .await
+            .map_err(|e| ReadError::store("redis", e))?;
         *slot = Some(con.clone());
         Ok(con)
     }

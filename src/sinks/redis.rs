@@ -6,14 +6,22 @@
 //! several pipelines in flight on one multiplexed connection (so they stay in order). The
 //! connection is a `ConnectionManager`: it reconnects by itself after a restart, and every
 //! request has a response timeout, so a hung server is a transient error, not a stuck worker.
+//!
+//! On Redis Cluster (`redis.cluster`) the same script runs once per document, routed by its
+//! key's slot (a pipeline may not cross slots), many in flight; `MGET` and `UNLINK` are split
+//! per slot by the cluster client, and `SCAN` runs on every primary.
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::StreamExt;
 use futures::future::try_join_all;
 use projectors::Doc;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{Client, Script, Value};
+use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::cluster::ClusterClientBuilder;
+use redis::cluster_async::ClusterConnection;
+use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
+use redis::{Client, Cmd, Pipeline, RedisFuture, Script, Value};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
@@ -45,18 +53,190 @@ const CONNECTIONS: usize = 4;
 /// Redis's own limit on a string value.
 const MAX_VALUE_BYTES: usize = 512 * 1024 * 1024;
 
+/// Scripts in flight at once on a cluster (one command per document there).
+const CLUSTER_IN_FLIGHT: usize = 512;
+
+/// A connection to one server or to a cluster. Commands with keys route by slot on a
+/// cluster, so most callers need not know which it is.
+#[derive(Clone)]
+pub enum RedisCon {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+impl ConnectionLike for RedisCon {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            RedisCon::Single(c) => c.req_packed_command(cmd),
+            RedisCon::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            RedisCon::Single(c) => c.req_packed_commands(pipeline, offset, count),
+            RedisCon::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            RedisCon::Single(c) => c.get_db(),
+            RedisCon::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
+impl RedisCon {
+    /// Open a connection that reconnects by itself; every request has `cfg.timeout_ms`.
+    pub async fn open(cfg: &RedisConfig, retries: usize) -> Result<RedisCon, SinkError> {
+        let timeout = Duration::from_millis(cfg.timeout_ms);
+        let connect = Duration::from_millis(cfg.connect_timeout_ms);
+        // The deadline covers a server that accepts the connection and then hangs.
+        with_timeout(STORE, connect + timeout, async {
+            if cfg.cluster {
+                let seeds: Vec<&str> = cfg.url.split(',').map(str::trim).collect();
+                let client = ClusterClientBuilder::new(seeds)
+                    .connection_timeout(connect)
+                    .response_timeout(timeout)
+                    .retries(retries as u32)
+                    .build()
+                    .map_err(|e| SinkError::permanent(STORE, e))?;
+                let con = client.get_async_connection().await.map_err(classify)?;
+                Ok(RedisCon::Cluster(con))
+            } else {
+                let client =
+                    Client::open(cfg.url.as_str()).map_err(|e| SinkError::permanent(STORE, e))?;
+                let config = ConnectionManagerConfig::new()
+                    .set_response_timeout(Some(timeout))
+                    .set_connection_timeout(Some(connect))
+                    // Reconnect attempts per failure; each later request triggers new attempts.
+                    .set_number_of_retries(retries)
+                    .set_max_delay(Duration::from_secs(2));
+                let con = ConnectionManager::new_with_config(client, config)
+                    .await
+                    .map_err(classify)?;
+                Ok(RedisCon::Single(con))
+            }
+        })
+        .await
+    }
+
+    /// A command without keys, answered by one server (on a cluster: any primary).
+    async fn on_one_node(&mut self, cmd: &Cmd) -> redis::RedisResult<Value> {
+        match self {
+            RedisCon::Single(c) => cmd.query_async(c).await,
+            RedisCon::Cluster(c) => {
+                c.route_command(
+                    cmd.clone(),
+                    RoutingInfo::SingleNode(SingleNodeRoutingInfo::RandomPrimary),
+                )
+                .await
+            }
+        }
+    }
+
+    /// `SCAN` `pattern` on every primary: every key that matches.
+    pub async fn scan(&mut self, pattern: &str) -> Result<Vec<String>, SinkError> {
+        let nodes = match self {
+            RedisCon::Single(_) => vec![None],
+            RedisCon::Cluster(_) => {
+                let v = self
+                    .on_one_node(redis::cmd("CLUSTER").arg("NODES"))
+                    .await
+                    .map_err(classify)?;
+                let text: String = redis::from_redis_value(v).map_err(unexpected)?;
+                primaries(&text)?.into_iter().map(Some).collect()
+            }
+        };
+        let mut keys = Vec::new();
+        for node in nodes {
+            let mut cursor: u64 = 0;
+            loop {
+                let mut cmd = redis::cmd("SCAN");
+                cmd.arg(cursor)
+                    .arg("MATCH")
+                    .arg(pattern)
+                    .arg("COUNT")
+                    .arg(1000);
+                let reply = match (&mut *self, &node) {
+                    (RedisCon::Cluster(c), Some((host, port))) => {
+                        let at = SingleNodeRoutingInfo::ByAddress {
+                            host: host.clone(),
+                            port: *port,
+                        };
+                        c.route_command(cmd, RoutingInfo::SingleNode(at)).await
+                    }
+                    (con, _) => cmd.query_async(con).await,
+                };
+                let (next, batch): (u64, Vec<String>) =
+                    redis::from_redis_value(reply.map_err(classify)?).map_err(unexpected)?;
+                keys.extend(batch);
+                if next == 0 {
+                    break;
+                }
+                cursor = next;
+            }
+        }
+        Ok(keys)
+    }
+}
+
+/// The primaries in a `CLUSTER NODES` answer (`<id> <ip:port@bus> <flags> ...` per line).
+fn primaries(nodes: &str) -> Result<Vec<(String, u16)>, SinkError> {
+    let mut out = Vec::new();
+    for line in nodes.lines().filter(|l| !l.trim().is_empty()) {
+        let mut f = line.split_whitespace();
+        let (addr, flags) = (f.nth(1), f.next());
+        let (Some(addr), Some(flags)) = (addr, flags) else {
+            return Err(SinkError::transient(
+                STORE,
+                format!("CLUSTER NODES line {line:?}"),
+            ));
+        };
+        if !flags.split(',').any(|x| x == "master") {
+            continue;
+        }
+        let hostport = addr.split(['@', ',']).next().unwrap_or(addr);
+        let parsed = hostport
+            .rsplit_once(':')
+            .and_then(|(h, p)| Some((h.to_owned(), p.parse::<u16>().ok()?)));
+        match parsed {
+            Some(hp) => out.push(hp),
+            None => {
+                return Err(SinkError::transient(
+                    STORE,
+                    format!("CLUSTER NODES address {addr:?}"),
+                ));
+            }
+        }
+    }
+    Ok(out)
+}
+
 #[derive(Clone)]
 pub struct RedisSink {
     /// Where the live version is published for agents that read Redis directly.
     pointer_key: Option<Arc<str>>,
-    con: ConnectionManager,
-    /// More connections for the write pipelines (the first is `con`).
-    writers: Arc<Vec<ConnectionManager>>,
+    con: RedisCon,
+    /// More connections for the write pipelines (the first is `con`; one on a cluster, whose
+    /// client holds a connection per node).
+    writers: Arc<Vec<RedisCon>>,
     prefix: Arc<str>,
     cas: Arc<Script>,
     timeout: Duration,
     /// WAITAOF (Redis 7.2+): wait until the writes are fsynced before acknowledging.
     waitaof: bool,
+}
+
+/// A reply of another shape than the command's (a server of another version, say).
+fn unexpected(e: impl std::fmt::Display) -> SinkError {
+    SinkError::transient(STORE, format!("unexpected reply: {e}"))
 }
 
 fn classify(e: redis::RedisError) -> SinkError {
@@ -80,30 +260,18 @@ fn transient_code(code: &str) -> bool {
             | "OOM"
             | "READONLY"
             | "NOSCRIPT"
+            | "MOVED"
+            | "ASK"
     )
 }
 
 impl RedisSink {
     pub async fn connect(cfg: &RedisConfig, prefix: &str) -> Result<RedisSink, SinkError> {
         let timeout = Duration::from_millis(cfg.timeout_ms);
-        let client = Client::open(cfg.url.as_str()).map_err(|e| SinkError::permanent(STORE, e))?;
-        let config = ConnectionManagerConfig::new()
-            .set_response_timeout(Some(timeout))
-            .set_connection_timeout(Some(Duration::from_millis(cfg.connect_timeout_ms)))
-            // Reconnect attempts per failure; each later request triggers new attempts.
-            .set_number_of_retries(3)
-            .set_max_delay(Duration::from_secs(2));
-        let mut cons = Vec::with_capacity(CONNECTIONS);
-        for _ in 0..CONNECTIONS {
-            let (client, config) = (client.clone(), config.clone());
-            cons.push(
-                with_timeout(STORE, timeout, async {
-                    ConnectionManager::new_with_config(client, config)
-                        .await
-                        .map_err(classify)
-                })
-                .await?,
-            );
+        let n = if cfg.cluster { 1 } else { CONNECTIONS };
+        let mut cons = Vec::with_capacity(n);
+        for _ in 0..n {
+            cons.push(RedisCon::open(cfg, 3).await?);
         }
         let con = cons[0].clone();
         let mut sink = RedisSink {
@@ -122,8 +290,10 @@ impl RedisSink {
     /// WAITAOF when the server has it; otherwise say so if acknowledged writes can be lost.
     async fn detect_durability(&self) -> bool {
         let mut con = self.con.clone();
-        let info: Result<String, _> = redis::cmd("INFO").arg("server").query_async(&mut con).await;
-        let version = info.ok().and_then(|i| {
+        // On a cluster, one primary speaks for all (they are deployed alike).
+        let info = con.on_one_node(redis::cmd("INFO").arg("server")).await;
+        let info: Option<String> = info.ok().and_then(|v| redis::from_redis_value(v).ok());
+        let version = info.and_then(|i| {
             i.lines()
                 .find_map(|l| l.strip_prefix("redis_version:"))
                 .map(|v| v.trim().to_owned())
@@ -137,12 +307,11 @@ impl RedisSink {
         if parts.as_slice() >= [7, 2].as_slice() {
             return true;
         }
-        let fsync: Result<Vec<String>, _> = redis::cmd("CONFIG")
-            .arg("GET")
-            .arg("appendfsync")
-            .query_async(&mut con)
+        let fsync = con
+            .on_one_node(redis::cmd("CONFIG").arg("GET").arg("appendfsync"))
             .await;
-        match fsync.ok().and_then(|v| v.get(1).cloned()).as_deref() {
+        let fsync: Option<Vec<String>> = fsync.ok().and_then(|v| redis::from_redis_value(v).ok());
+        match fsync.and_then(|v| v.get(1).cloned()).as_deref() {
             Some("always") => {}
             other => tracing::warn!(
                 version = version.as_deref().unwrap_or("?"),
@@ -169,32 +338,13 @@ impl RedisSink {
         &self.prefix
     }
 
-    pub fn connection(&self) -> ConnectionManager {
+    pub fn connection(&self) -> RedisCon {
         self.con.clone()
     }
 
     /// Every key under the prefix.
     async fn keys(&self) -> Result<Vec<String>, SinkError> {
-        let mut con = self.con.clone();
-        let pattern = format!("{}*", self.prefix);
-        let mut keys = Vec::new();
-        let mut cursor: u64 = 0;
-        loop {
-            let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
-                .arg(cursor)
-                .arg("MATCH")
-                .arg(&pattern)
-                .arg("COUNT")
-                .arg(1000)
-                .query_async(&mut con)
-                .await
-                .map_err(classify)?;
-            keys.extend(batch);
-            if next == 0 {
-                return Ok(keys);
-            }
-            cursor = next;
-        }
+        self.con.clone().scan(&format!("{}*", self.prefix)).await
     }
 
     /// Delete every key under the prefix (retiring an old version).
@@ -226,6 +376,41 @@ impl RedisSink {
             docs.extend(self.load::<V>(chunk.to_vec()).await?);
         }
         Ok(docs)
+    }
+
+    /// On a cluster: one script per document, routed by its key, in order of `writes`.
+    /// `Err` in a reply: the server refused that document alone.
+    async fn write_each(
+        &self,
+        writes: &[DocWrite],
+    ) -> Result<Vec<Result<Value, String>>, SinkError> {
+        // Owned arguments: a future that borrows the batch trips the `Send` check of the
+        // trait's future (rust-lang/rust#100013).
+        let calls: Vec<_> = writes
+            .iter()
+            .map(|w| {
+                let mut con = self.con.clone();
+                let inv = {
+                    let mut inv = self.cas.key(self.key(&w.key));
+                    inv.arg(w.expected.unwrap_or(0).to_string())
+                        .arg(w.body.as_slice());
+                    inv
+                };
+                async move { inv.invoke_async::<Value>(&mut con).await }
+            })
+            .collect();
+        let replies: Vec<redis::RedisResult<Value>> = futures::stream::iter(calls)
+            .buffered(CLUSTER_IN_FLIGHT)
+            .collect()
+            .await;
+        replies
+            .into_iter()
+            .map(|r| match r {
+                Ok(v) => Ok(Ok(v)),
+                Err(e) if e.code().is_some_and(|c| !transient_code(c)) => Ok(Err(e.to_string())),
+                Err(e) => Err(classify(e)),
+            })
+            .collect()
     }
 
     async fn write_chunk(&self, n: usize, writes: &[DocWrite]) -> Result<Vec<Value>, SinkError> {
@@ -296,27 +481,36 @@ impl DocStore for RedisSink {
         if writes.is_empty() {
             return Ok(WriteOutcome::default());
         }
-        let replies = with_timeout(
-            STORE,
-            self.timeout,
-            try_join_all(
-                writes
-                    .chunks(CHUNK)
-                    .enumerate()
-                    .map(|(n, c)| self.write_chunk(n, c)),
-            ),
-        )
-        .await?;
+        let replies = if matches!(self.con, RedisCon::Cluster(_)) {
+            with_timeout(STORE, self.timeout, self.write_each(writes)).await?
+        } else {
+            with_timeout(
+                STORE,
+                self.timeout,
+                try_join_all(
+                    writes
+                        .chunks(CHUNK)
+                        .enumerate()
+                        .map(|(n, c)| self.write_chunk(n, c)),
+                ),
+            )
+            .await?
+            .into_iter()
+            .flatten()
+            .map(Ok)
+            .collect()
+        };
         let mut out = WriteOutcome::default();
-        for (i, reply) in replies.into_iter().flatten().enumerate() {
+        for (i, reply) in replies.into_iter().enumerate() {
             match reply {
-                Value::Int(1) => {}
-                Value::Int(_) => out.conflicts.push(i),
-                Value::ServerError(e) if transient_code(e.code()) => {
+                Ok(Value::Int(1)) => {}
+                Ok(Value::Int(_)) => out.conflicts.push(i),
+                Ok(Value::ServerError(e)) if transient_code(e.code()) => {
                     return Err(SinkError::transient(STORE, format!("{e}")));
                 }
-                Value::ServerError(e) => out.refused.push((i, format!("redis: {e}"))),
-                other => {
+                Ok(Value::ServerError(e)) => out.refused.push((i, format!("redis: {e}"))),
+                Err(e) => out.refused.push((i, format!("redis: {e}"))),
+                Ok(other) => {
                     return Err(SinkError::transient(
                         STORE,
                         format!("unexpected reply to the compare-and-set: {other:?}"),

@@ -244,3 +244,71 @@ pub fn progress(cfg: &Config) -> Option<(i64, i64)> {
     }
     Some((done, high))
 }
+
+/// A load generator that survives the servers it writes to: `rounds` batches of a seeded
+/// history (3 % duplicates, 5 % redeliveries on the wire), each appended — retried until it
+/// is known to be in the store — then published, retried until the broker has it. Returns
+/// the messages published.
+pub async fn load(cfg: projector::config::Config, ns: String, rounds: usize, per: usize) -> i64 {
+    use projector::generator::{GenerateOptions, History, Injector};
+    let mut history = History::new(7, &ns);
+    let mut injector = Injector::new(&GenerateOptions {
+        seed: 7,
+        duplicate_rate: 0.03,
+        redelivery_rate: 0.05,
+        ..Default::default()
+    });
+    let mut published = 0i64;
+    for _ in 0..rounds {
+        let mut batch: Vec<contract::EventEnvelope> = history.by_ref().take(per).collect();
+        let first = batch[0].event_id;
+        loop {
+            let attempt = async {
+                let mut store = projector::store::EventStore::connect(&cfg.postgres.url).await?;
+                store.migrate().await?;
+                // A commit whose answer was lost: the batch is in already.
+                let there = store
+                    .client()
+                    .query_opt("SELECT 1 FROM events WHERE event_id = $1", &[&first])
+                    .await?
+                    .is_some();
+                if !there {
+                    store.append(&mut batch).await?;
+                }
+                Ok::<_, anyhow::Error>(())
+            };
+            match tokio::time::timeout(Duration::from_secs(10), attempt).await {
+                Ok(Ok(())) => break,
+                Ok(Err(e)) => eprintln!("load: append: {e}; retrying"),
+                Err(_) => eprintln!("load: append timed out; retrying"),
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        let wire = injector.wire_order(&batch);
+        loop {
+            let attempt = async {
+                let p = projector::kafka::EventPublisher::new(&cfg.kafka)?;
+                p.publish(&wire).await?;
+                Ok::<_, anyhow::Error>(())
+            };
+            match tokio::time::timeout(Duration::from_secs(40), attempt).await {
+                Ok(Ok(())) => break,
+                Ok(Err(e)) => eprintln!("load: publish: {e}; retrying"),
+                Err(_) => eprintln!("load: publish timed out; retrying"),
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        published += wire.len() as i64;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    published
+}
+
+/// Poll `f` every 50 ms until it holds; fail the test after `limit`.
+pub async fn wait_until<F: FnMut() -> bool>(limit: Duration, what: &str, mut f: F) {
+    let deadline = Instant::now() + limit;
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
