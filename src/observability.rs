@@ -1,8 +1,9 @@
 //! Prometheus metrics and the pod endpoints: `/metrics`, `/healthz` (alive: not stalled with
 //! work waiting) and `/readyz` (partitions assigned, not paused, every circuit closed).
 
+use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::runtime::Shared;
 
@@ -97,19 +98,30 @@ pub async fn serve(
 }
 
 /// Export the deployment's rebuilds (from their checkpoints) from every worker, so a
-/// dashboard shows their progress and an alert sees one stall: events applied, position, and
-/// when the checkpoint last moved, per projection and version being built.
+/// dashboard shows their progress and an alert sees one stall: events applied, position, when
+/// the checkpoint last moved, and the rate and time to the event store's head over the last
+/// poll, per projection and version being built.
 pub fn watch_rebuilds(cfg: &crate::config::Config, pg: Arc<crate::store::Pg>) {
+    const GAUGES: [&str; 5] = [
+        "projector_rebuild_checkpoint_events",
+        "projector_rebuild_checkpoint_position",
+        "projector_rebuild_checkpoint_timestamp_seconds",
+        "projector_rebuild_events_per_second",
+        "projector_rebuild_eta_seconds",
+    ];
     let scope = crate::versions::scope_key(cfg, "");
     tokio::spawn(async move {
-        let mut seen: Vec<(String, String)> = Vec::new();
+        // (projection, version) → (events applied, position, when seen) at the last poll.
+        let mut seen: HashMap<(String, String), (i64, i64, Instant)> = HashMap::new();
         loop {
             let q = scope.clone();
             let rows = pg
                 .run(|c| async move {
                     c.query(
                         "SELECT projection, version, events_applied, position, \
-                         extract(epoch FROM updated_at)::float8 FROM projection_checkpoints \
+                         extract(epoch FROM updated_at)::float8, \
+                         (SELECT coalesce(max(global_position), 0) FROM events) \
+                         FROM projection_checkpoints \
                          WHERE starts_with(projection, $1) AND status = 'building'",
                         &[&q],
                     )
@@ -117,28 +129,37 @@ pub fn watch_rebuilds(cfg: &crate::config::Config, pg: Arc<crate::store::Pg>) {
                 })
                 .await;
             if let Ok(rows) = rows {
-                let mut now = Vec::new();
+                let mut now = HashMap::new();
+                let at = Instant::now();
                 for r in rows {
                     let p: String = r.get(0);
                     let p = p.strip_prefix(&scope).unwrap_or(&p).to_owned();
                     let v: String = r.get(1);
+                    let (events, position, head) =
+                        (r.get::<_, i64>(2), r.get::<_, i64>(3), r.get::<_, i64>(5));
                     let labels = [("projection", p.clone()), ("version", v.clone())];
-                    metrics::gauge!("projector_rebuild_checkpoint_events", &labels)
-                        .set(r.get::<_, i64>(2) as f64);
-                    metrics::gauge!("projector_rebuild_checkpoint_position", &labels)
-                        .set(r.get::<_, i64>(3) as f64);
-                    metrics::gauge!("projector_rebuild_checkpoint_timestamp_seconds", &labels)
-                        .set(r.get::<_, f64>(4));
-                    now.push((p, v));
+                    metrics::gauge!(GAUGES[0], &labels).set(events as f64);
+                    metrics::gauge!(GAUGES[1], &labels).set(position as f64);
+                    metrics::gauge!(GAUGES[2], &labels).set(r.get::<_, f64>(4));
+                    if let Some((e0, p0, t0)) = seen.get(&(p.clone(), v.clone())) {
+                        let dt = at.duration_since(*t0).as_secs_f64().max(1e-3);
+                        metrics::gauge!(GAUGES[3], &labels).set((events - e0) as f64 / dt);
+                        // Positions are dense: the head's distance over the position's
+                        // speed. No speed, no estimate (NaN; the stall alert covers it).
+                        let speed = (position - p0) as f64 / dt;
+                        let eta = if speed > 0.0 {
+                            (head - position).max(0) as f64 / speed
+                        } else {
+                            f64::NAN
+                        };
+                        metrics::gauge!(GAUGES[4], &labels).set(eta);
+                    }
+                    now.insert((p, v), (events, position, at));
                 }
                 // A rebuild that finished (or was dropped) leaves no stale series behind.
-                for (p, v) in seen.iter().filter(|k| !now.contains(k)) {
+                for (p, v) in seen.keys().filter(|k| !now.contains_key(*k)) {
                     let labels = [("projection", p.clone()), ("version", v.clone())];
-                    for name in [
-                        "projector_rebuild_checkpoint_events",
-                        "projector_rebuild_checkpoint_position",
-                        "projector_rebuild_checkpoint_timestamp_seconds",
-                    ] {
+                    for name in GAUGES {
                         metrics::gauge!(name, &labels).set(f64::NAN);
                     }
                 }

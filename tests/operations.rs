@@ -90,6 +90,51 @@ async fn every_metric_the_dashboard_and_the_alerts_name_is_exported_by_a_running
         missing.is_empty(),
         "named by the dashboard or the alerts, not exported: {missing:?}"
     );
+
+    // Caught up: every partition's lag in seconds reads 0 once the commit is in the client's
+    // statistics (every 5 s).
+    let lag_seconds = |body: &str| -> Vec<f64> {
+        body.lines()
+            .filter(|l| l.starts_with("projector_consumer_lag_seconds{"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse().ok())
+            .collect()
+    };
+    let mut last = Vec::new();
+    for _ in 0..60 {
+        let (_, body) = common::http_get(&worker.http, "/metrics").await.unwrap();
+        last = lag_seconds(&body);
+        if !last.is_empty() && last.iter().all(|s| *s == 0.0) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert!(
+        !last.is_empty() && last.iter().all(|s| *s == 0.0),
+        "lag in seconds after catching up: {last:?}"
+    );
+    // The seeded rebuild's checkpoint does not move: 0 events/s and no time estimate (both
+    // known from the second look at the checkpoints, 10 s apart).
+    let series = |body: &str, name: &str| -> Vec<String> {
+        body.lines()
+            .filter(|l| l.starts_with(name) && l.contains("version=\"vops\""))
+            .map(|l| l.rsplit(' ').next().unwrap_or_default().to_owned())
+            .collect()
+    };
+    let (mut rate, mut eta) = (Vec::new(), Vec::new());
+    for _ in 0..60 {
+        let (_, body) = common::http_get(&worker.http, "/metrics").await.unwrap();
+        rate = series(&body, "projector_rebuild_events_per_second{");
+        eta = series(&body, "projector_rebuild_eta_seconds{");
+        if !rate.is_empty() && !eta.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert!(
+        !rate.is_empty() && rate.iter().all(|v| v == "0"),
+        "{rate:?}"
+    );
+    assert!(!eta.is_empty() && eta.iter().all(|v| v == "NaN"), "{eta:?}");
     worker.stop();
     for p in projectors::names() {
         projector::rebuild::retire(&cfg, &store, p, "vops")

@@ -211,6 +211,7 @@ pub async fn replay(
             id,
             generation: 0,
             offsets: Vec::new(),
+            newest: Vec::new(),
             messages: items.len(),
             timestamps: Vec::new(),
         }));

@@ -69,6 +69,8 @@ pub struct Registration {
     pub generation: u64,
     /// Highest offset per (partition, epoch) in the window.
     pub offsets: Vec<(Tp, u32, i64)>,
+    /// Create time of the newest message per partition in the window (ms since the epoch).
+    pub newest: Vec<(Tp, i64)>,
     pub messages: usize,
     /// Create times of the messages (ms since the epoch), for publish → visible latency.
     pub timestamps: Vec<i64>,
@@ -255,6 +257,19 @@ impl Tracker {
         }
         if let Some(last) = reg.timestamps.iter().max() {
             metrics::gauge!("projector_lag_seconds").set((now_ms - last).max(0) as f64 / 1000.0);
+        }
+        if !reg.newest.is_empty() {
+            let mut done = self
+                .shared
+                .newest_done
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            for (tp, ts) in &reg.newest {
+                if let Some(topic) = self.topics.get(tp.0 as usize) {
+                    let slot = done.entry((topic.clone(), tp.1)).or_insert(*ts);
+                    *slot = (*slot).max(*ts);
+                }
+            }
         }
         metrics::histogram!("projector_window_messages").record(reg.messages as f64);
         metrics::gauge!("projector_in_flight_messages")

@@ -47,6 +47,9 @@ pub struct Shared {
     pub open_circuits: AtomicUsize,
     /// Total consumer lag (high watermark − committed), from the client's statistics.
     pub lag_messages: AtomicI64,
+    /// Create time (ms) of the newest message done per (topic, partition): the lag in
+    /// seconds of a partition with messages waiting is the age of its newest done message.
+    pub newest_done: std::sync::Mutex<std::collections::HashMap<(String, i32), i64>>,
     pub consumer_restarts: AtomicU64,
     started: Instant,
     /// Milliseconds since `started` of the last commit (or of the start).
@@ -65,6 +68,7 @@ impl Default for Shared {
             assigned: AtomicBool::new(false),
             open_circuits: AtomicUsize::new(0),
             lag_messages: AtomicI64::new(0),
+            newest_done: Default::default(),
             consumer_restarts: AtomicU64::new(0),
             started: Instant::now(),
             last_commit_ms: AtomicU64::new(0),

@@ -542,6 +542,7 @@ pub async fn run_memory<F: SinkFactory>(
             id: w.id,
             generation: w.generation,
             offsets: Vec::new(),
+            newest: Vec::new(),
             messages: w.items.len(),
             timestamps: Vec::new(),
         }));

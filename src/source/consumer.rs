@@ -38,15 +38,33 @@ pub fn is_fatal(e: &KafkaError) -> bool {
 impl ClientContext for SourceContext {
     fn stats(&self, s: Statistics) {
         let mut lag_total = 0i64;
+        let now_ms = chrono::Utc::now().timestamp_millis();
+        let done = self
+            .shared
+            .newest_done
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
         for (topic, t) in &s.topics {
             for (p, part) in &t.partitions {
                 if *p < 0 || part.consumer_lag < 0 {
                     continue;
                 }
                 lag_total += part.consumer_lag;
-                metrics::gauge!("projector_consumer_lag_messages",
-                    "topic" => topic.clone(), "partition" => p.to_string())
-                .set(part.consumer_lag as f64);
+                let labels = [("topic", topic.clone()), ("partition", p.to_string())];
+                metrics::gauge!("projector_consumer_lag_messages", &labels)
+                    .set(part.consumer_lag as f64);
+                // Caught up: 0. Behind: how old the newest message done here is, which
+                // bounds how stale this partition's part of the read models can be. Unknown
+                // before this worker finished anything on it.
+                let seconds = match done.get(&(topic.clone(), *p)) {
+                    _ if part.consumer_lag == 0 => Some(0.0),
+                    Some(ts) => Some((now_ms - ts).max(0) as f64 / 1000.0),
+                    None => None,
+                };
+                if let Some(s) = seconds {
+                    metrics::gauge!("projector_consumer_lag_seconds", &labels).set(s);
+                }
             }
         }
         self.shared.lag_messages.store(lag_total, Ordering::Relaxed);

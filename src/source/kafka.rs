@@ -39,7 +39,8 @@ struct Builder {
     items: Vec<RawItem>,
     arena: Arena,
     opened: Option<Instant>,
-    offsets: HashMap<(Tp, u32), i64>,
+    /// Highest offset per (partition, epoch), with that message's create time.
+    offsets: HashMap<(Tp, u32), (i64, i64)>,
     timestamps: Vec<i64>,
 }
 
@@ -152,10 +153,12 @@ impl KafkaSource {
             },
             raw,
         });
-        let slot = b.offsets.entry((tp, epoch)).or_insert(m.offset());
-        *slot = (*slot).max(m.offset());
-        b.timestamps
-            .push(timestamp_ms.unwrap_or_else(|| chrono::Utc::now().timestamp_millis()));
+        let ts = timestamp_ms.unwrap_or_else(|| chrono::Utc::now().timestamp_millis());
+        let slot = b.offsets.entry((tp, epoch)).or_insert((m.offset(), ts));
+        if m.offset() >= slot.0 {
+            *slot = (m.offset(), ts);
+        }
+        b.timestamps.push(ts);
         self.shared.in_flight.fetch_add(1, Ordering::Relaxed);
     }
 
@@ -177,9 +180,13 @@ impl KafkaSource {
             offsets: b
                 .offsets
                 .iter()
-                .map(|((tp, epoch), o)| (*tp, *epoch, *o))
+                .map(|((tp, epoch), (o, _))| (*tp, *epoch, *o))
                 .collect(),
-
+            newest: b
+                .offsets
+                .iter()
+                .map(|((tp, _), (_, ts))| (*tp, *ts))
+                .collect(),
             messages: b.items.len(),
             timestamps: b.timestamps,
         };
