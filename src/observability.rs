@@ -100,7 +100,8 @@ pub async fn serve(
 /// Export the deployment's rebuilds (from their checkpoints) from every worker, so a
 /// dashboard shows their progress and an alert sees one stall: events applied, position, when
 /// the checkpoint last moved, and the rate and time to the event store's head over the last
-/// poll, per projection and version being built.
+/// poll, per projection and version being built. Also the streams parked right now in this
+/// deployment, per projector (`*`: a message nobody could read).
 pub fn watch_rebuilds(cfg: &crate::config::Config, pg: Arc<crate::store::Pg>) {
     const GAUGES: [&str; 5] = [
         "projector_rebuild_checkpoint_events",
@@ -110,7 +111,9 @@ pub fn watch_rebuilds(cfg: &crate::config::Config, pg: Arc<crate::store::Pg>) {
         "projector_rebuild_eta_seconds",
     ];
     let scope = crate::versions::scope_key(cfg, "");
+    let group = cfg.kafka.group_id.clone();
     tokio::spawn(async move {
+        let mut parked_seen: Vec<String> = Vec::new();
         // (projection, version) → (events applied, position, when seen) at the last poll.
         let mut seen: HashMap<(String, String), (i64, i64, Instant)> = HashMap::new();
         loop {
@@ -164,6 +167,33 @@ pub fn watch_rebuilds(cfg: &crate::config::Config, pg: Arc<crate::store::Pg>) {
                     }
                 }
                 seen = now;
+            }
+            let g = group.clone();
+            let parked = pg
+                .run(|c| async move {
+                    c.query(
+                        "SELECT projection, count(*) FROM parked_streams WHERE scope = $1 \
+                         GROUP BY projection",
+                        &[&g],
+                    )
+                    .await
+                })
+                .await;
+            if let Ok(rows) = parked {
+                let now: Vec<(String, i64)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+                // Every projector has a series (0 when none is parked), so alerts can use it.
+                let mut names: Vec<String> =
+                    projectors::names().into_iter().map(str::to_owned).collect();
+                names.extend(parked_seen.iter().cloned());
+                names.extend(now.iter().map(|(p, _)| p.clone()));
+                names.sort();
+                names.dedup();
+                for p in &names {
+                    let n = now.iter().find(|(q, _)| q == p).map_or(0, |(_, n)| *n);
+                    metrics::gauge!("projector_parked_streams", "projector" => p.clone())
+                        .set(n as f64);
+                }
+                parked_seen = now.into_iter().map(|(p, _)| p).collect();
             }
             tokio::time::sleep(Duration::from_secs(10)).await;
         }

@@ -112,6 +112,26 @@ async fn every_metric_the_dashboard_and_the_alerts_name_is_exported_by_a_running
         !last.is_empty() && last.iter().all(|s| *s == 0.0),
         "lag in seconds after catching up: {last:?}"
     );
+    // The garbled message parked its stream for every projector: one parked now.
+    let mut parked = Vec::new();
+    for _ in 0..60 {
+        let (_, body) = common::http_get(&worker.http, "/metrics").await.unwrap();
+        parked = body
+            .lines()
+            .filter(|l| l.starts_with("projector_parked_streams{"))
+            .map(str::to_owned)
+            .collect();
+        if parked.iter().any(|l| l.ends_with(" 1")) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert!(
+        parked
+            .iter()
+            .any(|l| l.contains("projector=\"*\"") && l.ends_with(" 1")),
+        "{parked:?}"
+    );
     // The seeded rebuild's checkpoint does not move: 0 events/s and no time estimate (both
     // known from the second look at the checkpoints, 10 s apart).
     let series = |body: &str, name: &str| -> Vec<String> {
