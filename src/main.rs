@@ -144,6 +144,10 @@ struct BenchCli {
     /// Measure only the read service's latency (HTTP and MCP) on a drained history.
     #[arg(long)]
     read_only: bool,
+    /// Also measure raw Customer-360 writes to this Redis Cluster (seed URLs, comma
+    /// separated; `scripts/services.sh up rcluster` starts one).
+    #[arg(long)]
+    redis_cluster: Option<String>,
 }
 
 #[derive(Args)]
@@ -236,6 +240,7 @@ async fn main() -> anyhow::Result<()> {
                     engine_only: args.engine_only,
                     steady_rate: args.steady_rate,
                     read_only: args.read_only,
+                    redis_cluster: args.redis_cluster,
                 },
             )
             .await?

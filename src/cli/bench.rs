@@ -44,6 +44,8 @@ pub struct BenchArgs {
     pub steady_rate: Option<f64>,
     /// Only the read service's latency (HTTP and MCP) on a drained history.
     pub read_only: bool,
+    /// Seed URLs of a Redis Cluster whose raw write rate to measure beside one server.
+    pub redis_cluster: Option<String>,
 }
 
 const SEED: u64 = 7;
@@ -120,7 +122,7 @@ pub async fn run(base: &Config, args: BenchArgs) -> anyhow::Result<()> {
     }
 
     // 2. Raw capacity.
-    let raw = raw_capacity(&cfg, &history, args.raw_docs).await?;
+    let raw = raw_capacity(&cfg, &history, args.raw_docs, args.redis_cluster.as_deref()).await?;
 
     rows.push(row(
         "redis writes with durable acknowledgements",
@@ -128,6 +130,14 @@ pub async fn run(base: &Config, args: BenchArgs) -> anyhow::Result<()> {
         format!("{:.0}/s with everysec", raw.redis_everysec),
         Some(raw.redis / raw.redis_everysec.max(1e-9)),
     ));
+    if let Some(c) = raw.redis_cluster {
+        rows.push(row(
+            "redis cluster writes (3 primaries)",
+            format!("{c:.0}/s (appendfsync always)"),
+            format!("{:.0}/s on one server", raw.redis),
+            Some(c / raw.redis.max(1e-9)),
+        ));
+    }
 
     // 3. The backlog: the same history, appended and published.
     let (store, start) = backlog(&cfg, &ns, n).await?;
@@ -442,6 +452,7 @@ async fn engine_alone(cfg: &Config, history: &[EventEnvelope]) -> anyhow::Result
 struct RawCapacity {
     redis: f64,
     redis_everysec: f64,
+    redis_cluster: Option<f64>,
     mongo_insert: f64,
     mongo_update: f64,
     clickhouse: f64,
@@ -463,6 +474,7 @@ async fn raw_capacity(
     cfg: &Config,
     history: &[EventEnvelope],
     n: usize,
+    cluster: Option<&str>,
 ) -> anyhow::Result<RawCapacity> {
     #[derive(serde::Serialize, serde::Deserialize, Default, Clone)]
     struct Blob {
@@ -537,6 +549,27 @@ async fn raw_capacity(
     }
     redis.delete_all().await?;
 
+    let redis_cluster = match cluster {
+        Some(urls) => {
+            let c = projector::config::RedisConfig {
+                url: urls.to_owned(),
+                cluster: true,
+                ..cfg.redis.clone()
+            };
+            let sink = RedisSink::connect(&c, &format!("{}raw:", cfg.views.redis_prefix)).await?;
+            let (ws, _) = writes(&|d| sink.encode(d).unwrap_or_default(), &[]);
+            sink.delete_all().await?;
+            let t = Instant::now();
+            for c in ws.chunks(window) {
+                sink.write(c).await?;
+            }
+            let r = rate(ws.len() as f64, t.elapsed());
+            sink.delete_all().await?;
+            Some(r)
+        }
+        None => None,
+    };
+
     let mongo =
         MongoSink::connect(&cfg.mongo, &format!("{}_raw", cfg.views.mongo_collection)).await?;
     let (ws, revs) = writes(&|d| mongo.encode(d).unwrap_or_default(), &[]);
@@ -585,6 +618,7 @@ async fn raw_capacity(
     Ok(RawCapacity {
         redis: redis_always,
         redis_everysec,
+        redis_cluster,
         mongo_insert,
         mongo_update,
         clickhouse,
