@@ -20,6 +20,33 @@ pub struct Config {
     pub worker: WorkerConfig,
     #[serde(default)]
     pub read: ReadConfig,
+    #[serde(default)]
+    pub telemetry: TelemetryConfig,
+}
+
+/// Traces: exported over OTLP/HTTP (protobuf) only when an endpoint is set.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(default)]
+pub struct TelemetryConfig {
+    /// The collector's base URL (e.g. `http://otel-collector:4318`; `/v1/traces` is added
+    /// unless the URL already ends with it). Empty: no exporter is installed.
+    pub otlp_endpoint: String,
+}
+
+impl TelemetryConfig {
+    /// Where spans are POSTed, or `None` when export is off.
+    pub fn traces_url(&self) -> Option<String> {
+        let base = self.otlp_endpoint.trim();
+        if base.is_empty() {
+            return None;
+        }
+        let base = base.trim_end_matches('/');
+        Some(if base.ends_with("/v1/traces") {
+            base.to_owned()
+        } else {
+            format!("{base}/v1/traces")
+        })
+    }
 }
 
 /// The read service (`projector serve`): agents' HTTP API and MCP tools.
@@ -397,6 +424,20 @@ mod tests {
             jail.set_env("PROJECTOR_POSTGRES__URL", "postgres://env");
             jail.set_env("PROJECTOR_KAFKA__PARTITIONS", "12");
             let c = Config::load(Some(Path::new("c.toml"))).map_err(|e| e.to_string())?;
+            assert_eq!(
+                c.telemetry.traces_url(),
+                None,
+                "trace export is off by default"
+            );
+            jail.set_env(
+                "PROJECTOR_TELEMETRY__OTLP_ENDPOINT",
+                "http://collector:4318/",
+            );
+            let c = Config::load(Some(Path::new("c.toml"))).map_err(|e| e.to_string())?;
+            assert_eq!(
+                c.telemetry.traces_url().as_deref(),
+                Some("http://collector:4318/v1/traces")
+            );
             assert_eq!(c.postgres.url, "postgres://env");
             assert_eq!(c.kafka.partitions, 12);
             assert_eq!(c.redis.url, "redis://file");

@@ -201,10 +201,17 @@ struct GenerateArgs {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    projector::telemetry::init();
     let cli = Cli::parse();
     let config = Config::load(cli.config.as_deref())?;
-    match cli.command {
+    let telemetry = projector::telemetry::init(&config.telemetry)?;
+    let result = dispatch(cli.command, config).await;
+    // Whatever the outcome: the spans of a failed run matter most.
+    telemetry.shutdown().await;
+    result
+}
+
+async fn dispatch(command: Command, config: Config) -> anyhow::Result<()> {
+    match command {
         Command::Migrate => {
             let mut store = connect_store(&config).await?;
             let n = store.migrate().await?;

@@ -215,14 +215,18 @@ pub async fn replay(
             messages: items.len(),
             timestamps: Vec::new(),
         }));
-        let w = Arc::new(Window {
-            id,
-            generation: 0,
-            items,
-            arena: Arena::default(),
-            topics: topics.clone(),
-            opened: Instant::now(),
-        });
+        let w = Arc::new(
+            Window {
+                id,
+                generation: 0,
+                items,
+                arena: Arena::default(),
+                topics: topics.clone(),
+                opened: Instant::now(),
+                span: tracing::Span::none(),
+            }
+            .traced(),
+        );
         for tx in &txs {
             let _ = tx.send(w.clone()).await;
         }

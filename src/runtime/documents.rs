@@ -20,9 +20,11 @@ use projectors::document::{Doc, Step, StreamKey, apply_event};
 use projectors::parking::ParkFrom;
 use projectors::{Parked, Projector, Rejection};
 use tokio::sync::mpsc;
+use tracing::{Instrument, Span};
 
 use super::parking::ParkRecord;
 use super::retry::Retry;
+use super::spans;
 use super::stage::{Batch, EventRef, Mode, StageCtx};
 use super::targets::Target;
 use crate::resilience::dead_letter::DeadLetter;
@@ -116,6 +118,8 @@ struct Prepared {
     parks: Vec<ParkRecord>,
     events: usize,
     duplicates: usize,
+    /// Views written so far.
+    written: u64,
     /// When its writes were sent.
     started: Instant,
 }
@@ -348,8 +352,17 @@ impl<P: Projector, S: DocStore> DocStage<P, S> {
         Some(r)
     }
 
-    /// Route, load, fold and encode one batch.
+    /// Route, load, fold and encode one batch (in its span).
     async fn prepare(&mut self, batch: Batch) -> Prepared {
+        let span = batch.span.clone();
+        let prep = self.prepare_in_span(batch).instrument(span.clone()).await;
+        span.record("shard", self.shard);
+        span.record("version", StageCtx::version_of(&prep.target));
+        span.record("events", prep.events);
+        prep
+    }
+
+    async fn prepare_in_span(&mut self, batch: Batch) -> Prepared {
         let target = self.ctx.target(false).await;
         self.ensure(&target).await;
         self.refresh().await;
@@ -364,6 +377,7 @@ impl<P: Projector, S: DocStore> DocStage<P, S> {
             parks: Vec::new(),
             events: 0,
             duplicates: 0,
+            written: 0,
             started: Instant::now(),
         };
 
@@ -439,7 +453,7 @@ impl<P: Projector, S: DocStore> DocStage<P, S> {
                 }
             }
         }
-        let corrupt = self.load_into_cache(to_load, tick).await;
+        let corrupt = self.load_into_cache(to_load, tick, &prep.batch.span).await;
 
         // Fold, in arrival order.
         for (r, key) in routed {
@@ -514,7 +528,12 @@ impl<P: Projector, S: DocStore> DocStage<P, S> {
     }
 
     /// Load views the cache lacks; returns the keys whose stored document does not decode.
-    async fn load_into_cache(&mut self, keys: Vec<String>, tick: u64) -> HashMap<String, String> {
+    async fn load_into_cache(
+        &mut self,
+        keys: Vec<String>,
+        tick: u64,
+        parent: &Span,
+    ) -> HashMap<String, String> {
         let mut corrupt = HashMap::default();
         if keys.is_empty() {
             return corrupt;
@@ -527,7 +546,13 @@ impl<P: Projector, S: DocStore> DocStage<P, S> {
         let loaded = {
             let mut retry = Retry::new(&self.ctx.shared, self.ctx.store, "loading views");
             loop {
-                match store.load::<P::View>(keys.clone()).await {
+                let span = self.store_span(parent, keys.len(), true);
+                let r = store
+                    .load::<P::View>(keys.clone())
+                    .instrument(span.clone())
+                    .await;
+                spans::loaded(&span, &r);
+                match r {
                     Ok(l) => break l,
                     Err(e) => retry.failed(&e).await,
                 }
@@ -643,12 +668,25 @@ impl<P: Projector, S: DocStore> DocStage<P, S> {
         self.encode(prep, ki);
     }
 
+    /// The span of one store call of the batch under `parent` (a load, or a write).
+    fn store_span(&mut self, parent: &Span, documents: usize, load: bool) -> Span {
+        let store = self.ctx.store;
+        let st = self.st();
+        let (version, location) = (StageCtx::version_of(&st.target), st.store.location());
+        if load {
+            spans::doc_load(parent, store, version, location, documents)
+        } else {
+            spans::doc_write(parent, store, version, location, documents)
+        }
+    }
+
     fn start(&mut self, mut prepared: Prepared) -> InFlight {
         prepared.started = Instant::now();
         let (writes, order) = prepared.take_writes();
         let store = self.st().store.clone();
+        let span = self.store_span(&prepared.batch.span, writes.len(), false);
         let task = tokio::spawn(async move {
-            let r = store.write(&writes).await;
+            let r = write_traced(&store, &writes, span).await;
             (writes, r)
         });
         InFlight {
@@ -661,6 +699,19 @@ impl<P: Projector, S: DocStore> DocStage<P, S> {
     /// Wait for a batch's writes, settle conflicts and refusals (patching `next`), check
     /// the pointers, then send its letters, record its parks and acknowledge it.
     async fn finish_opt(
+        &mut self,
+        prepared: Prepared,
+        order: Vec<usize>,
+        written: (Vec<DocWrite>, Result<WriteOutcome, SinkError>),
+        next: &mut Option<&mut Prepared>,
+    ) {
+        let span = prepared.batch.span.clone();
+        self.finish_in_span(prepared, order, written, next)
+            .instrument(span)
+            .await
+    }
+
+    async fn finish_in_span(
         &mut self,
         mut prepared: Prepared,
         order: Vec<usize>,
@@ -693,7 +744,9 @@ impl<P: Projector, S: DocStore> DocStage<P, S> {
                         };
                     }
                     let (writes, order) = prepared.take_writes();
-                    let r = self.st().store.write(&writes).await;
+                    let span = self.store_span(&prepared.batch.span, writes.len(), false);
+                    let store = self.st().store.clone();
+                    let r = write_traced(&store, &writes, span).await;
                     prepared.put_back(writes, &order);
                     result = r;
                 }
@@ -749,6 +802,7 @@ impl<P: Projector, S: DocStore> DocStage<P, S> {
                     }
                 }
             }
+            prep.written += written;
             self.ctx.stats.writes.fetch_add(written, Ordering::Relaxed);
             metrics::counter!("projector_writes_total", "projector" => self.ctx.name, "store" => self.ctx.store)
                 .increment(written);
@@ -777,7 +831,9 @@ impl<P: Projector, S: DocStore> DocStage<P, S> {
             for k in &keys {
                 self.st().cache.map.remove(k);
             }
-            let corrupt = self.load_into_cache(keys.clone(), self.tick).await;
+            let corrupt = self
+                .load_into_cache(keys.clone(), self.tick, &prep.batch.span)
+                .await;
             for (ki, key) in conflicted.iter().zip(&keys) {
                 if let Some(why) = corrupt.get(key) {
                     let why = why.clone();
@@ -812,7 +868,8 @@ impl<P: Projector, S: DocStore> DocStage<P, S> {
             .filter_map(|i| prep.keys[*i].write.clone())
             .collect();
         let store = self.st().store.clone();
-        store.write(&writes).await
+        let span = self.store_span(&prep.batch.span, writes.len(), false);
+        write_traced(&store, &writes, span).await
     }
 
     /// The batch behind changed this view (`base`: its new state; `None`: forgotten): fold
@@ -855,7 +912,10 @@ impl<P: Projector, S: DocStore> DocStage<P, S> {
                     .retain(|(r, _)| !held.iter().any(|(h, _)| h == r));
                 n.letters
                     .extend(held.into_iter().map(|(r, why)| (r, "parked", why)));
-                let corrupt = self.load_into_cache(vec![key.to_owned()], self.tick).await;
+                let span = n.batch.span.clone();
+                let corrupt = self
+                    .load_into_cache(vec![key.to_owned()], self.tick, &span)
+                    .await;
                 if let Some(why) = corrupt.get(key) {
                     let why = why.clone();
                     self.refuse(n, ki, &why);
@@ -883,6 +943,8 @@ impl<P: Projector, S: DocStore> DocStage<P, S> {
                 letters.extend(prep.batch.letter(*r, "rejected", rej.to_string(), name));
             }
         }
+        prep.batch.span.record("written", prep.written);
+        prep.batch.span.record("letters", letters.len());
         self.ctx.send_letters(letters).await;
         self.ctx.save_parks(&prep.parks).await;
         self.pending_parks.retain(|r| !prep.parks.contains(r));
@@ -910,4 +972,15 @@ impl<P: Projector, S: DocStore> DocStage<P, S> {
             .record(started.elapsed().as_secs_f64());
         self.ctx.ack(&prep.batch);
     }
+}
+
+/// Write views under `span`, and record what the store said.
+async fn write_traced<S: DocStore>(
+    store: &S,
+    writes: &[DocWrite],
+    span: Span,
+) -> Result<WriteOutcome, SinkError> {
+    let r = store.write(writes).instrument(span.clone()).await;
+    spans::doc_written(&span, &r);
+    r
 }

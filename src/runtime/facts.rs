@@ -12,9 +12,11 @@ use projectors::document::StreamKey;
 use projectors::parking::ParkFrom;
 use projectors::{FactProjector, Parked};
 use tokio::sync::mpsc;
+use tracing::{Instrument, Span};
 
 use super::parking::ParkRecord;
 use super::retry::Retry;
+use super::spans;
 use super::stage::{Batch, EventRef, Mode, StageCtx};
 use super::targets::Target;
 use crate::sinks::{FactStore, SinkError};
@@ -138,7 +140,16 @@ impl<F: FactProjector, S: FactStore> FactStage<F, S> {
         self.state = Some((target.clone(), store, parked));
     }
 
+    /// Turn a batch into rows (in its span).
     async fn prepare(&mut self, batch: Batch) -> Prepared {
+        let span = batch.span.clone();
+        let prep = self.prepare_in_span(batch).instrument(span.clone()).await;
+        span.record("version", StageCtx::version_of(&prep.target));
+        span.record("events", prep.events);
+        prep
+    }
+
+    async fn prepare_in_span(&mut self, batch: Batch) -> Prepared {
         let target = self.ctx.target(false).await;
         self.ensure(&target).await;
         let f = self.f.clone();
@@ -214,22 +225,53 @@ impl<F: FactProjector, S: FactStore> FactStage<F, S> {
     }
 
     fn start(&mut self, mut prepared: Prepared) -> InFlight {
-        let Some((_, store, _)) = self.state.as_ref() else {
+        let Some((target, store, _)) = self.state.as_ref() else {
             unreachable!("a target is set before any batch")
         };
         let store = store.clone();
         let facts = std::mem::take(&mut prepared.facts);
+        let span = self.insert_span(&prepared.batch.span, target, &store, facts.len());
         InFlight {
             prepared,
             started: Instant::now(),
             task: tokio::spawn(async move {
-                let r = store.insert(&facts).await;
+                let r = insert_traced(&store, &facts, span).await;
                 (facts, r)
             }),
         }
     }
 
-    async fn finish(&mut self, mut prepared: Prepared, started: Instant, inserted: Inserted) {
+    fn insert_span(&self, parent: &Span, target: &Target, store: &S, rows: usize) -> Span {
+        let version = StageCtx::version_of(target);
+        spans::fact_write(parent, self.ctx.store, version, store.location(), rows)
+    }
+
+    /// Insert the batch's rows again (after a failure, or into a new version).
+    async fn insert_again(&self, prepared: &Prepared) -> Result<(), SinkError> {
+        match self.state.as_ref() {
+            Some((target, store, _)) => {
+                let span =
+                    self.insert_span(&prepared.batch.span, target, store, prepared.facts.len());
+                insert_traced(store, &prepared.facts, span).await
+            }
+            None => Err(SinkError::transient(self.ctx.store, "no store")),
+        }
+    }
+
+    /// Settle the batch's insert, then send its letters, record its parks, acknowledge it.
+    async fn finish(&mut self, prepared: Prepared, started: Instant, inserted: Inserted) {
+        let span = prepared.batch.span.clone();
+        self.finish_in_span(prepared, started, inserted)
+            .instrument(span)
+            .await
+    }
+
+    async fn finish_in_span(
+        &mut self,
+        mut prepared: Prepared,
+        started: Instant,
+        inserted: Inserted,
+    ) {
         let (facts, mut result) = inserted;
         prepared.facts = facts;
         loop {
@@ -244,11 +286,7 @@ impl<F: FactProjector, S: FactStore> FactStage<F, S> {
                             break;
                         }
                     }
-                    let store = self.state.as_ref().map(|s| s.1.clone());
-                    result = match store {
-                        Some(s) => s.insert(&prepared.facts).await,
-                        None => Err(SinkError::transient(self.ctx.store, "no store")),
-                    };
+                    result = self.insert_again(&prepared).await;
                 }
             }
             if let Mode::Replay { .. } = self.ctx.mode {
@@ -262,18 +300,16 @@ impl<F: FactProjector, S: FactStore> FactStage<F, S> {
                 "the read model was switched under a batch: writing it to the new version");
             let batch = prepared.batch;
             prepared = self.prepare(batch).await;
-            let store = self.state.as_ref().map(|s| s.1.clone());
-            result = match store {
-                Some(s) => s.insert(&prepared.facts).await,
-                None => Err(SinkError::transient(self.ctx.store, "no store")),
-            };
+            result = self.insert_again(&prepared).await;
         }
         let name = self.ctx.name;
         let letters = prepared
             .letters
             .iter()
             .filter_map(|(r, kind, reason)| prepared.batch.letter(*r, kind, reason.clone(), name))
-            .collect();
+            .collect::<Vec<_>>();
+        prepared.batch.span.record("written", prepared.facts.len());
+        prepared.batch.span.record("letters", letters.len());
         self.ctx.send_letters(letters).await;
         self.ctx.save_parks(&prepared.parks).await;
         tracing::debug!(
@@ -299,4 +335,15 @@ impl<F: FactProjector, S: FactStore> FactStage<F, S> {
             .record(started.elapsed().as_secs_f64());
         self.ctx.ack(&prepared.batch);
     }
+}
+
+/// Insert rows under `span`, and record what the store said.
+async fn insert_traced<S: FactStore>(
+    store: &S,
+    facts: &[projectors::analytics::Fact],
+    span: Span,
+) -> Result<(), SinkError> {
+    let r = store.insert(facts).instrument(span.clone()).await;
+    spans::facts_written(&span, &r);
+    r
 }

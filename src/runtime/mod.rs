@@ -18,6 +18,7 @@ pub mod parking;
 pub mod pipeline;
 pub mod poison;
 pub mod retry;
+pub mod spans;
 pub mod stage;
 pub mod targets;
 

@@ -274,22 +274,32 @@ pub async fn decode_loop(
         let (t, p) = (topics.clone(), topic_prefix.clone());
         let decoded = tokio::task::spawn_blocking(move || {
             let items = crate::source::decode::decode_all(items, &arena, &t, &p);
-            (items, arena)
+            Window {
+                id,
+                generation,
+                items,
+                arena,
+                topics: t,
+                opened,
+                span: tracing::Span::none(),
+            }
+            .traced()
         })
         .await;
-        let Ok((items, arena)) = decoded else {
+        let Ok(w) = decoded else {
             tracing::error!("decoding a window panicked; stopping");
             return;
         };
         let mut by_type: HashMap<&str, u64> = HashMap::new();
-        for it in &items {
+        for it in &w.items {
             let t = match &it.decoded {
                 Ok(e) => e.header.event_type.as_str(),
                 Err(_) => "poison",
             };
             *by_type.entry(t).or_default() += 1;
         }
-        let unrouted: u64 = items
+        let unrouted: u64 = w
+            .items
             .iter()
             .filter(|it| it.decoded.as_ref().is_ok_and(|e| e.event_type().is_none()))
             .count() as u64;
@@ -297,14 +307,7 @@ pub async fn decode_loop(
         for (t, n) in by_type {
             metrics::counter!("projector_events_total", "event_type" => t.to_owned()).increment(n);
         }
-        let w = Arc::new(Window {
-            id,
-            generation,
-            items,
-            arena,
-            topics: topics.clone(),
-            opened,
-        });
+        let w = Arc::new(w);
         for tx in &txs {
             if tx.send(w.clone()).await.is_err() {
                 return;

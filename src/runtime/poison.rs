@@ -5,6 +5,7 @@
 use std::sync::Arc;
 
 use tokio::sync::mpsc;
+use tracing::Instrument;
 
 use super::parking::{ANY, ParkRecord};
 use super::stage::{Batch, StageCtx};
@@ -42,6 +43,9 @@ async fn handle(ctx: &StageCtx, batch: &Batch) {
             }
         }
     }
-    ctx.send_letters(letters).await;
-    ctx.save_parks(&parks).await;
+    batch.span.record("letters", letters.len());
+    ctx.send_letters(letters)
+        .instrument(batch.span.clone())
+        .await;
+    ctx.save_parks(&parks).instrument(batch.span.clone()).await;
 }

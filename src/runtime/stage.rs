@@ -23,6 +23,8 @@ pub type EventRef = (u32, u32);
 /// Consecutive windows handled as one unit (a stage that fell behind takes what is queued).
 pub struct Batch {
     pub windows: Vec<Arc<Window>>,
+    /// Open until the batch is durable and acknowledged (see [`super::spans`]).
+    pub span: tracing::Span,
 }
 
 impl Batch {
@@ -113,7 +115,8 @@ impl StageCtx {
                 Err(_) => break,
             }
         }
-        Batch { windows }
+        let span = super::spans::stage(self.name, self.store, &windows);
+        Batch { windows, span }
     }
 
     pub fn ack(&self, batch: &Batch) {

@@ -230,6 +230,10 @@ impl FactStore for ClickHouseSink {
         STORE
     }
 
+    fn location(&self) -> &str {
+        &self.table
+    }
+
     async fn insert(&self, facts: &[Fact]) -> Result<(), SinkError> {
         if facts.is_empty() {
             return Ok(());

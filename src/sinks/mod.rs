@@ -99,6 +99,10 @@ pub type Loaded<V> = Result<Doc<V>, String>;
 /// A store of one document per key.
 pub trait DocStore: Clone + Send + Sync + 'static {
     fn name(&self) -> &'static str;
+    /// Where in the store the documents live (key prefix, collection), for traces.
+    fn location(&self) -> &str {
+        ""
+    }
     /// The largest encoded document the store takes.
     fn max_doc_bytes(&self) -> usize;
     /// Encode one document as the store keeps it.
@@ -123,6 +127,10 @@ pub trait DocStore: Clone + Send + Sync + 'static {
 /// A store of one fact row per event.
 pub trait FactStore: Clone + Send + Sync + 'static {
     fn name(&self) -> &'static str;
+    /// Where in the store the rows land (table), for traces.
+    fn location(&self) -> &str {
+        ""
+    }
     /// Insert all; a retried insert of the same rows is deduplicated.
     fn insert(
         &self,

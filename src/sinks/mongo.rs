@@ -371,6 +371,10 @@ impl DocStore for MongoSink {
         STORE
     }
 
+    fn location(&self) -> &str {
+        &self.collection
+    }
+
     fn max_doc_bytes(&self) -> usize {
         MAX_DOC_BYTES
     }

@@ -437,6 +437,10 @@ impl DocStore for RedisSink {
         STORE
     }
 
+    fn location(&self) -> &str {
+        &self.prefix
+    }
+
     fn max_doc_bytes(&self) -> usize {
         MAX_VALUE_BYTES
     }

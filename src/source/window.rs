@@ -170,9 +170,17 @@ pub struct Window {
     /// Topic names, indexed by [`Origin::Kafka::topic`].
     pub topics: Arc<Vec<String>>,
     pub opened: Instant,
+    /// Open while any stage holds the window (see [`crate::runtime::spans`]).
+    pub span: tracing::Span,
 }
 
 impl Window {
+    /// The same window with its trace span.
+    pub fn traced(mut self) -> Window {
+        self.span = crate::runtime::spans::window(&self);
+        self
+    }
+
     pub fn topic(&self, origin: &Origin) -> &str {
         match origin {
             Origin::Kafka { topic, .. } => {

@@ -142,6 +142,8 @@ pub struct Worker {
     pub child: Child,
     pub http: String,
     pub name: String,
+    /// Its stderr.
+    pub log: PathBuf,
 }
 
 impl Worker {
@@ -154,7 +156,8 @@ impl Worker {
         let http = format!("127.0.0.1:{port}");
         let dir = repo().join("target/fault-logs");
         std::fs::create_dir_all(&dir).unwrap();
-        let log = std::fs::File::create(dir.join(format!("{log_tag}-{name}.log"))).unwrap();
+        let log_path = dir.join(format!("{log_tag}-{name}.log"));
+        let log = std::fs::File::create(&log_path).unwrap();
         let child = Command::new(super::projector_bin())
             .arg("run")
             .envs(super::config_env(cfg))
@@ -175,6 +178,7 @@ impl Worker {
             child,
             http,
             name: name.to_owned(),
+            log: log_path,
         }
     }
 
