@@ -13,6 +13,7 @@ pub mod clickhouse;
 pub mod mongo;
 pub mod null;
 pub mod redis;
+pub mod redis_cluster;
 
 use std::future::Future;
 use std::time::Duration;

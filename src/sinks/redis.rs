@@ -7,9 +7,10 @@
 //! connection is a `ConnectionManager`: it reconnects by itself after a restart, and every
 //! request has a response timeout, so a hung server is a transient error, not a stuck worker.
 //!
-//! On Redis Cluster (`redis.cluster`) the same script runs once per document, routed by its
-//! key's slot (a pipeline may not cross slots), many in flight; `MGET` and `UNLINK` are split
-//! per slot by the cluster client, and `SCAN` runs on every primary.
+//! On Redis Cluster (`redis.cluster`) every command names one key and routes by its slot (a
+//! pipeline may not cross slots): the same script once per document, `GET` and `UNLINK` per
+//! key, many in flight; `SCAN` runs on every primary. The connection is replaced when it goes
+//! stale (see `redis_cluster`).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,13 +19,12 @@ use futures::StreamExt;
 use futures::future::try_join_all;
 use projectors::Doc;
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
-use redis::cluster::ClusterClientBuilder;
-use redis::cluster_async::ClusterConnection;
 use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
 use redis::{Client, Cmd, Pipeline, RedisFuture, Script, Value};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+use super::redis_cluster::Supervised;
 use super::{DocStore, DocWrite, Loaded, SinkError, WriteOutcome, with_timeout};
 use crate::config::RedisConfig;
 
@@ -61,14 +61,21 @@ const CLUSTER_IN_FLIGHT: usize = 512;
 #[derive(Clone)]
 pub enum RedisCon {
     Single(ConnectionManager),
-    Cluster(ClusterConnection),
+    Cluster(Arc<Supervised>),
 }
 
 impl ConnectionLike for RedisCon {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         match self {
             RedisCon::Single(c) => c.req_packed_command(cmd),
-            RedisCon::Cluster(c) => c.req_packed_command(cmd),
+            RedisCon::Cluster(s) => {
+                let (mut c, watch) = (s.current(), s.watch());
+                Box::pin(async move {
+                    let r = c.req_packed_command(cmd).await;
+                    watch.outcome(&r);
+                    r
+                })
+            }
         }
     }
 
@@ -80,14 +87,21 @@ impl ConnectionLike for RedisCon {
     ) -> RedisFuture<'a, Vec<Value>> {
         match self {
             RedisCon::Single(c) => c.req_packed_commands(pipeline, offset, count),
-            RedisCon::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+            RedisCon::Cluster(s) => {
+                let (mut c, watch) = (s.current(), s.watch());
+                Box::pin(async move {
+                    let r = c.req_packed_commands(pipeline, offset, count).await;
+                    watch.outcome(&r);
+                    r
+                })
+            }
         }
     }
 
     fn get_db(&self) -> i64 {
         match self {
             RedisCon::Single(c) => c.get_db(),
-            RedisCon::Cluster(c) => c.get_db(),
+            RedisCon::Cluster(s) => s.current().get_db(),
         }
     }
 }
@@ -100,14 +114,9 @@ impl RedisCon {
         // The deadline covers a server that accepts the connection and then hangs.
         with_timeout(STORE, connect + timeout, async {
             if cfg.cluster {
-                let seeds: Vec<&str> = cfg.url.split(',').map(str::trim).collect();
-                let client = ClusterClientBuilder::new(seeds)
-                    .connection_timeout(connect)
-                    .response_timeout(timeout)
-                    .retries(retries as u32)
-                    .build()
-                    .map_err(|e| SinkError::permanent(STORE, e))?;
-                let con = client.get_async_connection().await.map_err(classify)?;
+                let con = Supervised::connect(cfg, retries as u32)
+                    .await
+                    .map_err(classify)?;
                 Ok(RedisCon::Cluster(con))
             } else {
                 let client =
@@ -129,16 +138,37 @@ impl RedisCon {
 
     /// A command without keys, answered by one server (on a cluster: any primary).
     async fn on_one_node(&mut self, cmd: &Cmd) -> redis::RedisResult<Value> {
+        let any = RoutingInfo::SingleNode(SingleNodeRoutingInfo::RandomPrimary);
         match self {
             RedisCon::Single(c) => cmd.query_async(c).await,
-            RedisCon::Cluster(c) => {
-                c.route_command(
-                    cmd.clone(),
-                    RoutingInfo::SingleNode(SingleNodeRoutingInfo::RandomPrimary),
-                )
-                .await
-            }
+            RedisCon::Cluster(s) => routed(s, cmd.clone(), any).await,
         }
+    }
+
+    /// `cmd <key>` once per key, many in flight, answers in the order of `keys`. On a cluster
+    /// this replaces multi-key commands: the client's own split of `MGET` across slots was
+    /// seen answering "Mismatch in the number of multi-slot results" after a primary
+    /// restarted, on every retry; a single-key command routes by its slot alone.
+    pub async fn each_key<T: redis::FromRedisValue>(
+        &self,
+        cmd: &str,
+        keys: &[String],
+    ) -> Result<Vec<T>, SinkError> {
+        let calls: Vec<_> = keys
+            .iter()
+            .map(|k| {
+                let mut con = self.clone();
+                let mut c = redis::cmd(cmd);
+                c.arg(k);
+                async move { c.query_async::<T>(&mut con).await.map_err(classify) }
+            })
+            .collect();
+        futures::stream::iter(calls)
+            .buffered(CLUSTER_IN_FLIGHT)
+            .collect::<Vec<_>>()
+            .await
+            .into_iter()
+            .collect()
     }
 
     /// `SCAN` `pattern` on every primary: every key that matches.
@@ -165,12 +195,12 @@ impl RedisCon {
                     .arg("COUNT")
                     .arg(1000);
                 let reply = match (&mut *self, &node) {
-                    (RedisCon::Cluster(c), Some((host, port))) => {
+                    (RedisCon::Cluster(s), Some((host, port))) => {
                         let at = SingleNodeRoutingInfo::ByAddress {
                             host: host.clone(),
                             port: *port,
                         };
-                        c.route_command(cmd, RoutingInfo::SingleNode(at)).await
+                        routed(s, cmd, RoutingInfo::SingleNode(at)).await
                     }
                     (con, _) => cmd.query_async(con).await,
                 };
@@ -185,6 +215,14 @@ impl RedisCon {
         }
         Ok(keys)
     }
+}
+
+/// A command sent to the node(s) `to` of a cluster, watched like every other request.
+async fn routed(s: &Arc<Supervised>, cmd: Cmd, to: RoutingInfo) -> redis::RedisResult<Value> {
+    let watch = s.watch();
+    let r = s.current().route_command(cmd, to).await;
+    watch.outcome(&r);
+    r
 }
 
 /// The primaries in a `CLUSTER NODES` answer (`<id> <ip:port@bus> <flags> ...` per line).
@@ -350,7 +388,14 @@ impl RedisSink {
     /// Delete every key under the prefix (retiring an old version).
     pub async fn delete_all(&self) -> Result<(), SinkError> {
         let mut con = self.con.clone();
-        for chunk in self.keys().await?.chunks(1000) {
+        let keys = self.keys().await?;
+        if matches!(con, RedisCon::Cluster(_)) {
+            for chunk in keys.chunks(10_000) {
+                con.each_key::<i64>("UNLINK", chunk).await?;
+            }
+            return Ok(());
+        }
+        for chunk in keys.chunks(1000) {
             let _: () = redis::cmd("UNLINK")
                 .arg(chunk)
                 .query_async(&mut con)
@@ -456,21 +501,30 @@ impl DocStore for RedisSink {
         if keys.is_empty() {
             return Ok(Vec::new());
         }
-        let chunks = keys.chunks(CHUNK * 2).map(|chunk| {
-            let mut con = self.con.clone();
-            let full: Vec<String> = chunk.iter().map(|k| self.key(k)).collect();
-            async move {
-                let values: Vec<Option<Vec<u8>>> = redis::cmd("MGET")
-                    .arg(&full)
-                    .query_async(&mut con)
-                    .await
-                    .map_err(classify)?;
-                Ok::<_, SinkError>(values)
-            }
-        });
-        let values = with_timeout(STORE, self.timeout, try_join_all(chunks)).await?;
+        let values: Vec<Option<Vec<u8>>> = if matches!(self.con, RedisCon::Cluster(_)) {
+            let full: Vec<String> = keys.iter().map(|k| self.key(k)).collect();
+            with_timeout(STORE, self.timeout, self.con.each_key("GET", &full)).await?
+        } else {
+            let chunks = keys.chunks(CHUNK * 2).map(|chunk| {
+                let mut con = self.con.clone();
+                let full: Vec<String> = chunk.iter().map(|k| self.key(k)).collect();
+                async move {
+                    let values: Vec<Option<Vec<u8>>> = redis::cmd("MGET")
+                        .arg(&full)
+                        .query_async(&mut con)
+                        .await
+                        .map_err(classify)?;
+                    Ok::<_, SinkError>(values)
+                }
+            });
+            with_timeout(STORE, self.timeout, try_join_all(chunks))
+                .await?
+                .into_iter()
+                .flatten()
+                .collect()
+        };
         let mut out = Vec::new();
-        for (k, v) in keys.into_iter().zip(values.into_iter().flatten()) {
+        for (k, v) in keys.into_iter().zip(values) {
             if let Some(bytes) = v {
                 let doc = serde_json::from_slice::<Doc<V>>(&bytes).map_err(|e| {
                     format!("stored document {}{k} does not decode: {e}", self.prefix)
@@ -555,5 +609,26 @@ impl DocStore for RedisSink {
         })
         .await?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::primaries;
+
+    #[test]
+    fn primaries_are_read_from_cluster_nodes() {
+        let nodes = "\
+fb62 127.0.0.1:17102@27102 master - 0 1795457413358 2 connected 5461-10922
+7939 127.0.0.1:17103@27103,host-c master - 0 1795457412355 3 connected 10923-16383
+2ec0 127.0.0.1:17101@27101 myself,master - 0 1795457410000 1 connected 0-5460
+9a9a 127.0.0.1:17104@27104 slave 2ec0 0 1795457410000 1 connected
+";
+        let got = primaries(nodes).unwrap();
+        assert_eq!(
+            got,
+            [17102, 17103, 17101].map(|p| ("127.0.0.1".to_owned(), p))
+        );
+        assert!(primaries("garbage").is_err());
     }
 }
