@@ -551,7 +551,7 @@ impl<P: Projector, S: DocStore> DocStage<P, S> {
                     .load::<P::View>(keys.clone())
                     .instrument(span.clone())
                     .await;
-                spans::loaded(&span, &r);
+                spans::finished(&span, &r);
                 match r {
                     Ok(l) => break l,
                     Err(e) => retry.failed(&e).await,

@@ -344,6 +344,6 @@ async fn insert_traced<S: FactStore>(
     span: Span,
 ) -> Result<(), SinkError> {
     let r = store.insert(facts).instrument(span.clone()).await;
-    spans::facts_written(&span, &r);
+    spans::finished(&span, &r);
     r
 }

@@ -228,16 +228,6 @@ pub fn fact_write(
     )
 }
 
-/// What a fact insert did.
-pub fn facts_written(span: &Span, r: &Result<(), SinkError>) {
-    match r {
-        Ok(()) => {
-            span.record("outcome", "ok");
-        }
-        Err(e) => failed(span, e),
-    }
-}
-
 /// A read of `documents` views a document stage needs before folding.
 pub fn doc_load(
     parent: &Span,
@@ -259,8 +249,8 @@ pub fn doc_load(
     )
 }
 
-/// What a load did.
-pub fn loaded<T>(span: &Span, r: &Result<T, SinkError>) {
+/// What a load or a fact insert did (a document write says more: [`doc_written`]).
+pub fn finished<T>(span: &Span, r: &Result<T, SinkError>) {
     match r {
         Ok(_) => {
             span.record("outcome", "ok");
