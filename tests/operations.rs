@@ -37,6 +37,26 @@ fn metric_names(text: &str) -> BTreeSet<String> {
     out
 }
 
+/// Read the worker's `/metrics` every 500 ms, for up to 30 s, until `done` holds for what
+/// `read` makes of it; returns the last reading either way.
+async fn watch<T>(
+    worker: &Worker,
+    mut read: impl FnMut(&str) -> T,
+    done: impl Fn(&T) -> bool,
+) -> T {
+    let mut last = None;
+    for _ in 0..60 {
+        let (_, body) = common::http_get(&worker.http, "/metrics").await.unwrap();
+        let v = read(&body);
+        if done(&v) {
+            return v;
+        }
+        last = Some(v);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    last.expect("60 readings")
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_metric_the_dashboard_and_the_alerts_name_is_exported_by_a_running_worker() {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
@@ -74,18 +94,19 @@ async fn every_metric_the_dashboard_and_the_alerts_name_is_exported_by_a_running
     assert_eq!(common::wait_for_facts(&sinks, &ns, want).await, want);
 
     let mut missing = named.clone();
-    for _ in 0..60 {
-        let (_, body) = common::http_get(&worker.http, "/metrics").await.unwrap();
-        missing.retain(|m| {
-            !body
-                .lines()
-                .any(|l| !l.starts_with('#') && l.starts_with(m.as_str()))
-        });
-        if missing.is_empty() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    let missing = watch(
+        &worker,
+        |body| {
+            missing.retain(|m| {
+                !body
+                    .lines()
+                    .any(|l| !l.starts_with('#') && l.starts_with(m.as_str()))
+            });
+            missing.clone()
+        },
+        |m| m.is_empty(),
+    )
+    .await;
     assert!(
         missing.is_empty(),
         "named by the dashboard or the alerts, not exported: {missing:?}"
@@ -93,39 +114,34 @@ async fn every_metric_the_dashboard_and_the_alerts_name_is_exported_by_a_running
 
     // Caught up: every partition's lag in seconds reads 0 once the commit is in the client's
     // statistics (every 5 s).
-    let lag_seconds = |body: &str| -> Vec<f64> {
-        body.lines()
-            .filter(|l| l.starts_with("projector_consumer_lag_seconds{"))
-            .filter_map(|l| l.rsplit(' ').next()?.parse().ok())
-            .collect()
-    };
-    let mut last = Vec::new();
-    for _ in 0..60 {
-        let (_, body) = common::http_get(&worker.http, "/metrics").await.unwrap();
-        last = lag_seconds(&body);
-        if !last.is_empty() && last.iter().all(|s| *s == 0.0) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    let caught_up = |v: &Vec<f64>| !v.is_empty() && v.iter().all(|s| *s == 0.0);
+    let last = watch(
+        &worker,
+        |body| -> Vec<f64> {
+            body.lines()
+                .filter(|l| l.starts_with("projector_consumer_lag_seconds{"))
+                .filter_map(|l| l.rsplit(' ').next()?.parse().ok())
+                .collect()
+        },
+        caught_up,
+    )
+    .await;
     assert!(
-        !last.is_empty() && last.iter().all(|s| *s == 0.0),
+        caught_up(&last),
         "lag in seconds after catching up: {last:?}"
     );
     // The garbled message parked its stream for every projector: one parked now.
-    let mut parked = Vec::new();
-    for _ in 0..60 {
-        let (_, body) = common::http_get(&worker.http, "/metrics").await.unwrap();
-        parked = body
-            .lines()
-            .filter(|l| l.starts_with("projector_parked_streams{"))
-            .map(str::to_owned)
-            .collect();
-        if parked.iter().any(|l| l.ends_with(" 1")) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    let parked = watch(
+        &worker,
+        |body| -> Vec<String> {
+            body.lines()
+                .filter(|l| l.starts_with("projector_parked_streams{"))
+                .map(str::to_owned)
+                .collect()
+        },
+        |p| p.iter().any(|l| l.ends_with(" 1")),
+    )
+    .await;
     assert!(
         parked
             .iter()
@@ -140,16 +156,17 @@ async fn every_metric_the_dashboard_and_the_alerts_name_is_exported_by_a_running
             .map(|l| l.rsplit(' ').next().unwrap_or_default().to_owned())
             .collect()
     };
-    let (mut rate, mut eta) = (Vec::new(), Vec::new());
-    for _ in 0..60 {
-        let (_, body) = common::http_get(&worker.http, "/metrics").await.unwrap();
-        rate = series(&body, "projector_rebuild_events_per_second{");
-        eta = series(&body, "projector_rebuild_eta_seconds{");
-        if !rate.is_empty() && !eta.is_empty() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    let (rate, eta) = watch(
+        &worker,
+        |body| {
+            (
+                series(body, "projector_rebuild_events_per_second{"),
+                series(body, "projector_rebuild_eta_seconds{"),
+            )
+        },
+        |(rate, eta)| !rate.is_empty() && !eta.is_empty(),
+    )
+    .await;
     assert!(
         !rate.is_empty() && rate.iter().all(|v| v == "0"),
         "{rate:?}"

@@ -6,18 +6,13 @@
 
 mod common;
 
-use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::faults::{Worker, load, progress, wait_until};
+use common::faults::{Worker, load, progress, repo, services_sh, wait_until};
 use common::{ReadServer, Snapshot};
 use projector::config::RedisConfig;
 use projector::sinks::redis::RedisCon;
-
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
 
 fn ports() -> [u16; 3] {
     let base: u16 = std::env::var("REDIS_CLUSTER_PORT")
@@ -28,13 +23,13 @@ fn ports() -> [u16; 3] {
 }
 
 fn services(args: &[&str]) {
-    let ok = Command::new("bash")
-        .arg(repo().join("scripts/services.sh"))
-        .args(args)
-        .status()
-        .expect("scripts/services.sh runs")
-        .success();
-    assert!(ok, "scripts/services.sh {args:?}");
+    let out = services_sh(false, args);
+    assert!(
+        out.status.success(),
+        "scripts/services.sh {args:?}:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 fn node_pid(port: u16) -> String {

@@ -22,19 +22,26 @@ const PORTS: [(&str, &str); 6] = [
     ("CLICKHOUSE_TCP_PORT", "29001"),
 ];
 
-fn repo() -> PathBuf {
+pub fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-fn services(args: &[&str]) -> std::process::Output {
-    Command::new("bash")
-        .arg(repo().join("scripts/services.sh"))
+/// `scripts/services.sh ARGS`, on the fault-test set (its own ports and data) or, with
+/// `fault_set` false, on the default one.
+pub fn services_sh(fault_set: bool, args: &[&str]) -> std::process::Output {
+    let mut cmd = Command::new("bash");
+    cmd.arg(repo().join("scripts/services.sh"))
         .args(args)
-        .env("SERVICES_RUN_ROOT", repo().join(".services-faults"))
-        .envs(PORTS)
-        .stdin(Stdio::null())
-        .output()
-        .expect("scripts/services.sh runs")
+        .stdin(Stdio::null());
+    if fault_set {
+        cmd.env("SERVICES_RUN_ROOT", repo().join(".services-faults"))
+            .envs(PORTS);
+    }
+    cmd.output().expect("scripts/services.sh runs")
+}
+
+fn services(args: &[&str]) -> std::process::Output {
+    services_sh(true, args)
 }
 
 /// The fault-test servers, started if they are not running.
