@@ -130,6 +130,18 @@ pub struct WorkerConfig {
     /// `/healthz` fails when messages wait and nothing was committed for this long.
     #[serde(default = "default_liveness_stall_secs")]
     pub liveness_stall_secs: u64,
+    /// How often every member looks at the whole group (committed offsets, watermarks and
+    /// the coordinator's assignment of every partition).
+    #[serde(default = "default_group_watch_ms")]
+    pub group_watch_ms: u64,
+    /// A partition whose committed offset has not moved for this long while messages wait
+    /// on it is stalled (`projector_group_stalled_partitions`).
+    #[serde(default = "default_partition_stall_secs")]
+    pub partition_stall_secs: u64,
+    /// A member whose assignment disagrees with the coordinator's this long (longer than a
+    /// rebalance takes) re-creates its consumer.
+    #[serde(default = "default_assignment_mismatch_secs")]
+    pub assignment_mismatch_secs: u64,
     /// The projectors this deployment runs (empty: all). One read model per deployment
     /// lets each scale in its own consumer group.
     #[serde(default)]
@@ -157,6 +169,15 @@ fn default_commit_interval_ms() -> u64 {
 }
 fn default_liveness_stall_secs() -> u64 {
     120
+}
+fn default_group_watch_ms() -> u64 {
+    2_000
+}
+fn default_partition_stall_secs() -> u64 {
+    30
+}
+fn default_assignment_mismatch_secs() -> u64 {
+    20
 }
 
 impl WorkerConfig {

@@ -152,7 +152,9 @@ struct BenchCli {
 
 #[derive(Args)]
 struct RunArgs {
-    /// Exit once no event has arrived for this many seconds (demo, tests, benchmarks).
+    /// Exit once the whole consumer group has been caught up for this many seconds: every
+    /// partition's committed offset at its high watermark, as the broker reports, and nothing
+    /// in flight here (demo, tests, benchmarks). A partition nobody consumes keeps it running.
     #[arg(long)]
     exit_when_idle: Option<f64>,
     /// Only these projectors (comma-separated), e.g. `customer360,analytics`; one read model

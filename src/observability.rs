@@ -73,7 +73,8 @@ pub async fn serve(
                 } else {
                     (
                         StatusCode::SERVICE_UNAVAILABLE,
-                        "stalled: work waits and nothing was committed",
+                        "stalled: work waits and nothing was committed, or a partition this \
+                         member is responsible for has not moved",
                     )
                 }
             }),

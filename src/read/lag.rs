@@ -4,9 +4,8 @@
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::consumer::BaseConsumer;
 use rdkafka::error::KafkaError;
-use rdkafka::{Offset, TopicPartitionList};
 
 use super::types::{Lag, PartitionLag};
 use crate::config::Config;
@@ -19,13 +18,14 @@ pub struct LagProbe {
 }
 
 impl LagProbe {
-    /// Start observing (every `every`). The probe reads committed offsets only: it never
-    /// joins the group, so it moves no partition.
+    /// Start observing (every `every`). The probe reads committed offsets and the group's
+    /// description only: it never joins the group, so it moves no partition.
     pub fn start(cfg: &Config, every: Duration) -> Result<LagProbe, KafkaError> {
-        let consumer: BaseConsumer = crate::kafka::base_client_config(&cfg.kafka)
-            .set("group.id", &cfg.kafka.group_id)
-            .set("enable.auto.commit", "false")
-            .create()?;
+        let consumer: BaseConsumer = crate::source::group::observer(
+            &cfg.kafka,
+            &cfg.kafka.group_id,
+            rdkafka::consumer::DefaultConsumerContext,
+        )?;
         let consumer = Arc::new(consumer);
         let latest = Arc::new(RwLock::new(None));
         let (topics, group) = (
@@ -66,37 +66,23 @@ impl Drop for LagProbe {
 }
 
 fn observe(c: &BaseConsumer, topics: &[String], group: &str) -> Result<Lag, KafkaError> {
-    let metadata = c.fetch_metadata(None, ASK_TIMEOUT)?;
-    let mut tpl = TopicPartitionList::new();
-    for t in metadata.topics() {
-        if topics.iter().any(|n| n == t.name()) {
-            for p in t.partitions() {
-                tpl.add_partition(t.name(), p.id());
-            }
-        }
-    }
-    let committed = c.committed_offsets(tpl, ASK_TIMEOUT)?;
+    let obs = crate::source::group::observe(c, group, topics, ASK_TIMEOUT)?;
     let mut lag = Lag {
         group: group.to_owned(),
-        messages: 0,
+        messages: obs.lag(),
         partitions: Vec::new(),
+        unowned_partitions: obs.unowned().len() as u32,
         observed_at: super::now(),
     };
-    for e in committed.elements() {
-        let (low, high) = c.fetch_watermarks(e.topic(), e.partition(), ASK_TIMEOUT)?;
-        let done = match e.offset() {
-            Offset::Offset(o) => o,
-            _ => -1,
-        };
-        let behind = (high - done.max(low)).max(0);
-        lag.messages += behind;
-        if behind > 0 {
+    for ((topic, partition), p) in &obs.partitions {
+        if p.lag() > 0 {
             lag.partitions.push(PartitionLag {
-                topic: e.topic().to_owned(),
-                partition: e.partition(),
-                committed: done,
-                high_watermark: high,
-                lag: behind,
+                topic: topic.clone(),
+                partition: *partition,
+                committed: p.committed.unwrap_or(-1),
+                high_watermark: p.high,
+                lag: p.lag(),
+                owner: p.owner.clone(),
             });
         }
     }

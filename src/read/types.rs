@@ -47,6 +47,10 @@ pub struct Lag {
     pub messages: i64,
     /// Per topic partition, only those with a lag.
     pub partitions: Vec<PartitionLag>,
+    /// Partitions no member of the group owns, as the group coordinator says: their lag does
+    /// not shrink until a member takes them.
+    #[serde(default)]
+    pub unowned_partitions: u32,
     /// When the broker was asked (UTC); lag is reused for `read.cache_ms`.
     pub observed_at: String,
 }
@@ -59,6 +63,9 @@ pub struct PartitionLag {
     pub committed: i64,
     pub high_watermark: i64,
     pub lag: i64,
+    /// The client id of the member the coordinator assigned it to (none: nobody consumes it).
+    #[serde(default)]
+    pub owner: Option<String>,
 }
 
 /// "Answer only once this event is in": the event a caller caused, by its global position

@@ -52,6 +52,13 @@ pub struct Shared {
     /// seconds of a partition with messages waiting is the age of its newest done message.
     pub newest_done: std::sync::Mutex<std::collections::HashMap<(String, i32), i64>>,
     pub consumer_restarts: AtomicU64,
+    /// What this member consumes (its client id and assignment), for the group watch.
+    belief: std::sync::Mutex<Option<crate::source::group::Belief>>,
+    /// From the group watch: every partition of the group has lag 0 (false until observed).
+    pub group_caught_up: AtomicBool,
+    /// From the group watch: the longest time, in ms, a partition this member is responsible
+    /// for has had messages waiting and a commit that did not move.
+    pub group_stall_ms: AtomicU64,
     started: Instant,
     /// Milliseconds since `started` of the last commit (or of the start).
     last_commit_ms: AtomicU64,
@@ -71,6 +78,9 @@ impl Default for Shared {
             lag_messages: AtomicI64::new(0),
             newest_done: Default::default(),
             consumer_restarts: AtomicU64::new(0),
+            belief: Default::default(),
+            group_caught_up: AtomicBool::new(false),
+            group_stall_ms: AtomicU64::new(0),
             started: Instant::now(),
             last_commit_ms: AtomicU64::new(0),
         }
@@ -97,12 +107,37 @@ impl Shared {
             && self.open_circuits.load(Ordering::Relaxed) == 0
     }
 
-    /// Alive means making progress: unhealthy only when work waits (messages in flight or
-    /// consumer lag) and nothing has been committed for `stall`.
+    /// Alive means making progress: unhealthy when work waits (messages in flight or
+    /// consumer lag) and nothing has been committed for `stall`, or when a partition this
+    /// member is responsible for (it consumes it, or the coordinator says it owns it) has had
+    /// messages waiting and a commit that did not move for `stall`.
     pub fn live(&self, stall: Duration) -> bool {
         let work = self.in_flight.load(Ordering::Relaxed) > 0
             || self.lag_messages.load(Ordering::Relaxed) > 0;
-        !work || self.since_last_commit() < stall
+        let mine_stalled =
+            Duration::from_millis(self.group_stall_ms.load(Ordering::Relaxed)) >= stall;
+        (!work || self.since_last_commit() < stall) && !mine_stalled
+    }
+
+    /// What this member consumes, as the source last saw it.
+    pub fn belief(&self) -> Option<crate::source::group::Belief> {
+        self.belief
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// The source's side: a new consumer (`Some`, nothing assigned yet), its assignment, or
+    /// no consumer (`None`).
+    pub fn set_belief(&self, b: Option<crate::source::group::Belief>) {
+        *self.belief.lock().unwrap_or_else(|e| e.into_inner()) = b;
+    }
+
+    /// The group watch's side.
+    pub fn note_group(&self, v: &crate::source::group::Verdict) {
+        self.group_caught_up.store(v.caught_up, Ordering::Relaxed);
+        self.group_stall_ms
+            .store(v.my_longest_stall.as_millis() as u64, Ordering::Relaxed);
     }
 
     /// Mark a stage as waiting for as long as the guard lives.

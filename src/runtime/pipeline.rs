@@ -461,6 +461,8 @@ pub async fn run(
     ));
     let source = KafkaSource::new(cfg, shared.clone(), tracker_tx, raw_tx, topics.clone());
     tracing::info!(group = %cfg.kafka.group_id, topics = ?topics, stages = stages.participants, "worker started");
+    let watch = crate::source::group::spawn(cfg, shared.clone(), topics.as_ref().clone())
+        .map_err(|e| RuntimeError::Source(e.to_string()))?;
     let idle = opts.stop_when_idle;
     let names = topics.as_ref().clone();
     let thread = std::thread::Builder::new()
@@ -471,6 +473,8 @@ pub async fn run(
     if !matches!(joined, Ok(Ok(()))) {
         return Err(RuntimeError::Source("the source thread panicked".into()));
     }
+    shared.shutdown.store(true, Ordering::Relaxed);
+    let _ = tokio::task::spawn_blocking(move || watch.join()).await;
     // The source is gone: the decode step, then the stages, then the tracker wind down.
     let Stages {
         txs,

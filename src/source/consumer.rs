@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use rdkafka::ClientContext;
-use rdkafka::consumer::{BaseConsumer, ConsumerContext, Rebalance};
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
 use rdkafka::statistics::Statistics;
 use rdkafka::topic_partition_list::TopicPartitionList;
@@ -119,9 +119,42 @@ impl ConsumerContext for SourceContext {
     }
 }
 
+/// The member id the group coordinator gave this consumer (none before it joined). It names
+/// the member in the coordinator's description whatever its client id.
+pub fn member_id<C: ConsumerContext>(consumer: &BaseConsumer<C>) -> Option<String> {
+    // SAFETY: the client pointer lives as long as `consumer`; librdkafka returns a copy of
+    // the id (or null), which we own and release with rd_kafka_mem_free.
+    unsafe {
+        let client = consumer.client().native_ptr();
+        let p = rdkafka::bindings::rd_kafka_memberid(client);
+        if p.is_null() {
+            return None;
+        }
+        let id = std::ffi::CStr::from_ptr(p).to_string_lossy().into_owned();
+        rdkafka::bindings::rd_kafka_mem_free(client, p.cast());
+        Some(id).filter(|s| !s.is_empty())
+    }
+}
+
+/// A client id no other consumer has: the coordinator's description names members by it,
+/// so the group watch can tell which one is this consumer.
+pub fn unique_client_id(cfg: &KafkaConfig) -> String {
+    let who = cfg
+        .instance_id
+        .as_deref()
+        .filter(|s| !s.is_empty())
+        .unwrap_or("member");
+    format!("projector-{who}-{}", uuid::Uuid::new_v4().simple())
+}
+
 /// A consumer in the worker group: manual commits, earliest reset, cooperative-sticky.
-pub fn create_consumer(cfg: &KafkaConfig, ctx: SourceContext) -> KafkaResult<SourceConsumer> {
+pub fn create_consumer(
+    cfg: &KafkaConfig,
+    client_id: &str,
+    ctx: SourceContext,
+) -> KafkaResult<SourceConsumer> {
     let mut c = base_client_config(cfg);
+    c.set("client.id", client_id);
     if let Some(id) = cfg.instance_id.as_deref().filter(|s| !s.is_empty()) {
         c.set("group.instance.id", id);
     }

@@ -19,8 +19,12 @@ use rdkafka::message::{BorrowedMessage, Headers};
 use rdkafka::{Message, Offset, TopicPartitionList};
 use tokio::sync::mpsc;
 
-use super::consumer::{RebalanceHandler, SourceConsumer, SourceContext, create_consumer, is_fatal};
+use super::consumer::{
+    RebalanceHandler, SourceConsumer, SourceContext, create_consumer, is_fatal, member_id,
+    unique_client_id,
+};
 use super::decode::RawItem;
+use super::group::Belief;
 use super::window::{Arena, Origin, RawRef};
 use crate::config::Config;
 use crate::runtime::Shared;
@@ -302,7 +306,8 @@ impl KafkaSource {
                 shared: self.shared.clone(),
                 handler: self.clone(),
             };
-            let consumer = match create_consumer(&self.cfg.kafka, ctx).and_then(|c| {
+            let client_id = unique_client_id(&self.cfg.kafka);
+            let consumer = match create_consumer(&self.cfg.kafka, &client_id, ctx).and_then(|c| {
                 c.subscribe(&topics.iter().map(String::as_str).collect::<Vec<_>>())?;
                 Ok(c)
             }) {
@@ -314,6 +319,11 @@ impl KafkaSource {
                 }
             };
             backoff.reset();
+            self.shared.set_belief(Some(Belief {
+                client_id,
+                member_id: None,
+                assignment: Default::default(),
+            }));
             // Whatever the old consumer reported is history now.
             self.shared.recreate.store(false, Ordering::Relaxed);
             let _ = self.tracker.send(TrackerMsg::Consumer {
@@ -332,6 +342,7 @@ impl KafkaSource {
             let _ = self.tracker.send(TrackerMsg::Release { reply: tx });
             let _ = rx.recv_timeout(Duration::from_secs(5));
             self.shared.assigned.store(false, Ordering::Relaxed);
+            self.shared.set_belief(None);
             drop(consumer); // leaves the group (a static member only closes)
             if finished {
                 return;
@@ -359,7 +370,6 @@ impl KafkaSource {
         let mut next = 0usize;
         let mut last_activity = Instant::now();
         let mut last_check = Instant::now();
-        let mut assigned = false;
         let mut held = false;
         let max_in_flight = self.cfg.worker.max_in_flight.max(1);
         loop {
@@ -466,14 +476,21 @@ impl KafkaSource {
             }
             if last_check.elapsed() >= Duration::from_millis(250) {
                 last_check = Instant::now();
-                assigned = consumer.assignment().is_ok_and(|a| a.count() > 0);
+                let assignment = consumer.assignment().ok();
+                let assigned = assignment.as_ref().is_some_and(|a| a.count() > 0);
+                if let Some(a) = assignment {
+                    self.note_assignment(&a, member_id(consumer));
+                }
                 metrics::gauge!("projector_in_flight_messages")
                     .set(self.shared.in_flight.load(Ordering::Relaxed) as f64);
                 self.shared.assigned.store(assigned, Ordering::Relaxed);
             }
-            // Idle time counts only while partitions are assigned and nothing is pending (a
-            // join can take a while when a killed member's session has yet to expire).
-            if !assigned || self.shared.in_flight.load(Ordering::Relaxed) > 0 {
+            // Idle means the whole group is caught up (every partition's committed offset at
+            // its high watermark, as the broker says) and nothing is pending here; a partition
+            // nobody consumes keeps it from ever being idle.
+            if !self.shared.group_caught_up.load(Ordering::Relaxed)
+                || self.shared.in_flight.load(Ordering::Relaxed) > 0
+            {
                 last_activity = Instant::now();
             }
             if let Some(idle) = stop_when_idle
@@ -482,6 +499,22 @@ impl KafkaSource {
                 tracing::info!("idle: stopping");
                 self.shared.shutdown.store(true, Ordering::Relaxed);
             }
+        }
+    }
+
+    /// Tell the group watch what this consumer consumes now.
+    fn note_assignment(&self, a: &TopicPartitionList, member_id: Option<String>) {
+        let assignment = a
+            .elements()
+            .iter()
+            .map(|e| (e.topic().to_owned(), e.partition()))
+            .collect();
+        if let Some(mut b) = self.shared.belief()
+            && (b.assignment != assignment || b.member_id != member_id)
+        {
+            b.assignment = assignment;
+            b.member_id = member_id;
+            self.shared.set_belief(Some(b));
         }
     }
 

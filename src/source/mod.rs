@@ -3,7 +3,10 @@
 
 mod consumer;
 pub mod decode;
+pub mod group;
 pub mod kafka;
 pub mod window;
 
-pub use consumer::{SourceConsumer, SourceContext, create_consumer, is_fatal};
+pub use consumer::{
+    SourceConsumer, SourceContext, create_consumer, is_fatal, member_id, unique_client_id,
+};
