@@ -212,6 +212,12 @@ pub struct KafkaConfig {
     /// its partitions back at once instead of waiting for its old session to expire.
     #[serde(default)]
     pub instance_id: Option<String>,
+    /// The client id of the worker's consumers. Unset (the default): one of its own per
+    /// consumer, `projector-<instance>-<uuid>`. Members that share one are told apart by the
+    /// coordinator's member id only, and the local broker hands a rejoining static member
+    /// another member's partitions when they do.
+    #[serde(default)]
+    pub client_id: Option<String>,
     /// Dead letters larger than this keep only the head of their payload (the original stays
     /// in the source topic at the offset the headers name).
     #[serde(default = "default_dlq_max_bytes")]

@@ -19,16 +19,32 @@ async fn at(t0: Instant, secs: u64) {
     tokio::time::sleep(when.saturating_duration_since(Instant::now())).await;
 }
 
+/// The workers as shipped: a client id of their own per consumer.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn workers_and_stores_killed_under_load_leave_no_partition_behind() {
+    scenario("stall", &[]).await;
+}
+
+/// Both workers configured with one client id: the local broker then hands a rejoining
+/// member the other one's partitions, and only the group watch's heal brings them back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_sharing_a_client_id_heal_the_brokers_misassignment() {
+    scenario(
+        "stallshared",
+        &[("PROJECTOR_KAFKA__CLIENT_ID", "projector".into())],
+    )
+    .await;
+}
+
+async fn scenario(tag: &str, more: &[(&str, String)]) {
     let set = FaultSet::up();
-    let (cfg, ns) = set.isolated("stall");
+    let (cfg, ns) = set.isolated(tag);
     projector::kafka::ensure_topics(&cfg.kafka).await.unwrap();
-    let extra = [
+    let mut extra = vec![
         ("PROJECTOR_KAFKA__MAX_POLL_INTERVAL_MS", "8000".to_owned()),
         ("PROJECTOR_WORKER__WINDOW_SIZE", "500".to_owned()),
     ];
-    let tag = "stall";
+    extra.extend(more.iter().cloned());
     let mut w0 = Worker::spawn(&cfg, "w0", tag, &extra);
     let mut w1 = Worker::spawn(&cfg, "w1", tag, &extra);
 

@@ -136,9 +136,12 @@ pub fn member_id<C: ConsumerContext>(consumer: &BaseConsumer<C>) -> Option<Strin
     }
 }
 
-/// A client id no other consumer has: the coordinator's description names members by it,
-/// so the group watch can tell which one is this consumer.
+/// A client id no other consumer has (unless `kafka.client_id` sets one): the coordinator's
+/// description names members by it, so the group watch can tell which one is this consumer.
 pub fn unique_client_id(cfg: &KafkaConfig) -> String {
+    if let Some(id) = cfg.client_id.as_deref().filter(|s| !s.is_empty()) {
+        return id.to_owned();
+    }
     let who = cfg
         .instance_id
         .as_deref()
