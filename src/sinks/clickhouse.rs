@@ -268,3 +268,18 @@ impl FactStore for ClickHouseSink {
         .await
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::quote_ident;
+
+    #[test]
+    fn identifiers_are_back_quoted_and_cannot_break_out() {
+        assert_eq!(quote_ident("event_facts_v1"), "`event_facts_v1`");
+        assert_eq!(
+            quote_ident("a`; DROP TABLE x; --"),
+            "`a\\`; DROP TABLE x; --`"
+        );
+        assert_eq!(quote_ident("a\\`b"), "`a\\\\\\`b`");
+    }
+}
