@@ -773,6 +773,13 @@ impl<P: Projector, S: DocStore> DocStage<P, S> {
                 Ok(o) => o,
                 Err(e) => {
                     retry.failed(&e).await;
+                    if matches!(self.ctx.mode, Mode::Live { .. })
+                        && self.ctx.target(true).await != prep.target
+                    {
+                        // Switched while the store failed: the caller writes the batch to
+                        // the new version; the replaced one (maybe retired) is not retried.
+                        return;
+                    }
                     result = self.write_keys(prep, &order).await;
                     continue;
                 }
