@@ -11,6 +11,12 @@ pub const DEFAULT_CONFIG: &str = "config/local.toml";
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
 pub struct Config {
+    /// The deployment this process belongs to (`PROJECTOR_DEPLOYMENT`): version pointers,
+    /// parks, rebuild checkpoints, retired versions and the published live version are its
+    /// own, shared by all of its consumer groups (one per read model), its rebuilds and its
+    /// read service. Consumer groups only divide partitions.
+    #[serde(default = "default_deployment")]
+    pub deployment: String,
     pub kafka: KafkaConfig,
     pub postgres: PostgresConfig,
     pub redis: RedisConfig,
@@ -22,6 +28,10 @@ pub struct Config {
     pub read: ReadConfig,
     #[serde(default)]
     pub telemetry: TelemetryConfig,
+}
+
+fn default_deployment() -> String {
+    "projector".into()
 }
 
 /// Traces: exported over OTLP/HTTP (protobuf) only when an endpoint is set.
@@ -142,8 +152,8 @@ pub struct WorkerConfig {
     /// rebalance takes) re-creates its consumer.
     #[serde(default = "default_assignment_mismatch_secs")]
     pub assignment_mismatch_secs: u64,
-    /// The projectors this deployment runs (empty: all). One read model per deployment
-    /// lets each scale in its own consumer group.
+    /// The projectors this worker runs (empty: all). One read model per consumer group lets
+    /// each scale on its own; all of them stay in one `deployment`.
     #[serde(default)]
     pub projectors: Vec<String>,
     pub http_addr: String,
@@ -318,8 +328,12 @@ pub struct ClickHouseConfig {
 }
 
 #[derive(Debug, thiserror::Error)]
-#[error("configuration: {0}")]
-pub struct ConfigError(#[from] Box<figment::Error>);
+pub enum ConfigError {
+    #[error("configuration: {0}")]
+    Load(#[from] Box<figment::Error>),
+    #[error("configuration: {0}")]
+    Invalid(#[from] crate::versions::VersionError),
+}
 
 impl Config {
     /// Load `path` (or the default file), then apply environment overrides.
@@ -328,17 +342,20 @@ impl Config {
             .map(Path::to_path_buf)
             .or_else(|| std::env::var_os("PROJECTOR_CONFIG").map(Into::into))
             .unwrap_or_else(|| DEFAULT_CONFIG.into());
-        Figment::new()
+        let cfg: Config = Figment::new()
             .merge(Toml::file_exact(path))
             .merge(Env::prefixed("PROJECTOR_").split("__").ignore(&["config"]))
             .extract()
-            .map_err(|e| ConfigError(Box::new(e)))
+            .map_err(|e| ConfigError::Load(Box::new(e)))?;
+        crate::versions::validate_deployment(&cfg.deployment)?;
+        Ok(cfg)
     }
 
-    /// A copy whose topics, group, dead-letter topic and read models are all named after
-    /// `id`, so a test or benchmark run shares nothing with any other.
+    /// A copy whose deployment, topics, group, dead-letter topic and read models are all
+    /// named after `id`, so a test or benchmark run shares nothing with any other.
     pub fn isolated(&self, id: &str) -> Config {
         let mut c = self.clone();
+        c.deployment = id.to_owned();
         c.kafka.topic_prefix = format!("{id}.");
         c.kafka.dlq_topic = format!("{id}.dlq");
         c.kafka.group_id = format!("{id}-group");
@@ -364,13 +381,19 @@ impl Config {
         }
     }
 
-    /// The Redis key naming the live Customer-360 version, for agents that read Redis
-    /// directly: `c360:current` beside `c360:live:` (never under any version's prefix).
+    /// The Redis key naming this deployment's live Customer-360 version, for agents that
+    /// read Redis directly: `c360:current@<deployment>` beside `c360:live:`. Never under any
+    /// version's prefix (`c360:<version>:`; a version name has no `@`), and one per
+    /// deployment, so deployments sharing a Redis never read each other's.
     pub fn redis_pointer_key(&self) -> String {
         let v = &self.views;
         match v.redis_prefix.strip_suffix("live:") {
-            Some(base) => format!("{base}current"),
-            None => format!("{}@current", v.redis_prefix.trim_end_matches(':')),
+            Some(base) => format!("{base}current@{}", self.deployment),
+            None => format!(
+                "{}@current@{}",
+                v.redis_prefix.trim_end_matches(':'),
+                self.deployment
+            ),
         }
     }
 
@@ -378,6 +401,7 @@ impl Config {
     /// (its HTTP endpoint on an ephemeral port).
     pub fn child_env(&self) -> Vec<(&'static str, String)> {
         vec![
+            ("PROJECTOR_DEPLOYMENT", self.deployment.clone()),
             (
                 "PROJECTOR_KAFKA__TOPIC_PREFIX",
                 self.kafka.topic_prefix.clone(),
@@ -466,6 +490,17 @@ mod tests {
                 Some("http://collector:4318/v1/traces")
             );
             assert_eq!(c.postgres.url, "postgres://env");
+            assert_eq!(c.deployment, "projector", "the default deployment");
+            jail.set_env("PROJECTOR_DEPLOYMENT", "blue");
+            let c = Config::load(Some(Path::new("c.toml"))).map_err(|e| e.to_string())?;
+            assert_eq!(c.deployment, "blue");
+            assert_eq!(c.redis_pointer_key(), "c@current@blue");
+            jail.set_env("PROJECTOR_DEPLOYMENT", "a/b");
+            assert!(
+                Config::load(Some(Path::new("c.toml"))).is_err(),
+                "a deployment name that could cross scopes is refused"
+            );
+            jail.set_env("PROJECTOR_DEPLOYMENT", "blue");
             assert_eq!(c.kafka.partitions, 12);
             assert_eq!(c.redis.url, "redis://file");
             Ok(())
@@ -484,6 +519,17 @@ mod tests {
             v.redis_prefix
         );
         assert_eq!(v.mongo_collection, "t1_orders_v1");
+        assert_eq!(
+            isolated.deployment, "t1",
+            "each test run is its own deployment"
+        );
+        assert_eq!(cfg.redis_pointer_key(), "c360:current@projector");
+        assert_ne!(cfg.redis_pointer_key(), isolated.redis_pointer_key());
+        // A pointer key is never under a version's prefix (retiring it would delete it).
+        assert!(
+            !cfg.redis_pointer_key()
+                .starts_with(&cfg.versioned_views("current").redis_prefix)
+        );
     }
 
     #[test]

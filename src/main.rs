@@ -158,7 +158,7 @@ struct RunArgs {
     #[arg(long)]
     exit_when_idle: Option<f64>,
     /// Only these projectors (comma-separated), e.g. `customer360,analytics`; one read model
-    /// per deployment lets each scale in its own consumer group. Default: `worker.projectors`.
+    /// per consumer group lets each scale on its own. Default: `worker.projectors`.
     #[arg(long, value_delimiter = ',')]
     projectors: Option<Vec<String>>,
     /// Write the run's figures (events, batches, writes, latency percentiles) as JSON here.
@@ -508,6 +508,8 @@ async fn rebuild(config: &Config, args: RebuildArgs) -> anyhow::Result<()> {
         .version
         .or(unfinished)
         .unwrap_or_else(|| format!("v{}", chrono::Utc::now().format("%Y%m%d%H%M%S")));
+    // It names stores and tables: refuse anything but [A-Za-z0-9_]{1,64} before any is made.
+    projector::versions::validate_version(&version)?;
     let views = config.versioned_views(&version);
     let head = store.committed_head().await?;
     println!(
@@ -640,7 +642,10 @@ async fn switch_and_retire(
 /// The version named after `switch` or `drop`.
 fn version_arg(args: &RebuildArgs) -> anyhow::Result<String> {
     match (args.names.get(1), args.names.len()) {
-        (Some(v), 2) => Ok(v.clone()),
+        (Some(v), 2) => {
+            projector::versions::validate_version(v)?;
+            Ok(v.clone())
+        }
         _ => anyhow::bail!(
             "usage: rebuild-projection {} <version> (versions: rebuild-projection status)",
             args.names[0]

@@ -112,7 +112,8 @@ pub fn watch_rebuilds(cfg: &crate::config::Config, pg: Arc<crate::store::Pg>) {
         "projector_rebuild_eta_seconds",
     ];
     let scope = crate::versions::scope_key(cfg, "");
-    let group = cfg.kafka.group_id.clone();
+    // Parks are the deployment's, whichever consumer group this worker is in.
+    let deployment = cfg.deployment.clone();
     tokio::spawn(async move {
         let mut parked_seen: Vec<String> = Vec::new();
         // (projection, version) → (events applied, position, when seen) at the last poll.
@@ -169,7 +170,7 @@ pub fn watch_rebuilds(cfg: &crate::config::Config, pg: Arc<crate::store::Pg>) {
                 }
                 seen = now;
             }
-            let g = group.clone();
+            let g = deployment.clone();
             let parked = pg
                 .run(|c| async move {
                     c.query(

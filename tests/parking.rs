@@ -48,7 +48,7 @@ fn sigterm(child: &mut std::process::Child) -> std::process::ExitStatus {
 async fn parks(cfg: &Config) -> Vec<(String, String, String, String)> {
     ParkStore::new(
         std::sync::Arc::new(Pg::from_config(&cfg.postgres)),
-        &cfg.kafka.group_id,
+        &cfg.deployment,
     )
     .list()
     .await

@@ -161,6 +161,8 @@ pub async fn run(base: &Config, args: BenchArgs) -> anyhow::Result<()> {
     println!("  CPU while draining (share of one core): {}", all.cpu);
     let mut analytics_cfg = cfg.clone();
     analytics_cfg.kafka.group_id = format!("{id}-analytics");
+    // A deployment of its own too: its table's pointers are not the full drain's.
+    analytics_cfg.deployment = format!("{id}-analytics");
     analytics_cfg.views.clickhouse_table = format!("{id}_facts_only");
     let only = drain(&analytics_cfg, "analytics", Some("analytics")).await?;
     let only_rate = rate(

@@ -334,7 +334,7 @@ impl ReadService {
         sequence: i64,
     ) -> Option<String> {
         let (scope, projection, version, stream) = (
-            self.cfg.kafka.group_id.clone(),
+            self.cfg.deployment.clone(),
             projection.to_owned(),
             version.to_owned(),
             stream.to_owned(),
@@ -635,8 +635,9 @@ impl ReadService {
         })
     }
 
+    /// The live facts table, as a quoted identifier for the SQL it goes into.
     fn facts_table(&self, version: &str) -> String {
-        views_for(&self.cfg, version).clickhouse_table
+        crate::sinks::clickhouse::quote_ident(&views_for(&self.cfg, version).clickhouse_table)
     }
 
     /// Analytics answers: every query runs with bound parameters, on the live table; an

@@ -46,7 +46,7 @@ pub async fn load_checkpoint(
     Ok(row.map(|r| row_to(&r, projection.to_owned(), version.to_owned(), 0)))
 }
 
-/// Save (or create) a checkpoint.
+/// Save (or create) a checkpoint. A retired version stays retired: nothing revives it.
 pub async fn save_checkpoint(store: &EventStore, c: &Checkpoint) -> Result<(), RebuildError> {
     store
         .client()
@@ -55,7 +55,8 @@ pub async fn save_checkpoint(store: &EventStore, c: &Checkpoint) -> Result<(), R
              VALUES ($1, $2, $3, $4::text::xid8, $5, $6) \
              ON CONFLICT (projection, version) DO UPDATE SET position = EXCLUDED.position, \
                transaction_id = EXCLUDED.transaction_id, events_applied = EXCLUDED.events_applied, \
-               status = EXCLUDED.status, updated_at = now()",
+               status = EXCLUDED.status, updated_at = now() \
+             WHERE projection_checkpoints.status <> 'retired'",
             &[
                 &c.projection,
                 &c.version,
@@ -85,7 +86,7 @@ pub async fn all_checkpoints(store: &EventStore) -> Result<Vec<Checkpoint>, Rebu
         .collect())
 }
 
-/// This deployment's checkpoints (its consumer group's scope), newest first, with plain
+/// This deployment's checkpoints, newest first, with plain
 /// projection names.
 pub async fn versions_in_scope(
     cfg: &crate::config::Config,

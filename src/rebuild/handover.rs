@@ -40,6 +40,7 @@ pub async fn switch(
     opts: &RebuildOptions,
     progress: Progress<'_>,
 ) -> Result<SwitchReport, RebuildError> {
+    crate::versions::validate_version(&opts.version)?;
     let started = Instant::now();
     let owner = format!(
         "rebuild {} pid {} {:x}",
@@ -209,7 +210,8 @@ async fn finish(
         )
         .await?;
         tx.execute(
-            "UPDATE projection_checkpoints SET status = 'live', updated_at = now() WHERE projection = $1 AND version = $2",
+            "UPDATE projection_checkpoints SET status = 'live', updated_at = now() \
+             WHERE projection = $1 AND version = $2 AND status <> 'retired'",
             &[key, &opts.version],
         )
         .await?;
@@ -221,14 +223,31 @@ async fn finish(
     Ok((replaced, final_events))
 }
 
+/// How long a retire waits between recording the version retired and deleting it: a live
+/// batch folded on pointers read just before a switch (at most `MAX_AGE` old) lands first,
+/// and is deleted with the rest.
+const RETIRE_FENCE: Duration = Duration::from_secs(1);
+
 /// Delete a replaced version of a projection's read model (after the grace period), and the
-/// streams parked in it.
+/// streams parked in it. The version is recorded retired *first*: from then on no worker or
+/// rebuild of the deployment opens (and so re-creates) its store again.
 pub async fn retire(
     cfg: &Config,
     store: &EventStore,
     projection: &str,
     version: &str,
 ) -> Result<(), RebuildError> {
+    crate::versions::validate_version(version)?;
+    let key = scope_key(cfg, projection);
+    store
+        .client()
+        .execute(
+            "INSERT INTO projection_checkpoints (projection, version, status) VALUES ($1, $2, 'retired') \
+             ON CONFLICT (projection, version) DO UPDATE SET status = 'retired', updated_at = now()",
+            &[&key, &version],
+        )
+        .await?;
+    tokio::time::sleep(RETIRE_FENCE).await;
     // Only this projection's store is touched: connecting the others would recreate, empty,
     // what retiring their projections already dropped.
     let views = crate::versions::views_for(cfg, version);
@@ -261,20 +280,11 @@ pub async fn retire(
             ));
         }
     }
-    let key = scope_key(cfg, projection);
-    store
-        .client()
-        .execute(
-            "INSERT INTO projection_checkpoints (projection, version, status) VALUES ($1, $2, 'retired') \
-             ON CONFLICT (projection, version) DO UPDATE SET status = 'retired', updated_at = now()",
-            &[&key, &version],
-        )
-        .await?;
     store
         .client()
         .execute(
             "DELETE FROM parked_streams WHERE scope = $1 AND projection = $2 AND version = $3",
-            &[&cfg.kafka.group_id, &projection, &version],
+            &[&cfg.deployment, &projection, &version],
         )
         .await?;
     tracing::info!(projection, version, "old version retired");

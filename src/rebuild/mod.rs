@@ -47,6 +47,9 @@ pub enum RebuildError {
     Stuck(String),
     #[error("unknown projection {0:?} (known: {1})")]
     UnknownProjection(String, String),
+    /// An invalid version name, or a retired version (never built or written again).
+    #[error(transparent)]
+    Version(#[from] crate::versions::VersionError),
 }
 
 #[derive(Debug, Clone)]
@@ -120,6 +123,7 @@ pub async fn replay(
     opts: &RebuildOptions,
     durable: &mut (dyn FnMut(ReplayPosition, u64) + Send),
 ) -> Result<(ReplayPosition, u64), RebuildError> {
+    crate::versions::validate_version(version)?;
     let from = match &source {
         Source::Log { from, .. } => *from,
         Source::Stream(_) => ReplayPosition::default(),
@@ -133,7 +137,11 @@ pub async fn replay(
         cfg: cfg.clone(),
         shared: shared.clone(),
         tracker: tracker_tx.clone(),
-        parks: ParkStore::new(pg, &cfg.kafka.group_id),
+        parks: ParkStore::new(pg.clone(), &cfg.deployment),
+        retirements: Some(crate::runtime::targets::Retirements::new(
+            pg,
+            &cfg.deployment,
+        )),
         mode: Arc::new(move || Mode::Replay {
             version: v.clone(),
             fresh,
@@ -286,11 +294,19 @@ pub async fn rebuild(
     upto: Option<ReplayPosition>,
     progress: Progress<'_>,
 ) -> Result<Vec<Checkpoint>, RebuildError> {
+    crate::versions::validate_version(&opts.version)?;
     let mut checkpoints = Vec::with_capacity(selected.len());
     let mut fresh = true;
     for p in selected {
         let key = scope_key(cfg, p);
         let c = match load_checkpoint(store, &key, &opts.version).await? {
+            Some(c) if c.status == "retired" => {
+                return Err(crate::versions::VersionError::Retired {
+                    projection: p.clone(),
+                    version: opts.version.clone(),
+                }
+                .into());
+            }
             Some(c) => {
                 fresh = false;
                 c
@@ -412,7 +428,7 @@ pub async fn unpark_and_replay(
     let store = EventStore::connect(&cfg.postgres.url).await?;
     let live = crate::versions::live_versions(&store, cfg).await?;
     let pg = Arc::new(Pg::from_config(&cfg.postgres));
-    let parks = ParkStore::new(pg, &cfg.kafka.group_id);
+    let parks = ParkStore::new(pg, &cfg.deployment);
     // Projections that share a version replay together.
     let mut by_version: HashMap<String, Vec<String>> = HashMap::new();
     for p in projections {

@@ -15,7 +15,6 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use futures::future::BoxFuture;
 use projectors::document::{Doc, Step, StreamKey, apply_event};
 use projectors::parking::ParkFrom;
 use projectors::{Parked, Projector, Rejection};
@@ -31,8 +30,7 @@ use crate::resilience::dead_letter::DeadLetter;
 use crate::sinks::{DocStore, DocWrite, SinkError, WriteOutcome, new_rev};
 
 /// Opens the store of a read-model version.
-pub type OpenStore<S> =
-    Arc<dyn Fn(String) -> BoxFuture<'static, Result<S, SinkError>> + Send + Sync>;
+pub type OpenStore<S> = super::stage::OpenFn<S>;
 
 /// Rounds of reload-fold-write for contended views before the batch backs off a little.
 const CAS_ROUNDS: usize = 10;
@@ -255,20 +253,18 @@ impl<P: Projector, S: DocStore> DocStage<P, S> {
             .unwrap_or_else(|| unreachable!("a target is set before any batch is folded"))
     }
 
-    /// Make `target` current: open its store, read its parks, start an empty cache.
-    async fn ensure(&mut self, target: &Target) {
-        if self.state.as_ref().is_some_and(|s| &s.target == target) {
-            return;
+    /// Make `target` current: open its store (never a retired version's: then the one the
+    /// pointers name now), read its parks, start an empty cache. Returns the target made
+    /// current.
+    async fn ensure(&mut self, target: Target) -> Target {
+        if self.state.as_ref().is_some_and(|s| s.target == target) {
+            return target;
         }
-        let store = {
-            let mut retry = Retry::new(&self.ctx.shared, self.ctx.store, "opening the read model");
-            loop {
-                match (self.open)(target.version.clone()).await {
-                    Ok(s) => break s,
-                    Err(e) => retry.failed(&e).await,
-                }
-            }
-        };
+        let (target, store) = self.ctx.open(target, &self.open).await;
+        if self.state.as_ref().is_some_and(|s| s.target == target) {
+            return target;
+        }
+        let target = &target;
         if self.state.is_some() {
             tracing::info!(projection = self.ctx.name, version = %target.version, epoch = target.epoch,
                 "writing another version of the read model");
@@ -296,6 +292,7 @@ impl<P: Projector, S: DocStore> DocStage<P, S> {
             parks_loaded: Instant::now(),
         });
         self.seen_gen = self.ctx.shared.assignment_gen.load(Ordering::Relaxed);
+        target.clone()
     }
 
     /// After a rebalance (or now and then): drop cached views (other workers may have
@@ -364,7 +361,7 @@ impl<P: Projector, S: DocStore> DocStage<P, S> {
 
     async fn prepare_in_span(&mut self, batch: Batch) -> Prepared {
         let target = self.ctx.target(false).await;
-        self.ensure(&target).await;
+        let target = self.ensure(target).await;
         self.refresh().await;
         self.tick += 1;
         let tick = self.tick;
@@ -776,6 +773,13 @@ impl<P: Projector, S: DocStore> DocStage<P, S> {
                 Ok(o) => o,
                 Err(e) => {
                     retry.failed(&e).await;
+                    if matches!(self.ctx.mode, Mode::Live { .. })
+                        && self.ctx.target(true).await != prep.target
+                    {
+                        // Switched while the store failed: the caller writes the batch to
+                        // the new version; the replaced one (maybe retired) is not retried.
+                        return;
+                    }
                     result = self.write_keys(prep, &order).await;
                     continue;
                 }

@@ -6,7 +6,6 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
-use futures::future::BoxFuture;
 use projectors::analytics::Fact;
 use projectors::document::StreamKey;
 use projectors::parking::ParkFrom;
@@ -21,8 +20,7 @@ use super::stage::{Batch, EventRef, Mode, StageCtx};
 use super::targets::Target;
 use crate::sinks::{FactStore, SinkError};
 
-pub type OpenFacts<S> =
-    Arc<dyn Fn(String) -> BoxFuture<'static, Result<S, SinkError>> + Send + Sync>;
+pub type OpenFacts<S> = super::stage::OpenFn<S>;
 
 struct Prepared {
     batch: Batch,
@@ -106,31 +104,25 @@ impl<F: FactProjector, S: FactStore> FactStage<F, S> {
         }
     }
 
-    async fn ensure(&mut self, target: &Target) {
+    /// Make `target` current (never a retired version: then the one the pointers name now);
+    /// returns the target made current.
+    async fn ensure(&mut self, target: Target) -> Target {
         let generation = self.ctx.shared.assignment_gen.load(Ordering::Relaxed);
         let live = matches!(self.ctx.mode, Mode::Live { .. });
         let stale = live && self.parks_loaded.elapsed() >= super::documents::PARKS_REFRESH;
-        if self.state.as_ref().is_some_and(|s| &s.0 == target)
+        if self.state.as_ref().is_some_and(|s| s.0 == target)
             && !(live && generation != self.seen_gen)
             && !stale
         {
-            return;
+            return target;
         }
         self.parks_loaded = Instant::now();
         self.seen_gen = generation;
-        let store = match self.state.take() {
-            Some((t, s, _)) if &t == target => s,
-            _ => {
-                let mut retry =
-                    Retry::new(&self.ctx.shared, self.ctx.store, "opening the read model");
-                loop {
-                    match (self.open)(target.version.clone()).await {
-                        Ok(s) => break s,
-                        Err(e) => retry.failed(&e).await,
-                    }
-                }
-            }
+        let (target, store) = match self.state.take() {
+            Some((t, s, _)) if t == target => (target, s),
+            _ => self.ctx.open(target, &self.open).await,
         };
+        let target = &target;
         let mut parked = self.ctx.load_parks(&target.version).await;
         self.unsaved
             .retain(|(at, ..)| at.elapsed() < super::documents::PARKS_REFRESH * 6);
@@ -138,6 +130,7 @@ impl<F: FactProjector, S: FactStore> FactStage<F, S> {
             parked.park(stream, *from, why);
         }
         self.state = Some((target.clone(), store, parked));
+        target.clone()
     }
 
     /// Turn a batch into rows (in its span).
@@ -151,7 +144,7 @@ impl<F: FactProjector, S: FactStore> FactStage<F, S> {
 
     async fn prepare_in_span(&mut self, batch: Batch) -> Prepared {
         let target = self.ctx.target(false).await;
-        self.ensure(&target).await;
+        let target = self.ensure(target).await;
         let f = self.f.clone();
         let name = self.ctx.name;
         let mut prep = Prepared {

@@ -30,7 +30,7 @@ pub struct ParkStore {
 }
 
 impl ParkStore {
-    /// `scope`: the deployment (consumer group) the parks belong to.
+    /// `scope`: the deployment the parks belong to (shared by all of its consumer groups).
     pub fn new(pg: Arc<Pg>, scope: &str) -> ParkStore {
         ParkStore {
             pg,

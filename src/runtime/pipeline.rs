@@ -16,7 +16,7 @@ use super::documents::{DocStage, OpenStore};
 use super::facts::{FactStage, OpenFacts};
 use super::parking::ParkStore;
 use super::stage::{Mode, StageCtx, StageStats};
-use super::targets::Pointers;
+use super::targets::{Pointers, Retirements};
 use crate::config::Config;
 use crate::resilience::dead_letter::DeadLetterQueue;
 use crate::sinks::clickhouse::ClickHouseSink;
@@ -138,6 +138,9 @@ pub struct StageEnv {
     pub shared: Arc<Shared>,
     pub tracker: mpsc::UnboundedSender<TrackerMsg>,
     pub parks: ParkStore,
+    /// The deployment's retired versions, checked before a store is opened (`None`: stores
+    /// that keep nothing).
+    pub retirements: Option<Retirements>,
     pub mode: Arc<dyn Fn() -> Mode + Send + Sync>,
     /// Projectors to run (empty: all).
     pub only: Vec<String>,
@@ -174,6 +177,7 @@ impl<F: SinkFactory> Builder<'_, F> {
                 participant,
                 mode: (e.mode)(),
                 parks: e.parks.clone(),
+                retirements: e.retirements.clone(),
                 stats,
                 max_batch: e.max_batch,
             },
@@ -429,7 +433,8 @@ pub async fn run(
     metrics::counter!("projector_consumer_restarts_total").increment(0);
     let pg = Arc::new(Pg::from_config(&cfg.postgres));
     crate::observability::watch_rebuilds(cfg, pg.clone());
-    let pointers = Arc::new(Pointers::new(pg.clone(), &cfg.kafka.group_id));
+    // Pointers, parks and retired versions are the deployment's, whatever this group is.
+    let pointers = Arc::new(Pointers::new(pg.clone(), &cfg.deployment));
     let dlq = Arc::new(DeadLetterQueue::new(&cfg.kafka)?);
     let topics = Arc::new(crate::kafka::event_topics(&cfg.kafka));
     let (tracker_tx, tracker_rx) = mpsc::unbounded_channel();
@@ -437,7 +442,8 @@ pub async fn run(
         cfg: cfg.clone(),
         shared: shared.clone(),
         tracker: tracker_tx.clone(),
-        parks: ParkStore::new(pg.clone(), &cfg.kafka.group_id),
+        parks: ParkStore::new(pg.clone(), &cfg.deployment),
+        retirements: Some(Retirements::new(pg.clone(), &cfg.deployment)),
         mode: Arc::new(move || Mode::Live {
             pointers: pointers.clone(),
             dlq: dlq.clone(),
@@ -460,7 +466,7 @@ pub async fn run(
         cfg.kafka.topic_prefix.clone(),
     ));
     let source = KafkaSource::new(cfg, shared.clone(), tracker_tx, raw_tx, topics.clone());
-    tracing::info!(group = %cfg.kafka.group_id, topics = ?topics, stages = stages.participants, "worker started");
+    tracing::info!(deployment = %cfg.deployment, group = %cfg.kafka.group_id, topics = ?topics, stages = stages.participants, "worker started");
     let watch = crate::source::group::spawn(cfg, shared.clone(), topics.as_ref().clone())
         .map_err(|e| RuntimeError::Source(e.to_string()))?;
     let idle = opts.stop_when_idle;
@@ -515,9 +521,10 @@ pub async fn run_memory<F: SinkFactory>(
         cfg: cfg.clone(),
         shared: shared.clone(),
         tracker: tracker_tx.clone(),
-        parks: ParkStore::new(pg, &cfg.kafka.group_id),
+        parks: ParkStore::new(pg, &cfg.deployment),
+        retirements: None,
         mode: Arc::new(|| Mode::Replay {
-            version: "engine-bench".into(),
+            version: "engine_bench".into(),
             fresh: true,
         }),
         only: cfg.worker.projectors.clone(),

@@ -12,10 +12,16 @@ use super::Shared;
 use super::commit::TrackerMsg;
 use super::parking::{ParkRecord, ParkStore};
 use super::retry::Retry;
-use super::targets::{Check, Pointers, Target};
+use super::targets::{Check, PointerError, Pointers, Retirements, Target};
 use crate::resilience::dead_letter::{DeadLetter, DeadLetterQueue};
+use crate::sinks::SinkError;
 use crate::source::window::{Item, Window};
-use crate::versions::LIVE;
+use crate::versions::{LIVE, VersionError};
+
+/// Opens the store of a read-model version (creating its collection or table).
+pub type OpenFn<S> = std::sync::Arc<
+    dyn Fn(String) -> futures::future::BoxFuture<'static, Result<S, SinkError>> + Send + Sync,
+>;
 
 /// An event of a batch: (window index in the batch, item index in the window).
 pub type EventRef = (u32, u32);
@@ -89,6 +95,8 @@ pub struct StageCtx {
     pub participant: usize,
     pub mode: Mode,
     pub parks: ParkStore,
+    /// The deployment's retired versions (`None`: stores that keep nothing, the engine bench).
+    pub retirements: Option<Retirements>,
     pub stats: Arc<StageStats>,
     /// The largest batch (in messages) a stage takes at once when windows queue up.
     pub max_batch: usize,
@@ -155,6 +163,52 @@ impl StageCtx {
                         Err(e) => retry.failed(&e).await,
                     }
                     fresh = true;
+                }
+            }
+        }
+    }
+
+    /// `Err` when `target` must never be written: the deployment retired it (or its name is
+    /// invalid). Asked of PostgreSQL, retried until it answers.
+    pub async fn admit(&self, target: &Target) -> Result<(), VersionError> {
+        let Some(r) = &self.retirements else {
+            return Ok(());
+        };
+        let mut retry = Retry::new(&self.shared, "postgres", "checking retired versions");
+        loop {
+            match r.admit(self.name, &target.version).await {
+                Ok(()) => return Ok(()),
+                Err(PointerError::Version(e)) => return Err(e),
+                Err(e) => retry.failed(&e).await,
+            }
+        }
+    }
+
+    /// Open the store of `target`, never of a retired version: a live stage that finds its
+    /// target retired reads the pointers again and opens the version they name instead.
+    /// Returns the target opened and its store.
+    pub async fn open<S>(&self, mut target: Target, open: &OpenFn<S>) -> (Target, S) {
+        let mut refused = Retry::new(&self.shared, self.store, "opening a retired version");
+        loop {
+            if let Err(e) = self.admit(&target).await {
+                match &self.mode {
+                    Mode::Live { .. } => {
+                        tracing::warn!(projection = self.name, error = %e,
+                            "target retired: reading the version pointers again");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        target = self.target(true).await;
+                    }
+                    // A replay is never into a retired version (the rebuild refuses one at
+                    // its start): if it was retired meanwhile, stop writing, say why.
+                    Mode::Replay { .. } => refused.failed(&e).await,
+                }
+                continue;
+            }
+            let mut retry = Retry::new(&self.shared, self.store, "opening the read model");
+            loop {
+                match open(target.version.clone()).await {
+                    Ok(s) => return (target, s),
+                    Err(e) => retry.failed(&e).await,
                 }
             }
         }

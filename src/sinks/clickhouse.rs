@@ -120,8 +120,15 @@ pub(crate) fn classify(e: clickhouse::error::Error) -> SinkError {
     }
 }
 
+/// A ClickHouse identifier, back-quoted: a table name (made of a version name) is never
+/// read as SQL.
+pub fn quote_ident(name: &str) -> String {
+    format!("`{}`", name.replace('\\', "\\\\").replace('`', "\\`"))
+}
+
 /// The table's columns and engine (a rebuilt version gets the same).
 fn create_table(table: &str) -> String {
+    let table = quote_ident(table);
     format!(
         "CREATE TABLE IF NOT EXISTS {table} (
             event_id String,
@@ -169,7 +176,8 @@ impl ClickHouseSink {
             // Tables made by earlier versions: deduplicate retried inserts too.
             client
                 .query(&format!(
-                    "ALTER TABLE {table} MODIFY SETTING non_replicated_deduplication_window = 1000"
+                    "ALTER TABLE {} MODIFY SETTING non_replicated_deduplication_window = 1000",
+                    quote_ident(table)
                 ))
                 .execute()
                 .await
@@ -194,7 +202,10 @@ impl ClickHouseSink {
     /// Drop the table (retiring an old version).
     pub async fn drop_table(&self) -> Result<(), SinkError> {
         self.client
-            .query(&format!("DROP TABLE IF EXISTS {}", self.table))
+            .query(&format!(
+                "DROP TABLE IF EXISTS {}",
+                quote_ident(&self.table)
+            ))
             .execute()
             .await
             .map_err(classify)
@@ -205,7 +216,7 @@ impl ClickHouseSink {
         self.client
             .query(&format!(
                 "SELECT ?fields FROM {} FINAL ORDER BY global_position",
-                self.table
+                quote_ident(&self.table)
             ))
             .fetch_all()
             .await
@@ -255,5 +266,20 @@ impl FactStore for ClickHouseSink {
             insert.end().await.map_err(classify)
         })
         .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::quote_ident;
+
+    #[test]
+    fn identifiers_are_back_quoted_and_cannot_break_out() {
+        assert_eq!(quote_ident("event_facts_v1"), "`event_facts_v1`");
+        assert_eq!(
+            quote_ident("a`; DROP TABLE x; --"),
+            "`a\\`; DROP TABLE x; --`"
+        );
+        assert_eq!(quote_ident("a\\`b"), "`a\\\\\\`b`");
     }
 }
