@@ -85,6 +85,10 @@ pub struct ReadConfig {
     /// `Host` headers the MCP endpoint accepts (a DNS-rebinding guard); empty: loopback
     /// names only. Add the service's own name when it is reached through one.
     pub allowed_hosts: Vec<String>,
+    /// The consumer group of each read model's workers (projection → group), when they run
+    /// in groups of their own (the Kubernetes layout): an answer's freshness carries the lag
+    /// of the group that writes it. A projection not named here: `kafka.group_id`.
+    pub groups: std::collections::BTreeMap<String, String>,
 }
 
 impl Default for ReadConfig {
@@ -100,6 +104,7 @@ impl Default for ReadConfig {
             max_bytes: 1 << 20,
             cache_ms: 1_000,
             allowed_hosts: Vec::new(),
+            groups: Default::default(),
         }
     }
 }
@@ -336,6 +341,15 @@ pub enum ConfigError {
 }
 
 impl Config {
+    /// The consumer group whose workers write `projection` (`read.groups`, else the
+    /// configured group).
+    pub fn group_of(&self, projection: &str) -> &str {
+        self.read
+            .groups
+            .get(projection)
+            .map_or(self.kafka.group_id.as_str(), String::as_str)
+    }
+
     /// Load `path` (or the default file), then apply environment overrides.
     pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
         let path = path

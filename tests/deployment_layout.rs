@@ -118,6 +118,13 @@ async fn readers_see(api: &ReadServer, cfg: &Config, ns: &str, version: &str) {
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["freshness"]["version"], version, "{body}");
     assert_eq!(body["freshness"]["consistency"]["included"], true, "{body}");
+    // Its freshness carries the lag of the group that writes it, not of a group nobody
+    // consumes in.
+    assert_eq!(
+        body["freshness"]["lag"]["group"],
+        Pod::group(cfg, "customer360"),
+        "{body}"
+    );
     assert_eq!(
         body["data"],
         serde_json::to_value(&want.customers[&customer].0).unwrap()
@@ -144,6 +151,11 @@ async fn readers_see(api: &ReadServer, cfg: &Config, ns: &str, version: &str) {
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["freshness"]["version"], version, "{body}");
     assert_eq!(body["freshness"]["consistency"]["included"], true, "{body}");
+    assert_eq!(
+        body["freshness"]["lag"]["group"],
+        Pod::group(cfg, "analytics"),
+        "{body}"
+    );
 }
 
 /// Nothing of `version` exists in any store: no Redis key under its prefix, no MongoDB
@@ -198,7 +210,20 @@ async fn the_kubernetes_layout_follows_a_rebuild_and_never_writes_the_retired_ve
         .iter()
         .map(|p| Pod::spawn(&cfg, p))
         .collect();
-    let api = ReadServer::spawn(&cfg, &[("PROJECTOR_READ__MAX_WAIT_MS", "120000".into())]);
+    // The read service knows each read model's group, as deploy/k8s/config.yaml says.
+    let groups = format!(
+        "{{customer360=\"{}\",order_view=\"{}\",analytics=\"{}\"}}",
+        Pod::group(&cfg, "customer360"),
+        Pod::group(&cfg, "order_view"),
+        Pod::group(&cfg, "analytics")
+    );
+    let api = ReadServer::spawn(
+        &cfg,
+        &[
+            ("PROJECTOR_READ__MAX_WAIT_MS", "120000".into()),
+            ("PROJECTOR_READ__GROUPS", groups),
+        ],
+    );
     common::generate(&cfg, &ns_round(&ns, 0), 1_500, 41, 0.02, 0.2).await;
     readers_see(&api, &cfg, &ns_round(&ns, 0), LIVE).await;
 

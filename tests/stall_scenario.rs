@@ -19,24 +19,61 @@ async fn at(t0: Instant, secs: u64) {
     tokio::time::sleep(when.saturating_duration_since(Instant::now())).await;
 }
 
+/// One step of the fault schedule, at a second after the first commits.
+#[derive(Clone, Copy)]
+enum Step {
+    /// kill -9 worker N (no drain, no commit, no leave)…
+    KillWorker(usize),
+    /// …and start it again under the same instance id, as a StatefulSet does.
+    StartWorker(usize),
+    Hang(&'static str),
+    Resume(&'static str),
+    Kill(&'static str),
+    Restart(&'static str),
+}
+
+/// The schedule of the issue: each worker killed and restarted, Redis hung for 20 s, MongoDB,
+/// ClickHouse and Redis killed and restarted.
+const SCHEDULE: &[(u64, Step)] = &[
+    (7, Step::KillWorker(0)),
+    (9, Step::StartWorker(0)),
+    (15, Step::Hang("redis")),
+    (35, Step::Resume("redis")),
+    (40, Step::Kill("mongo")),
+    (43, Step::Restart("mongo")),
+    (49, Step::KillWorker(1)),
+    (51, Step::StartWorker(1)),
+    (58, Step::Kill("clickhouse")),
+    (61, Step::Restart("clickhouse")),
+    (66, Step::Kill("redis")),
+    (69, Step::Restart("redis")),
+];
+
 /// The workers as shipped: a client id of their own per consumer.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn workers_and_stores_killed_under_load_leave_no_partition_behind() {
-    scenario("stall", &[]).await;
+    scenario("stall", &[], &[]).await;
 }
 
 /// Both workers configured with one client id: the local broker then hands a rejoining
-/// member the other one's partitions, and only the group watch's heal brings them back.
+/// member the other one's partitions (about one same-id restart in two), and only the group
+/// watch's heal brings them back. Two more worker restarts make that near certain.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn workers_sharing_a_client_id_heal_the_brokers_misassignment() {
     scenario(
         "stallshared",
         &[("PROJECTOR_KAFKA__CLIENT_ID", "projector".into())],
+        &[
+            (25, Step::KillWorker(1)),
+            (27, Step::StartWorker(1)),
+            (31, Step::KillWorker(0)),
+            (33, Step::StartWorker(0)),
+        ],
     )
     .await;
 }
 
-async fn scenario(tag: &str, more: &[(&str, String)]) {
+async fn scenario(tag: &str, more: &[(&str, String)], more_steps: &[(u64, Step)]) {
     let set = FaultSet::up();
     let (cfg, ns) = set.isolated(tag);
     projector::kafka::ensure_topics(&cfg.kafka).await.unwrap();
@@ -45,8 +82,13 @@ async fn scenario(tag: &str, more: &[(&str, String)]) {
         ("PROJECTOR_WORKER__WINDOW_SIZE", "500".to_owned()),
     ];
     extra.extend(more.iter().cloned());
-    let mut w0 = Worker::spawn(&cfg, "w0", tag, &extra);
-    let mut w1 = Worker::spawn(&cfg, "w1", tag, &extra);
+    let names = ["w0", "w1"];
+    let mut starts = 0;
+    let mut spawn = |i: usize| {
+        starts += 1;
+        Worker::spawn(&cfg, names[i], &format!("{tag}-{starts}"), &extra)
+    };
+    let mut workers = [spawn(0), spawn(1)];
 
     // About 41k messages in 25 rounds, with duplicates and redeliveries on the wire.
     let load = tokio::spawn(load(cfg.clone(), ns.clone(), 25, 1_500));
@@ -58,34 +100,23 @@ async fn scenario(tag: &str, more: &[(&str, String)]) {
     )
     .await;
     let t0 = Instant::now();
-    let kill_worker = |w: &mut Worker| {
-        let _ = w.child.kill(); // SIGKILL: no drain, no commit, no leave
-        let _ = w.child.wait();
-    };
-    at(t0, 7).await;
-    kill_worker(&mut w0);
-    at(t0, 9).await;
-    w0 = Worker::spawn(&cfg, "w0", &format!("{tag}-2"), &extra);
-    at(t0, 15).await;
-    set.hang("redis");
-    at(t0, 35).await;
-    set.resume("redis");
-    at(t0, 40).await;
-    set.kill9("mongo");
-    at(t0, 43).await;
-    set.restart("mongo");
-    at(t0, 49).await;
-    kill_worker(&mut w1);
-    at(t0, 51).await;
-    w1 = Worker::spawn(&cfg, "w1", &format!("{tag}-2"), &extra);
-    at(t0, 58).await;
-    set.kill9("clickhouse");
-    at(t0, 61).await;
-    set.restart("clickhouse");
-    at(t0, 66).await;
-    set.kill9("redis");
-    at(t0, 69).await;
-    set.restart("redis");
+    let mut steps: Vec<(u64, Step)> = SCHEDULE.iter().chain(more_steps).copied().collect();
+    steps.sort_by_key(|(t, _)| *t);
+    for (t, step) in steps {
+        at(t0, t).await;
+        match step {
+            Step::KillWorker(i) => {
+                let _ = workers[i].child.kill();
+                let _ = workers[i].child.wait();
+            }
+            Step::StartWorker(i) => workers[i] = spawn(i),
+            Step::Hang(svc) => set.hang(svc),
+            Step::Resume(svc) => set.resume(svc),
+            Step::Kill(svc) => set.kill9(svc),
+            Step::Restart(svc) => set.restart(svc),
+        }
+    }
+    let [mut w0, mut w1] = workers;
 
     let published = load.await.unwrap();
     let t1 = Instant::now();
@@ -130,6 +161,17 @@ async fn scenario(tag: &str, more: &[(&str, String)]) {
             .unwrap_or((0, String::new()));
         assert_eq!(code, 200, "{} is live once caught up", w.name);
     }
+    // Heals of every worker process of the run, killed ones included (their logs remain).
+    let heals: usize = (1..=starts)
+        .flat_map(|n| {
+            names.map(|w| {
+                common::faults::repo().join(format!("target/fault-logs/{tag}-{n}-{w}.log"))
+            })
+        })
+        .filter_map(|p| std::fs::read_to_string(p).ok())
+        .map(|log| log.matches("disagreed with the coordinator").count())
+        .sum();
+    eprintln!("{tag}: {heals} heals over {starts} worker processes");
     common::assert_read_models_equal_fold(&cfg, &ns).await;
     w0.stop();
     w1.stop();

@@ -172,12 +172,23 @@ impl ReadService {
         if let Some(p) = &cfg.clickhouse.password {
             ch = ch.with_password(p);
         }
-        let lag = LagProbe::start(cfg, Duration::from_millis(cfg.read.cache_ms.max(200)))
-            .map_err(|e| tracing::warn!(error = %e, "no consumer lag: the broker client failed"))
-            .ok();
-        // The first answers should carry a lag too: give the first observation a moment.
+        // Each read model's group: answers carry the lag of the group that writes them.
+        let mut groups: Vec<String> = projectors::registry::infos()
+            .iter()
+            .map(|i| cfg.group_of(i.name).to_owned())
+            .collect();
+        groups.sort();
+        groups.dedup();
+        let lag = LagProbe::start(
+            cfg,
+            &groups,
+            Duration::from_millis(cfg.read.cache_ms.max(200)),
+        )
+        .map_err(|e| tracing::warn!(error = %e, "no consumer lag: the broker client failed"))
+        .ok();
+        // The first answers should carry a lag too: give the first observations a moment.
         for _ in 0..40 {
-            if lag.as_ref().is_none_or(|l| l.latest().is_some()) {
+            if lag.as_ref().is_none_or(|l| l.observed_all(groups.len())) {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -239,7 +250,10 @@ impl ReadService {
         Freshness {
             projection: projection.to_owned(),
             version: version.to_owned(),
-            lag: self.lag.as_ref().and_then(LagProbe::latest),
+            lag: self
+                .lag
+                .as_ref()
+                .and_then(|l| l.latest(self.cfg.group_of(projection))),
             read_at: super::now(),
             ..Freshness::default()
         }
@@ -918,7 +932,7 @@ impl ReadService {
         Ok(Status {
             event_store_head: head,
             projections,
-            lag: self.lag.as_ref().and_then(LagProbe::latest),
+            lag: self.lag.as_ref().and_then(LagProbe::worst),
             read_at: super::now(),
         })
     }

@@ -30,7 +30,8 @@ pub struct Freshness {
     /// Analytics: the highest global position projected into the table.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_global_position: Option<i64>,
-    /// The live workers' consumer-group lag (null when the broker could not be asked).
+    /// The consumer-group lag of the workers that write this projection (`read.groups`; null
+    /// when the broker could not be asked).
     pub lag: Option<Lag>,
     /// When the service read the answer (UTC).
     pub read_at: String,
@@ -215,6 +216,7 @@ pub struct Status {
     /// The event store's head: the last committed event in commit order.
     pub event_store_head: i64,
     pub projections: Vec<ProjectionStatus>,
+    /// The lag of the read models' consumer group furthest behind (`read.groups`).
     pub lag: Option<Lag>,
     pub read_at: String,
 }
