@@ -22,11 +22,25 @@ pub fn decode_all(
     topics: &[String],
     topic_prefix: &str,
 ) -> Vec<Item> {
+    decode_all_with(raw, arena, topics, topic_prefix, &Event::decode)
+}
+
+/// [`decode_all`] with the body decoder as a parameter (tests inject one that panics).
+fn decode_all_with<D>(
+    raw: Vec<RawItem>,
+    arena: &Arena,
+    topics: &[String],
+    topic_prefix: &str,
+    decode: &D,
+) -> Vec<Item>
+where
+    D: Fn(&[u8]) -> Result<Event, ContractError> + Sync,
+{
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     if raw.len() < PARALLEL_FROM || threads < 2 {
         return raw
             .into_iter()
-            .map(|r| decode_one(r, arena, topics, topic_prefix))
+            .map(|r| decode_one_with(r, arena, topics, topic_prefix, decode))
             .collect();
     }
     let per = raw.len().div_ceil(threads);
@@ -45,7 +59,7 @@ pub fn decode_all(
             .map(|c| {
                 s.spawn(move || {
                     c.into_iter()
-                        .map(|r| decode_one(r, arena, topics, topic_prefix))
+                        .map(|r| decode_one_with(r, arena, topics, topic_prefix, decode))
                         .collect::<Vec<Item>>()
                 })
             })
@@ -59,6 +73,19 @@ pub fn decode_all(
 
 /// Validate headers and body of one message; never panics, never fails the window.
 pub fn decode_one(r: RawItem, arena: &Arena, topics: &[String], topic_prefix: &str) -> Item {
+    decode_one_with(r, arena, topics, topic_prefix, &Event::decode)
+}
+
+fn decode_one_with<D>(
+    r: RawItem,
+    arena: &Arena,
+    topics: &[String],
+    topic_prefix: &str,
+    decode: &D,
+) -> Item
+where
+    D: Fn(&[u8]) -> Result<Event, ContractError>,
+{
     let headers = || r.raw.headers.as_ref().map(|h| arena.headers(h));
     let result = (|| {
         let payload = r
@@ -68,7 +95,7 @@ pub fn decode_one(r: RawItem, arena: &Arena, topics: &[String], topic_prefix: &s
             .ok_or(ContractError::MissingField { field: "value" })?;
         let h = headers().ok_or(ContractError::MissingHeader(contract::HEADER_EVENT_TYPE))?;
         let required = RequiredHeaders::from_pairs(h)?;
-        let event = Event::decode(arena.get(payload))?;
+        let event = decode(arena.get(payload))?;
         required.check_against(&event.header)?;
         Ok(event)
     })();
@@ -103,4 +130,101 @@ fn stream_of(r: &RawItem, arena: &Arena, topics: &[String], topic_prefix: &str) 
         .ok()?;
     let key = std::str::from_utf8(arena.get(r.raw.key.as_ref()?)).ok()?;
     Some(format!("{agg}/{key}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use contract::RequiredHeaders;
+
+    use super::*;
+
+    /// `n` valid `order.shipped` messages (one stream per message) on topic 1 (`order`).
+    fn window(n: usize) -> (Vec<RawItem>, Arena, Vec<String>) {
+        let topics: Vec<String> = AggregateType::ALL
+            .iter()
+            .map(|a| a.topic("events."))
+            .collect();
+        let order = AggregateType::ALL
+            .iter()
+            .position(|a| *a == AggregateType::Order)
+            .expect("order is an aggregate type") as u16;
+        let mut arena = Arena::with_capacity(n * 600);
+        let mut raw = Vec::with_capacity(n);
+        for i in 0..n {
+            let id = format!("ord-{i}");
+            let body = serde_json::json!({
+                "event_id": format!("0b6c7c1e-8d3f-4a53-9a43-{i:012x}"),
+                "aggregate_type": "order",
+                "aggregate_id": id,
+                "sequence_number": 3,
+                "global_position": 1000 + i,
+                "event_type": "order.shipped",
+                "event_data": {"order_id": id, "customer_id": "cus-7", "carrier": "UPS",
+                               "tracking_number": "1Z999"},
+                "metadata": {"correlation_id": "c-1", "causation_id": "c-0"},
+                "timestamp": "2026-11-22T10:00:00.123Z"
+            });
+            let headers = RequiredHeaders {
+                event_type: "order.shipped".into(),
+                aggregate_type: AggregateType::Order,
+                sequence: 3,
+            }
+            .pairs();
+            let r = RawRef {
+                key: Some(arena.push(id.as_bytes())),
+                payload: Some(arena.push(&serde_json::to_vec(&body).expect("json"))),
+                headers: Some(
+                    arena.push_headers(headers.iter().map(|(k, v)| (*k, Some(v.as_bytes())))),
+                ),
+            };
+            raw.push(RawItem {
+                origin: Origin::Kafka {
+                    topic: order,
+                    partition: 0,
+                    offset: i as i64,
+                    epoch: 0,
+                    timestamp_ms: None,
+                },
+                raw: r,
+            });
+        }
+        (raw, arena, topics)
+    }
+
+    /// A decoder that panics on one message (`ord-<bad>`) and decodes the others.
+    fn panicking_on(bad: usize) -> impl Fn(&[u8]) -> Result<Event, ContractError> + Sync {
+        let needle = format!(r#""aggregate_id":"ord-{bad}""#);
+        move |bytes: &[u8]| {
+            if std::str::from_utf8(bytes).is_ok_and(|s| s.contains(&needle)) {
+                panic!("injected decoder bug");
+            }
+            Event::decode(bytes)
+        }
+    }
+
+    /// A decoder panic loses no message: the others decode, the one it hit becomes poison
+    /// (`decoder_panic`, with its stream and sequence, so it is dead-lettered and parked).
+    #[test]
+    fn a_decoder_panic_becomes_poison_and_drops_nothing() {
+        // Small (on the calling thread) and large (in chunks on threads) windows.
+        for n in [PARALLEL_FROM * 4, 10] {
+            let bad = n / 2 + 1;
+            let (raw, arena, topics) = window(n);
+            let items = decode_all_with(raw, &arena, &topics, "events.", &panicking_on(bad));
+            assert_eq!(items.len(), n, "window of {n}: a message vanished");
+            for (i, item) in items.iter().enumerate() {
+                assert_eq!(item.origin.position(), Some((0, i as i64)), "order kept");
+                match &item.decoded {
+                    Ok(e) if i != bad => assert_eq!(e.header.aggregate_id, format!("ord-{i}")),
+                    Err(p) if i == bad => {
+                        assert_eq!(p.error.kind(), "decoder_panic");
+                        assert!(p.error.to_string().contains("injected decoder bug"));
+                        assert_eq!(p.stream.as_deref(), Some(&*format!("order/ord-{i}")));
+                        assert_eq!(p.sequence, Some(3));
+                    }
+                    other => panic!("window of {n}, message {i}: {other:?}"),
+                }
+            }
+        }
+    }
 }
