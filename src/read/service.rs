@@ -430,12 +430,12 @@ impl ReadService {
     {
         loop {
             let version = self.version_of(projection).await;
-            let data = read(version.clone()).await?;
             let included = match w.event() {
                 Some(e) => applied(version.clone(), e.clone()).await?,
                 None => true,
             };
             if let Step::Done(report) = self.settle(w, projection, &version, included).await? {
+                let data = read(version.clone()).await?;
                 return Ok((data, version, report));
             }
         }
@@ -1118,6 +1118,9 @@ mod tests {
             .expect("an answer");
         let report = report.expect("a consistency report");
         assert!(report.included);
-        assert_eq!(rows, "with the event", "included: true about rows read before");
+        assert_eq!(
+            rows, "with the event",
+            "included: true about rows read before"
+        );
     }
 }

@@ -731,7 +731,11 @@ mod tests {
         assert!(aof_confirmed(&pair(0, 1)).unwrap_err().is_transient());
         // Of another shape (a server of another version, say).
         assert!(aof_confirmed(&Value::Nil).unwrap_err().is_transient());
-        assert!(aof_confirmed(&Value::Array(vec![])).unwrap_err().is_transient());
+        assert!(
+            aof_confirmed(&Value::Array(vec![]))
+                .unwrap_err()
+                .is_transient()
+        );
         assert!(aof_confirmed(&Value::Int(1)).unwrap_err().is_transient());
         // A cluster answers per primary: every one must confirm.
         let node = |a: &str| Value::SimpleString(a.into());
@@ -739,15 +743,25 @@ mod tests {
         assert!(aof_confirmed(&all).is_ok());
         let one_late = Value::Map(vec![(node("a:1"), pair(1, 0)), (node("b:2"), pair(0, 0))]);
         assert!(aof_confirmed(&one_late).unwrap_err().is_transient());
-        assert!(aof_confirmed(&Value::Map(vec![])).unwrap_err().is_transient());
+        assert!(
+            aof_confirmed(&Value::Map(vec![]))
+                .unwrap_err()
+                .is_transient()
+        );
     }
 
     #[test]
     fn durability_needs_the_aof_and_a_sync_per_write() {
         let d = |v, a, f| durability_of(v, a, f);
-        assert_eq!(d(Some("7.2.4"), Some("yes"), Some("everysec")), Durability::WaitAof);
+        assert_eq!(
+            d(Some("7.2.4"), Some("yes"), Some("everysec")),
+            Durability::WaitAof
+        );
         assert_eq!(d(Some("8.0.0"), None, None), Durability::WaitAof);
-        assert_eq!(d(Some("7.0.15"), Some("yes"), Some("always")), Durability::FsyncAlways);
+        assert_eq!(
+            d(Some("7.0.15"), Some("yes"), Some("always")),
+            Durability::FsyncAlways
+        );
         for (v, a, f) in [
             // The old check looked at appendfsync alone: `always` without the AOF loses all.
             (Some("7.0.15"), Some("no"), Some("always")),
@@ -757,7 +771,10 @@ mod tests {
             (Some("7.0.15"), None, Some("always")),
             (None, None, None),
         ] {
-            assert!(matches!(d(v, a, f), Durability::Lossy(_)), "{v:?} {a:?} {f:?}");
+            assert!(
+                matches!(d(v, a, f), Durability::Lossy(_)),
+                "{v:?} {a:?} {f:?}"
+            );
         }
     }
 
@@ -778,7 +795,14 @@ mod tests {
         std::fs::create_dir_all(&dir).expect("temp dir");
         let mut server = std::process::Command::new("redis-server")
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--appendonly", "no", "--appendfsync", "always", "--save", ""])
+            .args([
+                "--appendonly",
+                "no",
+                "--appendfsync",
+                "always",
+                "--save",
+                "",
+            ])
             .arg("--dir")
             .arg(&dir)
             .stdout(std::process::Stdio::null())

@@ -55,18 +55,28 @@ where
     }
     std::thread::scope(|s| {
         let handles: Vec<_> = chunks
-            .into_iter()
+            .iter()
             .map(|c| {
                 s.spawn(move || {
-                    c.into_iter()
-                        .map(|r| decode_one_with(r, arena, topics, topic_prefix, decode))
+                    c.iter()
+                        .map(|r| decode_one_with(r.clone(), arena, topics, topic_prefix, decode))
                         .collect::<Vec<Item>>()
                 })
             })
             .collect();
+        // A decode never panics (caught per message), but should a chunk's thread die all the
+        // same, its messages are decoded again here, one by one: none may vanish, or its
+        // offset would be committed with nothing applied and no dead letter.
         handles
             .into_iter()
-            .flat_map(|h| h.join().unwrap_or_default())
+            .zip(&chunks)
+            .flat_map(|(h, c)| {
+                h.join().unwrap_or_else(|_| {
+                    c.iter()
+                        .map(|r| decode_one_with(r.clone(), arena, topics, topic_prefix, decode))
+                        .collect()
+                })
+            })
             .collect()
     })
 }
@@ -87,7 +97,10 @@ where
     D: Fn(&[u8]) -> Result<Event, ContractError>,
 {
     let headers = || r.raw.headers.as_ref().map(|h| arena.headers(h));
-    let result = (|| {
+    // A panic in the decoder (a bug) makes this one message poison, with the panic as its
+    // reason; the rest of the window goes on. Unwind-safe enough: the closure only reads the
+    // arena, and whatever it built is dropped with the panic.
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         let payload = r
             .raw
             .payload
@@ -98,15 +111,26 @@ where
         let event = decode(arena.get(payload))?;
         required.check_against(&event.header)?;
         Ok(event)
-    })();
+    }))
+    .unwrap_or_else(|panic| {
+        Err(ContractError::DecoderPanic {
+            reason: panic_message(panic.as_ref()),
+        })
+    });
     let decoded = result.map_err(|error| {
-        let sequence = headers().and_then(|h| {
-            h.into_iter()
-                .find(|(k, _)| *k == contract::HEADER_SEQUENCE)
-                .and_then(|(_, v)| std::str::from_utf8(v?).ok()?.parse().ok())
-        });
+        // Header and topic parsing are plain reads, but a poison item must come out even
+        // if they too hit a bug (then it is dead-lettered without a stream to park).
+        let (stream, sequence) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let sequence = headers().and_then(|h| {
+                h.into_iter()
+                    .find(|(k, _)| *k == contract::HEADER_SEQUENCE)
+                    .and_then(|(_, v)| std::str::from_utf8(v?).ok()?.parse().ok())
+            });
+            (stream_of(&r, arena, topics, topic_prefix), sequence)
+        }))
+        .unwrap_or((None, None));
         Poison {
-            stream: stream_of(&r, arena, topics, topic_prefix),
+            stream,
             sequence,
             error,
         }
@@ -116,6 +140,15 @@ where
         decoded,
         raw: r.raw,
     }
+}
+
+/// What a panic said (its payload is a `&str` or a `String` when raised by `panic!`).
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".to_owned())
 }
 
 /// The stream a message belongs to, from its topic and key (the body may be unreadable).
