@@ -92,7 +92,7 @@ fn run(cfg: &Config, shared: &Shared, topics: &[String]) {
                         tracing::warn!(group, error = %e, "group watch: the broker does not answer");
                     }
                     // A client that keeps failing is replaced (its connections may be stale).
-                    if failures % 10 == 0 {
+                    if failures.is_multiple_of(10) {
                         client = None;
                     }
                 }
