@@ -48,6 +48,11 @@ pub enum ContractError {
         header_value: String,
         body_value: String,
     },
+    /// The decoder itself failed (a bug, not the message's fault, but the message still
+    /// cannot be read): it is dead-lettered and its stream parked like any unreadable one,
+    /// so it is never dropped and its offset never committed unaccounted for.
+    #[error("the decoder panicked on this message: {reason}")]
+    DecoderPanic { reason: String },
 }
 
 impl ContractError {
@@ -69,6 +74,7 @@ impl ContractError {
             Self::MissingHeader(_) => "missing_header",
             Self::InvalidHeader { .. } => "invalid_header",
             Self::HeaderMismatch { .. } => "header_mismatch",
+            Self::DecoderPanic { .. } => "decoder_panic",
         }
     }
 }

@@ -424,6 +424,51 @@ impl ReadService {
         Ok(Step::Again)
     }
 
+    /// Read an answer that may have to include the caller's event: wait until `version` of
+    /// `projection` has applied it (`applied`), then read the answer (`read`) from that same
+    /// version, so `included: true` always describes data read after the event landed
+    /// (reading first and checking after could pair rows read before the event with a check
+    /// that saw it). Every answer goes through here.
+    async fn answer_after<T, A, AF, R, RF>(
+        &self,
+        w: &mut Waiter,
+        projection: &str,
+        applied: A,
+        read: R,
+    ) -> Result<(T, String, Option<ConsistencyReport>), ReadError>
+    where
+        A: Fn(String, Event) -> AF,
+        AF: std::future::Future<Output = Result<bool, ReadError>>,
+        R: Fn(String) -> RF,
+        RF: std::future::Future<Output = Result<T, ReadError>>,
+    {
+        loop {
+            let version = self.version_of(projection).await;
+            let included = match w.event() {
+                Some(e) => applied(version.clone(), e.clone()).await?,
+                None => true,
+            };
+            if let Step::Done(report) = self.settle(w, projection, &version, included).await? {
+                let data = read(version.clone()).await?;
+                return Ok((data, version, report));
+            }
+        }
+    }
+
+    /// Whether the document `key` of `version` (Redis or MongoDB) has applied `e`.
+    async fn doc_applied<V: DeserializeOwned>(
+        &self,
+        store: StoreKind,
+        version: &str,
+        key: Option<&str>,
+        e: &Event,
+    ) -> Result<bool, ReadError> {
+        // An event that folds into no document (none of this projector's) is trivially in.
+        let Some(key) = key else { return Ok(true) };
+        let doc = self.load_doc::<V>(store, version, key).await?;
+        Ok(guard_has(doc.as_ref().map(|d| &d.guard), e))
+    }
+
     async fn version_of(&self, projection: &str) -> String {
         self.versions().await.of(projection).to_owned()
     }
@@ -484,16 +529,17 @@ impl ReadService {
         let mut w = self
             .begin(c, |e| handles(p, e) && p.view_key(e) == Some(id))
             .await?;
-        let (doc, version, report) = loop {
-            let version = self.version_of(p.name()).await;
-            let doc = self.load_doc::<P::View>(p.store(), &version, id).await?;
-            let included = w
-                .event()
-                .is_none_or(|e| guard_has(doc.as_ref().map(|d| &d.guard), e));
-            if let Step::Done(r) = self.settle(&mut w, p.name(), &version, included).await? {
-                break (doc, version, r);
-            }
-        };
+        let (doc, version, report) = self
+            .answer_after(
+                &mut w,
+                p.name(),
+                |version, e| async move {
+                    self.doc_applied::<P::View>(p.store(), &version, p.view_key(&e), &e)
+                        .await
+                },
+                |version| async move { self.load_doc::<P::View>(p.store(), &version, id).await },
+            )
+            .await?;
         let what = id_name.trim_end_matches("_id");
         let doc = doc.ok_or_else(|| ReadError::NotFound(format!("{what} {id}")))?;
         let mut f = self.base_freshness(p.name(), &version);
@@ -553,27 +599,22 @@ impl ReadService {
         // An event about an order affects the list when it is that order's (a new order may
         // be this customer's; its own document says once it exists).
         let mut w = self.begin(c, |e| handles(&OrderViewProjector, e)).await?;
-        let (page, version, report) = loop {
-            let version = self.version_of(order_view::NAME).await;
-            let page = self
-                .orders_page(&version, customer_id, status, limit, after.as_ref())
-                .await?;
-            let included = match w.event().map(|e| (e, OrderViewProjector.view_key(e))) {
-                Some((e, Some(key))) => {
-                    let doc = self
-                        .load_doc::<OrderView>(StoreKind::Mongo, &version, key)
-                        .await?;
-                    guard_has(doc.as_ref().map(|d| &d.guard), e)
-                }
-                _ => true,
-            };
-            if let Step::Done(r) = self
-                .settle(&mut w, order_view::NAME, &version, included)
-                .await?
-            {
-                break (page, version, r);
-            }
-        };
+        let after = after.as_ref();
+        let (page, version, report) = self
+            .answer_after(
+                &mut w,
+                order_view::NAME,
+                |version, e| async move {
+                    let key = OrderViewProjector.view_key(&e);
+                    self.doc_applied::<OrderView>(StoreKind::Mongo, &version, key, &e)
+                        .await
+                },
+                |version| async move {
+                    self.orders_page(&version, customer_id, status, limit, after)
+                        .await
+                },
+            )
+            .await?;
         let mut f = self.base_freshness(order_view::NAME, &version);
         f.last_event_at = page
             .orders
@@ -663,38 +704,35 @@ impl ReadService {
         let mut w = self
             .begin(c, |e| handles_facts(&analytics::AnalyticsProjector, e))
             .await?;
-        let (data, version, report) = loop {
-            let version = self.version_of(analytics::NAME).await;
-            let table = self.facts_table(&version);
-            let data: Vec<T> = self
-                .rows(query.sql.replace("{table}", &table), query.binds.clone())
-                .await?;
-            let included = match w.event() {
-                Some(e) => {
+        let query = &query;
+        let (data, version, report) = self
+            .answer_after(
+                &mut w,
+                analytics::NAME,
+                |version, e| async move {
                     let n = self
                         .ch
                         .query(&format!(
-                            "SELECT count() FROM {table} WHERE event_type = ? AND event_id = ?"
+                            "SELECT count() FROM {} WHERE event_type = ? AND event_id = ?",
+                            self.facts_table(&version)
                         ))
                         .bind(e.header.event_type.as_str())
                         .bind(e.header.event_id.to_string())
                         .fetch_one::<u64>()
                         .await;
                     match n {
-                        Ok(n) => n > 0,
-                        Err(e) if missing_table(&e) => false,
-                        Err(e) => return Err(ReadError::store("clickhouse", e)),
+                        Ok(n) => Ok(n > 0),
+                        Err(e) if missing_table(&e) => Ok(false),
+                        Err(e) => Err(ReadError::store("clickhouse", e)),
                     }
-                }
-                None => true,
-            };
-            if let Step::Done(r) = self
-                .settle(&mut w, analytics::NAME, &version, included)
-                .await?
-            {
-                break (data, version, r);
-            }
-        };
+                },
+                |version| async move {
+                    let table = self.facts_table(&version);
+                    self.rows::<T>(query.sql.replace("{table}", &table), query.binds.clone())
+                        .await
+                },
+            )
+            .await?;
         let mut f = self.base_freshness(analytics::NAME, &version);
         if let Ok((pos, ts)) = self
             .ch
@@ -1020,4 +1058,84 @@ fn decode_cursor(s: &str) -> Result<(Option<String>, String), ReadError> {
         .map(|i| u8::from_str_radix(s.get(i..i + 2).ok_or_else(bad)?, 16).map_err(|_| bad()))
         .collect::<Result<Vec<u8>, _>>()?;
     serde_json::from_slice(&bytes).map_err(|_| bad())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use super::*;
+
+    fn event() -> Event {
+        let body = serde_json::json!({
+            "event_id": "0b6c7c1e-8d3f-4a53-9a43-8f1f0f0f0f77",
+            "aggregate_type": "order",
+            "aggregate_id": "ord-ryw-order-test",
+            "sequence_number": 3,
+            "global_position": 1234,
+            "event_type": "order.shipped",
+            "event_data": {"order_id": "ord-ryw-order-test", "customer_id": "cus-7",
+                           "carrier": "UPS", "tracking_number": "1Z999"},
+            "metadata": {"correlation_id": "c-1", "causation_id": "c-0"},
+            "timestamp": "2026-11-22T10:00:00.123Z"
+        });
+        Event::decode(&serde_json::to_vec(&body).expect("json")).expect("a valid event")
+    }
+
+    /// The caller's event lands in the store right after the first time anyone looks (a
+    /// worker applying it between two reads). An answer that says `included: true` must have
+    /// been read after that, whichever read comes first.
+    #[tokio::test]
+    async fn an_included_answer_is_read_after_the_event_landed() {
+        let cfg = Config::load_for_tests().expect("config/local.toml must load");
+        let svc = ReadService::new(&cfg).await.expect("read service");
+        let event = event();
+        let report = ConsistencyReport {
+            requested: After {
+                position: Some(event.header.global_position),
+                stream: None,
+                sequence: None,
+            },
+            event: EventRef {
+                global_position: event.header.global_position,
+                stream: projectors::document::stream_key(&event),
+                sequence: event.header.sequence_number,
+                event_type: event.header.event_type.to_string(),
+            },
+            affects_answer: true,
+            included: false,
+            waited_ms: 0,
+            parked: None,
+        };
+        let mut w = Waiter {
+            wanted: Some(Wanted { event, report }),
+            started: Instant::now(),
+            budget: Duration::from_secs(5),
+            pause: Duration::from_millis(5),
+        };
+        let landed = AtomicBool::new(false);
+        // What a look at the store sees: whether the event is in; it lands once looked at.
+        let look = || landed.swap(true, Ordering::SeqCst);
+        let (rows, _, report) = svc
+            .answer_after(
+                &mut w,
+                order_view::NAME,
+                |_, _| {
+                    let seen = look();
+                    async move { Ok(seen) }
+                },
+                |_| {
+                    let rows = if look() { "with the event" } else { "stale" };
+                    async move { Ok(rows) }
+                },
+            )
+            .await
+            .expect("an answer");
+        let report = report.expect("a consistency report");
+        assert!(report.included);
+        assert_eq!(
+            rows, "with the event",
+            "included: true about rows read before"
+        );
+    }
 }

@@ -268,8 +268,109 @@ pub struct RedisSink {
     prefix: Arc<str>,
     cas: Arc<Script>,
     timeout: Duration,
-    /// WAITAOF (Redis 7.2+): wait until the writes are fsynced before acknowledging.
-    waitaof: bool,
+    /// What an acknowledged write promises (WAITAOF after every batch when the server has it).
+    durability: Durability,
+}
+
+/// What the server promises about an acknowledged write, found at start.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Durability {
+    /// Redis 7.2+ with the AOF on: every connection that wrote waits (WAITAOF, numlocal 1)
+    /// until its writes are fsynced before the batch counts as written.
+    WaitAof,
+    /// No WAITAOF, but the AOF is fsynced before each reply (`appendfsync always`).
+    FsyncAlways,
+    /// A Redis crash can lose acknowledged writes; why.
+    Lossy(String),
+}
+
+/// The verdict from `INFO server`'s version and `CONFIG GET appendonly`/`appendfsync`
+/// (`None`: the server would not say, e.g. CONFIG renamed away).
+fn durability_of(
+    version: Option<&str>,
+    appendonly: Option<&str>,
+    appendfsync: Option<&str>,
+) -> Durability {
+    let parts: Vec<u32> = version
+        .unwrap_or("0")
+        .split('.')
+        .filter_map(|p| p.parse().ok())
+        .collect();
+    let has_waitaof = parts.as_slice() >= [7, 2].as_slice();
+    match appendonly {
+        // Without the AOF nothing is fsynced per write (and WAITAOF numlocal 1 is refused).
+        Some(a) if a != "yes" => {
+            return Durability::Lossy(format!("appendonly is {a:?}: writes are not logged"));
+        }
+        // Unknown: WAITAOF itself fails (and the batch is retried) if the AOF is off.
+        None if !has_waitaof => {
+            return Durability::Lossy("appendonly is unknown (CONFIG GET refused)".into());
+        }
+        _ => {}
+    }
+    if has_waitaof {
+        return Durability::WaitAof;
+    }
+    match appendfsync {
+        Some("always") => Durability::FsyncAlways,
+        other => Durability::Lossy(format!(
+            "appendfsync is {:?} and Redis {} has no WAITAOF",
+            other.unwrap_or("unknown"),
+            version.unwrap_or("?")
+        )),
+    }
+}
+
+/// Ask the server what an acknowledged write promises (on a cluster, one primary speaks for
+/// all: they are deployed alike).
+pub async fn probe_durability(con: &mut RedisCon) -> Durability {
+    let info = con.on_one_node(redis::cmd("INFO").arg("server")).await;
+    let info: Option<String> = info.ok().and_then(|v| redis::from_redis_value(v).ok());
+    let version = info.and_then(|i| {
+        i.lines()
+            .find_map(|l| l.strip_prefix("redis_version:"))
+            .map(|v| v.trim().to_owned())
+    });
+    let appendonly = config_get(con, "appendonly").await;
+    let appendfsync = config_get(con, "appendfsync").await;
+    durability_of(
+        version.as_deref(),
+        appendonly.as_deref(),
+        appendfsync.as_deref(),
+    )
+}
+
+/// `CONFIG GET name`, if the server answers it.
+async fn config_get(con: &mut RedisCon, name: &str) -> Option<String> {
+    let reply = con
+        .on_one_node(redis::cmd("CONFIG").arg("GET").arg(name))
+        .await
+        .ok()?;
+    // A map in RESP3, `[name, value]` in RESP2: both read as a map.
+    let mut pairs: std::collections::HashMap<String, String> =
+        redis::from_redis_value(reply).ok()?;
+    pairs.remove(name)
+}
+
+/// A WAITAOF reply (`[numlocal, numreplicas]`; on a cluster, one per primary): the writes of
+/// the connection are on disk only when numlocal is at least 1. Anything else fails the
+/// write, transiently: the batch is retried and the guards absorb what already landed.
+fn aof_confirmed(reply: &Value) -> Result<(), SinkError> {
+    match reply {
+        Value::Array(v) => match v.first() {
+            Some(Value::Int(n)) if *n >= 1 => Ok(()),
+            Some(Value::Int(n)) => Err(SinkError::transient(
+                STORE,
+                format!("WAITAOF: the writes were not fsynced in time (numlocal {n})"),
+            )),
+            _ => Err(unexpected(format!("WAITAOF answered {reply:?}"))),
+        },
+        Value::Map(per_node) if !per_node.is_empty() => {
+            per_node.iter().try_for_each(|(_, r)| aof_confirmed(r))
+        }
+        Value::ServerError(e) => Err(SinkError::transient(STORE, format!("WAITAOF: {e}"))),
+        other => Err(unexpected(format!("WAITAOF answered {other:?}"))),
+    }
 }
 
 /// A reply of another shape than the command's (a server of another version, say).
@@ -319,47 +420,33 @@ impl RedisSink {
             prefix: prefix.into(),
             cas: Arc::new(Script::new(CAS)),
             timeout,
-            waitaof: false,
+            durability: Durability::FsyncAlways,
         };
-        sink.waitaof = sink.detect_durability().await;
+        sink.durability = probe_durability(&mut sink.con.clone()).await;
+        if let Durability::Lossy(why) = &sink.durability {
+            tracing::warn!(
+                reason = %why,
+                "Redis acknowledges writes before they are on disk: a Redis crash can lose \
+                 acknowledged Customer-360 writes (their offsets are committed). Run it with \
+                 appendonly yes and appendfsync always (or Redis 7.2+ for WAITAOF)."
+            );
+        }
         Ok(sink)
     }
 
-    /// WAITAOF when the server has it; otherwise say so if acknowledged writes can be lost.
-    async fn detect_durability(&self) -> bool {
-        let mut con = self.con.clone();
-        // On a cluster, one primary speaks for all (they are deployed alike).
-        let info = con.on_one_node(redis::cmd("INFO").arg("server")).await;
-        let info: Option<String> = info.ok().and_then(|v| redis::from_redis_value(v).ok());
-        let version = info.and_then(|i| {
-            i.lines()
-                .find_map(|l| l.strip_prefix("redis_version:"))
-                .map(|v| v.trim().to_owned())
-        });
-        let parts: Vec<u32> = version
-            .as_deref()
-            .unwrap_or("0")
-            .split('.')
-            .filter_map(|p| p.parse().ok())
-            .collect();
-        if parts.as_slice() >= [7, 2].as_slice() {
-            return true;
-        }
-        let fsync = con
-            .on_one_node(redis::cmd("CONFIG").arg("GET").arg("appendfsync"))
-            .await;
-        let fsync: Option<Vec<String>> = fsync.ok().and_then(|v| redis::from_redis_value(v).ok());
-        match fsync.and_then(|v| v.get(1).cloned()).as_deref() {
-            Some("always") => {}
-            other => tracing::warn!(
-                version = version.as_deref().unwrap_or("?"),
-                appendfsync = other.unwrap_or("unknown"),
-                "Redis acknowledges writes before they are on disk and has no WAITAOF: \
-                 a Redis crash can lose acknowledged Customer-360 writes. \
-                 Run it with appendonly yes and appendfsync always."
-            ),
-        }
-        false
+    /// What an acknowledged write of this sink promises.
+    pub fn durability(&self) -> &Durability {
+        &self.durability
+    }
+
+    /// The WAITAOF deadline: inside the response timeout, so a slow fsync is answered
+    /// (numlocal 0, a transient failure) rather than cut off.
+    fn waitaof(&self) -> Cmd {
+        let mut cmd = redis::cmd("WAITAOF");
+        cmd.arg(1)
+            .arg(0)
+            .arg((self.timeout.as_millis() as u64 / 2).max(1));
+        cmd
     }
 
     /// Publish the live version under `key` on `announce` (the live worker's sink).
@@ -458,6 +545,8 @@ impl RedisSink {
             .collect()
     }
 
+    /// One pipeline on one of the write connections; with WAITAOF, the pipeline ends with it
+    /// on that same connection (WAITAOF covers only its own connection's writes).
     async fn write_chunk(&self, n: usize, writes: &[DocWrite]) -> Result<Vec<Value>, SinkError> {
         let mut con = self.writers[n % self.writers.len()].clone();
         let mut pipe = redis::pipe();
@@ -472,8 +561,19 @@ impl RedisSink {
                     .arg(w.body.as_slice()),
             );
         }
+        let wait = self.durability == Durability::WaitAof;
+        if wait {
+            pipe.add_command(self.waitaof());
+        }
         pipe.ignore_errors();
-        pipe.query_async(&mut con).await.map_err(classify)
+        let mut replies: Vec<Value> = pipe.query_async(&mut con).await.map_err(classify)?;
+        if wait {
+            let reply = replies
+                .pop()
+                .ok_or_else(|| unexpected("no reply to WAITAOF"))?;
+            aof_confirmed(&reply)?;
+        }
+        Ok(replies)
     }
 }
 
@@ -576,15 +676,15 @@ impl DocStore for RedisSink {
                 }
             }
         }
-        if self.waitaof {
+        // On a cluster the client routes WAITAOF to every primary, each on the connection
+        // the scripts went through; a single server waited in each pipeline (`write_chunk`).
+        if self.durability == Durability::WaitAof && matches!(self.con, RedisCon::Cluster(_)) {
             let mut con = self.con.clone();
-            let _: Value = redis::cmd("WAITAOF")
-                .arg(1)
-                .arg(0)
-                .arg(self.timeout.as_millis() as u64)
-                .query_async(&mut con)
-                .await
-                .map_err(classify)?;
+            let reply: Value = with_timeout(STORE, self.timeout, async {
+                self.waitaof().query_async(&mut con).await.map_err(classify)
+            })
+            .await?;
+            aof_confirmed(&reply)?;
         }
         Ok(out)
     }
@@ -614,7 +714,123 @@ impl DocStore for RedisSink {
 
 #[cfg(test)]
 mod tests {
-    use super::primaries;
+    use super::*;
+
+    fn pair(local: i64, replicas: i64) -> Value {
+        Value::Array(vec![Value::Int(local), Value::Int(replicas)])
+    }
+
+    #[test]
+    fn waitaof_confirms_only_a_local_fsync() {
+        assert!(aof_confirmed(&pair(1, 0)).is_ok());
+        assert!(aof_confirmed(&pair(1, 2)).is_ok());
+        // Timed out before the fsync: not written, and worth retrying.
+        let e = aof_confirmed(&pair(0, 0)).unwrap_err();
+        assert!(e.is_transient(), "{e}");
+        assert!(e.to_string().contains("numlocal 0"), "{e}");
+        assert!(aof_confirmed(&pair(0, 1)).unwrap_err().is_transient());
+        // Of another shape (a server of another version, say).
+        assert!(aof_confirmed(&Value::Nil).unwrap_err().is_transient());
+        assert!(
+            aof_confirmed(&Value::Array(vec![]))
+                .unwrap_err()
+                .is_transient()
+        );
+        assert!(aof_confirmed(&Value::Int(1)).unwrap_err().is_transient());
+        // A cluster answers per primary: every one must confirm.
+        let node = |a: &str| Value::SimpleString(a.into());
+        let all = Value::Map(vec![(node("a:1"), pair(1, 0)), (node("b:2"), pair(1, 0))]);
+        assert!(aof_confirmed(&all).is_ok());
+        let one_late = Value::Map(vec![(node("a:1"), pair(1, 0)), (node("b:2"), pair(0, 0))]);
+        assert!(aof_confirmed(&one_late).unwrap_err().is_transient());
+        assert!(
+            aof_confirmed(&Value::Map(vec![]))
+                .unwrap_err()
+                .is_transient()
+        );
+    }
+
+    #[test]
+    fn durability_needs_the_aof_and_a_sync_per_write() {
+        let d = |v, a, f| durability_of(v, a, f);
+        assert_eq!(
+            d(Some("7.2.4"), Some("yes"), Some("everysec")),
+            Durability::WaitAof
+        );
+        assert_eq!(d(Some("8.0.0"), None, None), Durability::WaitAof);
+        assert_eq!(
+            d(Some("7.0.15"), Some("yes"), Some("always")),
+            Durability::FsyncAlways
+        );
+        for (v, a, f) in [
+            // The old check looked at appendfsync alone: `always` without the AOF loses all.
+            (Some("7.0.15"), Some("no"), Some("always")),
+            (Some("7.4.0"), Some("no"), Some("always")),
+            (Some("7.0.15"), Some("yes"), Some("everysec")),
+            (Some("7.0.15"), Some("yes"), None),
+            (Some("7.0.15"), None, Some("always")),
+            (None, None, None),
+        ] {
+            assert!(
+                matches!(d(v, a, f), Durability::Lossy(_)),
+                "{v:?} {a:?} {f:?}"
+            );
+        }
+    }
+
+    /// A free port on 127.0.0.1.
+    fn free_port() -> u16 {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("a free port")
+    }
+
+    /// The start-up check against a real server without the AOF (a private one: the shared
+    /// server must keep its settings) says acknowledged writes can be lost.
+    #[tokio::test]
+    async fn a_server_without_the_aof_is_reported_lossy() {
+        let port = free_port();
+        let dir = std::env::temp_dir().join(format!("projector-redis-noaof-{port}"));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let mut server = std::process::Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args([
+                "--appendonly",
+                "no",
+                "--appendfsync",
+                "always",
+                "--save",
+                "",
+            ])
+            .arg("--dir")
+            .arg(&dir)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server is installed");
+        let cfg = RedisConfig {
+            url: format!("redis://127.0.0.1:{port}"),
+            cluster: false,
+            timeout_ms: 2_000,
+            connect_timeout_ms: 500,
+        };
+        let mut sink = None;
+        for _ in 0..50 {
+            if let Ok(s) = RedisSink::connect(&cfg, "t:").await {
+                sink = Some(s);
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let verdict = sink.map(|s| s.durability().clone());
+        let _ = server.kill();
+        let _ = server.wait();
+        let _ = std::fs::remove_dir_all(&dir);
+        match verdict {
+            Some(Durability::Lossy(why)) => assert!(why.contains("appendonly"), "{why}"),
+            other => panic!("appendonly no must be reported lossy, got {other:?}"),
+        }
+    }
 
     #[test]
     fn primaries_are_read_from_cluster_nodes() {
