@@ -57,17 +57,22 @@ async fn workers_and_stores_killed_under_load_leave_no_partition_behind() {
 
 /// Both workers configured with one client id: the local broker then hands a rejoining
 /// member the other one's partitions (about one same-id restart in two), and only the group
-/// watch's heal brings them back. Two more worker restarts make that near certain.
+/// watch's heal brings them back. Four more worker restarts make that likely in every run;
+/// the heals are counted from the workers' logs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn workers_sharing_a_client_id_heal_the_brokers_misassignment() {
     scenario(
         "stallshared",
         &[("PROJECTOR_KAFKA__CLIENT_ID", "projector".into())],
         &[
-            (25, Step::KillWorker(1)),
-            (27, Step::StartWorker(1)),
-            (31, Step::KillWorker(0)),
-            (33, Step::StartWorker(0)),
+            (21, Step::KillWorker(1)),
+            (23, Step::StartWorker(1)),
+            (28, Step::KillWorker(0)),
+            (30, Step::StartWorker(0)),
+            (55, Step::KillWorker(0)),
+            (57, Step::StartWorker(0)),
+            (62, Step::KillWorker(1)),
+            (64, Step::StartWorker(1)),
         ],
     )
     .await;

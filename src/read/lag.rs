@@ -65,7 +65,9 @@ impl LagProbe {
     /// The group furthest behind, of those observed.
     pub fn worst(&self) -> Option<Lag> {
         let l = self.latest.read().ok()?;
-        l.values().max_by_key(|g| (g.messages, g.unowned_partitions)).cloned()
+        l.values()
+            .max_by_key(|g| (g.messages, g.unowned_partitions))
+            .cloned()
     }
 
     /// Whether every group has been observed once.
