@@ -125,6 +125,10 @@ pub struct WorkerConfig {
     /// …or this long after its first message, whichever comes first.
     #[serde(default = "default_window_ms")]
     pub window_ms: u64,
+    /// Bytes of messages (keys, values, headers) a window holds at most: it closes before a
+    /// message would take it past this.
+    #[serde(default = "default_window_max_bytes")]
+    pub window_max_bytes: usize,
     /// Messages polled but not yet committed, at most: beyond it the partitions are paused
     /// (the consumer keeps polling, so it stays in its group) until writes catch up.
     #[serde(default = "default_max_in_flight")]
@@ -169,6 +173,9 @@ fn default_window_size() -> usize {
 }
 fn default_window_ms() -> u64 {
     100
+}
+fn default_window_max_bytes() -> usize {
+    16 << 20
 }
 fn default_max_in_flight() -> usize {
     20_000
@@ -313,6 +320,51 @@ pub struct MongoConfig {
     /// Server selection and connection timeout.
     #[serde(default = "default_connect_timeout")]
     pub connect_timeout_ms: u64,
+    /// How many members acknowledge a write before the worker counts it durable (and may
+    /// commit its offsets): `"majority"` (the default; a write a failover can roll back was
+    /// never acknowledged) or a number of members. Always journaled (`j: true`).
+    #[serde(default)]
+    pub write_concern: MongoWriteConcern,
+}
+
+/// `w` of MongoDB's write concern.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(try_from = "RawW", into = "RawW")]
+pub enum MongoWriteConcern {
+    #[default]
+    Majority,
+    Nodes(u32),
+}
+
+/// As written in a file or the environment: `"majority"` or a number.
+#[derive(Deserialize, Serialize)]
+#[serde(untagged)]
+enum RawW {
+    Nodes(u32),
+    Text(String),
+}
+
+impl TryFrom<RawW> for MongoWriteConcern {
+    type Error = String;
+    fn try_from(r: RawW) -> Result<Self, String> {
+        match r {
+            RawW::Nodes(n) if n > 0 => Ok(MongoWriteConcern::Nodes(n)),
+            RawW::Text(s) if s.eq_ignore_ascii_case("majority") => Ok(MongoWriteConcern::Majority),
+            RawW::Text(s) if s.parse::<u32>().is_ok_and(|n| n > 0) => {
+                Ok(MongoWriteConcern::Nodes(s.parse().unwrap_or(1)))
+            }
+            _ => Err("mongo.write_concern: \"majority\" or a number of members (1 or more)".into()),
+        }
+    }
+}
+
+impl From<MongoWriteConcern> for RawW {
+    fn from(w: MongoWriteConcern) -> RawW {
+        match w {
+            MongoWriteConcern::Majority => RawW::Text("majority".into()),
+            MongoWriteConcern::Nodes(n) => RawW::Nodes(n),
+        }
+    }
 }
 
 fn default_store_timeout() -> u64 {
@@ -452,6 +504,26 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn mongo_write_concern_reads_majority_or_a_count() {
+        #[derive(Deserialize)]
+        struct T {
+            w: MongoWriteConcern,
+        }
+        let w = |text: &str| toml_w(text).map(|t: T| t.w);
+        fn toml_w<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, String> {
+            figment::Figment::from(figment::providers::Toml::string(text))
+                .extract()
+                .map_err(|e| e.to_string())
+        }
+        assert_eq!(w("w = \"majority\""), Ok(MongoWriteConcern::Majority));
+        assert_eq!(w("w = 2"), Ok(MongoWriteConcern::Nodes(2)));
+        assert_eq!(w("w = \"1\""), Ok(MongoWriteConcern::Nodes(1)));
+        assert!(w("w = 0").is_err());
+        assert!(w("w = \"all\"").is_err());
+        assert_eq!(MongoWriteConcern::default(), MongoWriteConcern::Majority);
+    }
 
     #[test]
     #[allow(clippy::result_large_err)] // figment's Jail API returns its own large error

@@ -46,6 +46,8 @@ pub struct MongoSink {
     /// A replica set (even of one node): updates of a command commit in one transaction,
     /// so one journal write covers them all, not one per document.
     transactions: bool,
+    /// Acknowledged by how many members (`mongo.write_concern`).
+    w: crate::config::MongoWriteConcern,
 }
 
 pub(crate) fn classify(e: &mongodb::error::Error) -> SinkError {
@@ -76,6 +78,7 @@ impl MongoSink {
             collection: collection.to_owned(),
             timeout,
             transactions: false,
+            w: cfg.write_concern,
         };
         with_timeout(STORE, timeout, sink.ensure_indexes()).await?;
         let hello = with_timeout(STORE, timeout, async {
@@ -154,7 +157,10 @@ impl MongoSink {
         command.append(field, statements);
         command.append("ordered", false);
         let mut wc = RawDocumentBuf::new();
-        wc.append("w", 1);
+        match self.w {
+            crate::config::MongoWriteConcern::Majority => wc.append("w", "majority"),
+            crate::config::MongoWriteConcern::Nodes(n) => wc.append("w", n as i32),
+        }
         wc.append("j", true);
         command.append("writeConcern", wc);
         with_timeout(STORE, self.timeout, async {
@@ -266,10 +272,11 @@ impl MongoSink {
             command.append("update", self.collection.as_str());
             command.append("updates", updates);
             command.append("ordered", false);
-            let wc = WriteConcern::builder()
-                .w(Acknowledgment::Nodes(1))
-                .journal(true)
-                .build();
+            let w = match self.w {
+                crate::config::MongoWriteConcern::Majority => Acknowledgment::Majority,
+                crate::config::MongoWriteConcern::Nodes(n) => Acknowledgment::Nodes(n),
+            };
+            let wc = WriteConcern::builder().w(w).journal(true).build();
             let outcome = with_timeout(STORE, self.timeout, async {
                 let mut session = self
                     .client

@@ -137,6 +137,23 @@ impl KafkaSource {
         let Some(epoch) = st.epochs.get(&tp).copied() else {
             return;
         };
+        // Windows are bounded in bytes too: one that this message would take past the limit
+        // closes first (a message larger than the limit travels alone).
+        let incoming = m.key().map_or(0, <[u8]>::len)
+            + m.payload().map_or(0, <[u8]>::len)
+            + m.headers().map_or(0, |h| {
+                h.iter()
+                    .map(|h| 6 + h.key.len() + h.value.map_or(0, <[u8]>::len))
+                    .sum()
+            });
+        if super::window::full_before(
+            st.builder.items.len(),
+            st.builder.arena.len(),
+            incoming,
+            self.cfg.worker.window_max_bytes,
+        ) {
+            self.close(&mut st, true);
+        }
         let b = &mut st.builder;
         b.opened.get_or_insert_with(Instant::now);
         let raw = RawRef {

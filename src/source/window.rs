@@ -86,6 +86,17 @@ pub struct Item {
 #[derive(Debug, Default)]
 pub struct Arena(Vec<u8>);
 
+/// The largest window in bytes the arena's `u32` offsets can address, with room for one
+/// message of the largest size the client accepts past the limit.
+pub const MAX_WINDOW_BYTES: usize = 1 << 31;
+
+/// Whether a window holding `items` messages in `bytes` bytes must close before a message of
+/// `incoming` bytes joins it: it would pass `max_bytes` (never an empty window: a message
+/// larger than the limit travels alone).
+pub fn full_before(items: usize, bytes: usize, incoming: usize, max_bytes: usize) -> bool {
+    items > 0 && bytes.saturating_add(incoming) > max_bytes.min(MAX_WINDOW_BYTES)
+}
+
 impl Arena {
     pub fn with_capacity(n: usize) -> Arena {
         Arena(Vec::with_capacity(n))
@@ -222,5 +233,20 @@ mod tests {
                 ("", Some(&b""[..]))
             ]
         );
+    }
+}
+
+#[cfg(test)]
+mod bound_tests {
+    use super::*;
+
+    #[test]
+    fn a_window_closes_before_a_message_would_take_it_past_its_bytes() {
+        assert!(!full_before(0, 0, 100, 50), "a large message travels alone");
+        assert!(!full_before(3, 40, 10, 50), "exactly at the limit fits");
+        assert!(full_before(3, 40, 11, 50));
+        assert!(!full_before(0, 0, usize::MAX, 50));
+        // Whatever is configured, the arena's offsets stay addressable.
+        assert!(full_before(1, MAX_WINDOW_BYTES, 1, usize::MAX));
     }
 }
