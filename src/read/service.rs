@@ -751,23 +751,7 @@ impl ReadService {
     }
 
     fn range_sql(&self, r: &Range) -> Result<(String, Vec<String>), ReadError> {
-        let mut sql = String::new();
-        let mut binds = Vec::new();
-        for (bound, op) in [(&r.from, ">="), (&r.to, "<")] {
-            if let Some(d) = bound {
-                chrono::NaiveDate::parse_from_str(d, "%Y-%m-%d").map_err(|_| {
-                    ReadError::BadRequest(format!("{d:?} is not a date (YYYY-MM-DD)"))
-                })?;
-                sql.push_str(&format!(" AND ts {op} toDateTime64(?, 3, 'UTC')"));
-                binds.push(format!("{d} 00:00:00"));
-            }
-        }
-        if let Some(c) = &r.customer_id {
-            check_id("customer_id", c)?;
-            sql.push_str(" AND customer_id = ?");
-            binds.push(c.clone());
-        }
-        Ok((sql, binds))
+        range_sql(r)
     }
 
     async fn rows<T>(&self, sql: String, binds: Vec<String>) -> Result<Vec<T>, ReadError>
@@ -1060,8 +1044,54 @@ fn decode_cursor(s: &str) -> Result<(Option<String>, String), ReadError> {
     serde_json::from_slice(&bytes).map_err(|_| bad())
 }
 
+/// The WHERE conditions of a date range (from inclusive, to exclusive) and a customer.
+fn range_sql(r: &Range) -> Result<(String, Vec<String>), ReadError> {
+    let mut sql = String::new();
+    let mut binds = Vec::new();
+    let mut dates = Vec::new();
+    for (bound, op) in [(&r.from, ">="), (&r.to, "<")] {
+        if let Some(d) = bound {
+            let date = chrono::NaiveDate::parse_from_str(d, "%Y-%m-%d")
+                .map_err(|_| ReadError::BadRequest(format!("{d:?} is not a date (YYYY-MM-DD)")))?;
+            dates.push(date);
+            sql.push_str(&format!(" AND ts {op} toDateTime64(?, 3, 'UTC')"));
+            binds.push(format!("{d} 00:00:00"));
+        }
+    }
+    // An empty range is a caller's mistake, not an empty answer.
+    if let (Some(from), Some(to)) = (&r.from, &r.to)
+        && dates.len() == 2
+        && dates[0] > dates[1]
+    {
+        return Err(ReadError::BadRequest(format!(
+            "from ({from}) is after to ({to})"
+        )));
+    }
+    if let Some(c) = &r.customer_id {
+        check_id("customer_id", c)?;
+        sql.push_str(" AND customer_id = ?");
+        binds.push(c.clone());
+    }
+    Ok((sql, binds))
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_range_whose_from_is_after_its_to_is_a_bad_request() {
+        let r = |from: &str, to: &str| Range {
+            from: Some(from.into()),
+            to: Some(to.into()),
+            ..Default::default()
+        };
+        assert!(matches!(
+            range_sql(&r("2026-12-05", "2026-12-01")),
+            Err(ReadError::BadRequest(m)) if m.contains("after")
+        ));
+        assert!(range_sql(&r("2026-12-01", "2026-12-05")).is_ok());
+        assert!(range_sql(&r("2026-12-01", "2026-12-01")).is_ok());
+    }
+
     use std::sync::atomic::{AtomicBool, Ordering};
 
     use super::*;
