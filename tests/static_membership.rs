@@ -9,7 +9,9 @@
 //! it the other member's partitions, which are then consumed twice while the rest are consumed
 //! by nobody. The first test restarts members until that happens and checks that the group
 //! watch (`projector::source::group`) reports every orphaned partition as stalled and the
-//! wrongly assigned member as mismatched, from the broker's side alone. If the broker never
+//! wrongly assigned member as mismatched, from the broker's side alone, and that re-creating
+//! the mismatched member under its id (what a worker's heal does) gives the group a clean
+//! split back. If the broker never
 //! misbehaves in `TRIES` restarts it fails, saying so: the day the broker is fixed or replaced
 //! shows up here. The second test gives each consumer a client id of its own, as the workers
 //! do, and checks that every restart then keeps the split and the watch sees no fault.
@@ -308,7 +310,7 @@ async fn restarts(tag: &str, ids: ClientIds, tries: usize) -> Outcome {
         // coordinator does not match as mismatched; with nothing orphaned, nobody mismatched.
         let deadline =
             Instant::now() + stall + Duration::from_secs(if orphaned.is_empty() { 0 } else { 15 });
-        let (mut stalled, mut mismatched);
+        let (mut stalled, mut mismatched, mut mismatched_c0);
         loop {
             let obs = observe(&watcher, &group, &topics, Duration::from_secs(3)).unwrap();
             let (a, b) = (c0.report(), c1.report());
@@ -320,6 +322,7 @@ async fn restarts(tag: &str, ids: ClientIds, tries: usize) -> Outcome {
                 .map(|(_, p)| *p)
                 .collect::<BTreeSet<i32>>();
             mismatched = va.mismatch || vb.mismatch;
+            mismatched_c0 = va.mismatch;
             let seen = orphaned.is_subset(&stalled) && mismatched;
             if (!orphaned.is_empty() && seen) || Instant::now() > deadline {
                 break;
@@ -343,6 +346,36 @@ async fn restarts(tag: &str, ids: ClientIds, tries: usize) -> Outcome {
             "no member's assignment was seen to disagree with the coordinator's"
         );
         outcome.orphaned_at = Some(attempt);
+        // The heal the workers do: re-create the member whose assignment the coordinator
+        // disagrees with, under the same static id, until every partition is consumed once.
+        let mut healed = false;
+        for round in 1..=8 {
+            let (victim, id) = if mismatched_c0 {
+                (&mut c0, "c0")
+            } else {
+                (&mut c1, "c1")
+            };
+            victim.kill9();
+            std::thread::sleep(Duration::from_secs(1));
+            *victim = Child1::spawn(&brokers, &group, &topic, id, &client_id(id));
+            std::thread::sleep(Duration::from_secs(8));
+            let (a, b) = settle(&c0, &c1, Instant::now(), Duration::from_secs(10));
+            eprintln!(
+                "heal {round} (of {id}): c0 consumes {:?}, c1 consumes {:?}",
+                a.consuming, b.consuming
+            );
+            let union: BTreeSet<i32> = a.consuming.union(&b.consuming).cloned().collect();
+            if union == all && a.consuming.is_disjoint(&b.consuming) {
+                healed = true;
+                break;
+            }
+            let obs = observe(&watcher, &group, &topics, Duration::from_secs(3)).unwrap();
+            mismatched_c0 = Watch::new(wcfg).update(&obs, Some(&belief(&a))).mismatch;
+        }
+        assert!(
+            healed,
+            "re-creating the mismatched member never gave the group a clean split back"
+        );
         break;
     }
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
