@@ -181,6 +181,23 @@ fn settle(a: &Child1, b: &Child1, since: Instant, limit: Duration) -> (Report, R
     }
 }
 
+/// kill -9 member `id` (c0 or c1), start it again under the same static id after `down`, let
+/// the rejoin settle, and return both members' fresh reports.
+fn restart(
+    c0: &mut Child1,
+    c1: &mut Child1,
+    id: &str,
+    down: Duration,
+    respawn: impl Fn(&str) -> Child1,
+) -> (Report, Report) {
+    let victim = if id == "c0" { &mut *c0 } else { &mut *c1 };
+    victim.kill9();
+    std::thread::sleep(down);
+    *victim = respawn(id);
+    std::thread::sleep(Duration::from_secs(8));
+    settle(c0, c1, Instant::now(), Duration::from_secs(10))
+}
+
 /// How the members name themselves to the broker.
 #[derive(Clone, Copy, PartialEq)]
 enum ClientIds {
@@ -287,17 +304,9 @@ async fn restarts(tag: &str, ids: ClientIds, tries: usize) -> Outcome {
     let mut outcome = Outcome { orphaned_at: None };
     for attempt in 1..=tries {
         // Each member in turn: which one the broker misassigns depends on the join order.
-        let (victim, id) = if attempt % 2 == 1 {
-            (&mut c1, "c1")
-        } else {
-            (&mut c0, "c0")
-        };
-        victim.kill9();
-        std::thread::sleep(Duration::from_secs(2));
-        *victim = Child1::spawn(&brokers, &group, &topic, id, &client_id(id));
-        // Let the rejoin finish and the consumers settle.
-        std::thread::sleep(Duration::from_secs(8));
-        let (a, b) = settle(&c0, &c1, Instant::now(), Duration::from_secs(10));
+        let id = if attempt % 2 == 1 { "c1" } else { "c0" };
+        let respawn = |id: &str| Child1::spawn(&brokers, &group, &topic, id, &client_id(id));
+        let (a, b) = restart(&mut c0, &mut c1, id, Duration::from_secs(2), respawn);
         let consumed: BTreeSet<i32> = a.consuming.union(&b.consuming).cloned().collect();
         let orphaned: BTreeSet<i32> = all.difference(&consumed).cloned().collect();
         eprintln!(
@@ -350,16 +359,9 @@ async fn restarts(tag: &str, ids: ClientIds, tries: usize) -> Outcome {
         // disagrees with, under the same static id, until every partition is consumed once.
         let mut healed = false;
         for round in 1..=8 {
-            let (victim, id) = if mismatched_c0 {
-                (&mut c0, "c0")
-            } else {
-                (&mut c1, "c1")
-            };
-            victim.kill9();
-            std::thread::sleep(Duration::from_secs(1));
-            *victim = Child1::spawn(&brokers, &group, &topic, id, &client_id(id));
-            std::thread::sleep(Duration::from_secs(8));
-            let (a, b) = settle(&c0, &c1, Instant::now(), Duration::from_secs(10));
+            let id = if mismatched_c0 { "c0" } else { "c1" };
+            let respawn = |id: &str| Child1::spawn(&brokers, &group, &topic, id, &client_id(id));
+            let (a, b) = restart(&mut c0, &mut c1, id, Duration::from_secs(1), respawn);
             eprintln!(
                 "heal {round} (of {id}): c0 consumes {:?}, c1 consumes {:?}",
                 a.consuming, b.consuming
