@@ -49,35 +49,34 @@ const MAX_NAME: usize = 64;
 /// A version name is `[A-Za-z0-9_]{1,64}`: it becomes part of Redis prefixes, MongoDB
 /// collection and ClickHouse table names, so nothing that could change a query's meaning.
 pub fn validate_version(name: &str) -> Result<(), VersionError> {
-    let ok = !name.is_empty()
-        && name.len() <= MAX_NAME
-        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
-    if ok {
-        Ok(())
-    } else {
-        Err(VersionError::InvalidName {
-            what: "version",
-            name: name.to_owned(),
-            rule: "1 to 64 of A-Z a-z 0-9 _",
-        })
-    }
+    validate_name("version", name, b"", "1 to 64 of A-Z a-z 0-9 _")
 }
 
 /// A deployment name is `[A-Za-z0-9_.-]{1,64}`: no `/` (it ends the scope of its rows) and
 /// no `:` (it ends the Redis pointer key).
 pub fn validate_deployment(name: &str) -> Result<(), VersionError> {
+    validate_name("deployment", name, b".-", "1 to 64 of A-Z a-z 0-9 _ . -")
+}
+
+/// 1 to [`MAX_NAME`] bytes of ASCII letters, digits, `_` and the bytes of `also`.
+fn validate_name(
+    what: &'static str,
+    name: &str,
+    also: &[u8],
+    rule: &'static str,
+) -> Result<(), VersionError> {
     let ok = !name.is_empty()
         && name.len() <= MAX_NAME
         && name
             .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'));
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || also.contains(&b));
     if ok {
         Ok(())
     } else {
         Err(VersionError::InvalidName {
-            what: "deployment",
+            what,
             name: name.to_owned(),
-            rule: "1 to 64 of A-Z a-z 0-9 _ . -",
+            rule,
         })
     }
 }

@@ -19,6 +19,7 @@ use projector::versions::{LIVE, VersionError, VersionSinks, live_versions, scope
 use projectors::customer360::Customer360Projector;
 use projectors::order_view::OrderViewProjector;
 use projectors::{Projector, analytics, customer360, order_view};
+use serde_json::Value;
 
 /// A worker pod of one read model's StatefulSet: its own consumer group, static member `pod`,
 /// the deployment's settings otherwise. Killed if the test ends early.
@@ -104,58 +105,42 @@ fn last_view<P: Projector>(p: &P, log: &[contract::Event], ns: &str) -> (String,
         .expect("the round has events for the view")
 }
 
+/// GET `path` (which waits for an event): 200, from `version`, the event included, with the
+/// lag of `group` (the group that writes it, not one nobody consumes in). Returns the body.
+async fn included(api: &ReadServer, path: &str, version: &str, group: Option<String>) -> Value {
+    let (status, body) = api.get(path).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["freshness"]["version"], version, "{body}");
+    assert_eq!(body["freshness"]["consistency"]["included"], true, "{body}");
+    if let Some(g) = group {
+        assert_eq!(body["freshness"]["lag"]["group"], g, "{body}");
+    }
+    body
+}
+
 /// The read service answers every read model from `version`, with `round`'s last events
 /// included (it waits for them), and the answers equal the fold.
 async fn readers_see(api: &ReadServer, cfg: &Config, ns: &str, version: &str) {
     let log = common::event_log_at(cfg, ns).await;
     let want = common::fold(&log, ns);
     let (customer, at) = last_view(&Customer360Projector, &log, ns);
-    let (status, body) = api
-        .get(&format!(
-            "/v1/customers/{customer}?after_position={at}&wait_ms=120000"
-        ))
-        .await;
-    assert_eq!(status, 200, "{body}");
-    assert_eq!(body["freshness"]["version"], version, "{body}");
-    assert_eq!(body["freshness"]["consistency"]["included"], true, "{body}");
-    // Its freshness carries the lag of the group that writes it, not of a group nobody
-    // consumes in.
-    assert_eq!(
-        body["freshness"]["lag"]["group"],
-        Pod::group(cfg, "customer360"),
-        "{body}"
-    );
+    let path = format!("/v1/customers/{customer}?after_position={at}&wait_ms=120000");
+    let group = Some(Pod::group(cfg, "customer360"));
+    let body = included(api, &path, version, group).await;
     assert_eq!(
         body["data"],
         serde_json::to_value(&want.customers[&customer].0).unwrap()
     );
     let (order, at) = last_view(&OrderViewProjector, &log, ns);
-    let (status, body) = api
-        .get(&format!(
-            "/v1/orders/{order}?after_position={at}&wait_ms=120000"
-        ))
-        .await;
-    assert_eq!(status, 200, "{body}");
-    assert_eq!(body["freshness"]["version"], version, "{body}");
-    assert_eq!(body["freshness"]["consistency"]["included"], true, "{body}");
+    let path = format!("/v1/orders/{order}?after_position={at}&wait_ms=120000");
+    let body = included(api, &path, version, None).await;
     assert_eq!(
         body["data"],
         serde_json::to_value(&want.orders[&order].0).unwrap()
     );
     let last = log.last().unwrap().header.global_position;
-    let (status, body) = api
-        .get(&format!(
-            "/v1/analytics/funnel?after_position={last}&wait_ms=120000"
-        ))
-        .await;
-    assert_eq!(status, 200, "{body}");
-    assert_eq!(body["freshness"]["version"], version, "{body}");
-    assert_eq!(body["freshness"]["consistency"]["included"], true, "{body}");
-    assert_eq!(
-        body["freshness"]["lag"]["group"],
-        Pod::group(cfg, "analytics"),
-        "{body}"
-    );
+    let path = format!("/v1/analytics/funnel?after_position={last}&wait_ms=120000");
+    included(api, &path, version, Some(Pod::group(cfg, "analytics"))).await;
 }
 
 /// Nothing of `version` exists in any store: no Redis key under its prefix, no MongoDB
