@@ -1,7 +1,7 @@
 //! `projector generate`: writes a seeded history to the event store and publishes each
 //! committed batch to Kafka, optionally with injected duplicates and redeliveries.
 
-mod history;
+pub mod history;
 
 use std::time::{Duration, Instant};
 

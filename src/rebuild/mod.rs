@@ -137,15 +137,16 @@ pub async fn replay(
         cfg: cfg.clone(),
         shared: shared.clone(),
         tracker: tracker_tx.clone(),
-        parks: ParkStore::new(pg.clone(), &cfg.deployment),
-        retirements: Some(crate::runtime::targets::Retirements::new(
-            pg,
-            &cfg.deployment,
-        )),
-        mode: Arc::new(move || Mode::Replay {
-            version: v.clone(),
-            fresh,
+        control: Arc::new(crate::runtime::control::PgControl {
+            pointers: None,
+            retirements: Some(crate::runtime::targets::Retirements::new(
+                pg.clone(),
+                &cfg.deployment,
+            )),
+            parks: ParkStore::new(pg, &cfg.deployment),
+            dlq: None,
         }),
+        mode: Mode::Replay { version: v, fresh },
         only: selected.to_vec(),
         shards: cfg.worker.shard_count(),
         // The replay is the only writer of its version: keep every view it wrote.

@@ -5,6 +5,26 @@ use std::time::Duration;
 
 use rand::Rng;
 
+thread_local! {
+    /// A seeded jitter source for this thread (the deterministic simulation's), else random.
+    static SEEDED: std::cell::RefCell<Option<rand_chacha::ChaCha8Rng>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Make this thread's backoff jitter a function of `seed` (`None`: random again), so a
+/// simulated schedule replays exactly.
+pub fn seed_jitter(seed: Option<u64>) {
+    use rand::SeedableRng;
+    SEEDED.with(|s| *s.borrow_mut() = seed.map(rand_chacha::ChaCha8Rng::seed_from_u64));
+}
+
+fn jitter(range: std::ops::RangeInclusive<u64>) -> u64 {
+    SEEDED.with(|s| match s.borrow_mut().as_mut() {
+        Some(rng) => rng.random_range(range.clone()),
+        None => rand::rng().random_range(range.clone()),
+    })
+}
+
 #[derive(Debug, Clone)]
 pub struct Backoff {
     pub base: Duration,
@@ -29,7 +49,7 @@ impl Backoff {
             .min(self.max);
         self.attempt += 1;
         let ms = cap.as_millis() as u64;
-        Duration::from_millis(rand::rng().random_range(ms / 2..=ms.max(1)))
+        Duration::from_millis(jitter(ms / 2..=ms.max(1)))
     }
 
     pub fn reset(&mut self) {

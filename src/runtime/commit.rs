@@ -22,6 +22,26 @@ use crate::source::SourceConsumer;
 /// A partition of a topic (topic index into the source's topic table).
 pub type Tp = (u16, i32);
 
+/// Where committed offsets go: the Kafka consumer, or the simulation's group.
+pub trait OffsetCommit: Send + Sync {
+    /// Commit `(topic, partition, next offset to read)` without waiting for the answer.
+    fn commit_offsets(&self, offsets: &[(&str, i32, i64)]) -> Result<(), String>;
+}
+
+impl OffsetCommit for SourceConsumer {
+    fn commit_offsets(&self, offsets: &[(&str, i32, i64)]) -> Result<(), String> {
+        let mut tpl = TopicPartitionList::new();
+        for (topic, partition, next) in offsets {
+            tpl.add_partition_offset(topic, *partition, Offset::Offset(*next))
+                .map_err(|e| e.to_string())?;
+        }
+        // The result arrives in the consumer's commit callback (a fenced or failed commit
+        // is handled there).
+        self.commit(&tpl, CommitMode::Async)
+            .map_err(|e| e.to_string())
+    }
+}
+
 /// Where a checkpoint of a replay (rebuild) stands; the rebuild's own committer saves it.
 pub trait Committer: Send + 'static {
     /// The windows up to and including `upto` are durable in every store.
@@ -46,7 +66,7 @@ pub enum TrackerMsg {
     /// windows of older generations are never committed).
     Consumer {
         generation: u64,
-        consumer: Arc<SourceConsumer>,
+        consumer: Arc<dyn OffsetCommit>,
     },
     /// Drop the consumer (the source closes it on its own thread).
     Release { reply: std::sync::mpsc::Sender<()> },
@@ -97,7 +117,7 @@ pub struct Tracker {
     participants: usize,
     shared: Arc<Shared>,
     pending: BTreeMap<u64, Pending>,
-    consumer: Option<(u64, Arc<SourceConsumer>)>,
+    consumer: Option<(u64, Arc<dyn OffsetCommit>)>,
     /// Current epoch of each owned partition.
     owned: HashMap<Tp, u32>,
     /// Next offset to commit per owned partition (epoch it belongs to).
@@ -112,7 +132,8 @@ pub struct Tracker {
     /// Offsets are committed at most this often (every commit is broker work; a crash
     /// redelivers at most this much, which the guards absorb).
     commit_every: Duration,
-    last_commit: Option<Instant>,
+    /// Tokio's clock (the simulation pauses it): when offsets were last committed.
+    last_commit: Option<tokio::time::Instant>,
 }
 
 impl Tracker {
@@ -151,6 +172,7 @@ impl Tracker {
         let mut tick = tokio::time::interval(Duration::from_millis(100));
         loop {
             tokio::select! {
+                biased;
                 m = rx.recv() => match m {
                     Some(m) => self.handle(m),
                     None => break,
@@ -304,7 +326,8 @@ impl Tracker {
         let Some((_, consumer)) = &self.consumer else {
             return;
         };
-        let mut tpl = TopicPartitionList::new();
+        let mut offsets: Vec<(&str, i32, i64)> = Vec::new();
+        let mut sent = Vec::new();
         for (tp, (_, next)) in &self.committable {
             if self.committed.get(tp) == Some(next) {
                 continue;
@@ -312,30 +335,21 @@ impl Tracker {
             let Some(topic) = self.topics.get(tp.0 as usize) else {
                 continue;
             };
-            if tpl
-                .add_partition_offset(topic, tp.1, Offset::Offset(*next))
-                .is_ok()
-            {
-                self.committed.insert(*tp, *next);
-            }
+            offsets.push((topic, tp.1, *next));
+            sent.push((*tp, *next));
         }
-        if tpl.count() == 0 {
+        if offsets.is_empty() {
             return;
         }
-        // Asynchronous: the result arrives in the consumer's commit callback (a fenced or
-        // failed commit is handled there). Offsets only ever move forward per epoch.
-        if let Err(e) = consumer.commit(&tpl, CommitMode::Async) {
+        // Offsets only ever move forward per epoch.
+        if let Err(e) = consumer.commit_offsets(&offsets) {
             tracing::warn!(error = %e, "offset commit not sent; the next one covers it");
-            for e in tpl.elements() {
-                if let Some(i) = self.topics.iter().position(|t| t == e.topic()) {
-                    self.committed.remove(&(i as u16, e.partition()));
-                }
-            }
             return;
         }
+        self.committed.extend(sent);
         self.stats.commits += 1;
         self.stats.last_commit = Some(Instant::now());
-        self.last_commit = Some(Instant::now());
+        self.last_commit = Some(tokio::time::Instant::now());
         self.shared.note_commit();
     }
 

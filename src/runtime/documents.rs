@@ -2,18 +2,20 @@
 //! durable compare-and-set writes out, one acknowledgement per window.
 //!
 //! Per batch: route the events this projector handles (and this shard owns), hold those of
-//! parked streams, load the views the cache lacks (none for a stream that starts in this
-//! batch), fold every event into its typed view in arrival order, encode each touched view
+//! parked streams, load the views the cache lacks, fold every event into its typed view in arrival order, encode each touched view
 //! once, and write them all while the next batch is folded. A view whose write token moved
-//! on (another worker) is reloaded, folded again and written again; the batch folded behind
-//! it is patched before it is sent. Only then are its dead letters sent, its parks recorded,
-//! the pointers checked, and its windows acknowledged.
+//! on (another worker) is reloaded, folded again and written again. A view is only ever
+//! folded onto its settled state: a batch that touches a view the batch in flight writes
+//! waits until that write has settled. Only then are its dead letters sent, its parks
+//! recorded, the pointers checked, and its windows acknowledged.
 
 use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+// Tokio's clock: the simulation pauses and advances it.
+use tokio::time::Instant;
 
 use projectors::document::{Doc, Step, StreamKey, apply_event};
 use projectors::parking::ParkFrom;
@@ -217,11 +219,13 @@ impl<P: Projector, S: DocStore> DocStage<P, S> {
             let first = match inflight.as_mut() {
                 None => rx.recv().await,
                 Some(f) => tokio::select! {
+                    // In a fixed order, so a seeded simulation replays exactly.
+                    biased;
                     w = rx.recv() => w,
                     r = &mut f.task => {
                         let done = inflight.take().map(|f| (f.prepared, f.order));
                         if let Some((prepared, order)) = done {
-                            self.finish_opt(prepared, order, joined(r, self.ctx.store), &mut None).await;
+                            self.finish_opt(prepared, order, joined(r, self.ctx.store)).await;
                         }
                         continue;
                     }
@@ -229,13 +233,26 @@ impl<P: Projector, S: DocStore> DocStage<P, S> {
             };
             let Some(first) = first else { break };
             let batch = self.ctx.coalesce(first, &mut rx);
+            if inflight
+                .as_ref()
+                .is_some_and(|f| self.overlaps(&batch, &f.prepared))
+                && let Some(f) = inflight.take()
+            {
+                // A view is folded only onto its settled state: a batch that touches a view
+                // the batch in flight writes waits for that write to settle (conflicts
+                // resolved, refusals known) before it is folded.
+                let r = joined(f.task.await, self.ctx.store);
+                self.finish_opt(f.prepared, f.order, r).await;
+            }
             let mut next = self.prepare(batch).await;
             if let Some(f) = inflight.take() {
                 let r = joined(f.task.await, self.ctx.store);
-                self.finish_opt(f.prepared, f.order, r, &mut Some(&mut next))
-                    .await;
-                if Some(&next.target) != self.state.as_ref().map(|s| &s.target) {
-                    // The batch in flight moved to another version: fold this one there too.
+                self.finish_opt(f.prepared, f.order, r).await;
+                // Settling that batch took a while (retries, a handover): the version this
+                // one was folded for may have been switched (and retired) meanwhile.
+                if Some(&next.target) != self.state.as_ref().map(|s| &s.target)
+                    || self.ctx.mode == Mode::Live && self.ctx.target(false).await != next.target
+                {
                     next = self.prepare(next.batch).await;
                 }
             }
@@ -243,8 +260,26 @@ impl<P: Projector, S: DocStore> DocStage<P, S> {
         }
         if let Some(f) = inflight.take() {
             let r = joined(f.task.await, self.ctx.store);
-            self.finish_opt(f.prepared, f.order, r, &mut None).await;
+            self.finish_opt(f.prepared, f.order, r).await;
         }
+    }
+
+    /// Whether `batch` has an event for a view that `inflight` writes (this shard's views).
+    fn overlaps(&mut self, batch: &Batch, inflight: &Prepared) -> bool {
+        if inflight.index.is_empty() {
+            return false;
+        }
+        let p = &self.p;
+        batch.windows.iter().any(|w| {
+            w.items.iter().any(|it| {
+                it.decoded.as_ref().is_ok_and(|e| {
+                    e.event_type().is_some_and(|t| p.handles().contains(&t))
+                        && p.view_key(e).is_some_and(|k| {
+                            shard_of(k, self.shards) == self.shard && inflight.index.contains_key(k)
+                        })
+                })
+            })
+        })
     }
 
     fn st(&mut self) -> &mut TargetState<P::View, S> {
@@ -269,7 +304,7 @@ impl<P: Projector, S: DocStore> DocStage<P, S> {
             tracing::info!(projection = self.ctx.name, version = %target.version, epoch = target.epoch,
                 "writing another version of the read model");
         }
-        if matches!(self.ctx.mode, Mode::Live { .. }) && self.shard == 0 {
+        if matches!(self.ctx.mode, Mode::Live) && self.shard == 0 {
             // Best effort: readers that resolve versions through PostgreSQL are unaffected,
             // and every live worker announces again whenever it opens a version.
             if let Err(e) = store.announce(&target.version).await {
@@ -299,7 +334,7 @@ impl<P: Projector, S: DocStore> DocStage<P, S> {
     /// written them) and read the parked streams again.
     async fn refresh(&mut self) {
         let generation = self.ctx.shared.assignment_gen.load(Ordering::Relaxed);
-        let live = matches!(self.ctx.mode, Mode::Live { .. });
+        let live = matches!(self.ctx.mode, Mode::Live);
         let rebalanced = live && generation != self.seen_gen;
         let stale_parks = self.st().parks_loaded.elapsed() >= PARKS_REFRESH;
         if !(rebalanced || (live && stale_parks)) {
@@ -423,14 +458,11 @@ impl<P: Projector, S: DocStore> DocStage<P, S> {
                                 continue;
                             }
                             if !st.cache.map.contains_key(k) && !wanted.contains(k) {
-                                let absent = match &st.seen {
-                                    Some(seen) => !seen.contains(k),
-                                    // A stream that starts here: its own view cannot exist
-                                    // yet (a redelivery that proves otherwise conflicts).
-                                    None => {
-                                        e.header.sequence_number == 0 && e.header.aggregate_id == k
-                                    }
-                                };
+                                // Only a replay into a fresh version knows a view is absent
+                                // without asking. Live, even a stream's first event may find
+                                // its view already made by another stream's events (another
+                                // partition, read earlier), so the view is always loaded.
+                                let absent = st.seen.as_ref().is_some_and(|seen| !seen.contains(k));
                                 if absent {
                                     st.cache.map.insert(
                                         k.to_owned(),
@@ -693,17 +725,16 @@ impl<P: Projector, S: DocStore> DocStage<P, S> {
         }
     }
 
-    /// Wait for a batch's writes, settle conflicts and refusals (patching `next`), check
+    /// Wait for a batch's writes, settle conflicts and refusals, check
     /// the pointers, then send its letters, record its parks and acknowledge it.
     async fn finish_opt(
         &mut self,
         prepared: Prepared,
         order: Vec<usize>,
         written: (Vec<DocWrite>, Result<WriteOutcome, SinkError>),
-        next: &mut Option<&mut Prepared>,
     ) {
         let span = prepared.batch.span.clone();
-        self.finish_in_span(prepared, order, written, next)
+        self.finish_in_span(prepared, order, written)
             .instrument(span)
             .await
     }
@@ -713,16 +744,15 @@ impl<P: Projector, S: DocStore> DocStage<P, S> {
         mut prepared: Prepared,
         order: Vec<usize>,
         written: (Vec<DocWrite>, Result<WriteOutcome, SinkError>),
-        next: &mut Option<&mut Prepared>,
     ) {
         let started = prepared.started;
         let (writes, mut result) = written;
         prepared.put_back(writes, &order);
         loop {
-            self.write_until_settled(&mut prepared, result, next).await;
+            self.write_until_settled(&mut prepared, result).await;
             match &self.ctx.mode {
                 Mode::Replay { .. } => break,
-                Mode::Live { .. } => {
+                Mode::Live => {
                     // Fresh pointers, read after the writes: hold during a handover; write the
                     // batch again if the version changed under it.
                     let t = self.ctx.target(true).await;
@@ -733,13 +763,6 @@ impl<P: Projector, S: DocStore> DocStage<P, S> {
                         to = %t.version, "the read model was switched under a batch: writing it to the new version");
                     let batch = prepared.batch;
                     prepared = self.prepare(batch).await;
-                    if let Some(n) = next.as_deref_mut() {
-                        // Folded for the old version: fold it again later.
-                        n.target = Target {
-                            version: String::new(),
-                            epoch: -1,
-                        };
-                    }
                     let (writes, order) = prepared.take_writes();
                     let span = self.store_span(&prepared.batch.span, writes.len(), false);
                     let store = self.st().store.clone();
@@ -758,7 +781,6 @@ impl<P: Projector, S: DocStore> DocStage<P, S> {
         &mut self,
         prep: &mut Prepared,
         mut result: Result<WriteOutcome, SinkError>,
-        next: &mut Option<&mut Prepared>,
     ) {
         let mut retry = Retry::new(&self.ctx.shared, self.ctx.store, "writing views");
         let mut rounds = 0;
@@ -773,7 +795,7 @@ impl<P: Projector, S: DocStore> DocStage<P, S> {
                 Ok(o) => o,
                 Err(e) => {
                     retry.failed(&e).await;
-                    if matches!(self.ctx.mode, Mode::Live { .. })
+                    if matches!(self.ctx.mode, Mode::Live)
                         && self.ctx.target(true).await != prep.target
                     {
                         // Switched while the store failed: the caller writes the batch to
@@ -812,8 +834,6 @@ impl<P: Projector, S: DocStore> DocStage<P, S> {
                 .increment(written);
             for (ki, why) in refused {
                 self.refuse(prep, ki, &why);
-                self.patch_next(next, &prep.keys[ki].key.clone(), None)
-                    .await;
             }
             if conflicted.is_empty() {
                 return;
@@ -842,7 +862,6 @@ impl<P: Projector, S: DocStore> DocStage<P, S> {
                 if let Some(why) = corrupt.get(key) {
                     let why = why.clone();
                     self.refuse(prep, *ki, &why);
-                    self.patch_next(next, key, None).await;
                     continue;
                 }
                 let base = self
@@ -852,8 +871,10 @@ impl<P: Projector, S: DocStore> DocStage<P, S> {
                     .remove(key)
                     .map_or_else(Doc::default, |e| e.doc);
                 self.refold(prep, *ki, base);
-                let after = self.st().cache.map.get(key).map(|e| e.doc.clone());
-                self.patch_next(next, key, after).await;
+            }
+            if self.ctx.mode == Mode::Live && self.ctx.target(true).await != prep.target {
+                // Switched while contended: the caller writes the batch to the new version.
+                return;
             }
             let order: Vec<usize> = (0..prep.keys.len())
                 .filter(|i| prep.keys[*i].write.is_some())
@@ -874,65 +895,6 @@ impl<P: Projector, S: DocStore> DocStage<P, S> {
         let store = self.st().store.clone();
         let span = self.store_span(&prep.batch.span, writes.len(), false);
         write_traced(&store, &writes, span).await
-    }
-
-    /// The batch behind changed this view (`base`: its new state; `None`: forgotten): fold
-    /// the next batch's events of it again on top.
-    async fn patch_next(
-        &mut self,
-        next: &mut Option<&mut Prepared>,
-        key: &str,
-        base: Option<Doc<P::View>>,
-    ) {
-        let Some(n) = next.as_deref_mut() else {
-            return;
-        };
-        let Some(&ki) = n.index.get(key) else {
-            return;
-        };
-        let base = match base {
-            Some(b) => b,
-            None => {
-                // Refused behind: events of streams parked by that are held here too.
-                let mut held = Vec::new();
-                n.keys[ki].offered.retain(|(r, _)| {
-                    let e = n.batch.event(*r);
-                    let stream = self.keys.of(e);
-                    let pos = n.batch.item(*r).origin.position();
-                    match self
-                        .state
-                        .as_ref()
-                        .and_then(|s| s.parked.holding(stream, e.header.sequence_number, pos))
-                    {
-                        Some(mark) => {
-                            held.push((*r, format!("stream {stream} is parked: {}", mark.reason)));
-                            false
-                        }
-                        None => true,
-                    }
-                });
-                n.keys[ki]
-                    .rejected
-                    .retain(|(r, _)| !held.iter().any(|(h, _)| h == r));
-                n.letters
-                    .extend(held.into_iter().map(|(r, why)| (r, "parked", why)));
-                let span = n.batch.span.clone();
-                let corrupt = self
-                    .load_into_cache(vec![key.to_owned()], self.tick, &span)
-                    .await;
-                if let Some(why) = corrupt.get(key) {
-                    let why = why.clone();
-                    self.refuse(n, ki, &why);
-                    return;
-                }
-                self.st()
-                    .cache
-                    .map
-                    .remove(key)
-                    .map_or_else(Doc::default, |e| e.doc)
-            }
-        };
-        self.refold(n, ki, base);
     }
 
     /// A batch is durable: send its letters, record its parks, acknowledge its windows.

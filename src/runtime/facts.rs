@@ -4,7 +4,8 @@
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::Instant;
+// Tokio's clock: the simulation pauses and advances it.
+use tokio::time::Instant;
 
 use projectors::analytics::Fact;
 use projectors::document::StreamKey;
@@ -77,6 +78,8 @@ impl<F: FactProjector, S: FactStore> FactStage<F, S> {
             let first = match inflight.as_mut() {
                 None => rx.recv().await,
                 Some(f) => tokio::select! {
+                    // In a fixed order, so a seeded simulation replays exactly.
+                    biased;
                     w = rx.recv() => w,
                     r = &mut f.task => {
                         if let Some(f) = inflight.take() {
@@ -92,7 +95,9 @@ impl<F: FactProjector, S: FactStore> FactStage<F, S> {
             if let Some(f) = inflight.take() {
                 let r = joined(f.task.await, self.ctx.store);
                 self.finish(f.prepared, f.started, r).await;
-                if Some(&next.target) != self.state.as_ref().map(|s| &s.0) {
+                if Some(&next.target) != self.state.as_ref().map(|s| &s.0)
+                    || self.ctx.mode == Mode::Live && self.ctx.target(false).await != next.target
+                {
                     next = self.prepare(next.batch).await;
                 }
             }
@@ -108,7 +113,7 @@ impl<F: FactProjector, S: FactStore> FactStage<F, S> {
     /// returns the target made current.
     async fn ensure(&mut self, target: Target) -> Target {
         let generation = self.ctx.shared.assignment_gen.load(Ordering::Relaxed);
-        let live = matches!(self.ctx.mode, Mode::Live { .. });
+        let live = matches!(self.ctx.mode, Mode::Live);
         let stale = live && self.parks_loaded.elapsed() >= super::documents::PARKS_REFRESH;
         if self.state.as_ref().is_some_and(|s| s.0 == target)
             && !(live && generation != self.seen_gen)
@@ -273,7 +278,7 @@ impl<F: FactProjector, S: FactStore> FactStage<F, S> {
                 while let Err(e) = &result {
                     retry.failed(e).await;
                     // A switch while the store was down: write where the pointers say now.
-                    if let Mode::Live { .. } = self.ctx.mode {
+                    if let Mode::Live = self.ctx.mode {
                         let t = self.ctx.target(true).await;
                         if t != prepared.target {
                             break;

@@ -12,6 +12,7 @@
 //! a replay of the event store instead of the source, rebuild a read model.
 
 pub mod commit;
+pub mod control;
 pub mod documents;
 pub mod facts;
 pub mod parking;

@@ -12,6 +12,7 @@ use tokio::sync::mpsc;
 
 use super::Shared;
 use super::commit::{Tracker, TrackerMsg, TrackerStats};
+use super::control::{Control, PgControl};
 use super::documents::{DocStage, OpenStore};
 use super::facts::{FactStage, OpenFacts};
 use super::parking::ParkStore;
@@ -137,11 +138,9 @@ pub struct StageEnv {
     pub cfg: Config,
     pub shared: Arc<Shared>,
     pub tracker: mpsc::UnboundedSender<TrackerMsg>,
-    pub parks: ParkStore,
-    /// The deployment's retired versions, checked before a store is opened (`None`: stores
-    /// that keep nothing).
-    pub retirements: Option<Retirements>,
-    pub mode: Arc<dyn Fn() -> Mode + Send + Sync>,
+    /// Pointers, retired versions (checked before a store is opened), parks, dead letters.
+    pub control: Arc<dyn Control>,
+    pub mode: Mode,
     /// Projectors to run (empty: all).
     pub only: Vec<String>,
     pub shards: usize,
@@ -175,9 +174,8 @@ impl<F: SinkFactory> Builder<'_, F> {
                 shared: e.shared.clone(),
                 tracker: e.tracker.clone(),
                 participant,
-                mode: (e.mode)(),
-                parks: e.parks.clone(),
-                retirements: e.retirements.clone(),
+                mode: e.mode.clone(),
+                control: e.control.clone(),
                 stats,
                 max_batch: e.max_batch,
             },
@@ -442,12 +440,13 @@ pub async fn run(
         cfg: cfg.clone(),
         shared: shared.clone(),
         tracker: tracker_tx.clone(),
-        parks: ParkStore::new(pg.clone(), &cfg.deployment),
-        retirements: Some(Retirements::new(pg.clone(), &cfg.deployment)),
-        mode: Arc::new(move || Mode::Live {
-            pointers: pointers.clone(),
-            dlq: dlq.clone(),
+        control: Arc::new(PgControl {
+            pointers: Some(pointers),
+            retirements: Some(Retirements::new(pg.clone(), &cfg.deployment)),
+            parks: ParkStore::new(pg.clone(), &cfg.deployment),
+            dlq: Some(dlq),
         }),
+        mode: Mode::Live,
         only: cfg.worker.projectors.clone(),
         shards: cfg.worker.shard_count(),
         cache_entries: cfg.worker.cache_entries,
@@ -521,12 +520,16 @@ pub async fn run_memory<F: SinkFactory>(
         cfg: cfg.clone(),
         shared: shared.clone(),
         tracker: tracker_tx.clone(),
-        parks: ParkStore::new(pg, &cfg.deployment),
-        retirements: None,
-        mode: Arc::new(|| Mode::Replay {
+        control: Arc::new(PgControl {
+            pointers: None,
+            retirements: None,
+            parks: ParkStore::new(pg, &cfg.deployment),
+            dlq: None,
+        }),
+        mode: Mode::Replay {
             version: "engine_bench".into(),
             fresh: true,
-        }),
+        },
         only: cfg.worker.projectors.clone(),
         shards: cfg.worker.shard_count(),
         cache_entries: cfg.worker.cache_entries,

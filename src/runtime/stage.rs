@@ -10,10 +10,11 @@ use tokio::sync::mpsc;
 
 use super::Shared;
 use super::commit::TrackerMsg;
-use super::parking::{ParkRecord, ParkStore};
+use super::control::Control;
+use super::parking::ParkRecord;
 use super::retry::Retry;
-use super::targets::{Check, PointerError, Pointers, Retirements, Target};
-use crate::resilience::dead_letter::{DeadLetter, DeadLetterQueue};
+use super::targets::{Check, PointerError, Target};
+use crate::resilience::dead_letter::DeadLetter;
 use crate::sinks::SinkError;
 use crate::source::window::{Item, Window};
 use crate::versions::{LIVE, VersionError};
@@ -63,13 +64,11 @@ impl Batch {
 }
 
 /// Where a stage's input comes from and what it answers to.
+#[derive(Debug, Clone, PartialEq)]
 pub enum Mode {
     /// The live feed: writes the version the pointers name, verifies them before
     /// acknowledging, sends dead letters.
-    Live {
-        pointers: Arc<Pointers>,
-        dlq: Arc<DeadLetterQueue>,
-    },
+    Live,
     /// A replay of the event store into one version (rebuild). `fresh`: the version was
     /// empty when the replay began, so a key never seen is absent (no load).
     Replay { version: String, fresh: bool },
@@ -94,9 +93,8 @@ pub struct StageCtx {
     pub tracker: mpsc::UnboundedSender<TrackerMsg>,
     pub participant: usize,
     pub mode: Mode,
-    pub parks: ParkStore,
-    /// The deployment's retired versions (`None`: stores that keep nothing, the engine bench).
-    pub retirements: Option<Retirements>,
+    /// Pointers, retired versions, parks and dead letters.
+    pub control: Arc<dyn Control>,
     pub stats: Arc<StageStats>,
     /// The largest batch (in messages) a stage takes at once when windows queue up.
     pub max_batch: usize,
@@ -143,12 +141,12 @@ impl StageCtx {
                 version: version.clone(),
                 epoch: 0,
             },
-            Mode::Live { pointers, .. } => {
+            Mode::Live => {
                 let mut retry = Retry::new(&self.shared, "postgres", "reading version pointers");
                 let mut holding = None;
                 let mut fresh = fresh;
                 loop {
-                    match pointers.check(self.name, fresh).await {
+                    match self.control.check(self.name, fresh).await {
                         Ok(Check::Write(t)) => return t,
                         Ok(Check::Hold) => {
                             if holding.is_none() {
@@ -171,12 +169,9 @@ impl StageCtx {
     /// `Err` when `target` must never be written: the deployment retired it (or its name is
     /// invalid). Asked of PostgreSQL, retried until it answers.
     pub async fn admit(&self, target: &Target) -> Result<(), VersionError> {
-        let Some(r) = &self.retirements else {
-            return Ok(());
-        };
         let mut retry = Retry::new(&self.shared, "postgres", "checking retired versions");
         loop {
-            match r.admit(self.name, &target.version).await {
+            match self.control.admit(self.name, &target.version).await {
                 Ok(()) => return Ok(()),
                 Err(PointerError::Version(e)) => return Err(e),
                 Err(e) => retry.failed(&e).await,
@@ -192,7 +187,7 @@ impl StageCtx {
         loop {
             if let Err(e) = self.admit(&target).await {
                 match &self.mode {
-                    Mode::Live { .. } => {
+                    Mode::Live => {
                         tracing::warn!(projection = self.name, error = %e,
                             "target retired: reading the version pointers again");
                         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -224,15 +219,12 @@ impl StageCtx {
 
     /// Send dead letters, retrying until the broker has them.
     pub async fn send_letters(&self, letters: Vec<DeadLetter>) {
-        let Mode::Live { dlq, .. } = &self.mode else {
-            return;
-        };
-        if letters.is_empty() {
+        if self.mode != Mode::Live || letters.is_empty() {
             return;
         }
         let mut retry = Retry::new(&self.shared, "dead-letter topic", "sending dead letters");
         loop {
-            match dlq.send(&letters).await {
+            match self.control.send_letters(&letters).await {
                 Ok(()) => break,
                 Err(e) => retry.failed(&e).await,
             }
@@ -254,7 +246,7 @@ impl StageCtx {
         }
         let mut retry = Retry::new(&self.shared, "postgres", "recording parked streams");
         loop {
-            match self.parks.save(records).await {
+            match self.control.save_parks(records).await {
                 Ok(()) => break,
                 Err(e) => retry.failed(&e).await,
             }
@@ -272,7 +264,7 @@ impl StageCtx {
     pub async fn load_parks(&self, version: &str) -> projectors::Parked {
         let mut retry = Retry::new(&self.shared, "postgres", "loading parked streams");
         loop {
-            match self.parks.load(self.name, version).await {
+            match self.control.load_parks(self.name, version).await {
                 Ok(p) => return p,
                 Err(e) => retry.failed(&e).await,
             }

@@ -1,0 +1,871 @@
+//! One schedule: a seeded log published with duplicates, one or two workers running the real
+//! stages and commit tracker on a paused clock, and, at random instants, partitions moved
+//! (with and without overlap), workers crashed and restarted under the same id, versions
+//! switched and retired, and stores failing, hanging or losing replies. Then the properties.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use contract::{Event, EventEnvelope};
+use projector::config::Config;
+use projector::runtime::Shared as Runtime;
+use projector::runtime::commit::{Registration, Tp, Tracker, TrackerMsg};
+use projector::runtime::pipeline::{StageEnv, spawn_stages};
+use projector::runtime::stage::Mode;
+use projector::source::decode::{RawItem, decode_all};
+use projector::source::window::{Arena, Origin, RawRef, Window};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+
+use super::models::{self, Model, comparable};
+use super::world::{Faults, Pointer, Shared, SimCommit, SimControl, SimSinks, World, lock};
+
+/// What a schedule found.
+#[derive(Debug, Default)]
+pub struct Outcome {
+    pub failures: Vec<String>,
+    pub summary: String,
+}
+
+/// The knobs of one schedule, all drawn from its seed.
+#[derive(Debug, Clone)]
+struct Plan {
+    events: usize,
+    partitions: i32,
+    workers: usize,
+    shards: usize,
+    cache: usize,
+    max_batch: usize,
+    window: usize,
+    dup: f64,
+    action: f64,
+    switches: usize,
+    faults: Faults,
+}
+
+impl Plan {
+    fn draw(rng: &mut ChaCha8Rng) -> Plan {
+        let f = |rng: &mut ChaCha8Rng, max: f64| {
+            if rng.random_bool(0.3) {
+                0.0
+            } else {
+                rng.random_range(0.0..max)
+            }
+        };
+        Plan {
+            events: rng.random_range(8..48),
+            partitions: rng.random_range(1..=3),
+            workers: rng.random_range(1..=2),
+            shards: rng.random_range(1..=2),
+            cache: rng.random_range(1..=48),
+            max_batch: rng.random_range(1..=24),
+            window: rng.random_range(1..=8),
+            dup: f(rng, 0.15),
+            action: f(rng, 0.12),
+            switches: rng.random_range(0..=2),
+            faults: Faults {
+                store_fail: f(rng, 0.15),
+                reply_lost: f(rng, 0.15),
+                partial: f(rng, 0.08),
+                hang: f(rng, 0.01),
+                pg_fail: f(rng, 0.08),
+                max_latency_ms: rng.random_range(1..40),
+            },
+        }
+    }
+}
+
+/// The wire: every partition's messages (indices into the log), revealed as published.
+#[derive(Default)]
+struct Wire {
+    msgs: HashMap<Tp, Vec<usize>>,
+    visible: HashMap<Tp, usize>,
+}
+
+type WireRef = Arc<std::sync::Mutex<Wire>>;
+
+enum Cmd {
+    Assign(Tp),
+    Revoke(Tp, oneshot::Sender<()>),
+}
+
+struct Worker {
+    member: u64,
+    tasks: Vec<JoinHandle<()>>,
+    cmd: mpsc::UnboundedSender<Cmd>,
+    owned: Vec<Tp>,
+}
+
+struct Ctx {
+    world: Shared,
+    wire: WireRef,
+    log: Arc<Vec<EventEnvelope>>,
+    topics: Arc<Vec<String>>,
+    cfg: Config,
+    plan: Plan,
+}
+
+fn tp_of(e: &EventEnvelope, partitions: i32) -> Tp {
+    let topic = contract::AggregateType::ALL
+        .iter()
+        .position(|a| *a == e.aggregate_type)
+        .unwrap_or(0) as u16;
+    let h = e
+        .aggregate_id
+        .bytes()
+        .fold(7u32, |h, b| h.wrapping_mul(31).wrapping_add(b as u32));
+    (topic, (h % partitions as u32) as i32)
+}
+
+fn start_worker(ctx: &Ctx, seed: u64) -> Worker {
+    let member = {
+        let mut w = lock(&ctx.world);
+        w.members += 1;
+        w.members
+    };
+    let shared = Arc::new(Runtime::default());
+    let (tracker_tx, tracker_rx) = mpsc::unbounded_channel();
+    let env = StageEnv {
+        cfg: ctx.cfg.clone(),
+        shared: shared.clone(),
+        tracker: tracker_tx.clone(),
+        control: Arc::new(SimControl(ctx.world.clone())),
+        mode: Mode::Live,
+        only: Vec::new(),
+        shards: ctx.plan.shards,
+        cache_entries: ctx.plan.cache,
+        max_batch: ctx.plan.max_batch,
+    };
+    let stages = match spawn_stages(&env, &SimSinks(ctx.world.clone())) {
+        Ok(s) => s,
+        Err(e) => panic!("stages: {e}"),
+    };
+    let tracker = Tracker::new(
+        stages.participants,
+        shared.clone(),
+        ctx.topics.clone(),
+        None,
+    )
+    .commit_every(Duration::from_millis(seed % 300));
+    let mut tasks = stages.handles;
+    tasks.push(tokio::spawn(async move {
+        tracker.run(tracker_rx).await;
+    }));
+    let _ = tracker_tx.send(TrackerMsg::Consumer {
+        generation: 1,
+        consumer: Arc::new(SimCommit(ctx.world.clone(), member)),
+    });
+    let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
+    let source = Source {
+        rng: ChaCha8Rng::seed_from_u64(seed),
+        shared,
+        tracker: tracker_tx,
+        txs: stages.txs,
+        cmds: cmd_rx,
+        world: ctx.world.clone(),
+        wire: ctx.wire.clone(),
+        log: ctx.log.clone(),
+        topics: ctx.topics.clone(),
+        prefix: ctx.cfg.kafka.topic_prefix.clone(),
+        window: ctx.plan.window,
+        assigned: BTreeMap::new(),
+        member,
+        epoch: 0,
+        next_id: 0,
+    };
+    tasks.push(tokio::spawn(source.run()));
+    Worker {
+        member,
+        tasks,
+        cmd: cmd_tx,
+        owned: Vec::new(),
+    }
+}
+
+/// The source side of a worker, as `source::kafka` behaves: windows of consecutive messages
+/// registered with the tracker before any stage sees them; assignments with epochs; a
+/// revocation drains what was polled and commits it before letting the partition go.
+struct Source {
+    rng: ChaCha8Rng,
+    shared: Arc<Runtime>,
+    tracker: mpsc::UnboundedSender<TrackerMsg>,
+    txs: Vec<mpsc::Sender<Arc<Window>>>,
+    cmds: mpsc::UnboundedReceiver<Cmd>,
+    world: Shared,
+    wire: WireRef,
+    log: Arc<Vec<EventEnvelope>>,
+    topics: Arc<Vec<String>>,
+    prefix: String,
+    window: usize,
+    /// Owned partitions: (epoch, next offset to read).
+    assigned: BTreeMap<Tp, (u32, i64)>,
+    member: u64,
+    epoch: u32,
+    next_id: u64,
+}
+
+impl Source {
+    async fn run(mut self) {
+        loop {
+            while let Ok(c) = self.cmds.try_recv() {
+                match c {
+                    Cmd::Assign(tp) => self.assign(tp),
+                    Cmd::Revoke(tp, done) => {
+                        self.revoke(tp).await;
+                        let _ = done.send(());
+                    }
+                }
+            }
+            if self.shared.waiting.load(Ordering::Relaxed) > 0 && self.rng.random_bool(0.8) {
+                // Paused while a stage waits for a store.
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+            let Some(w) = self.poll() else {
+                tokio::time::sleep(Duration::from_millis(25)).await;
+                continue;
+            };
+            let w = Arc::new(w);
+            for tx in &self.txs {
+                if tx.send(w.clone()).await.is_err() {
+                    return;
+                }
+            }
+            let pause = self.rng.random_range(0..8);
+            tokio::time::sleep(Duration::from_millis(pause)).await;
+        }
+    }
+
+    fn assign(&mut self, tp: Tp) {
+        if std::env::var_os("SIM_TRACE").is_some() {
+            eprintln!(
+                "[{:?}] member {} assigned {tp:?}",
+                tokio::time::Instant::now(),
+                self.member
+            );
+        }
+        self.epoch += 1;
+        let topic = self.topics[tp.0 as usize].clone();
+        let from = lock(&self.world)
+            .committed
+            .get(&(topic, tp.1))
+            .copied()
+            .unwrap_or(0);
+        self.assigned.insert(tp, (self.epoch, from));
+        let _ = self
+            .tracker
+            .send(TrackerMsg::Assigned(vec![(tp, self.epoch)]));
+        self.shared.assignment_gen.fetch_add(1, Ordering::Relaxed);
+    }
+
+    async fn revoke(&mut self, tp: Tp) {
+        if std::env::var_os("SIM_TRACE").is_some() {
+            eprintln!(
+                "[{:?}] member {} revoking {tp:?}",
+                tokio::time::Instant::now(),
+                self.member
+            );
+        }
+        if self.assigned.remove(&tp).is_none() {
+            return;
+        }
+        let (reply, answer) = std::sync::mpsc::channel();
+        let _ = self.tracker.send(TrackerMsg::Drain {
+            upto: self.next_id,
+            partitions: vec![tp],
+            deadline: std::time::Instant::now() + Duration::from_secs(3600),
+            reply,
+        });
+        // As the real source: wait a bounded time, commit what is durable, let go.
+        for _ in 0..300 {
+            match answer.try_recv() {
+                Ok(offsets) => {
+                    let mut w = lock(&self.world);
+                    for (tp, next) in offsets {
+                        let topic = &self.topics[tp.0 as usize];
+                        w.commit_as(self.member, topic, tp.1, next);
+                    }
+                    break;
+                }
+                Err(std::sync::mpsc::TryRecvError::Empty) => {
+                    tokio::time::sleep(Duration::from_millis(10)).await
+                }
+                Err(_) => break,
+            }
+        }
+        let _ = self.tracker.send(TrackerMsg::Revoked(vec![tp]));
+        self.shared.assignment_gen.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The next window: up to `window` messages from the owned partitions.
+    fn poll(&mut self) -> Option<Window> {
+        let want = self.rng.random_range(1..=self.window);
+        let parts: Vec<Tp> = self.assigned.keys().copied().collect();
+        if parts.is_empty() {
+            return None;
+        }
+        let start = self.rng.random_range(0..parts.len());
+        let mut picked: Vec<(Tp, u32, i64, usize)> = Vec::new();
+        {
+            let wire = self.wire.lock().unwrap_or_else(|e| e.into_inner());
+            for k in 0..parts.len() {
+                let tp = parts[(start + k) % parts.len()];
+                let Some((epoch, pos)) = self.assigned.get_mut(&tp) else {
+                    continue;
+                };
+                let visible = wire.visible.get(&tp).copied().unwrap_or(0) as i64;
+                let msgs = &wire.msgs[&tp];
+                while *pos < visible && picked.len() < want {
+                    picked.push((tp, *epoch, *pos, msgs[*pos as usize]));
+                    *pos += 1;
+                }
+            }
+        }
+        if picked.is_empty() {
+            return None;
+        }
+        self.next_id += 1;
+        let mut arena = Arena::with_capacity(picked.len() * 600);
+        let mut raw = Vec::with_capacity(picked.len());
+        let mut offsets: BTreeMap<(Tp, u32), i64> = BTreeMap::new();
+        for (tp, epoch, offset, i) in &picked {
+            let e = &self.log[*i];
+            let pairs = contract::RequiredHeaders::for_event(e).pairs();
+            raw.push(RawItem {
+                origin: Origin::Kafka {
+                    topic: tp.0,
+                    partition: tp.1,
+                    offset: *offset,
+                    epoch: *epoch,
+                    timestamp_ms: None,
+                },
+                raw: RawRef {
+                    key: Some(arena.push(e.aggregate_id.as_bytes())),
+                    payload: Some(arena.push(&e.to_json_bytes())),
+                    headers: Some(
+                        arena.push_headers(pairs.iter().map(|(k, v)| (*k, Some(v.as_bytes())))),
+                    ),
+                },
+            });
+            let o = offsets.entry((*tp, *epoch)).or_insert(*offset);
+            *o = (*o).max(*offset);
+        }
+        self.shared
+            .in_flight
+            .fetch_add(picked.len(), Ordering::Relaxed);
+        let _ = self.tracker.send(TrackerMsg::Register(Registration {
+            id: self.next_id,
+            generation: 1,
+            offsets: offsets.into_iter().map(|((tp, e), o)| (tp, e, o)).collect(),
+            newest: Vec::new(),
+            messages: picked.len(),
+            timestamps: Vec::new(),
+        }));
+        if std::env::var_os("SIM_TRACE").is_some() {
+            let what: Vec<String> = picked
+                .iter()
+                .map(|(tp, _, o, i)| {
+                    let e = &self.log[*i];
+                    format!("{tp:?}@{o} {}#{}", e.aggregate_id, e.sequence_number)
+                })
+                .collect();
+            eprintln!(
+                "[{:?}] member {} window {} {what:?}",
+                tokio::time::Instant::now(),
+                self.member,
+                self.next_id
+            );
+        }
+        let items = decode_all(raw, &arena, &self.topics, &self.prefix);
+        Some(Window {
+            id: self.next_id,
+            generation: 1,
+            items,
+            arena,
+            topics: self.topics.clone(),
+            opened: std::time::Instant::now(),
+            span: tracing::Span::none(),
+        })
+    }
+}
+
+/// Run schedule `seed` to quiescence and check the properties.
+pub fn run_seed(seed: u64) -> Outcome {
+    if std::env::var_os("SIM_TRACE").is_some() {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new("projector=debug"))
+            .with_writer(std::io::stderr)
+            .try_init();
+    }
+    projector::resilience::backoff::seed_jitter(Some(seed));
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .start_paused(true)
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => panic!("runtime: {e}"),
+    };
+    let out = rt.block_on(schedule(seed));
+    // Tasks still running (stages of crashed workers, write tasks) go with the runtime.
+    rt.shutdown_background();
+    out
+}
+
+async fn schedule(seed: u64) -> Outcome {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let mut plan = Plan::draw(&mut rng);
+    // Triage knobs for a failing seed: the same schedule without faults or without actions.
+    if std::env::var_os("SIM_NO_FAULTS").is_some() {
+        plan.faults = Faults {
+            store_fail: 0.0,
+            reply_lost: 0.0,
+            partial: 0.0,
+            hang: 0.0,
+            pg_fail: 0.0,
+            ..plan.faults
+        };
+    }
+    if std::env::var_os("SIM_NO_ACTIONS").is_some() {
+        plan.action = 0.0;
+    }
+    let log: Vec<EventEnvelope> = projector::generator::history::History::new(seed, "s")
+        .take(plan.events)
+        .collect();
+    let events: Vec<Event> = log
+        .iter()
+        .filter_map(|e| e.clone().into_event().ok())
+        .collect();
+    static CFG: std::sync::OnceLock<Config> = std::sync::OnceLock::new();
+    let cfg = CFG
+        .get_or_init(|| Config::load_for_tests().unwrap_or_else(|e| panic!("config: {e}")))
+        .clone();
+    let topics = Arc::new(projector::kafka::event_topics(&cfg.kafka));
+    let models = models::models();
+    let world = Arc::new(std::sync::Mutex::new(World::new(seed, plan.faults)));
+    {
+        let mut w = lock(&world);
+        for m in &models {
+            w.projection_of.insert(m.store, m.name);
+        }
+    }
+    // The wire: the log in order, some messages published twice later.
+    let mut publications: Vec<(Tp, usize)> = Vec::new();
+    let mut wire = Wire::default();
+    for (i, e) in log.iter().enumerate() {
+        let tp = tp_of(e, plan.partitions);
+        publications.push((tp, i));
+        if i > 0 && rng.random_bool(plan.dup) {
+            let j = rng.random_range(0..i);
+            publications.push((tp_of(&log[j], plan.partitions), j));
+        }
+    }
+    for (tp, i) in &publications {
+        wire.msgs.entry(*tp).or_default().push(*i);
+        if std::env::var_os("SIM_TRACE").is_some() {
+            let e = &log[*i];
+            eprintln!(
+                "publish {tp:?} #{} {} {}/{} #{}",
+                wire.msgs[tp].len() - 1,
+                e.event_type,
+                e.aggregate_type.as_str(),
+                e.aggregate_id,
+                e.sequence_number
+            );
+        }
+    }
+    for t in 0..topics.len() as u16 {
+        for p in 0..plan.partitions {
+            wire.msgs.entry((t, p)).or_default();
+        }
+    }
+    let all_tps: Vec<Tp> = {
+        let mut v: Vec<Tp> = wire.msgs.keys().copied().collect();
+        v.sort();
+        v
+    };
+    let ends: HashMap<Tp, i64> = wire
+        .msgs
+        .iter()
+        .map(|(tp, m)| (*tp, m.len() as i64))
+        .collect();
+    let wire = Arc::new(std::sync::Mutex::new(wire));
+    install_commit_check(&world, &wire, &log, &events, &topics, &models);
+    let ctx = Ctx {
+        world: world.clone(),
+        wire: wire.clone(),
+        log: Arc::new(log.clone()),
+        topics: topics.clone(),
+        cfg,
+        plan: plan.clone(),
+    };
+    let mut workers: Vec<Option<Worker>> = Vec::new();
+    for _ in 0..plan.workers {
+        workers.push(Some(start_worker(&ctx, rng.random())));
+    }
+    for (k, tp) in all_tps.iter().enumerate() {
+        let w = k % plan.workers;
+        if let Some(wk) = workers[w].as_mut() {
+            give(&world, &topics, wk, *tp, true);
+        }
+    }
+    let mut actions: Vec<String> = Vec::new();
+    let mut switches = 0;
+    let mut next_version = 1;
+    let mut published = 0;
+    while published < publications.len() {
+        let n = rng.random_range(1..=4).min(publications.len() - published);
+        {
+            let mut w = wire.lock().unwrap_or_else(|e| e.into_inner());
+            for (tp, _) in &publications[published..published + n] {
+                *w.visible.entry(*tp).or_default() += 1;
+            }
+        }
+        published += n;
+        if rng.random_bool(plan.action) {
+            match rng.random_range(0..10) {
+                0..=3 if plan.workers > 1 => {
+                    let overlap = rng.random_bool(0.3);
+                    let (from, to) = if rng.random_bool(0.5) { (0, 1) } else { (1, 0) };
+                    if workers[from].is_some() && workers[to].is_some() {
+                        let owned = workers[from].as_ref().map_or(0, |w| w.owned.len());
+                        if owned > 0 {
+                            let k = rng.random_range(0..owned);
+                            let tp = workers[from].as_mut().map(|w| w.owned.remove(k));
+                            if let Some(tp) = tp {
+                                actions.push(format!("move {tp:?} {from}->{to} overlap={overlap}"));
+                                move_partition(
+                                    &world,
+                                    &topics,
+                                    &mut workers,
+                                    from,
+                                    to,
+                                    tp,
+                                    overlap,
+                                )
+                                .await;
+                            }
+                        }
+                    }
+                }
+                0..=6 => {
+                    let k = rng.random_range(0..workers.len());
+                    if let Some(w) = workers[k].take() {
+                        actions.push(format!("crash worker {k}"));
+                        if std::env::var_os("SIM_TRACE").is_some() {
+                            eprintln!("[{:?}] crash", tokio::time::Instant::now());
+                        }
+                        for t in &w.tasks {
+                            t.abort();
+                        }
+                        let down = rng.random_range(0..3_000);
+                        tokio::time::sleep(Duration::from_millis(down)).await;
+                        let mut fresh = start_worker(&ctx, rng.random());
+                        for tp in &w.owned {
+                            give(&world, &topics, &mut fresh, *tp, false);
+                        }
+                        fresh.owned = w.owned;
+                        workers[k] = Some(fresh);
+                    }
+                }
+                _ if switches < plan.switches => {
+                    switches += 1;
+                    let m = &models[rng.random_range(0..models.len())];
+                    let version = format!("v{next_version}");
+                    next_version += 1;
+                    actions.push(format!("switch {} to {version}", m.name));
+                    let catch_up = rng.random_range(0..400);
+                    let fence = rng.random_range(0..1500);
+                    switch(
+                        &world,
+                        &wire,
+                        &publications,
+                        &events,
+                        m,
+                        &version,
+                        catch_up,
+                        fence,
+                    )
+                    .await;
+                }
+                _ => {}
+            }
+        }
+        let pause = rng.random_range(0..30);
+        tokio::time::sleep(Duration::from_millis(pause)).await;
+    }
+    lock(&world).faults_on = false;
+    // Quiescence: every partition committed to its end.
+    let mut settled = false;
+    for _ in 0..12_000 {
+        let done = {
+            let w = lock(&world);
+            all_tps.iter().all(|tp| {
+                let end = ends[tp];
+                end == 0 || w.committed.get(&(topics[tp.0 as usize].clone(), tp.1)) == Some(&end)
+            })
+        };
+        if done {
+            settled = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut out = Outcome::default();
+    if !settled {
+        let w = lock(&world);
+        let lag: Vec<String> = all_tps
+            .iter()
+            .filter_map(|tp| {
+                let c = w
+                    .committed
+                    .get(&(topics[tp.0 as usize].clone(), tp.1))
+                    .copied()
+                    .unwrap_or(0);
+                (c != ends[tp]).then(|| format!("{tp:?} committed {c} of {}", ends[tp]))
+            })
+            .collect();
+        out.failures
+            .push(format!("no quiescence in 10 virtual minutes: {lag:?}"));
+    }
+    check(&world, &events, &models, &mut out);
+    let letters: Vec<String> = lock(&world)
+        .letters
+        .iter()
+        .take(5)
+        .map(|(k, r)| format!("{k}: {r}"))
+        .collect();
+    out.summary = format!("{plan:?} actions={actions:?} letters={letters:?}");
+    out
+}
+
+/// The broker hands `tp` to `w`: from now on only `w` may commit it.
+fn give(world: &Shared, topics: &[String], w: &mut Worker, tp: Tp, record: bool) {
+    lock(world)
+        .owner
+        .insert((topics[tp.0 as usize].clone(), tp.1), w.member);
+    let _ = w.cmd.send(Cmd::Assign(tp));
+    if record {
+        w.owned.push(tp);
+    }
+}
+
+/// A partition moves from one worker to another, the old owner letting go first (or, with
+/// `overlap`, while the new one already reads it: both write its views for a while).
+async fn move_partition(
+    world: &Shared,
+    topics: &[String],
+    workers: &mut [Option<Worker>],
+    from: usize,
+    to: usize,
+    tp: Tp,
+    overlap: bool,
+) {
+    let (done_tx, done_rx) = oneshot::channel();
+    if let Some(w) = workers[from].as_ref() {
+        let _ = w.cmd.send(Cmd::Revoke(tp, done_tx));
+    }
+    if !overlap {
+        let _ = tokio::time::timeout(Duration::from_secs(5), done_rx).await;
+    }
+    if let Some(w) = workers[to].as_mut() {
+        give(world, topics, w, tp, true);
+    }
+}
+
+/// A rebuild of `m` into `version` and the handover: the flag raised (stages hold), the
+/// catch-up (the fold of everything appended so far), the pointer moved to a new epoch, and
+/// after a fence the old version retired and deleted.
+#[allow(clippy::too_many_arguments)]
+async fn switch(
+    world: &Shared,
+    wire: &WireRef,
+    publications: &[(Tp, usize)],
+    events: &[Event],
+    m: &Model,
+    version: &str,
+    catch_up_ms: u64,
+    fence_ms: u64,
+) {
+    let old = {
+        let mut w = lock(world);
+        let p = w.pointer(m.name);
+        w.pointers.insert(
+            m.name.to_owned(),
+            Pointer {
+                switching: true,
+                ..p.clone()
+            },
+        );
+        p
+    };
+    tokio::time::sleep(Duration::from_millis(catch_up_ms)).await;
+    // Everything published is in the event store: the final catch-up folds all of it.
+    let appended = {
+        let w = wire.lock().unwrap_or_else(|e| e.into_inner());
+        let shown: usize = w.visible.values().sum();
+        let mut seen = vec![false; events.len()];
+        for (_, i) in &publications[..shown.min(publications.len())] {
+            seen[*i] = true;
+        }
+        seen.iter().take_while(|s| **s).count()
+    };
+    let folded = (m.fold)(&events[..appended]);
+    {
+        let mut w = lock(world);
+        if m.store == "clickhouse" {
+            w.facts.insert(version.to_owned(), folded.facts);
+        } else {
+            let docs = folded
+                .docs
+                .into_iter()
+                .map(|(k, (body, _))| (k, (body, 0)))
+                .collect::<BTreeMap<_, _>>();
+            // The rebuild wrote them with tokens of its own.
+            let mut docs = docs;
+            for (i, (_, (body, rev))) in docs.iter_mut().enumerate() {
+                *rev = 1_000_000 + i as u64;
+                let mut v: serde_json::Value =
+                    serde_json::from_slice(body).unwrap_or(serde_json::Value::Null);
+                if let Some(o) = v.as_object_mut() {
+                    o.insert("_rev".into(), (*rev).into());
+                }
+                *body = serde_json::to_vec(&v).unwrap_or_default();
+            }
+            w.docs
+                .insert((m.store.to_owned(), version.to_owned()), docs);
+        }
+        w.parks
+            .insert((m.name.to_owned(), version.to_owned()), folded.parked);
+        w.pointers.insert(
+            m.name.to_owned(),
+            Pointer {
+                version: version.to_owned(),
+                epoch: old.epoch + 1,
+                switching: false,
+            },
+        );
+        w.retired.insert((m.name.to_owned(), old.version.clone()));
+    }
+    tokio::time::sleep(Duration::from_millis(fence_ms.max(1000))).await;
+    let mut w = lock(world);
+    w.deleted.insert((m.store.to_owned(), old.version.clone()));
+    if m.store == "clickhouse" {
+        w.facts.remove(&old.version);
+    } else {
+        w.docs.remove(&(m.store.to_owned(), old.version.clone()));
+    }
+}
+
+/// At every commit: each message below the committed offset is durable in every store.
+fn install_commit_check(
+    world: &Shared,
+    wire: &WireRef,
+    log: &[EventEnvelope],
+    events: &[Event],
+    topics: &Arc<Vec<String>>,
+    models: &[Model],
+) {
+    let _ = log;
+    let wire = wire.clone();
+    let topics = topics.clone();
+    let events: Vec<Event> = events.to_vec();
+    let durable: Vec<_> = models::models()
+        .into_iter()
+        .map(|m| (m.name, m.durable))
+        .collect();
+    let _ = models;
+    let mut verified: HashMap<(String, i32), i64> = HashMap::new();
+    lock(world).commit_check = Some(Box::new(move |w: &World, topic, partition, next| {
+        let t = topics.iter().position(|x| x == topic)? as u16;
+        let msgs = {
+            let wire = wire.lock().unwrap_or_else(|e| e.into_inner());
+            wire.msgs.get(&(t, partition)).cloned().unwrap_or_default()
+        };
+        let from = verified
+            .get(&(topic.to_owned(), partition))
+            .copied()
+            .unwrap_or(0);
+        for off in from..next.min(msgs.len() as i64) {
+            let e = events.get(msgs[off as usize])?;
+            for (name, d) in &durable {
+                if !d(w, e) {
+                    return Some(format!(
+                        "committed {topic}/{partition} up to {next}, but offset {off} ({} #{} of {}/{}) is not durable in {name}",
+                        e.header.event_type,
+                        e.header.sequence_number,
+                        e.header.aggregate_type,
+                        e.header.aggregate_id
+                    ));
+                }
+            }
+        }
+        verified.insert((topic.to_owned(), partition), next);
+        None
+    }));
+}
+
+/// The read models of the versions the pointers name equal the fold of the whole log; no
+/// stream is parked where the fold does not park it; nothing landed in a deleted version.
+fn check(world: &Shared, events: &[Event], models: &[Model], out: &mut Outcome) {
+    let w = lock(world);
+    out.failures.extend(w.violations.iter().cloned());
+    for m in models {
+        let want = (m.fold)(events);
+        let version = w.pointer(m.name).version;
+        if m.store == "clickhouse" {
+            let empty = BTreeMap::new();
+            let got = w.facts.get(&version).unwrap_or(&empty);
+            if *got != want.facts {
+                let missing = want.facts.keys().filter(|k| !got.contains_key(*k)).count();
+                let extra = got.keys().filter(|k| !want.facts.contains_key(*k)).count();
+                out.failures.push(format!(
+                    "{} ({version}): {} rows, the fold has {} ({missing} missing, {extra} extra)",
+                    m.name,
+                    got.len(),
+                    want.facts.len()
+                ));
+            }
+        } else {
+            let empty = BTreeMap::new();
+            let got = w
+                .docs
+                .get(&(m.store.to_owned(), version.clone()))
+                .unwrap_or(&empty);
+            let mut diffs = Vec::new();
+            for (k, (_, c)) in &want.docs {
+                match got.get(k) {
+                    None => diffs.push(format!("{k} missing")),
+                    Some((body, _)) if comparable(body) != *c => {
+                        diffs.push(format!("{k} differs: got {} want {c}", comparable(body)))
+                    }
+                    _ => {}
+                }
+            }
+            for k in got.keys() {
+                if !want.docs.contains_key(k) {
+                    diffs.push(format!("{k} not in the fold"));
+                }
+            }
+            if !diffs.is_empty() {
+                diffs.truncate(3);
+                out.failures
+                    .push(format!("{} ({version}): {}", m.name, diffs.join("; ")));
+            }
+        }
+        if let Some(parked) = w.parks.get(&(m.name.to_owned(), version.clone())) {
+            for (stream, mark) in parked.iter() {
+                if want.parked.get(stream).map(|x| x.from) != Some(mark.from) {
+                    out.failures.push(format!(
+                        "{} parked {stream} from {:?} ({}); the fold does not",
+                        m.name, mark.from, mark.reason
+                    ));
+                }
+            }
+        }
+    }
+}
