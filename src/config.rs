@@ -161,6 +161,14 @@ pub struct WorkerConfig {
     /// rebalance takes) re-creates its consumer.
     #[serde(default = "default_assignment_mismatch_secs")]
     pub assignment_mismatch_secs: u64,
+    /// Streams whose last sequence passed on is remembered (least recently seen forgotten
+    /// first), to find events lost or reordered on the wire; 0 turns that check off.
+    #[serde(default = "default_sequence_streams")]
+    pub sequence_streams: usize,
+    /// How long a gap on the wire waits for the event store to hold the missing events
+    /// (an outbox commits before it publishes) before the stream is held.
+    #[serde(default = "default_gap_wait_secs")]
+    pub gap_wait_secs: u64,
     /// The projectors this worker runs (empty: all). One read model per consumer group lets
     /// each scale on its own; all of them stay in one `deployment`.
     #[serde(default)]
@@ -200,6 +208,12 @@ fn default_partition_stall_secs() -> u64 {
 }
 fn default_assignment_mismatch_secs() -> u64 {
     20
+}
+fn default_sequence_streams() -> usize {
+    200_000
+}
+fn default_gap_wait_secs() -> u64 {
+    10
 }
 
 impl WorkerConfig {

@@ -53,6 +53,30 @@ pub enum ContractError {
     /// so it is never dropped and its offset never committed unaccounted for.
     #[error("the decoder panicked on this message: {reason}")]
     DecoderPanic { reason: String },
+    /// Earlier events of the stream never arrived on the wire and the event store does not
+    /// hold them either: the stream is held from `from` until they exist (unpark, replay).
+    #[error("sequences {from}..{to} of stream {stream} are missing from the event store")]
+    SequenceGap { stream: String, from: i64, to: i64 },
+    /// As [`ContractError::SequenceGap`], but the event store refused to be read (not a
+    /// passing outage, which is retried): the stream is held the same way.
+    #[error(
+        "sequences {from}..{to} of stream {stream} could not be read from the event store: {reason}"
+    )]
+    SequenceUnreadable {
+        stream: String,
+        from: i64,
+        to: i64,
+        reason: String,
+    },
+    /// A message arrived behind its stream with an event id the event store does not hold at
+    /// that sequence: a foreign message, dead-lettered alone (the stream itself is intact).
+    #[error("event {event_id} arrived as sequence {sequence} of stream {stream}, but {verdict}")]
+    SequenceConflict {
+        stream: String,
+        sequence: i64,
+        event_id: String,
+        verdict: String,
+    },
 }
 
 impl ContractError {
@@ -75,6 +99,9 @@ impl ContractError {
             Self::InvalidHeader { .. } => "invalid_header",
             Self::HeaderMismatch { .. } => "header_mismatch",
             Self::DecoderPanic { .. } => "decoder_panic",
+            Self::SequenceGap { .. } => "sequence_gap",
+            Self::SequenceUnreadable { .. } => "sequence_unreadable",
+            Self::SequenceConflict { .. } => "sequence_conflict",
         }
     }
 }

@@ -57,7 +57,9 @@ pub struct DeadLetter {
 
 impl DeadLetter {
     /// A letter for one message of a window (its original bytes). `None` for events that did
-    /// not come from Kafka (a replay records its refusals as parks only).
+    /// not come from Kafka (a replay records its refusals as parks only). An event filled
+    /// from the event store into a live window has a letter too, with its topic but no
+    /// position of its own (partition and offset -1): its bytes are the stored event.
     pub fn of(
         w: &Window,
         item: &Item,
@@ -65,11 +67,12 @@ impl DeadLetter {
         reason: String,
         projector: Option<&'static str>,
     ) -> Option<DeadLetter> {
-        let Origin::Kafka {
-            partition, offset, ..
-        } = item.origin
-        else {
-            return None;
+        let (partition, offset) = match item.origin {
+            Origin::Kafka {
+                partition, offset, ..
+            } => (partition, offset),
+            Origin::Gap { .. } => (-1, -1),
+            Origin::Replay { .. } => return None,
         };
         let a = &w.arena;
         Some(DeadLetter {

@@ -258,12 +258,14 @@ pub fn spawn_stages<F: SinkFactory>(env: &StageEnv, sinks: &F) -> Result<Stages,
     Ok(b.stages)
 }
 
-/// Decode raw windows (on every core) and fan them out to the stages.
+/// Decode raw windows (on every core), put each stream back in wire order when `sequencing`
+/// is given (the live feed), and fan them out to the stages.
 pub async fn decode_loop(
     mut rx: mpsc::Receiver<RawWindow>,
     txs: Vec<mpsc::Sender<Arc<Window>>>,
     topics: Arc<Vec<String>>,
     topic_prefix: String,
+    mut sequencing: Option<crate::source::sequence::Sequencing>,
 ) {
     while let Some(raw) = rx.recv().await {
         let RawWindow {
@@ -288,10 +290,13 @@ pub async fn decode_loop(
             .traced()
         })
         .await;
-        let Ok(w) = decoded else {
+        let Ok(mut w) = decoded else {
             tracing::error!("decoding a window panicked; stopping");
             return;
         };
+        if let Some(s) = sequencing.as_mut() {
+            s.apply(&mut w).await;
+        }
         let mut by_type: HashMap<&str, u64> = HashMap::new();
         for it in &w.items {
             let t = match &it.decoded {
@@ -458,11 +463,15 @@ pub async fn run(
         .commit_every(Duration::from_millis(cfg.worker.commit_interval_ms));
     let tracker = tokio::spawn(tracker.run(tracker_rx));
     let (raw_tx, raw_rx) = mpsc::channel(QUEUE);
+    // Lost or reordered messages are filled in or held from the event store before any stage.
+    let sequencing =
+        crate::source::sequence::Sequencing::new(pg.clone(), shared.clone(), &cfg.worker);
     let decode = tokio::spawn(decode_loop(
         raw_rx,
         stages.txs.clone(),
         topics.clone(),
         cfg.kafka.topic_prefix.clone(),
+        sequencing,
     ));
     let source = KafkaSource::new(cfg, shared.clone(), tracker_tx, raw_tx, topics.clone());
     tracing::info!(deployment = %cfg.deployment, group = %cfg.kafka.group_id, topics = ?topics, stages = stages.participants, "worker started");
@@ -551,6 +560,7 @@ pub async fn run_memory<F: SinkFactory>(
         txs,
         topics,
         cfg.kafka.topic_prefix.clone(),
+        None,
     ));
     let started = std::time::Instant::now();
     for w in windows {

@@ -106,6 +106,7 @@ fn sample(ids: &[String], total: usize) -> String {
 fn partitions(w: &Window) -> String {
     let mut ranges: Vec<((u16, i32), i64, i64)> = Vec::new();
     let mut replay: Option<(i64, i64)> = None;
+    let mut filled = 0usize;
     for it in &w.items {
         match it.origin {
             Origin::Kafka {
@@ -124,6 +125,7 @@ fn partitions(w: &Window) -> String {
                 let p = position.global_position;
                 replay = Some(replay.map_or((p, p), |(a, b)| (a.min(p), b.max(p))));
             }
+            Origin::Gap { .. } => filled += 1,
         }
     }
     let mut s = String::new();
@@ -133,6 +135,9 @@ fn partitions(w: &Window) -> String {
     }
     if let Some((first, last)) = replay {
         let _ = write!(s, "{}event-store:{first}..{last}", sep(&s));
+    }
+    if filled > 0 {
+        let _ = write!(s, "{}gaps-filled:{filled}", sep(&s));
     }
     s
 }

@@ -5,6 +5,7 @@ mod consumer;
 pub mod decode;
 pub mod group;
 pub mod kafka;
+pub mod sequence;
 pub mod window;
 
 pub use consumer::{

@@ -28,6 +28,14 @@ pub enum Origin {
     },
     /// A replay of the event store (rebuild).
     Replay { position: ReplayPosition },
+    /// An event lost on the wire, read back from the event store and spliced right before
+    /// the live message that revealed the gap (at `before` in `topic`/`partition`). It has no
+    /// offset of its own: nothing is registered or committed for it.
+    Gap {
+        topic: u16,
+        partition: i32,
+        before: i64,
+    },
 }
 
 impl Origin {
@@ -37,6 +45,10 @@ impl Origin {
             Origin::Kafka {
                 partition, offset, ..
             } => Some((partition, offset)),
+            // Held or released with the message it was spliced before.
+            Origin::Gap {
+                partition, before, ..
+            } => Some((partition, before)),
             Origin::Replay { .. } => None,
         }
     }
@@ -54,9 +66,20 @@ pub struct Poison {
 
 impl Poison {
     /// Where its stream's held events begin: its sequence when the header tells, else after
-    /// its offset (a replay has neither and parks nothing).
+    /// its offset (a replay has neither and parks nothing). A sequence gap holds from its
+    /// first missing sequence; a sequence conflict holds nothing.
     pub fn park_from(&self, origin: &Origin) -> Option<projectors::parking::ParkFrom> {
         use projectors::parking::ParkFrom;
+        match &self.error {
+            // Held from the first sequence missing, not from the message that showed it.
+            ContractError::SequenceGap { from, .. }
+            | ContractError::SequenceUnreadable { from, .. } => {
+                return Some(ParkFrom::Sequence(*from));
+            }
+            // A foreign message: the stream's own events are intact, hold none of them.
+            ContractError::SequenceConflict { .. } => return None,
+            _ => {}
+        }
         match (self.sequence, origin.position()) {
             (Some(s), _) => Some(ParkFrom::Sequence(s)),
             (None, Some((partition, offset))) => Some(ParkFrom::Offset { partition, offset }),
@@ -194,7 +217,7 @@ impl Window {
 
     pub fn topic(&self, origin: &Origin) -> &str {
         match origin {
-            Origin::Kafka { topic, .. } => {
+            Origin::Kafka { topic, .. } | Origin::Gap { topic, .. } => {
                 self.topics.get(*topic as usize).map_or("?", String::as_str)
             }
             Origin::Replay { .. } => "event-store",

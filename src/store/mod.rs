@@ -5,12 +5,13 @@ mod migrations;
 mod pg;
 mod read;
 mod replay;
+pub mod streams;
 
 pub use append::AppendOutcome;
 pub use migrations::MIGRATIONS;
 pub use pg::Pg;
 pub use read::{SELECT_EVENT, envelope_of};
-pub use replay::ReplayPosition;
+pub use replay::{ReplayPosition, Typed};
 
 use thiserror::Error;
 use tokio_postgres::{Client, NoTls};

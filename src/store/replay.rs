@@ -82,12 +82,12 @@ impl EventStore {
     }
 }
 
-/// A replayed event: validated and typed, or why the stored row breaks the contract (its
-/// stream and sequence, so the replay can park it as the live feed would).
-pub type Replayed = (
-    ReplayPosition,
-    Result<Event, (String, i64, contract::ContractError)>,
-);
+/// A stored event, validated and typed, or why the stored row breaks the contract (its
+/// stream and sequence, so a reader can park it as the live feed would).
+pub type Typed = Result<Event, (String, i64, contract::ContractError)>;
+
+/// A replayed event and where it stands in commit order.
+pub type Replayed = (ReplayPosition, Typed);
 
 impl EventStore {
     /// Like [`EventStore::read_committed_after`], typed in one pass (payloads are read as
@@ -150,7 +150,8 @@ fn replayed(r: &tokio_postgres::Row) -> Replayed {
     (position, typed(r))
 }
 
-fn typed(r: &tokio_postgres::Row) -> Result<Event, (String, i64, contract::ContractError)> {
+/// The event of a row of the typed select (columns 0–8), or why it breaks the contract.
+pub(super) fn typed(r: &tokio_postgres::Row) -> Typed {
     let aggregate_type: String = r.get(2);
     let aggregate_id: String = r.get(3);
     let seq: i64 = r.get(4);
