@@ -248,13 +248,15 @@ impl<P: Projector, S: DocStore> DocStage<P, S> {
             if let Some(f) = inflight.take() {
                 let r = joined(f.task.await, self.ctx.store);
                 self.finish_opt(f.prepared, f.order, r).await;
-                // Settling that batch took a while (retries, a handover): the version this
-                // one was folded for may have been switched (and retired) meanwhile.
-                if Some(&next.target) != self.state.as_ref().map(|s| &s.target)
-                    || self.ctx.mode == Mode::Live && self.ctx.target(false).await != next.target
-                {
+                if Some(&next.target) != self.state.as_ref().map(|s| &s.target) {
+                    // The batch in flight moved to another version: fold this one there too.
                     next = self.prepare(next.batch).await;
                 }
+            }
+            // Folding may have waited (a slow load, the batch in flight settling): the version
+            // it was folded for may have been switched and retired meanwhile.
+            while self.ctx.mode == Mode::Live && self.ctx.target(false).await != next.target {
+                next = self.prepare(next.batch).await;
             }
             inflight = Some(self.start(next));
         }

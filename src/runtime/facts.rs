@@ -95,11 +95,13 @@ impl<F: FactProjector, S: FactStore> FactStage<F, S> {
             if let Some(f) = inflight.take() {
                 let r = joined(f.task.await, self.ctx.store);
                 self.finish(f.prepared, f.started, r).await;
-                if Some(&next.target) != self.state.as_ref().map(|s| &s.0)
-                    || self.ctx.mode == Mode::Live && self.ctx.target(false).await != next.target
-                {
+                if Some(&next.target) != self.state.as_ref().map(|s| &s.0) {
                     next = self.prepare(next.batch).await;
                 }
+            }
+            // The version may have been switched and retired while this batch waited.
+            while self.ctx.mode == Mode::Live && self.ctx.target(false).await != next.target {
+                next = self.prepare(next.batch).await;
             }
             inflight = Some(self.start(next));
         }

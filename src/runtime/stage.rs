@@ -184,6 +184,7 @@ impl StageCtx {
     /// Returns the target opened and its store.
     pub async fn open<S>(&self, mut target: Target, open: &OpenFn<S>) -> (Target, S) {
         let mut refused = Retry::new(&self.shared, self.store, "opening a retired version");
+        let mut retry = Retry::new(&self.shared, self.store, "opening the read model");
         loop {
             if let Err(e) = self.admit(&target).await {
                 match &self.mode {
@@ -199,12 +200,11 @@ impl StageCtx {
                 }
                 continue;
             }
-            let mut retry = Retry::new(&self.shared, self.store, "opening the read model");
-            loop {
-                match open(target.version.clone()).await {
-                    Ok(s) => return (target, s),
-                    Err(e) => retry.failed(&e).await,
-                }
+            // Asked again after every failed attempt: the version may be retired while the
+            // store is down, and opening it then would create it again.
+            match open(target.version.clone()).await {
+                Ok(s) => return (target, s),
+                Err(e) => retry.failed(&e).await,
             }
         }
     }

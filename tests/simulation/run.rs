@@ -42,6 +42,11 @@ struct Plan {
     max_batch: usize,
     window: usize,
     dup: f64,
+    /// Lost on the wire / swapped with the stream's next event (only in schedules without
+    /// crashes or moves: the sequencer does not check a stream's first event after a restart
+    /// or a reassignment).
+    loss: f64,
+    swap: f64,
     action: f64,
     switches: usize,
     faults: Faults,
@@ -56,7 +61,8 @@ impl Plan {
                 rng.random_range(0.0..max)
             }
         };
-        Plan {
+        let lossy = rng.random_bool(0.3);
+        let mut plan = Plan {
             events: rng.random_range(8..48),
             partitions: rng.random_range(1..=3),
             workers: rng.random_range(1..=2),
@@ -65,6 +71,8 @@ impl Plan {
             max_batch: rng.random_range(1..=24),
             window: rng.random_range(1..=8),
             dup: f(rng, 0.15),
+            loss: 0.0,
+            swap: 0.0,
             action: f(rng, 0.12),
             switches: rng.random_range(0..=2),
             faults: Faults {
@@ -75,7 +83,12 @@ impl Plan {
                 pg_fail: f(rng, 0.08),
                 max_latency_ms: rng.random_range(1..40),
             },
+        };
+        if lossy {
+            plan.loss = rng.random_range(0.0..0.15);
+            plan.swap = rng.random_range(0.0..0.15);
         }
+        plan
     }
 }
 
@@ -102,6 +115,7 @@ struct Worker {
 
 struct Ctx {
     world: Shared,
+    store: Arc<super::world::SimEventStore>,
     wire: WireRef,
     log: Arc<Vec<EventEnvelope>>,
     topics: Arc<Vec<String>>,
@@ -151,6 +165,7 @@ fn start_worker(ctx: &Ctx, seed: u64) -> Worker {
         None,
     )
     .commit_every(Duration::from_millis(seed % 300));
+    let shared_for_source = shared.clone();
     let mut tasks = stages.handles;
     tasks.push(tokio::spawn(async move {
         tracker.run(tracker_rx).await;
@@ -162,7 +177,7 @@ fn start_worker(ctx: &Ctx, seed: u64) -> Worker {
     let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
     let source = Source {
         rng: ChaCha8Rng::seed_from_u64(seed),
-        shared,
+        shared: shared_for_source,
         tracker: tracker_tx,
         txs: stages.txs,
         cmds: cmd_rx,
@@ -174,6 +189,11 @@ fn start_worker(ctx: &Ctx, seed: u64) -> Worker {
         window: ctx.plan.window,
         assigned: BTreeMap::new(),
         member,
+        sequencing: projector::source::sequence::Sequencing::new(
+            ctx.store.clone(),
+            shared.clone(),
+            &ctx.cfg.worker,
+        ),
         epoch: 0,
         next_id: 0,
     };
@@ -204,6 +224,7 @@ struct Source {
     /// Owned partitions: (epoch, next offset to read).
     assigned: BTreeMap<Tp, (u32, i64)>,
     member: u64,
+    sequencing: Option<projector::source::sequence::Sequencing>,
     epoch: u32,
     next_id: u64,
 }
@@ -225,10 +246,13 @@ impl Source {
                 tokio::time::sleep(Duration::from_millis(10)).await;
                 continue;
             }
-            let Some(w) = self.poll() else {
+            let Some(mut w) = self.poll() else {
                 tokio::time::sleep(Duration::from_millis(25)).await;
                 continue;
             };
+            if let Some(s) = self.sequencing.as_mut() {
+                s.apply(&mut w).await;
+            }
             let w = Arc::new(w);
             for tx in &self.txs {
                 if tx.send(w.clone()).await.is_err() {
@@ -456,9 +480,29 @@ async fn schedule(seed: u64) -> Outcome {
     // The wire: the log in order, some messages published twice later.
     let mut publications: Vec<(Tp, usize)> = Vec::new();
     let mut wire = Wire::default();
+    // Later events of each stream: a lost or swapped event always has one (a relay that
+    // loses a stream's last event loses it until the next one shows the gap).
+    let mut later = vec![false; log.len()];
+    let mut seen_streams = std::collections::HashSet::new();
+    for (i, e) in log.iter().enumerate().rev() {
+        later[i] = !seen_streams.insert((e.aggregate_type, e.aggregate_id.clone()));
+    }
+    let mut held: HashMap<String, usize> = HashMap::new();
     for (i, e) in log.iter().enumerate() {
         let tp = tp_of(e, plan.partitions);
+        let stream = format!("{}/{}", e.aggregate_type.as_str(), e.aggregate_id);
+        let eligible = e.sequence_number > 0 && later[i];
+        if eligible && !held.contains_key(&stream) && rng.random_bool(plan.loss) {
+            continue;
+        }
+        if eligible && !held.contains_key(&stream) && rng.random_bool(plan.swap) {
+            held.insert(stream, i);
+            continue;
+        }
         publications.push((tp, i));
+        if let Some(h) = held.remove(&stream) {
+            publications.push((tp, h));
+        }
         if i > 0 && rng.random_bool(plan.dup) {
             let j = rng.random_range(0..i);
             publications.push((tp_of(&log[j], plan.partitions), j));
@@ -497,6 +541,7 @@ async fn schedule(seed: u64) -> Outcome {
     install_commit_check(&world, &wire, &log, &events, &topics, &models);
     let ctx = Ctx {
         world: world.clone(),
+        store: Arc::new(super::world::SimEventStore(events.clone())),
         wire: wire.clone(),
         log: Arc::new(log.clone()),
         topics: topics.clone(),
@@ -526,8 +571,11 @@ async fn schedule(seed: u64) -> Outcome {
             }
         }
         published += n;
+        let lossy = plan.loss > 0.0 || plan.swap > 0.0;
         if rng.random_bool(plan.action) {
             match rng.random_range(0..10) {
+                _ if lossy && switches >= plan.switches => {}
+                0..=6 if lossy => {}
                 0..=3 if plan.workers > 1 => {
                     let overlap = rng.random_bool(0.3);
                     let (from, to) = if rng.random_bool(0.5) { (0, 1) } else { (1, 0) };
@@ -704,15 +752,16 @@ async fn switch(
         p
     };
     tokio::time::sleep(Duration::from_millis(catch_up_ms)).await;
-    // Everything published is in the event store: the final catch-up folds all of it.
+    // An outbox appends before it publishes: every event up to the newest published one is
+    // in the event store (lost on the wire or not), and the final catch-up folds all of it.
     let appended = {
         let w = wire.lock().unwrap_or_else(|e| e.into_inner());
         let shown: usize = w.visible.values().sum();
-        let mut seen = vec![false; events.len()];
-        for (_, i) in &publications[..shown.min(publications.len())] {
-            seen[*i] = true;
-        }
-        seen.iter().take_while(|s| **s).count()
+        publications[..shown.min(publications.len())]
+            .iter()
+            .map(|(_, i)| i + 1)
+            .max()
+            .unwrap_or(0)
     };
     let folded = (m.fold)(&events[..appended]);
     {
@@ -751,7 +800,13 @@ async fn switch(
         );
         w.retired.insert((m.name.to_owned(), old.version.clone()));
     }
+    if std::env::var_os("SIM_TRACE").is_some() {
+        eprintln!("[{:?}] switched {} {} -> {version}, {} retired", tokio::time::Instant::now(), m.name, old.version, old.version);
+    }
     tokio::time::sleep(Duration::from_millis(fence_ms.max(1000))).await;
+    if std::env::var_os("SIM_TRACE").is_some() {
+        eprintln!("[{:?}] deleted {} {}", tokio::time::Instant::now(), m.store, old.version);
+    }
     let mut w = lock(world);
     w.deleted.insert((m.store.to_owned(), old.version.clone()));
     if m.store == "clickhouse" {
