@@ -310,3 +310,51 @@ async fn inputs_that_used_to_wedge_the_worker_become_dead_letters_or_just_work()
     assert_eq!(from, "990000");
     assert!(len < cfg.kafka.dlq_max_bytes, "{len}");
 }
+
+/// PostgreSQL keeps parks by the same rule as every stage in memory (`Parked::park`): an
+/// earlier sequence moves a sequence mark back; a mark after an unreadable message's offset
+/// is never replaced by a sequence.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_park_table_follows_the_in_memory_rule() {
+    use projector::runtime::parking::ParkRecord;
+    use projectors::Parked;
+    use projectors::parking::ParkFrom;
+
+    let (cfg, ns) = common::isolated_config("parkrule");
+    let store = ParkStore::new(
+        std::sync::Arc::new(Pg::from_config(&cfg.postgres)),
+        &cfg.deployment,
+    );
+    let _ = ns;
+    common::store().await;
+    let record = |stream: &str, from: ParkFrom| ParkRecord {
+        projection: "order_view".into(),
+        version: "live".into(),
+        stream: stream.into(),
+        from,
+        reason: format!("{from:?}"),
+    };
+    let offset = ParkFrom::Offset {
+        partition: 1,
+        offset: 7,
+    };
+    let steps = [
+        record("order/a", ParkFrom::Sequence(5)),
+        record("order/a", ParkFrom::Sequence(9)),
+        record("order/a", ParkFrom::Sequence(3)),
+        record("order/b", offset),
+        record("order/b", ParkFrom::Sequence(1)),
+    ];
+    let mut memory = Parked::default();
+    for r in &steps {
+        memory.park(&r.stream, r.from, &r.reason);
+        store.save(std::slice::from_ref(r)).await.unwrap();
+    }
+    let table = store.load("order_view", "live").await.unwrap();
+    assert_eq!(table, memory);
+    assert_eq!(
+        table.get("order/a").map(|m| m.from),
+        Some(ParkFrom::Sequence(3))
+    );
+    assert_eq!(table.get("order/b").map(|m| m.from), Some(offset));
+}

@@ -19,8 +19,18 @@ mod simulation {
 
 use simulation::run::run_seed;
 
-/// Seeds that once failed, each with the race it found (see the README's table).
-const REGRESSIONS: &[u64] = &[];
+/// Seeds that failed before their fix, each with the race it found (the README's table).
+/// A seed names a schedule of today's `Plan::draw`: change how schedules are drawn and these
+/// must be found again.
+const REGRESSIONS: &[u64] = &[
+    // A batch folded onto views the batch in flight had not settled (finding 1).
+    503, 648, 1241, 3051,
+    // A stream's first event took its view as absent (made by another stream's events).
+    4130, // A contended batch rewritten to a version switched and retired meanwhile.
+    3712,
+    // A batch that waited, written to the version it was folded for, retired meanwhile.
+    1875, 7373,
+];
 
 fn report(seed: u64) -> Option<String> {
     let out = run_seed(seed);

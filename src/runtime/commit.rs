@@ -98,7 +98,33 @@ pub struct Registration {
 
 struct Pending {
     reg: Registration,
+    /// Which participants acknowledged it: a participant that acknowledges twice (a batch
+    /// written again after a switch) still counts once.
+    acked: Vec<bool>,
     acks: usize,
+}
+
+impl Pending {
+    fn new(reg: Registration, participants: usize) -> Pending {
+        Pending {
+            reg,
+            acked: vec![false; participants],
+            acks: 0,
+        }
+    }
+
+    /// Record `participant`'s acknowledgement; false if it was not one of the participants
+    /// or had acknowledged already.
+    fn ack(&mut self, participant: usize) -> bool {
+        match self.acked.get_mut(participant) {
+            Some(done) if !*done => {
+                *done = true;
+                self.acks += 1;
+                true
+            }
+            _ => false,
+        }
+    }
 }
 
 /// Figures the tracker keeps for the run report.
@@ -191,11 +217,18 @@ impl Tracker {
         match m {
             TrackerMsg::Register(reg) => {
                 self.stats.first_message.get_or_insert_with(Instant::now);
-                self.pending.insert(reg.id, Pending { reg, acks: 0 });
+                self.pending
+                    .insert(reg.id, Pending::new(reg, self.participants));
             }
-            TrackerMsg::Ack { id, participant: _ } => {
-                if let Some(p) = self.pending.get_mut(&id) {
-                    p.acks += 1;
+            TrackerMsg::Ack { id, participant } => {
+                if let Some(p) = self.pending.get_mut(&id)
+                    && !p.ack(participant)
+                {
+                    tracing::warn!(
+                        window = id,
+                        participant,
+                        "an acknowledgement from a stage that had acknowledged already (or is unknown): ignored"
+                    );
                 }
                 self.advance();
             }
@@ -376,5 +409,79 @@ impl Tracker {
         if !self.drains.is_empty() {
             self.answer_drains();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reg(id: u64) -> Registration {
+        Registration {
+            id,
+            generation: 0,
+            offsets: Vec::new(),
+            newest: Vec::new(),
+            messages: 1,
+            timestamps: Vec::new(),
+        }
+    }
+
+    fn tracker(participants: usize) -> Tracker {
+        Tracker::new(
+            participants,
+            Arc::new(Shared::default()),
+            Arc::new(Vec::new()),
+            None,
+        )
+    }
+
+    #[test]
+    fn a_window_completes_when_every_participant_acknowledged_it_once() {
+        let mut t = tracker(3);
+        t.handle(TrackerMsg::Register(reg(1)));
+        t.handle(TrackerMsg::Ack {
+            id: 1,
+            participant: 0,
+        });
+        t.handle(TrackerMsg::Ack {
+            id: 1,
+            participant: 0,
+        });
+        t.handle(TrackerMsg::Ack {
+            id: 1,
+            participant: 2,
+        });
+        assert_eq!(t.stats.windows, 0, "participant 1 has not acknowledged");
+        t.handle(TrackerMsg::Ack {
+            id: 1,
+            participant: 7,
+        });
+        assert_eq!(
+            t.stats.windows, 0,
+            "an unknown participant counts for nothing"
+        );
+        t.handle(TrackerMsg::Ack {
+            id: 1,
+            participant: 1,
+        });
+        assert_eq!(t.stats.windows, 1);
+    }
+
+    #[test]
+    fn windows_complete_in_order_only() {
+        let mut t = tracker(1);
+        t.handle(TrackerMsg::Register(reg(1)));
+        t.handle(TrackerMsg::Register(reg(2)));
+        t.handle(TrackerMsg::Ack {
+            id: 2,
+            participant: 0,
+        });
+        assert_eq!(t.stats.windows, 0, "window 1 is not durable yet");
+        t.handle(TrackerMsg::Ack {
+            id: 1,
+            participant: 0,
+        });
+        assert_eq!(t.stats.windows, 2);
     }
 }

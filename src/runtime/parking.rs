@@ -74,7 +74,9 @@ impl ParkStore {
         Ok(parked)
     }
 
-    /// Record parks (an earlier sequence replaces a later one; anything else is kept).
+    /// Record parks by the rule of [`projectors::Parked::park`], which every stage applies in
+    /// memory: an earlier sequence replaces a later one; a mark after an unreadable message's
+    /// offset stays; anything else is kept.
     pub async fn save(&self, records: &[ParkRecord]) -> Result<(), StoreError> {
         if records.is_empty() {
             return Ok(());
@@ -94,8 +96,9 @@ impl ParkStore {
                          ON CONFLICT (scope, projection, version, stream) DO UPDATE \
                            SET from_sequence = EXCLUDED.from_sequence, from_partition = NULL, \
                                from_offset = NULL, reason = EXCLUDED.reason, parked_at = now() \
-                         WHERE EXCLUDED.from_sequence IS NOT NULL AND (parked_streams.from_sequence IS NULL \
-                           OR EXCLUDED.from_sequence < parked_streams.from_sequence)",
+                         WHERE EXCLUDED.from_sequence IS NOT NULL \
+                           AND parked_streams.from_sequence IS NOT NULL \
+                           AND EXCLUDED.from_sequence < parked_streams.from_sequence",
                         &[&scope, &r.projection, &r.version, &r.stream, &seq, &part, &off, &r.reason],
                     )
                     .await?;

@@ -801,11 +801,22 @@ async fn switch(
         w.retired.insert((m.name.to_owned(), old.version.clone()));
     }
     if std::env::var_os("SIM_TRACE").is_some() {
-        eprintln!("[{:?}] switched {} {} -> {version}, {} retired", tokio::time::Instant::now(), m.name, old.version, old.version);
+        eprintln!(
+            "[{:?}] switched {} {} -> {version}, {} retired",
+            tokio::time::Instant::now(),
+            m.name,
+            old.version,
+            old.version
+        );
     }
     tokio::time::sleep(Duration::from_millis(fence_ms.max(1000))).await;
     if std::env::var_os("SIM_TRACE").is_some() {
-        eprintln!("[{:?}] deleted {} {}", tokio::time::Instant::now(), m.store, old.version);
+        eprintln!(
+            "[{:?}] deleted {} {}",
+            tokio::time::Instant::now(),
+            m.store,
+            old.version
+        );
     }
     let mut w = lock(world);
     w.deleted.insert((m.store.to_owned(), old.version.clone()));
