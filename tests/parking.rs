@@ -188,6 +188,29 @@ async fn an_unparked_stream_is_replayed_from_the_event_store() {
         .await
         .unwrap();
     assert!(!parks(&cfg).await.iter().any(|(_, _, s, _)| *s == stream));
+    // What arrives after the unpark flows at once: no stage keeps a copy of the park of its
+    // own once the table has it (it used to for 60 s, holding this event for good).
+    let next = contract::Event::new(
+        uuid::Uuid::new_v4(),
+        &id,
+        2,
+        EventData::InteractionRecorded(InteractionRecorded {
+            customer_id: id.clone(),
+            agent_id: "a".into(),
+            interaction_id: "i2".into(),
+            interaction_type: "chat".into(),
+            channel: None,
+            sentiment_score: Some(0.5),
+        }),
+        Default::default(),
+        chrono::Utc::now(),
+    )
+    .unwrap();
+    common::append_and_publish(&cfg, vec![next]).await;
+    assert_eq!(
+        common::wait_for_facts(&sinks, &ns, want + 3).await,
+        want + 3
+    );
     assert!(sigterm(&mut w).success());
     common::assert_read_models_equal_fold(&cfg, &ns).await;
 }

@@ -182,7 +182,9 @@ pub struct DocStage<P: Projector, S: DocStore> {
     pending_parks: Vec<ParkRecord>,
     /// Parks of unreadable messages (the poison stage records them): kept across reloads
     /// for a while, in case this stage reloads before that stage's record lands.
-    poison_parks: Vec<(Instant, String, ParkFrom, String)>,
+    /// (window id, stream, from, reason): kept until the poison stage has recorded that
+    /// window's parks (see [`super::Shared::poison_saved`]).
+    poison_parks: Vec<(u64, String, ParkFrom, String)>,
 }
 
 impl<P: Projector, S: DocStore> DocStage<P, S> {
@@ -314,8 +316,9 @@ impl<P: Projector, S: DocStore> DocStage<P, S> {
             }
         }
         self.pending_parks.retain(|r| r.version == target.version);
+        let saved = self.ctx.shared.poison_saved.load(Ordering::Acquire);
         let mut parked = self.ctx.load_parks(&target.version).await;
-        self.merge_unsaved(&mut parked);
+        self.merge_unsaved(&mut parked, saved);
         let seen = matches!(self.ctx.mode, Mode::Replay { fresh: true, .. }).then(HashSet::default);
         self.state = Some(TargetState {
             target: target.clone(),
@@ -344,8 +347,10 @@ impl<P: Projector, S: DocStore> DocStage<P, S> {
         }
         self.seen_gen = generation;
         let version = self.st().target.version.clone();
+        // Read before the table: whatever the poison stage recorded up to here is in it.
+        let saved = self.ctx.shared.poison_saved.load(Ordering::Acquire);
         let mut parked = self.ctx.load_parks(&version).await;
-        self.merge_unsaved(&mut parked);
+        self.merge_unsaved(&mut parked, saved);
         let st = self.st();
         st.parked = parked;
         st.parks_loaded = Instant::now();
@@ -354,13 +359,13 @@ impl<P: Projector, S: DocStore> DocStage<P, S> {
         }
     }
 
-    /// Parks made here (or seen in poison) that the table may not have yet.
-    fn merge_unsaved(&mut self, parked: &mut Parked) {
+    /// Parks made here (or seen in poison) that the table may not have yet: the table was
+    /// read after the poison stage had recorded every window up to `poison_saved`.
+    fn merge_unsaved(&mut self, parked: &mut Parked, poison_saved: u64) {
         for r in &self.pending_parks {
             parked.park(&r.stream, r.from, &r.reason);
         }
-        self.poison_parks
-            .retain(|(at, ..)| at.elapsed() < PARKS_REFRESH * 6);
+        self.poison_parks.retain(|(id, ..)| *id > poison_saved);
         for (_, stream, from, reason) in &self.poison_parks {
             parked.park(stream, *from, reason);
         }
@@ -433,12 +438,7 @@ impl<P: Projector, S: DocStore> DocStage<P, S> {
                                 if let Some(from) = from {
                                     let why = poison.error.to_string();
                                     st.parked.park(stream, from, &why);
-                                    self.poison_parks.push((
-                                        Instant::now(),
-                                        stream.clone(),
-                                        from,
-                                        why,
-                                    ));
+                                    self.poison_parks.push((w.id, stream.clone(), from, why));
                                 }
                             }
                             continue;

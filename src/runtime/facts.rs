@@ -55,7 +55,12 @@ pub struct FactStage<F: FactProjector, S: FactStore> {
     parks_loaded: Instant,
     /// Parks of this stage and of unreadable messages, kept across reloads for a while (the
     /// table may not have them yet).
-    unsaved: Vec<(Instant, String, ParkFrom, String)>,
+    /// (window id, from an unreadable message, stream, from, reason): kept until the table
+    /// has it — the poison stage's up to [`super::Shared::poison_saved`], this stage's own up
+    /// to `saved_upto`.
+    unsaved: Vec<(u64, bool, String, ParkFrom, String)>,
+    /// The newest window whose parks this stage has recorded.
+    saved_upto: u64,
 }
 
 impl<F: FactProjector, S: FactStore> FactStage<F, S> {
@@ -69,6 +74,7 @@ impl<F: FactProjector, S: FactStore> FactStage<F, S> {
             seen_gen: 0,
             parks_loaded: Instant::now(),
             unsaved: Vec::new(),
+            saved_upto: 0,
         }
     }
 
@@ -130,10 +136,13 @@ impl<F: FactProjector, S: FactStore> FactStage<F, S> {
             _ => self.ctx.open(target, &self.open).await,
         };
         let target = &target;
+        // Read before the table: what was recorded up to these windows is in it.
+        let poison_saved = self.ctx.shared.poison_saved.load(Ordering::Acquire);
+        let own_saved = self.saved_upto;
         let mut parked = self.ctx.load_parks(&target.version).await;
         self.unsaved
-            .retain(|(at, ..)| at.elapsed() < super::documents::PARKS_REFRESH * 6);
-        for (_, stream, from, why) in &self.unsaved {
+            .retain(|(id, poison, ..)| *id > if *poison { poison_saved } else { own_saved });
+        for (_, _, stream, from, why) in &self.unsaved {
             parked.park(stream, *from, why);
         }
         self.state = Some((target.clone(), store, parked));
@@ -174,8 +183,7 @@ impl<F: FactProjector, S: FactStore> FactStage<F, S> {
                             if let Some(from) = from {
                                 let why = poison.error.to_string();
                                 parked.park(stream, from, &why);
-                                self.unsaved
-                                    .push((Instant::now(), stream.clone(), from, why));
+                                self.unsaved.push((w.id, true, stream.clone(), from, why));
                             }
                         }
                         continue;
@@ -202,7 +210,8 @@ impl<F: FactProjector, S: FactStore> FactStage<F, S> {
                     Err(reason) => {
                         let stream = stream.to_owned();
                         self.unsaved.push((
-                            Instant::now(),
+                            w.id,
+                            false,
                             stream.clone(),
                             ParkFrom::Sequence(seq),
                             reason.clone(),
@@ -312,6 +321,9 @@ impl<F: FactProjector, S: FactStore> FactStage<F, S> {
         prepared.batch.span.record("letters", letters.len());
         self.ctx.send_letters(letters).await;
         self.ctx.save_parks(&prepared.parks).await;
+        if let Some(last) = prepared.batch.windows.last() {
+            self.saved_upto = self.saved_upto.max(last.id);
+        }
         tracing::debug!(
             projector = self.ctx.name,
             windows = prepared.batch.windows.len(),

@@ -53,6 +53,10 @@ pub struct Shared {
     /// seconds of a partition with messages waiting is the age of its newest done message.
     pub newest_done: std::sync::Mutex<std::collections::HashMap<(String, i32), i64>>,
     pub consumer_restarts: AtomicU64,
+    /// The newest window whose unreadable messages' parks are in PostgreSQL (the poison
+    /// stage records them in window order): stages drop their own copies of those parks when
+    /// they next read the table, so an operator's unpark sticks.
+    pub poison_saved: AtomicU64,
     /// What this member consumes (its client id and assignment), for the group watch.
     belief: std::sync::Mutex<Option<crate::source::group::Belief>>,
     /// From the group watch: every partition of the group has lag 0 (false until observed).
@@ -79,6 +83,7 @@ impl Default for Shared {
             lag_messages: AtomicI64::new(0),
             newest_done: Default::default(),
             consumer_restarts: AtomicU64::new(0),
+            poison_saved: AtomicU64::new(0),
             belief: Default::default(),
             group_caught_up: AtomicBool::new(false),
             group_stall_ms: AtomicU64::new(0),

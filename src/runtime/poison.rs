@@ -48,4 +48,9 @@ async fn handle(ctx: &StageCtx, batch: &Batch) {
         .instrument(batch.span.clone())
         .await;
     ctx.save_parks(&parks).instrument(batch.span.clone()).await;
+    if let Some(last) = batch.windows.last() {
+        ctx.shared
+            .poison_saved
+            .fetch_max(last.id, std::sync::atomic::Ordering::Release);
+    }
 }
