@@ -94,3 +94,23 @@ fn every_schedule_ends_equal_to_the_fold() {
     eprintln!("{n} schedules in {:.1} s", started.elapsed().as_secs_f64());
     assert!(failed.is_empty(), "{}", failed.join("\n"));
 }
+
+/// A view another writer never lets go of is given up after a bounded number of
+/// compare-and-set rounds: its streams are parked with the reason, nothing stalls, and every
+/// other view still equals the fold.
+#[test]
+fn a_view_contended_forever_is_parked_not_retried_forever() {
+    for seed in [1, 2, 3] {
+        let out = simulation::run::run_hostile(seed);
+        assert!(
+            out.failures.is_empty(),
+            "seed {seed}: {}",
+            out.failures.join("\n")
+        );
+        assert!(
+            out.summary.contains("compare-and-set rounds"),
+            "seed {seed}: no dead letter names the contention: {}",
+            out.summary
+        );
+    }
+}

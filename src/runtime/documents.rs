@@ -37,6 +37,11 @@ pub type OpenStore<S> = super::stage::OpenFn<S>;
 /// Rounds of reload-fold-write for contended views before the batch backs off a little.
 const CAS_ROUNDS: usize = 10;
 
+/// Rounds after which a view still contended is refused (its streams parked with the
+/// reason): about 9 s of backing off, far past a rebalance overlap, so only a writer that
+/// never stops (a second deployment writing the same version) gets there.
+pub const CAS_LIMIT: usize = 300;
+
 /// How often parked streams are read again (an operator may have unparked one).
 pub const PARKS_REFRESH: Duration = Duration::from_secs(10);
 
@@ -845,6 +850,15 @@ impl<P: Projector, S: DocStore> DocStage<P, S> {
                 .conflicts
                 .fetch_add(conflicted.len() as u64, Ordering::Relaxed);
             rounds += 1;
+            if rounds >= CAS_LIMIT {
+                let why = format!("still contended after {CAS_LIMIT} compare-and-set rounds");
+                tracing::error!(projection = self.ctx.name, views = conflicted.len(), %why,
+                    "another writer never lets go of these views: their streams are parked");
+                for ki in conflicted {
+                    self.refuse(prep, ki, &why);
+                }
+                return;
+            }
             if rounds % CAS_ROUNDS == 0 {
                 // Contended by another worker (a rebalance overlap): let it finish first.
                 tokio::time::sleep(Duration::from_millis(20 * (rounds / CAS_ROUNDS) as u64)).await;

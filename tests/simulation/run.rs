@@ -434,13 +434,31 @@ pub fn run_seed(seed: u64) -> Outcome {
         Ok(rt) => rt,
         Err(e) => panic!("runtime: {e}"),
     };
-    let out = rt.block_on(schedule(seed));
+    let out = rt.block_on(schedule(seed, false));
     // Tasks still running (stages of crashed workers, write tasks) go with the runtime.
     rt.shutdown_background();
     out
 }
 
-async fn schedule(seed: u64) -> Outcome {
+/// Schedule `seed` with no faults and one worker, where another writer always wins the
+/// first customer's Customer-360 view: the stage must give that view up (its streams parked
+/// with the reason) and everything else must still equal the fold.
+pub fn run_hostile(seed: u64) -> Outcome {
+    projector::resilience::backoff::seed_jitter(Some(seed));
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .start_paused(true)
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => panic!("runtime: {e}"),
+    };
+    let out = rt.block_on(schedule(seed, true));
+    rt.shutdown_background();
+    out
+}
+
+async fn schedule(seed: u64, hostile: bool) -> Outcome {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let mut plan = Plan::draw(&mut rng);
     // Triage knobs for a failing seed: the same schedule without faults or without actions.
@@ -454,8 +472,20 @@ async fn schedule(seed: u64) -> Outcome {
             ..plan.faults
         };
     }
-    if std::env::var_os("SIM_NO_ACTIONS").is_some() {
+    if std::env::var_os("SIM_NO_ACTIONS").is_some() || hostile {
         plan.action = 0.0;
+    }
+    if hostile {
+        plan.workers = 1;
+        (plan.dup, plan.loss, plan.swap) = (0.0, 0.0, 0.0);
+        plan.faults = Faults {
+            store_fail: 0.0,
+            reply_lost: 0.0,
+            partial: 0.0,
+            hang: 0.0,
+            pg_fail: 0.0,
+            ..plan.faults
+        };
     }
     let log: Vec<EventEnvelope> = projector::generator::history::History::new(seed, "s")
         .take(plan.events)
@@ -471,10 +501,20 @@ async fn schedule(seed: u64) -> Outcome {
     let topics = Arc::new(projector::kafka::event_topics(&cfg.kafka));
     let models = models::models();
     let world = Arc::new(std::sync::Mutex::new(World::new(seed, plan.faults)));
+    let contended = hostile
+        .then(|| {
+            events
+                .iter()
+                .find_map(|e| e.data.customer_id().map(str::to_owned))
+        })
+        .flatten();
     {
         let mut w = lock(&world);
         for m in &models {
             w.projection_of.insert(m.store, m.name);
+        }
+        if let Some(k) = &contended {
+            w.hostile.insert(("redis".into(), k.clone()));
         }
     }
     // The wire: the log in order, some messages published twice later.
@@ -538,7 +578,7 @@ async fn schedule(seed: u64) -> Outcome {
         .map(|(tp, m)| (*tp, m.len() as i64))
         .collect();
     let wire = Arc::new(std::sync::Mutex::new(wire));
-    install_commit_check(&world, &wire, &log, &events, &topics, &models);
+    install_commit_check(&world, &wire, &events, &topics, contended.clone());
     let ctx = Ctx {
         world: world.clone(),
         store: Arc::new(super::world::SimEventStore(events.clone())),
@@ -680,7 +720,7 @@ async fn schedule(seed: u64) -> Outcome {
         out.failures
             .push(format!("no quiescence in 10 virtual minutes: {lag:?}"));
     }
-    check(&world, &events, &models, &mut out);
+    check(&world, &events, &models, contended.as_deref(), &mut out);
     let letters: Vec<String> = lock(&world)
         .letters
         .iter()
@@ -831,20 +871,17 @@ async fn switch(
 fn install_commit_check(
     world: &Shared,
     wire: &WireRef,
-    log: &[EventEnvelope],
     events: &[Event],
     topics: &Arc<Vec<String>>,
-    models: &[Model],
+    contended: Option<String>,
 ) {
-    let _ = log;
     let wire = wire.clone();
     let topics = topics.clone();
     let events: Vec<Event> = events.to_vec();
     let durable: Vec<_> = models::models()
         .into_iter()
-        .map(|m| (m.name, m.durable))
+        .map(|m| (m.name, m.store, m.durable))
         .collect();
-    let _ = models;
     let mut verified: HashMap<(String, i32), i64> = HashMap::new();
     lock(world).commit_check = Some(Box::new(move |w: &World, topic, partition, next| {
         let t = topics.iter().position(|x| x == topic)? as u16;
@@ -858,7 +895,14 @@ fn install_commit_check(
             .unwrap_or(0);
         for off in from..next.min(msgs.len() as i64) {
             let e = events.get(msgs[off as usize])?;
-            for (name, d) in &durable {
+            for (name, store, d) in &durable {
+                // A view given up (refused, its streams parked) is settled without a write.
+                if *store == "redis"
+                    && contended.is_some()
+                    && e.data.customer_id() == contended.as_deref()
+                {
+                    continue;
+                }
                 if !d(w, e) {
                     return Some(format!(
                         "committed {topic}/{partition} up to {next}, but offset {off} ({} #{} of {}/{}) is not durable in {name}",
@@ -877,7 +921,13 @@ fn install_commit_check(
 
 /// The read models of the versions the pointers name equal the fold of the whole log; no
 /// stream is parked where the fold does not park it; nothing landed in a deleted version.
-fn check(world: &Shared, events: &[Event], models: &[Model], out: &mut Outcome) {
+fn check(
+    world: &Shared,
+    events: &[Event],
+    models: &[Model],
+    contended: Option<&str>,
+    out: &mut Outcome,
+) {
     let w = lock(world);
     out.failures.extend(w.violations.iter().cloned());
     for m in models {
@@ -904,6 +954,9 @@ fn check(world: &Shared, events: &[Event], models: &[Model], out: &mut Outcome) 
                 .unwrap_or(&empty);
             let mut diffs = Vec::new();
             for (k, (_, c)) in &want.docs {
+                if m.store == "redis" && Some(k.as_str()) == contended {
+                    continue;
+                }
                 match got.get(k) {
                     None => diffs.push(format!("{k} missing")),
                     Some((body, _)) if comparable(body) != *c => {
@@ -925,6 +978,9 @@ fn check(world: &Shared, events: &[Event], models: &[Model], out: &mut Outcome) 
         }
         if let Some(parked) = w.parks.get(&(m.name.to_owned(), version.clone())) {
             for (stream, mark) in parked.iter() {
+                if contended.is_some() && mark.reason.contains("compare-and-set rounds") {
+                    continue;
+                }
                 if want.parked.get(stream).map(|x| x.from) != Some(mark.from) {
                     out.failures.push(format!(
                         "{} parked {stream} from {:?} ({}); the fold does not",

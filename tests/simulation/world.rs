@@ -76,6 +76,8 @@ pub struct World {
     /// Which projection writes each store.
     pub projection_of: HashMap<&'static str, &'static str>,
     pub violations: Vec<String>,
+    /// (store, key) that another writer always wins: every compare-and-set on it conflicts.
+    pub hostile: HashSet<(String, String)>,
     /// Checks every commit against what the stores hold (see `run`).
     pub commit_check: Option<CommitCheck>,
 }
@@ -113,6 +115,7 @@ impl World {
             members: 0,
             projection_of: HashMap::new(),
             violations: Vec::new(),
+            hostile: HashSet::new(),
             commit_check: None,
         }
     }
@@ -240,6 +243,10 @@ impl DocStore for MemDocs {
         } else {
             writes.len()
         };
+        let hostile: Vec<bool> = writes
+            .iter()
+            .map(|dw| w.hostile.contains(&(self.store.to_owned(), dw.key.clone())))
+            .collect();
         let docs = w
             .docs
             .entry((self.store.to_owned(), self.version.clone()))
@@ -264,7 +271,9 @@ impl DocStore for MemDocs {
         }
         for (i, dw) in writes.iter().enumerate().take(land) {
             let held = docs.get(&dw.key).map(|(_, rev)| *rev);
-            if held == dw.expected {
+            if hostile[i] {
+                out.conflicts.push(i);
+            } else if held == dw.expected {
                 docs.insert(dw.key.clone(), (dw.body.clone(), dw.rev));
             } else {
                 out.conflicts.push(i);
