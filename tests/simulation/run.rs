@@ -425,25 +425,18 @@ pub fn run_seed(seed: u64) -> Outcome {
             .with_writer(std::io::stderr)
             .try_init();
     }
-    projector::resilience::backoff::seed_jitter(Some(seed));
-    let rt = match tokio::runtime::Builder::new_current_thread()
-        .enable_time()
-        .start_paused(true)
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => panic!("runtime: {e}"),
-    };
-    let out = rt.block_on(schedule(seed, false));
-    // Tasks still running (stages of crashed workers, write tasks) go with the runtime.
-    rt.shutdown_background();
-    out
+    simulate(seed, false)
 }
 
 /// Schedule `seed` with no faults and one worker, where another writer always wins the
 /// first customer's Customer-360 view: the stage must give that view up (its streams parked
 /// with the reason) and everything else must still equal the fold.
 pub fn run_hostile(seed: u64) -> Outcome {
+    simulate(seed, true)
+}
+
+/// One schedule on a paused clock of its own, with this thread's jitter seeded.
+fn simulate(seed: u64, hostile: bool) -> Outcome {
     projector::resilience::backoff::seed_jitter(Some(seed));
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_time()
@@ -453,7 +446,8 @@ pub fn run_hostile(seed: u64) -> Outcome {
         Ok(rt) => rt,
         Err(e) => panic!("runtime: {e}"),
     };
-    let out = rt.block_on(schedule(seed, true));
+    let out = rt.block_on(schedule(seed, hostile));
+    // Tasks still running (stages of crashed workers, write tasks) go with the runtime.
     rt.shutdown_background();
     out
 }
