@@ -132,6 +132,56 @@ pub fn apply_event<P: Projector>(
     }
 }
 
+/// What a panic carried, as text.
+pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".to_owned())
+}
+
+/// [`apply_event`] with a panic in the projector caught: `Err` is the refusal to record (its
+/// reason says the projector panicked). The view may then be half-changed: the caller must
+/// restore it (from the store, or from a copy).
+pub fn apply_caught<P: Projector>(
+    p: &P,
+    doc: &mut Doc<P::View>,
+    event: &Event,
+    keys: &mut StreamKey,
+) -> Result<Step, Rejection> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        apply_event(p, doc, event, keys)
+    }))
+    .map_err(|payload| Rejection {
+        projector: p.name(),
+        event_type: event.header.event_type.clone(),
+        stream: stream_key(event),
+        sequence: event.header.sequence_number,
+        reason: format!(
+            "projector {} panicked: {}",
+            p.name(),
+            panic_message(payload.as_ref())
+        ),
+    })
+}
+
+/// [`crate::FactProjector::fact`] with a panic caught (its reason says so).
+pub fn fact_caught<F: crate::FactProjector>(
+    f: &F,
+    event: &Event,
+) -> Result<crate::analytics::Fact, String> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f.fact(event))).unwrap_or_else(
+        |payload| {
+            Err(format!(
+                "projector {} panicked: {}",
+                f.name(),
+                panic_message(payload.as_ref())
+            ))
+        },
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use contract::Event;
 
 use crate::analytics::Fact;
-use crate::document::{Doc, Step, StreamKey, apply_event};
+use crate::document::{Doc, Step, StreamKey, apply_caught, fact_caught};
 use crate::parking::{ParkFrom, Parked};
 use crate::{FactProjector, Projector, Rejection};
 
@@ -68,10 +68,18 @@ impl<V: Default + Clone> MemoryViews<V> {
                 continue;
             };
             let doc = self.docs.entry(key.to_owned()).or_default();
-            match apply_event(p, doc, e, &mut keys) {
-                Step::Applied => {}
-                Step::Duplicate => self.duplicates += 1,
-                Step::Rejected(r) => {
+            // A projector that panics leaves the view as it was, like a refusal.
+            let before = doc.clone();
+            match apply_caught(p, doc, e, &mut keys) {
+                Ok(Step::Applied) => {}
+                Ok(Step::Duplicate) => self.duplicates += 1,
+                Err(r) => {
+                    *doc = before;
+                    self.parked
+                        .park(&r.stream, ParkFrom::Sequence(seq), &r.reason);
+                    self.rejected.push(r);
+                }
+                Ok(Step::Rejected(r)) => {
                     self.parked
                         .park(&r.stream, ParkFrom::Sequence(seq), &r.reason);
                     self.rejected.push(r);
@@ -106,7 +114,7 @@ impl MemoryFacts {
             if m.parked.holding(keys.of(e), seq, None).is_some() {
                 continue;
             }
-            match f.fact(e) {
+            match fact_caught(f, e) {
                 Ok(fact) => {
                     m.facts.insert(fact.event_id.clone(), fact);
                 }

@@ -1,6 +1,10 @@
 //! The fact stage: one row per event, appended in one insert per batch while the next batch
-//! is turned into rows. The store deduplicates by event id, so a retried or replayed row
-//! counts once.
+//! is turned into rows (in the shared pipelined driver, [`crate::runtime::stage::driver`]).
+//! The store deduplicates by event id, so a retried or replayed row counts once.
+//!
+//! A row the projector refuses (or panics on) is a dead letter and parks its stream. An
+//! insert the store refuses for good is split in halves until the refused rows are found:
+//! those are dead letters (`store_refused`) and park their streams; the rest are stored.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -9,40 +13,31 @@ use tokio::time::Instant;
 
 use projectors::analytics::Fact;
 use projectors::document::StreamKey;
+use projectors::document::fact_caught;
 use projectors::parking::ParkFrom;
 use projectors::{FactProjector, Parked};
-use tokio::sync::mpsc;
 use tracing::{Instrument, Span};
 
 use super::parking::ParkRecord;
 use super::retry::Retry;
 use super::spans;
+use super::stage::driver::{Pipelined, Settled};
 use super::stage::{Batch, EventRef, Mode, StageCtx};
 use super::targets::Target;
 use crate::sinks::{FactStore, SinkError};
 
 pub type OpenFacts<S> = super::stage::OpenFn<S>;
 
-struct Prepared {
+pub struct Prepared {
     batch: Batch,
     target: Target,
     facts: Vec<Fact>,
+    /// The event of each row.
+    refs: Vec<EventRef>,
     letters: Vec<(EventRef, &'static str, String)>,
     parks: Vec<ParkRecord>,
     events: usize,
-}
-
-type Inserted = (Vec<Fact>, Result<(), SinkError>);
-
-/// An insert task's result; a task that died is a transient failure (retried).
-fn joined(r: Result<Inserted, tokio::task::JoinError>, store: &'static str) -> Inserted {
-    r.unwrap_or_else(|e| (Vec::new(), Err(SinkError::transient(store, e))))
-}
-
-struct InFlight {
-    prepared: Prepared,
     started: Instant,
-    task: tokio::task::JoinHandle<Inserted>,
 }
 
 pub struct FactStage<F: FactProjector, S: FactStore> {
@@ -78,43 +73,9 @@ impl<F: FactProjector, S: FactStore> FactStage<F, S> {
         }
     }
 
-    pub async fn run(mut self, mut rx: mpsc::Receiver<Arc<super::Window>>) {
-        let mut inflight: Option<InFlight> = None;
-        loop {
-            let first = match inflight.as_mut() {
-                None => rx.recv().await,
-                Some(f) => tokio::select! {
-                    // In a fixed order, so a seeded simulation replays exactly.
-                    biased;
-                    w = rx.recv() => w,
-                    r = &mut f.task => {
-                        if let Some(f) = inflight.take() {
-                            self.finish(f.prepared, f.started, joined(r, self.ctx.store)).await;
-                        }
-                        continue;
-                    }
-                },
-            };
-            let Some(first) = first else { break };
-            let batch = self.ctx.coalesce(first, &mut rx);
-            let mut next = self.prepare(batch).await;
-            if let Some(f) = inflight.take() {
-                let r = joined(f.task.await, self.ctx.store);
-                self.finish(f.prepared, f.started, r).await;
-                if Some(&next.target) != self.state.as_ref().map(|s| &s.0) {
-                    next = self.prepare(next.batch).await;
-                }
-            }
-            // The version may have been switched and retired while this batch waited.
-            while self.ctx.mode == Mode::Live && self.ctx.target(false).await != next.target {
-                next = self.prepare(next.batch).await;
-            }
-            inflight = Some(self.start(next));
-        }
-        if let Some(f) = inflight.take() {
-            let r = joined(f.task.await, self.ctx.store);
-            self.finish(f.prepared, f.started, r).await;
-        }
+    /// Run until the input closes (see [`crate::runtime::stage::driver`]).
+    pub async fn run(self, rx: tokio::sync::mpsc::Receiver<Arc<super::Window>>) {
+        super::stage::driver::run(self, rx).await
     }
 
     /// Make `target` current (never a retired version: then the one the pointers name now);
@@ -149,15 +110,6 @@ impl<F: FactProjector, S: FactStore> FactStage<F, S> {
         target.clone()
     }
 
-    /// Turn a batch into rows (in its span).
-    async fn prepare(&mut self, batch: Batch) -> Prepared {
-        let span = batch.span.clone();
-        let prep = self.prepare_in_span(batch).instrument(span.clone()).await;
-        span.record("version", StageCtx::version_of(&prep.target));
-        span.record("events", prep.events);
-        prep
-    }
-
     async fn prepare_in_span(&mut self, batch: Batch) -> Prepared {
         let target = self.ctx.target(false).await;
         let target = self.ensure(target).await;
@@ -165,6 +117,8 @@ impl<F: FactProjector, S: FactStore> FactStage<F, S> {
         let name = self.ctx.name;
         let mut prep = Prepared {
             facts: Vec::with_capacity(batch.messages()),
+            refs: Vec::with_capacity(batch.messages()),
+            started: Instant::now(),
             batch,
             target,
             letters: Vec::new(),
@@ -205,8 +159,11 @@ impl<F: FactProjector, S: FactStore> FactStage<F, S> {
                     ));
                     continue;
                 }
-                match f.fact(e) {
-                    Ok(fact) => prep.facts.push(fact),
+                match fact_caught(f.as_ref(), e) {
+                    Ok(fact) => {
+                        prep.facts.push(fact);
+                        prep.refs.push(r);
+                    }
                     Err(reason) => {
                         let stream = stream.to_owned();
                         self.unsaved.push((
@@ -233,84 +190,85 @@ impl<F: FactProjector, S: FactStore> FactStage<F, S> {
         prep
     }
 
-    fn start(&mut self, mut prepared: Prepared) -> InFlight {
-        let Some((target, store, _)) = self.state.as_ref() else {
-            unreachable!("a target is set before any batch")
-        };
-        let store = store.clone();
-        let facts = std::mem::take(&mut prepared.facts);
-        let span = self.insert_span(&prepared.batch.span, target, &store, facts.len());
-        InFlight {
-            prepared,
-            started: Instant::now(),
-            task: tokio::spawn(async move {
-                let r = insert_traced(&store, &facts, span).await;
-                (facts, r)
-            }),
-        }
-    }
-
     fn insert_span(&self, parent: &Span, target: &Target, store: &S, rows: usize) -> Span {
         let version = StageCtx::version_of(target);
         spans::fact_write(parent, self.ctx.store, version, store.location(), rows)
     }
 
-    /// Insert the batch's rows again (after a failure, or into a new version).
-    async fn insert_again(&self, prepared: &Prepared) -> Result<(), SinkError> {
+    /// Insert rows of the batch now, in this task.
+    async fn insert_rows(&self, prepared: &Prepared, rows: &[Fact]) -> Result<(), SinkError> {
         match self.state.as_ref() {
             Some((target, store, _)) => {
-                let span =
-                    self.insert_span(&prepared.batch.span, target, store, prepared.facts.len());
-                insert_traced(store, &prepared.facts, span).await
+                let span = self.insert_span(&prepared.batch.span, target, store, rows.len());
+                insert_traced(store, rows, span).await
             }
             None => Err(SinkError::transient(self.ctx.store, "no store")),
         }
     }
 
-    /// Settle the batch's insert, then send its letters, record its parks, acknowledge it.
-    async fn finish(&mut self, prepared: Prepared, started: Instant, inserted: Inserted) {
-        let span = prepared.batch.span.clone();
-        self.finish_in_span(prepared, started, inserted)
-            .instrument(span)
-            .await
-    }
-
-    async fn finish_in_span(
-        &mut self,
-        mut prepared: Prepared,
-        started: Instant,
-        inserted: Inserted,
-    ) {
-        let (facts, mut result) = inserted;
-        prepared.facts = facts;
-        loop {
+    /// The store refused the insert for good: split it until the refused rows are found.
+    /// Those become dead letters and park their streams; the others are stored. `Err` when a
+    /// part failed transiently (the whole batch is retried; the store deduplicates).
+    async fn isolate(&mut self, prepared: &mut Prepared) -> Result<(), SinkError> {
+        let mut refused: Vec<(usize, String)> = Vec::new();
+        let mut parts = vec![0..prepared.facts.len()];
+        while let Some(part) = parts.pop() {
+            match self
+                .insert_rows(prepared, &prepared.facts[part.clone()])
+                .await
             {
-                let mut retry = Retry::new(&self.ctx.shared, self.ctx.store, "inserting facts");
-                while let Err(e) = &result {
-                    retry.failed(e).await;
-                    // A switch while the store was down: write where the pointers say now.
-                    if let Mode::Live = self.ctx.mode {
-                        let t = self.ctx.target(true).await;
-                        if t != prepared.target {
-                            break;
-                        }
-                    }
-                    result = self.insert_again(&prepared).await;
+                Ok(()) => {}
+                Err(e) if e.is_transient() => return Err(e),
+                Err(e) if part.len() == 1 => refused.push((part.start, e.to_string())),
+                Err(_) => {
+                    let mid = part.start + part.len() / 2;
+                    parts.push(mid..part.end);
+                    parts.push(part.start..mid);
                 }
             }
-            if let Mode::Replay { .. } = self.ctx.mode {
-                break;
-            }
-            let t = self.ctx.target(true).await;
-            if t == prepared.target && result.is_ok() {
-                break;
-            }
-            tracing::info!(projection = self.ctx.name, to = %t.version,
-                "the read model was switched under a batch: writing it to the new version");
-            let batch = prepared.batch;
-            prepared = self.prepare(batch).await;
-            result = self.insert_again(&prepared).await;
         }
+        refused.sort_by_key(|(i, _)| std::cmp::Reverse(*i));
+        for (i, why) in refused {
+            let r = prepared.refs.remove(i);
+            prepared.facts.remove(i);
+            let e = prepared.batch.event(r);
+            let (seq, stream) = (e.header.sequence_number, self.keys.of(e).to_owned());
+            let reason = format!("{} refused the row: {why}", self.ctx.store);
+            self.park_own(prepared, r, &stream, seq, &reason);
+            prepared.letters.push((r, "store_refused", reason));
+        }
+        Ok(())
+    }
+
+    /// Park `stream` from `seq` for this projection (kept until the table has it).
+    fn park_own(
+        &mut self,
+        prepared: &mut Prepared,
+        r: EventRef,
+        stream: &str,
+        seq: i64,
+        why: &str,
+    ) {
+        let window = prepared.batch.windows[r.0 as usize].id;
+        let from = ParkFrom::Sequence(seq);
+        self.unsaved
+            .push((window, false, stream.to_owned(), from, why.to_owned()));
+        if let Some((target, _, parked)) = self.state.as_mut()
+            && parked.park(stream, from, why)
+        {
+            prepared.parks.push(ParkRecord {
+                projection: self.ctx.name.to_owned(),
+                version: target.version.clone(),
+                stream: stream.to_owned(),
+                from,
+                reason: why.to_owned(),
+            });
+        }
+    }
+
+    /// Durable: send the batch's letters, record its parks, acknowledge it.
+    async fn complete_batch(&mut self, prepared: Prepared) {
+        let started = prepared.started;
         let name = self.ctx.name;
         let letters = prepared
             .letters
@@ -346,6 +304,94 @@ impl<F: FactProjector, S: FactStore> FactStage<F, S> {
         metrics::histogram!("projector_write_seconds", "projector" => name, "store" => self.ctx.store)
             .record(started.elapsed().as_secs_f64());
         self.ctx.ack(&prepared.batch);
+    }
+}
+
+impl<F: FactProjector, S: FactStore> Pipelined for FactStage<F, S> {
+    type Routed = Batch;
+    type Prepared = Prepared;
+    type Written = Result<(), SinkError>;
+
+    fn ctx(&self) -> &StageCtx {
+        &self.ctx
+    }
+
+    fn route(&self, batch: Batch) -> Batch {
+        batch
+    }
+
+    async fn prepare(&mut self, batch: Batch) -> Prepared {
+        let span = batch.span.clone();
+        let prep = self.prepare_in_span(batch).instrument(span.clone()).await;
+        span.record("version", StageCtx::version_of(&prep.target));
+        span.record("events", prep.events);
+        prep
+    }
+
+    fn target_of(prepared: &Prepared) -> &Target {
+        &prepared.target
+    }
+
+    fn current(&self) -> Option<&Target> {
+        self.state.as_ref().map(|s| &s.0)
+    }
+
+    fn unfold(prepared: Prepared) -> Batch {
+        prepared.batch
+    }
+
+    fn start(&mut self, prepared: &mut Prepared) -> tokio::task::JoinHandle<Self::Written> {
+        prepared.started = Instant::now();
+        let Some((target, store, _)) = self.state.as_ref() else {
+            unreachable!("a target is set before any batch")
+        };
+        let store = store.clone();
+        // Copied: the rows stay with the batch, to insert again if this fails.
+        let facts = prepared.facts.clone();
+        let span = self.insert_span(&prepared.batch.span, target, &store, facts.len());
+        tokio::spawn(async move { insert_traced(&store, &facts, span).await })
+    }
+
+    async fn write(&mut self, prepared: &mut Prepared) -> Self::Written {
+        self.insert_rows(prepared, &prepared.facts).await
+    }
+
+    fn died(&self, _prepared: &Prepared, e: tokio::task::JoinError) -> Self::Written {
+        Err(SinkError::transient(self.ctx.store, e))
+    }
+
+    async fn settle(&mut self, prepared: &mut Prepared, mut result: Self::Written) -> Settled {
+        let span = prepared.batch.span.clone();
+        async move {
+            let mut retry = Retry::new(&self.ctx.shared, self.ctx.store, "inserting facts");
+            loop {
+                match result {
+                    Ok(()) => return Settled::Done,
+                    Err(e) if !e.is_transient() => {
+                        tracing::warn!(projection = self.ctx.name, error = %e, rows = prepared.facts.len(),
+                            "the store refused the insert: finding the rows it refuses");
+                        result = self.isolate(prepared).await;
+                    }
+                    Err(e) => {
+                        retry.failed(&e).await;
+                        // A switch while the store was down: write where the pointers say now.
+                        if self.ctx.mode == Mode::Live
+                            && self.ctx.target(true).await != prepared.target
+                        {
+                            return Settled::Switched;
+                        }
+                        result = self.insert_rows(prepared, &prepared.facts).await;
+                    }
+                }
+            }
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn complete(&mut self, prepared: Prepared) {
+        let span = prepared.batch.span.clone();
+        self.complete_batch(prepared).instrument(span).await
     }
 }
 

@@ -1,6 +1,8 @@
 //! What every projector stage shares: its batches of windows, its context (live feed or
 //! replay), acknowledgements, dead letters and parks, each retried until durable.
 
+pub mod driver;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;

@@ -1,0 +1,371 @@
+//! Fold: a routed batch onto its views, in arrival order, through the guards; then each
+//! touched view sealed and encoded once. Refusals (by the projector, a panic, the store)
+//! become dead letters and park their stream; a view a panic may have half-changed is folded
+//! again from the store without the event that panicked.
+
+use std::sync::atomic::Ordering;
+
+use projectors::Projector;
+use projectors::document::{Doc, Step, apply_caught, panic_message};
+use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
+use tracing::{Instrument, Span};
+
+use super::route::Routed;
+use super::{DocStage, KeyWork, Outcome, Prepared, stored};
+use crate::runtime::retry::Retry;
+use crate::runtime::spans;
+use crate::runtime::stage::{EventRef, StageCtx};
+use crate::sinks::{DocStore, DocWrite, new_rev};
+
+impl<P: Projector, S: DocStore> DocStage<P, S> {
+    /// Load, fold and encode one routed batch (in its span).
+    pub(super) async fn fold_batch(&mut self, routed: Routed) -> Prepared {
+        let span = routed.batch.span.clone();
+        let prep = self.fold_in_span(routed).instrument(span.clone()).await;
+        span.record("shard", self.shard);
+        span.record("version", StageCtx::version_of(&prep.target));
+        span.record("events", prep.events);
+        prep
+    }
+
+    async fn fold_in_span(&mut self, routed: Routed) -> Prepared {
+        let target = self.ctx.target(false).await;
+        let target = self.ensure(target).await;
+        self.refresh().await;
+        self.tick += 1;
+        let tick = self.tick;
+        for m in &routed.poison {
+            // The poison stage records the park; hold the stream's later events meanwhile.
+            self.st().parked.park(&m.stream, m.from, &m.reason);
+            self.poison_parks.push(m.clone());
+        }
+        let mut prep = Prepared::new(routed, target);
+
+        // The views the cache lacks. Only a replay into a fresh version knows a view is
+        // absent without asking. Live, even a stream's first event may find its view already
+        // made by another stream's events (another partition, read earlier): always loaded.
+        let mut to_load = Vec::new();
+        {
+            let st = self.st();
+            let mut wanted: HashSet<&str> = HashSet::default();
+            for (_, key) in &prep.routed.events {
+                let Some(k) = key.as_deref() else { continue };
+                if st.cache.map.contains_key(k) || wanted.contains(k) {
+                    continue;
+                }
+                if st.seen.as_ref().is_some_and(|seen| !seen.contains(k)) {
+                    st.cache.put(k.to_owned(), Doc::default(), tick);
+                } else {
+                    wanted.insert(k);
+                    to_load.push(k.to_owned());
+                }
+            }
+        }
+        let corrupt = self.load_into_cache(to_load, &prep.routed.batch.span).await;
+
+        let mut tainted = Vec::new();
+        for i in 0..prep.routed.events.len() {
+            let (r, key) = prep.routed.events[i].clone();
+            prep.events += 1;
+            let e = prep.event(r);
+            let seq = e.header.sequence_number;
+            let position = prep.routed.batch.item(r).origin.position();
+            let stream = self.keys.of(e).to_owned();
+            if let Some(mark) = self.st().parked.holding(&stream, seq, position) {
+                let reason = format!("stream {stream} is parked: {}", mark.reason);
+                prep.letters.push((r, "parked", reason));
+                continue;
+            }
+            let Some(key) = key else {
+                let reason = "the event names no view".to_owned();
+                prep.parks.extend(self.park(&stream, seq, &reason));
+                prep.letters.push((r, "rejected", reason));
+                continue;
+            };
+            if let Some(why) = corrupt.get(&key) {
+                prep.parks.extend(self.park(&stream, seq, why));
+                prep.letters.push((r, "corrupt_view", why.clone()));
+                continue;
+            }
+            let ki = prep.view(&key, || {
+                stored(self.st().cache.map.get(&key).map_or(0, |c| c.doc.rev))
+            });
+            let p = self.p.clone();
+            let st = self.state.as_mut().unwrap_or_else(|| unreachable!());
+            let entry = st.cache.touch(key, tick);
+            let event = prep.routed.batch.event(r);
+            match apply_caught(p.as_ref(), &mut entry.doc, event, &mut self.keys) {
+                Ok(Step::Applied) => prep.keys[ki].offered.push((r, Outcome::Applied)),
+                Ok(Step::Duplicate) => {
+                    prep.duplicates += 1;
+                    prep.keys[ki].offered.push((r, Outcome::Duplicate));
+                }
+                Ok(Step::Rejected(rej)) => {
+                    prep.keys[ki].offered.push((r, Outcome::Rejected));
+                    prep.parks
+                        .extend(self.park(&rej.stream, rej.sequence, &rej.reason));
+                    prep.keys[ki].rejected.push((r, rej));
+                }
+                Err(rej) => {
+                    // The view may be half-changed: folded again from the store below.
+                    self.panicked(&mut prep, ki, r, rej);
+                    tainted.push(ki);
+                }
+            }
+        }
+        if !tainted.is_empty() {
+            tainted.dedup();
+            self.refold_from_store(&mut prep, tainted.clone()).await;
+        }
+        // Encode each touched view once.
+        for ki in 0..prep.keys.len() {
+            if !tainted.contains(&ki) {
+                self.encode(&mut prep, ki);
+            }
+        }
+        self.st().cache.evict(tick);
+        prep
+    }
+
+    /// A projector panicked on an event: a dead letter, its stream parked from it; it is
+    /// never folded again.
+    fn panicked(
+        &mut self,
+        prep: &mut Prepared,
+        ki: usize,
+        r: EventRef,
+        rej: projectors::Rejection,
+    ) {
+        tracing::error!(projection = self.ctx.name, stream = %rej.stream, sequence = rej.sequence,
+            reason = %rej.reason, "the projector panicked: the event is a dead letter, its stream parked");
+        metrics::counter!("projector_panics_total", "projector" => self.ctx.name).increment(1);
+        prep.parks
+            .extend(self.park(&rej.stream, rej.sequence, &rej.reason));
+        prep.stopped.push((rej.stream.clone(), rej.sequence));
+        prep.keys[ki].offered.push((r, Outcome::Panicked));
+        prep.letters.push((r, "projector_panic", rej.reason));
+    }
+
+    /// Load views the cache lacks; returns the keys whose stored document does not decode.
+    pub(super) async fn load_into_cache(
+        &mut self,
+        keys: Vec<String>,
+        parent: &Span,
+    ) -> HashMap<String, String> {
+        let mut corrupt = HashMap::default();
+        if keys.is_empty() {
+            return corrupt;
+        }
+        let tick = self.tick;
+        self.ctx
+            .stats
+            .loads
+            .fetch_add(keys.len() as u64, Ordering::Relaxed);
+        let store = self.st().store.clone();
+        let loaded = {
+            let mut retry = Retry::new(&self.ctx.shared, self.ctx.store, "loading views");
+            loop {
+                let span = self.store_span(parent, keys.len(), true);
+                let r = store
+                    .load::<P::View>(keys.clone())
+                    .instrument(span.clone())
+                    .await;
+                spans::finished(&span, &r);
+                match r {
+                    Ok(l) => break l,
+                    Err(e) => retry.failed(&e).await,
+                }
+            }
+        };
+        let st = self.st();
+        for k in keys {
+            st.cache.touch(k, tick);
+        }
+        for (k, doc) in loaded {
+            match doc {
+                Ok(doc) => st.cache.put(k, doc, tick),
+                Err(why) => {
+                    st.cache.map.remove(&k);
+                    corrupt.insert(k, why);
+                }
+            }
+        }
+        corrupt
+    }
+
+    /// Reload `views` from the store and fold their offered events again (after a conflict,
+    /// or a panic that may have half-changed the cached view), until none panics.
+    pub(super) async fn refold_from_store(&mut self, prep: &mut Prepared, mut views: Vec<usize>) {
+        while !views.is_empty() {
+            let keys: Vec<String> = views.iter().map(|i| prep.keys[*i].key.clone()).collect();
+            for k in &keys {
+                self.st().cache.map.remove(k);
+            }
+            let corrupt = self
+                .load_into_cache(keys.clone(), &prep.routed.batch.span.clone())
+                .await;
+            let mut again = Vec::new();
+            for (ki, key) in views.iter().zip(&keys) {
+                if let Some(why) = corrupt.get(key) {
+                    let why = why.clone();
+                    self.refuse(prep, *ki, &why);
+                    continue;
+                }
+                let base = self
+                    .st()
+                    .cache
+                    .map
+                    .remove(key)
+                    .map_or_else(Doc::default, |e| e.doc);
+                if !self.refold(prep, *ki, base) {
+                    again.push(*ki);
+                }
+            }
+            views = again;
+        }
+    }
+
+    /// Fold the offered events of `prep.keys[ki]` again onto `base` and encode the result.
+    /// `false` when an event panicked (now refused): the view must be reloaded and folded
+    /// again without it.
+    fn refold(&mut self, prep: &mut Prepared, ki: usize, base: Doc<P::View>) -> bool {
+        let tick = self.tick;
+        let p = self.p.clone();
+        let mut doc = base;
+        prep.keys[ki].expected = stored(doc.rev);
+        let before: Vec<EventRef> = prep.keys[ki].rejected.iter().map(|(r, _)| *r).collect();
+        prep.keys[ki].rejected.clear();
+        let mut new_parks = Vec::new();
+        let mut stopped_here: Vec<(String, i64)> = Vec::new();
+        let mut panic = None;
+        for i in 0..prep.keys[ki].offered.len() {
+            let (r, outcome) = prep.keys[ki].offered[i];
+            if matches!(outcome, Outcome::Panicked | Outcome::Held) {
+                continue;
+            }
+            let event = prep.routed.batch.event(r);
+            let stream = self.keys.of(event).to_owned();
+            let seq = event.header.sequence_number;
+            let stop = prep
+                .stopped
+                .iter()
+                .chain(&stopped_here)
+                .find(|(s, from)| *s == stream && seq > *from);
+            if let Some((_, from)) = stop {
+                // Its stream stopped at an earlier event of this batch that is refused now.
+                let reason = format!("stream {stream} is parked from sequence {from}");
+                prep.letters.push((r, "parked", reason));
+                prep.keys[ki].offered[i].1 = Outcome::Held;
+                continue;
+            }
+            let kw = &mut prep.keys[ki];
+            kw.offered[i].1 = match apply_caught(p.as_ref(), &mut doc, event, &mut self.keys) {
+                Ok(Step::Applied) => Outcome::Applied,
+                Ok(Step::Duplicate) => Outcome::Duplicate,
+                Ok(Step::Rejected(rej)) => {
+                    if !before.contains(&r) {
+                        tracing::warn!(rejection = %rej, "refused only when folded again");
+                        stopped_here.push((rej.stream.clone(), rej.sequence));
+                    }
+                    new_parks.push((rej.stream.clone(), rej.sequence, rej.reason.clone()));
+                    kw.rejected.push((r, rej));
+                    Outcome::Rejected
+                }
+                Err(rej) => {
+                    panic = Some((i, r, rej));
+                    break;
+                }
+            };
+        }
+        for (stream, seq, reason) in new_parks {
+            prep.parks.extend(self.park(&stream, seq, &reason));
+        }
+        if let Some((i, r, rej)) = panic {
+            prep.keys[ki].offered.remove(i);
+            self.panicked(prep, ki, r, rej);
+            prep.keys[ki].write = None;
+            return false;
+        }
+        let key = prep.keys[ki].key.clone();
+        self.st().cache.put(key, doc, tick);
+        self.encode(prep, ki);
+        true
+    }
+
+    /// Give the view of `prep.keys[ki]` a fresh token and encode it (or refuse it).
+    pub(super) fn encode(&mut self, prep: &mut Prepared, ki: usize) {
+        prep.keys[ki].write = None;
+        if prep.keys[ki].applied() == 0 {
+            return;
+        }
+        let key = prep.keys[ki].key.clone();
+        let p = self.p.clone();
+        let st = self.st();
+        let max = st.store.max_doc_bytes();
+        let Some(entry) = st.cache.map.get_mut(&key) else {
+            return;
+        };
+        let sealed =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| p.seal(&mut entry.doc.view)));
+        if let Err(payload) = sealed {
+            let why = format!(
+                "projector {} panicked sealing the view: {}",
+                p.name(),
+                panic_message(payload.as_ref())
+            );
+            self.refuse(prep, ki, &why);
+            return;
+        }
+        entry.doc.rev = new_rev();
+        match st.store.encode(&entry.doc) {
+            Ok(body) if body.len() <= max => {
+                prep.keys[ki].write = Some(DocWrite {
+                    key,
+                    expected: prep.keys[ki].expected,
+                    rev: entry.doc.rev,
+                    body,
+                });
+            }
+            Ok(body) => {
+                let why = format!("the view is {} bytes, over the store's {max}", body.len());
+                self.refuse(prep, ki, &why);
+            }
+            Err(why) => self.refuse(prep, ki, &format!("the view does not encode: {why}")),
+        }
+    }
+
+    /// The store can never take this view: its events of this batch become dead letters,
+    /// their streams are parked, and the view is forgotten (reloaded when next needed).
+    pub(super) fn refuse(&mut self, prep: &mut Prepared, ki: usize, why: &str) {
+        let kw = &mut prep.keys[ki];
+        kw.write = None;
+        let key = kw.key.clone();
+        let applied: Vec<EventRef> = kw
+            .offered
+            .iter()
+            .filter(|(_, o)| *o == Outcome::Applied)
+            .map(|(r, _)| *r)
+            .collect();
+        kw.offered.retain(|(_, o)| *o != Outcome::Applied);
+        for r in applied {
+            let e = prep.routed.batch.event(r);
+            let (seq, stream) = (e.header.sequence_number, self.keys.of(e).to_owned());
+            let reason = format!("{} refused view {key}: {why}", self.ctx.store);
+            prep.parks.extend(self.park(&stream, seq, &reason));
+            prep.letters.push((r, "store_refused", reason));
+        }
+        self.st().cache.map.remove(&key);
+    }
+}
+
+impl KeyWork {
+    pub(super) fn new(key: String, expected: Option<u64>) -> KeyWork {
+        KeyWork {
+            key,
+            expected,
+            offered: Vec::new(),
+            rejected: Vec::new(),
+            write: None,
+        }
+    }
+}
