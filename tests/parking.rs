@@ -15,13 +15,33 @@ use projector::config::Config;
 use projector::runtime::parking::ParkStore;
 use projector::store::Pg;
 
+/// A worker process, killed when dropped (a failing test leaks no worker).
+struct Worker(std::process::Child);
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+impl std::ops::Deref for Worker {
+    type Target = std::process::Child;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Worker {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.0
+    }
+}
+
 /// A worker process: dynamic membership unless `pod` is given.
-fn worker(
-    cfg: &Config,
-    pod: Option<&str>,
-    idle: Option<f64>,
-    env: &[(&str, &str)],
-) -> std::process::Child {
+fn worker(cfg: &Config, pod: Option<&str>, idle: Option<f64>, env: &[(&str, &str)]) -> Worker {
     let mut cmd = Command::new(common::projector_bin());
     cmd.arg("run")
         .envs(common::config_env(cfg))
@@ -36,6 +56,7 @@ fn worker(
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
+        .map(Worker)
         .unwrap()
 }
 

@@ -99,26 +99,113 @@ impl DeadLetter {
         })
     }
 
-    /// Keep the letter under `max` bytes: an oversized payload keeps its head only, and says
-    /// so (the whole message stays in its source topic at the offset named).
-    fn fit(&self, max: usize) -> (Option<&[u8]>, Option<String>) {
+    /// The letter as sent, under `max` bytes whole: key, headers (the original's and ours),
+    /// reason and payload. What does not fit is cut from the end of each, in this order of
+    /// sacrifice — the payload, then the original's headers, then the key, then the reason —
+    /// and a header says what was cut (the whole message stays in its source topic at the
+    /// offset named).
+    pub fn fit(&self, max: usize) -> Fitted<'_> {
+        /// Our own headers besides the reason and the cut notes: names, numbers, a projector.
+        const OURS: usize = 512;
         let m = &self.original;
-        let Some(p) = m.payload.as_deref() else {
-            return (None, None);
-        };
-        let overhead: usize = self.reason.len()
-            + m.key.as_ref().map_or(0, Vec::len)
-            + m.headers
-                .iter()
-                .map(|(k, v)| k.len() + v.as_ref().map_or(0, Vec::len))
-                .sum::<usize>()
-            + 1024;
-        let room = max.saturating_sub(overhead);
-        if p.len() <= room {
-            (Some(p), None)
-        } else {
-            (Some(&p[..room]), Some(p.len().to_string()))
+        let max = max.max(2 * OURS);
+        let mut room = max - OURS;
+        let mut notes = Vec::new();
+        let reason = cut(&self.reason, (room / 4).min(16 * 1024));
+        if reason.len() < self.reason.len() {
+            notes.push(("dlq_truncated_reason_from_bytes", self.reason.len()));
         }
+        room -= reason.len();
+        let key = m.key.as_deref().map(|k| {
+            let keep = k.len().min(room / 4);
+            if keep < k.len() {
+                notes.push(("dlq_truncated_key_from_bytes", k.len()));
+            }
+            &k[..keep]
+        });
+        room -= key.map_or(0, <[u8]>::len);
+        let mut headers = Vec::new();
+        let mut budget = room / 2;
+        for (k, v) in &m.headers {
+            let size = k.len() + v.as_ref().map_or(0, Vec::len) + 8;
+            if size > budget {
+                notes.push(("dlq_dropped_headers", m.headers.len() - headers.len()));
+                break;
+            }
+            budget -= size;
+            room -= size;
+            headers.push((k.as_str(), v.as_deref()));
+        }
+        room = room.saturating_sub(notes.len() * 48 + 48);
+        let payload = m.payload.as_deref().map(|p| {
+            if p.len() > room {
+                notes.push(("dlq_truncated_from_bytes", p.len()));
+                &p[..room]
+            } else {
+                p
+            }
+        });
+        Fitted {
+            key,
+            payload,
+            headers,
+            reason,
+            notes: notes.into_iter().map(|(k, n)| (k, n.to_string())).collect(),
+        }
+    }
+
+    /// The same letter with only its coordinates and reason: what is sent when the broker
+    /// refuses the fitted letter for good (its limit is below `dlq_max_bytes`).
+    pub fn bare(&self) -> DeadLetter {
+        let mut l = self.clone();
+        l.reason = cut(&self.reason, 1024).to_owned();
+        l.original.payload = None;
+        l.original.headers.clear();
+        l.original.key = l.original.key.map(|k| k[..k.len().min(256)].to_vec());
+        l
+    }
+}
+
+/// The head of `s`, at most `max` bytes, cut on a character boundary.
+fn cut(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+/// A dead letter cut to fit (see [`DeadLetter::fit`]).
+#[derive(Debug)]
+pub struct Fitted<'a> {
+    pub key: Option<&'a [u8]>,
+    pub payload: Option<&'a [u8]>,
+    /// The original's headers kept.
+    pub headers: Vec<(&'a str, Option<&'a [u8]>)>,
+    pub reason: &'a str,
+    /// (header, original size or count) of what was cut.
+    pub notes: Vec<(&'static str, String)>,
+}
+
+impl Fitted<'_> {
+    /// Bytes on the wire, about: what the broker's limit is compared with.
+    pub fn size(&self) -> usize {
+        self.key.map_or(0, <[u8]>::len)
+            + self.payload.map_or(0, <[u8]>::len)
+            + self.reason.len()
+            + self
+                .headers
+                .iter()
+                .map(|(k, v)| k.len() + v.map_or(0, <[u8]>::len) + 8)
+                .sum::<usize>()
+            + self
+                .notes
+                .iter()
+                .map(|(k, v)| k.len() + v.len() + 8)
+                .sum::<usize>()
     }
 }
 
@@ -144,27 +231,30 @@ impl DeadLetterQueue {
     /// Send all and wait for the broker: the offsets they cover are committed only after.
     pub async fn send(&self, letters: &[DeadLetter]) -> Result<(), SinkError> {
         let sends = letters.iter().map(|l| async move {
-            let (payload, truncated) = l.fit(self.max_bytes);
+            let f = l.fit(self.max_bytes);
             let m = &l.original;
             let partition = m.partition.to_string();
             let offset = m.offset.to_string();
-            let mut pairs: Vec<(&str, Option<&[u8]>)> = m
-                .headers
-                .iter()
-                .map(|(k, v)| (k.as_str(), v.as_deref()))
-                .collect();
+            let mut pairs = f.headers.clone();
             pairs.extend([
                 ("dlq_kind", Some(l.kind.as_bytes())),
-                ("dlq_reason", Some(l.reason.as_bytes())),
+                ("dlq_reason", Some(f.reason.as_bytes())),
                 ("dlq_source_topic", Some(m.topic.as_bytes())),
                 ("dlq_source_partition", Some(partition.as_bytes())),
                 ("dlq_source_offset", Some(offset.as_bytes())),
                 ("dlq_projector", Some(l.projector.unwrap_or("").as_bytes())),
             ]);
-            if let Some(size) = &truncated {
-                pairs.push(("dlq_truncated_from_bytes", Some(size.as_bytes())));
+            for (k, v) in &f.notes {
+                pairs.push((k, Some(v.as_bytes())));
             }
-            let record = m.record(&self.topic, payload, crate::kafka::headers_opt(pairs));
+            let mut record = FutureRecord::<[u8], [u8]>::to(&self.topic)
+                .headers(crate::kafka::headers_opt(pairs));
+            if let Some(k) = f.key {
+                record = record.key(k);
+            }
+            if let Some(v) = f.payload {
+                record = record.payload(v);
+            }
             crate::kafka::send(&self.producer, record).await
         });
         try_join_all(sends).await.map(|_| ()).map_err(|e| {
@@ -204,12 +294,45 @@ mod tests {
     #[test]
     fn oversized_letters_keep_the_head_of_their_payload_and_say_so() {
         let big = letter(2_000_000);
-        let (p, t) = big.fit(900_000);
-        assert!(p.unwrap().len() < 900_000);
-        assert_eq!(t.as_deref(), Some("2000000"));
+        let f = big.fit(900_000);
+        assert!(f.payload.unwrap().len() < 900_000);
+        assert!(f.size() <= 900_000);
+        assert_eq!(
+            f.notes,
+            vec![("dlq_truncated_from_bytes", "2000000".to_owned())]
+        );
         let small = letter(1_000);
-        let (p, t) = small.fit(900_000);
-        assert_eq!(p.unwrap().len(), 1_000);
-        assert!(t.is_none());
+        let f = small.fit(900_000);
+        assert_eq!(f.payload.unwrap().len(), 1_000);
+        assert!(f.notes.is_empty());
+        assert_eq!(f.key, Some(&b"ord-1"[..]));
+    }
+
+    #[test]
+    fn a_letter_fits_whatever_its_key_headers_and_reason_weigh() {
+        let mut l = letter(10_000);
+        l.original.key = Some(vec![b'k'; 3_000_000]);
+        l.original.headers = (0..5_000)
+            .map(|i| (format!("h{i}"), Some(vec![b'v'; 1_000])))
+            .collect();
+        l.reason = "é".repeat(1_000_000);
+        for max in [1_000, 64 * 1024, 1_000_000] {
+            let f = l.fit(max);
+            assert!(f.size() <= max.max(1024), "{max}: {} bytes", f.size());
+            let cut: Vec<&str> = f.notes.iter().map(|(k, _)| *k).collect();
+            assert!(
+                cut.contains(&"dlq_truncated_key_from_bytes"),
+                "{max}: {cut:?}"
+            );
+            assert!(cut.contains(&"dlq_dropped_headers"), "{max}: {cut:?}");
+            assert!(
+                cut.contains(&"dlq_truncated_reason_from_bytes"),
+                "{max}: {cut:?}"
+            );
+            assert!(std::str::from_utf8(f.reason.as_bytes()).is_ok());
+        }
+        let bare = l.bare();
+        assert!(bare.original.payload.is_none() && bare.original.headers.is_empty());
+        assert!(bare.fit(1_000).size() <= 1_024);
     }
 }

@@ -233,7 +233,31 @@ impl<F: SinkFactory> Registrar for Builder<'_, F> {
 
 /// Start a stage for every selected projector (shards of document projectors), and the
 /// poison stage.
+/// Which projectors a pipeline runs: the registered ones ([`Registered`]); the simulation
+/// wraps them to make some panic.
+pub trait Projectors {
+    fn register(&self, r: &mut impl Registrar);
+}
+
+/// Every projector of [`projectors::register_all`].
+pub struct Registered;
+
+impl Projectors for Registered {
+    fn register(&self, r: &mut impl Registrar) {
+        projectors::register_all(r);
+    }
+}
+
 pub fn spawn_stages<F: SinkFactory>(env: &StageEnv, sinks: &F) -> Result<Stages, RuntimeError> {
+    spawn_stages_of(env, sinks, &Registered)
+}
+
+/// [`spawn_stages`] for the given projectors.
+pub fn spawn_stages_of<F: SinkFactory>(
+    env: &StageEnv,
+    sinks: &F,
+    projectors: &impl Projectors,
+) -> Result<Stages, RuntimeError> {
     let known = projectors::names();
     for n in &env.only {
         if !known.contains(&n.as_str()) {
@@ -250,7 +274,7 @@ pub fn spawn_stages<F: SinkFactory>(env: &StageEnv, sinks: &F) -> Result<Stages,
             participants: 0,
         },
     };
-    projectors::register_all(&mut b);
+    projectors.register(&mut b);
     let (ctx, rx) = b.ctx("poison", "dead-letter topic");
     b.stages
         .handles

@@ -4,6 +4,8 @@
 use std::collections::BTreeMap;
 
 use contract::Event;
+use contract::EventType;
+use projector::runtime::pipeline::Projectors;
 use projectors::memory::{MemoryFacts, MemoryViews};
 use projectors::{Doc, FactProjector, Parked, Projector, Registrar, StoreKind, StreamKey};
 use serde_json::Value;
@@ -39,7 +41,93 @@ pub struct Model {
     pub durable: DurableFn,
 }
 
-pub fn models() -> Vec<Model> {
+/// What a panicking projector says (the simulation's panic hook keeps it quiet).
+pub const INJECTED: &str = "sim: injected panic";
+
+/// A registered projector that panics on some events (a pure function of the event id and
+/// `salt`), after it has half-changed the view: the stages must catch it per event, dead
+/// letter the event, park its stream and restore the view; the fold does the same.
+pub struct Panicky<P> {
+    inner: P,
+    salt: Option<u64>,
+}
+
+impl<P> Panicky<P> {
+    fn panics(&self, e: &Event) -> bool {
+        self.salt
+            .is_some_and(|s| (e.header.event_id.as_u128() as u64 ^ s) % 17 == 0)
+    }
+}
+
+impl<P: Projector> Projector for Panicky<P> {
+    type View = P::View;
+    fn name(&self) -> &'static str {
+        self.inner.name()
+    }
+    fn store(&self) -> StoreKind {
+        self.inner.store()
+    }
+    fn handles(&self) -> &'static [EventType] {
+        self.inner.handles()
+    }
+    fn view_key<'e>(&self, event: &'e Event) -> Option<&'e str> {
+        self.inner.view_key(event)
+    }
+    fn apply(&self, view: &mut Self::View, event: &Event) -> Result<(), String> {
+        let r = self.inner.apply(view, event);
+        if self.panics(event) {
+            // After the view changed: a half-applied event.
+            *view = Self::View::default();
+            panic!("{INJECTED}");
+        }
+        r
+    }
+    fn seal(&self, view: &mut Self::View) {
+        self.inner.seal(view)
+    }
+}
+
+impl<F: FactProjector> FactProjector for Panicky<F> {
+    fn name(&self) -> &'static str {
+        self.inner.name()
+    }
+    fn handles(&self) -> &'static [EventType] {
+        self.inner.handles()
+    }
+    fn fact(&self, event: &Event) -> Result<projectors::analytics::Fact, String> {
+        if self.panics(event) {
+            panic!("{INJECTED}");
+        }
+        self.inner.fact(event)
+    }
+}
+
+/// Every registered projector, each wrapped in [`Panicky`].
+pub struct SimProjectors(pub Option<u64>);
+
+impl Projectors for SimProjectors {
+    fn register(&self, r: &mut impl Registrar) {
+        struct Wrap<'a, R>(&'a mut R, Option<u64>);
+        impl<R: Registrar> Registrar for Wrap<'_, R> {
+            fn document<P: Projector>(&mut self, p: P) {
+                self.0.document(Panicky {
+                    inner: p,
+                    salt: self.1,
+                });
+            }
+            fn facts<F: FactProjector>(&mut self, f: F) {
+                self.0.facts(Panicky {
+                    inner: f,
+                    salt: self.1,
+                });
+            }
+        }
+        projectors::register_all(&mut Wrap(r, self.0));
+    }
+}
+
+/// The models of every projector, panicking where the stages' do (`panics`: the salt).
+pub fn models(panics: Option<u64>) -> Vec<Model> {
     struct R(Vec<Model>);
     impl Registrar for R {
         fn document<P: Projector>(&mut self, p: P) {
@@ -115,6 +203,6 @@ pub fn models() -> Vec<Model> {
         }
     }
     let mut r = R(Vec::new());
-    projectors::register_all(&mut r);
+    SimProjectors(panics).register(&mut r);
     r.0
 }

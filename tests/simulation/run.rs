@@ -12,7 +12,7 @@ use contract::{Event, EventEnvelope};
 use projector::config::Config;
 use projector::runtime::Shared as Runtime;
 use projector::runtime::commit::{Registration, Tp, Tracker, TrackerMsg};
-use projector::runtime::pipeline::{StageEnv, spawn_stages};
+use projector::runtime::pipeline::{StageEnv, spawn_stages_of};
 use projector::runtime::stage::Mode;
 use projector::source::decode::{RawItem, decode_all};
 use projector::source::window::{Arena, Origin, RawRef, Window};
@@ -50,6 +50,9 @@ struct Plan {
     action: f64,
     switches: usize,
     faults: Faults,
+    /// Projectors panic on some events (see [`models::Panicky`]); drawn apart from the rest,
+    /// so adding it kept every seed's schedule.
+    panics: Option<u64>,
 }
 
 impl Plan {
@@ -83,6 +86,7 @@ impl Plan {
                 pg_fail: f(rng, 0.08),
                 max_latency_ms: rng.random_range(1..40),
             },
+            panics: None,
         };
         if lossy {
             plan.loss = rng.random_range(0.0..0.15);
@@ -154,7 +158,8 @@ fn start_worker(ctx: &Ctx, seed: u64) -> Worker {
         cache_entries: ctx.plan.cache,
         max_batch: ctx.plan.max_batch,
     };
-    let stages = match spawn_stages(&env, &SimSinks(ctx.world.clone())) {
+    let projectors = models::SimProjectors(ctx.plan.panics);
+    let stages = match spawn_stages_of(&env, &SimSinks(ctx.world.clone()), &projectors) {
         Ok(s) => s,
         Err(e) => panic!("stages: {e}"),
     };
@@ -425,18 +430,31 @@ pub fn run_seed(seed: u64) -> Outcome {
             .with_writer(std::io::stderr)
             .try_init();
     }
-    simulate(seed, false)
+    simulate(seed, Mode_::Drawn)
 }
 
 /// Schedule `seed` with no faults and one worker, where another writer always wins the
 /// first customer's Customer-360 view: the stage must give that view up (its streams parked
 /// with the reason) and everything else must still equal the fold.
 pub fn run_hostile(seed: u64) -> Outcome {
-    simulate(seed, true)
+    simulate(seed, Mode_::Hostile)
+}
+
+/// Schedule `seed` with projectors that panic on about one event in 17.
+pub fn run_panicky(seed: u64) -> Outcome {
+    simulate(seed, Mode_::Panicky)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Mode_ {
+    Drawn,
+    Hostile,
+    Panicky,
 }
 
 /// One schedule on a paused clock of its own, with this thread's jitter seeded.
-fn simulate(seed: u64, hostile: bool) -> Outcome {
+fn simulate(seed: u64, mode: Mode_) -> Outcome {
+    quiet_injected_panics();
     projector::resilience::backoff::seed_jitter(Some(seed));
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_time()
@@ -446,15 +464,38 @@ fn simulate(seed: u64, hostile: bool) -> Outcome {
         Ok(rt) => rt,
         Err(e) => panic!("runtime: {e}"),
     };
-    let out = rt.block_on(schedule(seed, hostile));
+    let out = rt.block_on(schedule(seed, mode));
     // Tasks still running (stages of crashed workers, write tasks) go with the runtime.
     rt.shutdown_background();
     out
 }
 
-async fn schedule(seed: u64, hostile: bool) -> Outcome {
+/// Panics the simulation injects are expected: not printed (every other one is).
+fn quiet_injected_panics() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let default = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            let injected = info
+                .payload()
+                .downcast_ref::<String>()
+                .is_some_and(|m| m == models::INJECTED);
+            if !injected {
+                default(info);
+            }
+        }));
+    });
+}
+
+async fn schedule(seed: u64, mode: Mode_) -> Outcome {
+    let hostile = mode == Mode_::Hostile;
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let mut plan = Plan::draw(&mut rng);
+    plan.panics = {
+        let mut r = ChaCha8Rng::seed_from_u64(seed ^ 0x5041_4e49_4353);
+        let p = r.random_bool(0.2) || mode == Mode_::Panicky;
+        (p && !hostile).then(|| r.random())
+    };
     // Triage knobs for a failing seed: the same schedule without faults or without actions.
     if std::env::var_os("SIM_NO_FAULTS").is_some() {
         plan.faults = Faults {
@@ -493,7 +534,7 @@ async fn schedule(seed: u64, hostile: bool) -> Outcome {
         .get_or_init(|| Config::load_for_tests().unwrap_or_else(|e| panic!("config: {e}")))
         .clone();
     let topics = Arc::new(projector::kafka::event_topics(&cfg.kafka));
-    let models = models::models();
+    let models = models::models(plan.panics);
     let world = Arc::new(std::sync::Mutex::new(World::new(seed, plan.faults)));
     let contended = hostile
         .then(|| {
@@ -572,7 +613,14 @@ async fn schedule(seed: u64, hostile: bool) -> Outcome {
         .map(|(tp, m)| (*tp, m.len() as i64))
         .collect();
     let wire = Arc::new(std::sync::Mutex::new(wire));
-    install_commit_check(&world, &wire, &events, &topics, contended.clone());
+    install_commit_check(
+        &world,
+        &wire,
+        &events,
+        &topics,
+        contended.clone(),
+        plan.panics,
+    );
     let ctx = Ctx {
         world: world.clone(),
         store: Arc::new(super::world::SimEventStore(events.clone())),
@@ -868,13 +916,18 @@ fn install_commit_check(
     events: &[Event],
     topics: &Arc<Vec<String>>,
     contended: Option<String>,
+    panics: Option<u64>,
 ) {
     let wire = wire.clone();
     let topics = topics.clone();
     let events: Vec<Event> = events.to_vec();
-    let durable: Vec<_> = models::models()
+    // An event the fold parks (a panic, or held after one) is settled without a write.
+    let durable: Vec<_> = models::models(panics)
         .into_iter()
-        .map(|m| (m.name, m.store, m.durable))
+        .map(|m| {
+            let parked = (m.fold)(&events).parked;
+            (m.name, m.store, m.durable, parked)
+        })
         .collect();
     let mut verified: HashMap<(String, i32), i64> = HashMap::new();
     lock(world).commit_check = Some(Box::new(move |w: &World, topic, partition, next| {
@@ -889,7 +942,14 @@ fn install_commit_check(
             .unwrap_or(0);
         for off in from..next.min(msgs.len() as i64) {
             let e = events.get(msgs[off as usize])?;
-            for (name, store, d) in &durable {
+            for (name, store, d, parked) in &durable {
+                let stream = projectors::document::stream_key(e);
+                if parked
+                    .holding(&stream, e.header.sequence_number, None)
+                    .is_some()
+                {
+                    continue;
+                }
                 // A view given up (refused, its streams parked) is settled without a write.
                 if *store == "redis"
                     && contended.is_some()

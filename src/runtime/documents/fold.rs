@@ -90,6 +90,11 @@ impl<P: Projector, S: DocStore> DocStage<P, S> {
             let ki = prep.view(&key, || {
                 stored(self.st().cache.map.get(&key).map_or(0, |c| c.doc.rev))
             });
+            if tainted.contains(&ki) {
+                // The view may be half-changed by a panic: folded from the store below.
+                prep.keys[ki].offered.push((r, Outcome::Deferred));
+                continue;
+            }
             let p = self.p.clone();
             let st = self.state.as_mut().unwrap_or_else(|| unreachable!());
             let entry = st.cache.touch(key, tick);

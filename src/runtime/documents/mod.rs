@@ -75,6 +75,8 @@ enum Outcome {
     Panicked,
     /// Held after all: an earlier event of its stream in this batch was refused on a refold.
     Held,
+    /// Not folded yet: its view was half-changed by a panic and is folded again from the store.
+    Deferred,
 }
 
 /// What a batch does to one view.

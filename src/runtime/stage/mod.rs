@@ -225,10 +225,27 @@ impl StageCtx {
             return;
         }
         let mut retry = Retry::new(&self.shared, "dead-letter topic", "sending dead letters");
+        let mut letters = letters;
+        let mut bare = false;
         loop {
             match self.control.send_letters(&letters).await {
                 Ok(()) => break,
-                Err(e) => retry.failed(&e).await,
+                Err(e) if e.is_transient() => retry.failed(&e).await,
+                Err(e) if !bare => {
+                    // Fitted to `dlq_max_bytes`, yet refused: the broker's limit is lower.
+                    tracing::error!(error = %e, "the dead-letter topic refused letters: sending their coordinates and reasons only");
+                    letters = letters.iter().map(DeadLetter::bare).collect();
+                    bare = true;
+                }
+                Err(e) => {
+                    // Never retried: nothing would change. The originals stay in their source
+                    // topics and the parks in PostgreSQL; the metric and the log say so.
+                    tracing::error!(error = %e, letters = letters.len(),
+                        "the dead-letter topic refused even bare letters: they are lost");
+                    metrics::counter!("projector_dead_letters_lost_total", "projector" => self.name)
+                        .increment(letters.len() as u64);
+                    return;
+                }
             }
         }
         self.stats
