@@ -135,3 +135,24 @@ fn a_projector_panic_is_a_dead_letter_and_parks_its_stream() {
     }
     assert!(panicked > 0, "no schedule had a projector panic");
 }
+
+/// A store that refuses a call for good because of one view or one row: the stage finds
+/// whose the error is (one view at a time, rows split in halves), dead-letters and parks
+/// just that, and every other view and row still equals the fold; nothing is retried
+/// forever (quiescence).
+#[test]
+fn a_permanent_store_error_costs_only_what_caused_it() {
+    for seed in 0..20 {
+        let out = simulation::run::run_refusing(seed);
+        assert!(
+            out.failures.is_empty(),
+            "seed {seed} (replay: run_refusing({seed})): {}",
+            out.failures.join("\n")
+        );
+        assert!(
+            out.summary.contains("refused view") && out.summary.contains("refused the row"),
+            "seed {seed}: no dead letter names the refusal: {}",
+            out.summary
+        );
+    }
+}

@@ -110,7 +110,22 @@ pub(crate) fn classify(e: clickhouse::error::Error) -> SinkError {
                 "SOCKET_TIMEOUT",
                 "NETWORK_ERROR",
             ];
-            if transient.iter().any(|c| text.contains(c)) {
+            // Credentials, permissions, a table or database gone: the deployment's problem,
+            // and every row would fail alike. Wait (the circuit opens) rather than refuse them.
+            let deployment = [
+                "AUTHENTICATION_FAILED",
+                "ACCESS_DENIED",
+                "UNKNOWN_USER",
+                "REQUIRED_PASSWORD",
+                "READONLY",
+                "UNKNOWN_TABLE",
+                "UNKNOWN_DATABASE",
+            ];
+            if transient
+                .iter()
+                .chain(&deployment)
+                .any(|c| text.contains(c))
+            {
                 SinkError::transient(STORE, e)
             } else {
                 SinkError::permanent(STORE, e)
@@ -271,7 +286,20 @@ impl FactStore for ClickHouseSink {
 
 #[cfg(test)]
 mod tests {
-    use super::quote_ident;
+    use super::{classify, quote_ident};
+
+    #[test]
+    fn only_what_the_rows_cause_is_permanent() {
+        use clickhouse::error::Error as E;
+        let bad = |t: &str| classify(E::BadResponse(t.to_owned()));
+        let auth =
+            "Code: 516. DB::Exception: default: Authentication failed (AUTHENTICATION_FAILED)";
+        assert!(bad(auth).is_transient());
+        assert!(bad("Code: 60. Table x doesn't exist. (UNKNOWN_TABLE)").is_transient());
+        assert!(bad("Code: 252. Too many parts (TOO_MANY_PARTS)").is_transient());
+        let parse = "Code: 27. Cannot parse input (CANNOT_PARSE_INPUT_ASSERTION_FAILED)";
+        assert!(!bad(parse).is_transient());
+    }
 
     #[test]
     fn identifiers_are_back_quoted_and_cannot_break_out() {

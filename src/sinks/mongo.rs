@@ -37,6 +37,9 @@ const TRANSIENT_CODES: &[i32] = &[
     6, 7, 43, 50, 89, 91, 134, 189, 262, 9001, 10107, 11600, 11602, 13435, 13436,
 ];
 
+/// Server codes of a deployment problem: Unauthorized, AuthenticationFailed.
+const DEPLOYMENT_CODES: &[i32] = &[13, 18];
+
 #[derive(Clone)]
 pub struct MongoSink {
     client: Client,
@@ -52,12 +55,18 @@ pub struct MongoSink {
 
 pub(crate) fn classify(e: &mongodb::error::Error) -> SinkError {
     match e.kind.as_ref() {
+        // Unauthorized, AuthenticationFailed: the deployment's problem, not the documents'
+        // (every write fails alike): wait, with the circuit open, rather than refuse them.
+        ErrorKind::Command(c) if DEPLOYMENT_CODES.contains(&c.code) => {
+            SinkError::transient(STORE, e)
+        }
         ErrorKind::Command(c) if !TRANSIENT_CODES.contains(&c.code) => {
             SinkError::permanent(STORE, e)
         }
-        ErrorKind::Authentication { .. }
-        | ErrorKind::InvalidArgument { .. }
-        | ErrorKind::InvalidTlsConfig { .. } => SinkError::permanent(STORE, e),
+        ErrorKind::Authentication { .. } => SinkError::transient(STORE, e),
+        ErrorKind::InvalidArgument { .. } | ErrorKind::InvalidTlsConfig { .. } => {
+            SinkError::permanent(STORE, e)
+        }
         _ => SinkError::transient(STORE, e),
     }
 }

@@ -379,6 +379,18 @@ fn unexpected(e: impl std::fmt::Display) -> SinkError {
 }
 
 fn classify(e: redis::RedisError) -> SinkError {
+    // Credentials or permissions fail every write alike: the deployment's problem, not the
+    // documents'. Wait (the circuit opens, the alert fires) rather than dead-letter them all.
+    let deployment = matches!(
+        e.kind(),
+        redis::ErrorKind::AuthenticationFailed
+            | redis::ErrorKind::Server(redis::ServerErrorKind::NoPerm)
+    ) || e
+        .code()
+        .is_some_and(|c| matches!(c, "NOAUTH" | "WRONGPASS" | "NOPERM"));
+    if deployment {
+        return SinkError::transient(STORE, e);
+    }
     match e.retry_method() {
         redis::RetryMethod::NoRetry if !e.is_timeout() && !e.is_io_error() => {
             SinkError::permanent(STORE, e)
@@ -715,6 +727,23 @@ impl DocStore for RedisSink {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn credentials_and_permissions_wait_rather_than_refuse() {
+        let auth =
+            redis::RedisError::from((redis::ErrorKind::AuthenticationFailed, "bad password"));
+        assert!(classify(auth).is_transient());
+        let noperm = redis::RedisError::from((
+            redis::ErrorKind::Server(redis::ServerErrorKind::NoPerm),
+            "no permissions to run 'evalsha'",
+        ));
+        assert!(classify(noperm).is_transient());
+        let refused = redis::RedisError::from((
+            redis::ErrorKind::Server(redis::ServerErrorKind::ResponseError),
+            "string exceeds maximum allowed size",
+        ));
+        assert!(!classify(refused).is_transient());
+    }
 
     fn pair(local: i64, replicas: i64) -> Value {
         Value::Array(vec![Value::Int(local), Value::Int(replicas)])

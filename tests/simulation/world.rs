@@ -78,6 +78,9 @@ pub struct World {
     pub violations: Vec<String>,
     /// (store, key) that another writer always wins: every compare-and-set on it conflicts.
     pub hostile: HashSet<(String, String)>,
+    /// (store, key or event id) the store refuses for good, failing the whole call that
+    /// carries it (as a server refuses a request over its limits).
+    pub refusing: HashSet<(String, String)>,
     /// Checks every commit against what the stores hold (see `run`).
     pub commit_check: Option<CommitCheck>,
 }
@@ -116,6 +119,7 @@ impl World {
             projection_of: HashMap::new(),
             violations: Vec::new(),
             hostile: HashSet::new(),
+            refusing: HashSet::new(),
             commit_check: None,
         }
     }
@@ -238,6 +242,15 @@ impl DocStore for MemDocs {
             );
             w.violations.push(v);
         }
+        if writes.iter().any(|dw| {
+            w.refusing
+                .contains(&(self.store.to_owned(), dw.key.clone()))
+        }) {
+            return Err(SinkError::permanent(
+                self.store,
+                "a value over the server's limit",
+            ));
+        }
         let land = if faulty {
             w.rng.random_range(0..=writes.len())
         } else {
@@ -304,6 +317,12 @@ impl FactStore for MemFacts {
         if w.is_deleted("clickhouse", &self.version) {
             let v = format!("an insert into retired version {}", self.version);
             w.violations.push(v);
+        }
+        if facts.iter().any(|f| {
+            w.refusing
+                .contains(&("clickhouse".to_owned(), f.event_id.clone()))
+        }) {
+            return Err(SinkError::permanent("clickhouse", "a row it cannot parse"));
         }
         let land = if faulty {
             w.rng.random_range(0..=facts.len())
