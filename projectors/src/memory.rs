@@ -104,7 +104,15 @@ pub struct MemoryFacts {
 
 impl MemoryFacts {
     pub fn fold<F: FactProjector>(f: &F, events: &[Event]) -> Self {
-        let mut m = MemoryFacts::default();
+        Self::fold_parked(f, events, Parked::default())
+    }
+
+    /// Fold a log with streams already parked (by unreadable messages, say).
+    pub fn fold_parked<F: FactProjector>(f: &F, events: &[Event], parked: Parked) -> Self {
+        let mut m = MemoryFacts {
+            parked,
+            ..MemoryFacts::default()
+        };
         let mut keys = StreamKey::default();
         for e in events {
             if !e.event_type().is_some_and(|t| f.handles().contains(&t)) {

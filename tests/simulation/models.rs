@@ -21,7 +21,8 @@ pub fn comparable(body: &[u8]) -> Value {
     v
 }
 
-type FoldFn = Box<dyn Fn(&[Event]) -> Folded + Send + Sync>;
+/// The fold of a log, with streams parked before it begins (by unreadable messages).
+type FoldFn = Box<dyn Fn(&[Event], &Parked) -> Folded + Send + Sync>;
 type DurableFn = Box<dyn Fn(&World, &Event) -> bool + Send + Sync>;
 
 /// One projector's fold of a log.
@@ -140,8 +141,10 @@ pub fn models(panics: Option<u64>) -> Vec<Model> {
             self.0.push(Model {
                 name: p.name(),
                 store,
-                fold: Box::new(move |log| {
-                    let m = MemoryViews::fold(pf.as_ref(), log);
+                fold: Box::new(move |log, parked| {
+                    let mut m = MemoryViews::default();
+                    m.parked = parked.clone();
+                    m.apply(pf.as_ref(), log);
                     let docs = m
                         .docs
                         .iter()
@@ -184,8 +187,8 @@ pub fn models(panics: Option<u64>) -> Vec<Model> {
             self.0.push(Model {
                 name: f.name(),
                 store: "clickhouse",
-                fold: Box::new(move |log| {
-                    let m = MemoryFacts::fold(ff.as_ref(), log);
+                fold: Box::new(move |log, parked| {
+                    let m = MemoryFacts::fold_parked(ff.as_ref(), log, parked.clone());
                     Folded {
                         docs: BTreeMap::new(),
                         facts: m.facts,

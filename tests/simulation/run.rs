@@ -29,6 +29,8 @@ use super::world::{Faults, Pointer, Shared, SimCommit, SimControl, SimSinks, Wor
 pub struct Outcome {
     pub failures: Vec<String>,
     pub summary: String,
+    /// The kinds of every dead letter sent.
+    pub letter_kinds: Vec<String>,
 }
 
 /// The knobs of one schedule, all drawn from its seed.
@@ -53,6 +55,10 @@ struct Plan {
     /// Projectors panic on some events (see [`models::Panicky`]); drawn apart from the rest,
     /// so adding it kept every seed's schedule.
     panics: Option<u64>,
+    /// Messages published unreadable (garbage bytes, headers intact), in schedules without
+    /// losses, swaps or switches: a rebuild reads the stored event, which is readable, so
+    /// with a switch live and rebuilt versions would rightly differ. Drawn apart too.
+    poison: f64,
 }
 
 impl Plan {
@@ -87,6 +93,7 @@ impl Plan {
                 max_latency_ms: rng.random_range(1..40),
             },
             panics: None,
+            poison: 0.0,
         };
         if lossy {
             plan.loss = rng.random_range(0.0..0.15);
@@ -122,6 +129,7 @@ struct Ctx {
     store: Arc<super::world::SimEventStore>,
     wire: WireRef,
     log: Arc<Vec<EventEnvelope>>,
+    poisoned: Arc<std::collections::HashSet<usize>>,
     topics: Arc<Vec<String>>,
     cfg: Config,
     plan: Plan,
@@ -189,6 +197,7 @@ fn start_worker(ctx: &Ctx, seed: u64) -> Worker {
         world: ctx.world.clone(),
         wire: ctx.wire.clone(),
         log: ctx.log.clone(),
+        poisoned: ctx.poisoned.clone(),
         topics: ctx.topics.clone(),
         prefix: ctx.cfg.kafka.topic_prefix.clone(),
         window: ctx.plan.window,
@@ -223,6 +232,8 @@ struct Source {
     world: Shared,
     wire: WireRef,
     log: Arc<Vec<EventEnvelope>>,
+    /// Log indices published unreadable.
+    poisoned: Arc<std::collections::HashSet<usize>>,
     topics: Arc<Vec<String>>,
     prefix: String,
     window: usize,
@@ -374,7 +385,11 @@ impl Source {
                 },
                 raw: RawRef {
                     key: Some(arena.push(e.aggregate_id.as_bytes())),
-                    payload: Some(arena.push(&e.to_json_bytes())),
+                    payload: Some(if self.poisoned.contains(i) {
+                        arena.push(b"{\"event_id\": garbage")
+                    } else {
+                        arena.push(&e.to_json_bytes())
+                    }),
                     headers: Some(
                         arena.push_headers(pairs.iter().map(|(k, v)| (*k, Some(v.as_bytes())))),
                     ),
@@ -507,6 +522,11 @@ async fn schedule(seed: u64, mode: Mode_) -> Outcome {
         let p = r.random_bool(0.2) || mode == Mode_::Panicky;
         (p && !hostile).then(|| r.random())
     };
+    let mut poison_rng = ChaCha8Rng::seed_from_u64(seed ^ 0x504f_4953_4f4e);
+    let clean_wire = plan.loss == 0.0 && plan.swap == 0.0 && plan.switches == 0;
+    if clean_wire && !hostile && poison_rng.random_bool(0.25) {
+        plan.poison = poison_rng.random_range(0.0..0.12);
+    }
     // Triage knobs for a failing seed: the same schedule without faults or without actions.
     if std::env::var_os("SIM_NO_FAULTS").is_some() {
         plan.faults = Faults {
@@ -546,6 +566,21 @@ async fn schedule(seed: u64, mode: Mode_) -> Outcome {
         .clone();
     let topics = Arc::new(projector::kafka::event_topics(&cfg.kafka));
     let models = models::models(plan.panics);
+    // Unreadable on the wire: their streams are parked from them for every projector (the
+    // fold starts with those parks).
+    let poisoned: Arc<std::collections::HashSet<usize>> = Arc::new(
+        (0..log.len())
+            .filter(|_| poison_rng.random_bool(plan.poison))
+            .collect(),
+    );
+    let mut pre = projectors::Parked::default();
+    for i in 0..events.len() {
+        if poisoned.contains(&i) {
+            let e = &events[i];
+            let from = projectors::parking::ParkFrom::Sequence(e.header.sequence_number);
+            pre.park(&projectors::document::stream_key(e), from, "unreadable");
+        }
+    }
     let world = Arc::new(std::sync::Mutex::new(World::new(seed, plan.faults)));
     let contended = hostile
         .then(|| {
@@ -645,12 +680,14 @@ async fn schedule(seed: u64, mode: Mode_) -> Outcome {
         &topics,
         (contended.clone(), refused_stream.clone()),
         plan.panics,
+        &pre,
     );
     let ctx = Ctx {
         world: world.clone(),
         store: Arc::new(super::world::SimEventStore(events.clone())),
         wire: wire.clone(),
         log: Arc::new(log.clone()),
+        poisoned: poisoned.clone(),
         topics: topics.clone(),
         cfg,
         plan: plan.clone(),
@@ -791,7 +828,7 @@ async fn schedule(seed: u64, mode: Mode_) -> Outcome {
         view: contended.as_deref(),
         fact_stream: refused_stream.as_deref(),
     };
-    check(&world, &events, &models, &exempt, &mut out);
+    check(&world, &events, &models, &exempt, &pre, &mut out);
     let letters: Vec<String> = lock(&world)
         .letters
         .iter()
@@ -799,6 +836,11 @@ async fn schedule(seed: u64, mode: Mode_) -> Outcome {
         .map(|(k, r)| format!("{k}: {r}"))
         .collect();
     out.summary = format!("{plan:?} actions={actions:?} letters={letters:?}");
+    out.letter_kinds = lock(&world)
+        .letters
+        .iter()
+        .map(|(k, _)| k.clone())
+        .collect();
     out
 }
 
@@ -874,7 +916,8 @@ async fn switch(
             .max()
             .unwrap_or(0)
     };
-    let folded = (m.fold)(&events[..appended]);
+    // No poison in schedules with switches (see `Plan::poison`).
+    let folded = (m.fold)(&events[..appended], &projectors::Parked::default());
     {
         let mut w = lock(world);
         if m.store == "clickhouse" {
@@ -946,6 +989,7 @@ fn install_commit_check(
     topics: &Arc<Vec<String>>,
     (contended, refused_stream): (Option<String>, Option<String>),
     panics: Option<u64>,
+    pre: &projectors::Parked,
 ) {
     let wire = wire.clone();
     let topics = topics.clone();
@@ -954,7 +998,7 @@ fn install_commit_check(
     let durable: Vec<_> = models::models(panics)
         .into_iter()
         .map(|m| {
-            let parked = (m.fold)(&events).parked;
+            let parked = (m.fold)(&events, pre).parked;
             (m.name, m.store, m.durable, parked)
         })
         .collect();
@@ -1014,7 +1058,14 @@ struct Exempt<'a> {
     fact_stream: Option<&'a str>,
 }
 
-fn check(world: &Shared, events: &[Event], models: &[Model], exempt: &Exempt, out: &mut Outcome) {
+fn check(
+    world: &Shared,
+    events: &[Event],
+    models: &[Model],
+    exempt: &Exempt,
+    pre: &projectors::Parked,
+    out: &mut Outcome,
+) {
     let contended = exempt.view;
     let stream_of: HashMap<String, String> = events
         .iter()
@@ -1029,7 +1080,7 @@ fn check(world: &Shared, events: &[Event], models: &[Model], exempt: &Exempt, ou
     let w = lock(world);
     out.failures.extend(w.violations.iter().cloned());
     for m in models {
-        let mut want = (m.fold)(events);
+        let mut want = (m.fold)(events, pre);
         let version = w.pointer(m.name).version;
         if m.store == "clickhouse" {
             let empty = BTreeMap::new();
