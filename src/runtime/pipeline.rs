@@ -166,6 +166,9 @@ impl<F: SinkFactory> Builder<'_, F> {
         self.stages.txs.push(tx);
         let participant = self.stages.participants;
         self.stages.participants += 1;
+        // Zero from the start, so an alert on them has a series before the first one.
+        metrics::counter!("projector_panics_total", "projector" => name).increment(0);
+        metrics::counter!("projector_dead_letters_lost_total", "projector" => name).increment(0);
         let e = self.env;
         (
             StageCtx {
