@@ -211,7 +211,8 @@ impl<F: FactProjector, S: FactStore> FactStage<F, S> {
     /// part failed transiently (the whole batch is retried; the store deduplicates).
     async fn isolate(&mut self, prepared: &mut Prepared) -> Result<(), SinkError> {
         let mut refused: Vec<(usize, String)> = Vec::new();
-        let mut parts = vec![0..prepared.facts.len()];
+        let mut parts = Vec::new();
+        parts.push(0..prepared.facts.len());
         while let Some(part) = parts.pop() {
             match self
                 .insert_rows(prepared, &prepared.facts[part.clone()])

@@ -56,7 +56,7 @@ pub struct Panicky<P> {
 impl<P> Panicky<P> {
     fn panics(&self, e: &Event) -> bool {
         self.salt
-            .is_some_and(|s| (e.header.event_id.as_u128() as u64 ^ s) % 17 == 0)
+            .is_some_and(|s| (e.header.event_id.as_u128() as u64 ^ s).is_multiple_of(17))
     }
 }
 
@@ -142,8 +142,10 @@ pub fn models(panics: Option<u64>) -> Vec<Model> {
                 name: p.name(),
                 store,
                 fold: Box::new(move |log, parked| {
-                    let mut m = MemoryViews::default();
-                    m.parked = parked.clone();
+                    let mut m = MemoryViews {
+                        parked: parked.clone(),
+                        ..MemoryViews::default()
+                    };
                     m.apply(pf.as_ref(), log);
                     let docs = m
                         .docs

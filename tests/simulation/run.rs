@@ -574,9 +574,8 @@ async fn schedule(seed: u64, mode: Mode_) -> Outcome {
             .collect(),
     );
     let mut pre = projectors::Parked::default();
-    for i in 0..events.len() {
+    for (i, e) in events.iter().enumerate() {
         if poisoned.contains(&i) {
-            let e = &events[i];
             let from = projectors::parking::ParkFrom::Sequence(e.header.sequence_number);
             pre.park(&projectors::document::stream_key(e), from, "unreadable");
         }

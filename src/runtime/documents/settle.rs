@@ -86,7 +86,9 @@ impl Settle {
                 }
             } else {
                 // Contended by another worker (a rebalance overlap): let it finish first.
-                let pause = (self.rounds % CAS_ROUNDS == 0)
+                let pause = self
+                    .rounds
+                    .is_multiple_of(CAS_ROUNDS)
                     .then(|| Duration::from_millis(20 * (self.rounds / CAS_ROUNDS) as u64));
                 Next::Again {
                     views: conflicted,
