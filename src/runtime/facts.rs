@@ -19,6 +19,7 @@ use projectors::{FactProjector, Parked};
 use tracing::{Instrument, Span};
 
 use super::parking::ParkRecord;
+use super::parking::unsaved::Unsaved;
 use super::retry::Retry;
 use super::spans;
 use super::stage::driver::{Pipelined, Settled};
@@ -48,14 +49,8 @@ pub struct FactStage<F: FactProjector, S: FactStore> {
     keys: StreamKey,
     seen_gen: u64,
     parks_loaded: Instant,
-    /// Parks of this stage and of unreadable messages, kept across reloads for a while (the
-    /// table may not have them yet).
-    /// (window id, from an unreadable message, stream, from, reason): kept until the table
-    /// has it — the poison stage's up to [`super::Shared::poison_saved`], this stage's own up
-    /// to `saved_upto`.
-    unsaved: Vec<(u64, bool, String, ParkFrom, String)>,
-    /// The newest window whose parks this stage has recorded.
-    saved_upto: u64,
+    /// Parks the table may not have yet (this stage's, unreadable messages').
+    unsaved: Unsaved,
 }
 
 impl<F: FactProjector, S: FactStore> FactStage<F, S> {
@@ -68,8 +63,7 @@ impl<F: FactProjector, S: FactStore> FactStage<F, S> {
             keys: StreamKey::default(),
             seen_gen: 0,
             parks_loaded: Instant::now(),
-            unsaved: Vec::new(),
-            saved_upto: 0,
+            unsaved: Unsaved::default(),
         }
     }
 
@@ -99,13 +93,9 @@ impl<F: FactProjector, S: FactStore> FactStage<F, S> {
         let target = &target;
         // Read before the table: what was recorded up to these windows is in it.
         let poison_saved = self.ctx.shared.poison_saved.load(Ordering::Acquire);
-        let own_saved = self.saved_upto;
         let mut parked = self.ctx.load_parks(&target.version).await;
         self.unsaved
-            .retain(|(id, poison, ..)| *id > if *poison { poison_saved } else { own_saved });
-        for (_, _, stream, from, why) in &self.unsaved {
-            parked.park(stream, *from, why);
-        }
+            .merge_into(&mut parked, &target.version, poison_saved);
         self.state = Some((target.clone(), store, parked));
         target.clone()
     }
@@ -137,7 +127,7 @@ impl<F: FactProjector, S: FactStore> FactStage<F, S> {
                             if let Some(from) = from {
                                 let why = poison.error.to_string();
                                 parked.park(stream, from, &why);
-                                self.unsaved.push((w.id, true, stream.clone(), from, why));
+                                self.unsaved.poison(w.id, stream, from, &why);
                             }
                         }
                         continue;
@@ -166,14 +156,10 @@ impl<F: FactProjector, S: FactStore> FactStage<F, S> {
                     }
                     Err(reason) => {
                         let stream = stream.to_owned();
-                        self.unsaved.push((
-                            w.id,
-                            false,
-                            stream.clone(),
-                            ParkFrom::Sequence(seq),
-                            reason.clone(),
-                        ));
                         if parked.park(&stream, ParkFrom::Sequence(seq), &reason) {
+                            let from = ParkFrom::Sequence(seq);
+                            self.unsaved
+                                .own(w.id, &target.version, &stream, from, &reason);
                             prep.parks.push(ParkRecord {
                                 projection: name.to_owned(),
                                 version: target.version.clone(),
@@ -252,11 +238,11 @@ impl<F: FactProjector, S: FactStore> FactStage<F, S> {
     ) {
         let window = prepared.batch.windows[r.0 as usize].id;
         let from = ParkFrom::Sequence(seq);
-        self.unsaved
-            .push((window, false, stream.to_owned(), from, why.to_owned()));
         if let Some((target, _, parked)) = self.state.as_mut()
             && parked.park(stream, from, why)
         {
+            self.unsaved
+                .own(window, &target.version, stream, from, why);
             prepared.parks.push(ParkRecord {
                 projection: self.ctx.name.to_owned(),
                 version: target.version.clone(),
@@ -281,7 +267,7 @@ impl<F: FactProjector, S: FactStore> FactStage<F, S> {
         self.ctx.send_letters(letters).await;
         self.ctx.save_parks(&prepared.parks).await;
         if let Some(last) = prepared.batch.windows.last() {
-            self.saved_upto = self.saved_upto.max(last.id);
+            self.unsaved.saved(last.id);
         }
         tracing::debug!(
             projector = self.ctx.name,

@@ -3,6 +3,8 @@
 //! so they are durable before the offsets that cover the refusal are committed; a worker
 //! that takes over partitions reloads them.
 
+pub mod unsaved;
+
 use std::sync::Arc;
 
 use projectors::Parked;

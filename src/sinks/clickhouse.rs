@@ -109,6 +109,14 @@ pub(crate) fn classify(e: clickhouse::error::Error) -> SinkError {
                 "TIMEOUT_EXCEEDED",
                 "SOCKET_TIMEOUT",
                 "NETWORK_ERROR",
+                "UNKNOWN_STATUS_OF_INSERT",
+                "QUERY_WAS_CANCELLED",
+                "TOO_FEW_LIVE_REPLICAS",
+                "KEEPER_EXCEPTION",
+                "CANNOT_SCHEDULE_TASK",
+                "UNEXPECTED_END_OF_FILE",
+                "CANNOT_READ_FROM_SOCKET",
+                "CANNOT_WRITE_TO_SOCKET",
             ];
             // Credentials, permissions, a table or database gone: the deployment's problem,
             // and every row would fail alike. Wait (the circuit opens) rather than refuse them.

@@ -32,9 +32,13 @@ const CHUNK_BYTES: usize = 8 * 1024 * 1024;
 /// BSON's document limit, less room for the statement around it.
 const MAX_DOC_BYTES: usize = 16 * 1024 * 1024 - 16 * 1024;
 
-/// Server codes a retry can get past: elections, shutdowns, interrupted or timed-out work.
+/// Server codes a retry can get past: elections, shutdowns, interrupted or timed-out work,
+/// and the conflicts of concurrent transactions (LockTimeout 24, WriteConflict 112,
+/// ConflictingOperationInProgress 117, NoSuchTransaction 251) — a rebalance overlap makes
+/// two workers write one document at once.
 const TRANSIENT_CODES: &[i32] = &[
-    6, 7, 43, 50, 89, 91, 134, 189, 262, 9001, 10107, 11600, 11602, 13435, 13436,
+    6, 7, 24, 43, 50, 89, 91, 112, 117, 134, 189, 251, 262, 9001, 10107, 11600, 11602, 13435,
+    13436,
 ];
 
 /// Server codes of a deployment problem: Unauthorized, AuthenticationFailed.
@@ -54,6 +58,17 @@ pub struct MongoSink {
 }
 
 pub(crate) fn classify(e: &mongodb::error::Error) -> SinkError {
+    // The server's own verdict comes first: these labels mean "the same request can succeed".
+    let labelled = [
+        mongodb::error::TRANSIENT_TRANSACTION_ERROR,
+        mongodb::error::UNKNOWN_TRANSACTION_COMMIT_RESULT,
+        mongodb::error::RETRYABLE_WRITE_ERROR,
+    ]
+    .iter()
+    .any(|l| e.contains_label(l));
+    if labelled {
+        return SinkError::transient(STORE, e);
+    }
     match e.kind.as_ref() {
         // Unauthorized, AuthenticationFailed: the deployment's problem, not the documents'
         // (every write fails alike): wait, with the circuit open, rather than refuse them.

@@ -385,9 +385,7 @@ fn classify(e: redis::RedisError) -> SinkError {
         e.kind(),
         redis::ErrorKind::AuthenticationFailed
             | redis::ErrorKind::Server(redis::ServerErrorKind::NoPerm)
-    ) || e
-        .code()
-        .is_some_and(|c| matches!(c, "NOAUTH" | "WRONGPASS" | "NOPERM"));
+    ) || e.code().is_some_and(transient_code);
     if deployment {
         return SinkError::transient(STORE, e);
     }
@@ -413,6 +411,12 @@ fn transient_code(code: &str) -> bool {
             | "NOSCRIPT"
             | "MOVED"
             | "ASK"
+            // The deployment's problems, not the document's: persistence failing (MISCONF),
+            // credentials or permissions. Every write would fail alike; wait for them.
+            | "MISCONF"
+            | "NOAUTH"
+            | "WRONGPASS"
+            | "NOPERM"
     )
 }
 

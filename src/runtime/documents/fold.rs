@@ -37,7 +37,7 @@ impl<P: Projector, S: DocStore> DocStage<P, S> {
         for m in &routed.poison {
             // The poison stage records the park; hold the stream's later events meanwhile.
             self.st().parked.park(&m.stream, m.from, &m.reason);
-            self.poison_parks.push(m.clone());
+            self.unsaved.poison(m.window, &m.stream, m.from, &m.reason);
         }
         let mut prep = Prepared::new(routed, target);
 
@@ -78,12 +78,12 @@ impl<P: Projector, S: DocStore> DocStage<P, S> {
             }
             let Some(key) = key else {
                 let reason = "the event names no view".to_owned();
-                prep.parks.extend(self.park(&stream, seq, &reason));
+                self.park(&mut prep, r, &stream, seq, &reason);
                 prep.letters.push((r, "rejected", reason));
                 continue;
             };
             if let Some(why) = corrupt.get(&key) {
-                prep.parks.extend(self.park(&stream, seq, why));
+                self.park(&mut prep, r, &stream, seq, why);
                 prep.letters.push((r, "corrupt_view", why.clone()));
                 continue;
             }
@@ -107,8 +107,7 @@ impl<P: Projector, S: DocStore> DocStage<P, S> {
                 }
                 Ok(Step::Rejected(rej)) => {
                     prep.keys[ki].offered.push((r, Outcome::Rejected));
-                    prep.parks
-                        .extend(self.park(&rej.stream, rej.sequence, &rej.reason));
+                    self.park(&mut prep, r, &rej.stream, rej.sequence, &rej.reason);
                     prep.keys[ki].rejected.push((r, rej));
                 }
                 Err(rej) => {
@@ -144,8 +143,7 @@ impl<P: Projector, S: DocStore> DocStage<P, S> {
         tracing::error!(projection = self.ctx.name, stream = %rej.stream, sequence = rej.sequence,
             reason = %rej.reason, "the projector panicked: the event is a dead letter, its stream parked");
         metrics::counter!("projector_panics_total", "projector" => self.ctx.name).increment(1);
-        prep.parks
-            .extend(self.park(&rej.stream, rej.sequence, &rej.reason));
+        self.park(prep, r, &rej.stream, rej.sequence, &rej.reason);
         prep.stopped.push((rej.stream.clone(), rej.sequence));
         prep.keys[ki].offered.push((r, Outcome::Panicked));
         prep.letters.push((r, "projector_panic", rej.reason));
@@ -272,7 +270,7 @@ impl<P: Projector, S: DocStore> DocStage<P, S> {
                         tracing::warn!(rejection = %rej, "refused only when folded again");
                         stopped_here.push((rej.stream.clone(), rej.sequence));
                     }
-                    new_parks.push((rej.stream.clone(), rej.sequence, rej.reason.clone()));
+                    new_parks.push((r, rej.stream.clone(), rej.sequence, rej.reason.clone()));
                     kw.rejected.push((r, rej));
                     Outcome::Rejected
                 }
@@ -282,8 +280,8 @@ impl<P: Projector, S: DocStore> DocStage<P, S> {
                 }
             };
         }
-        for (stream, seq, reason) in new_parks {
-            prep.parks.extend(self.park(&stream, seq, &reason));
+        for (r, stream, seq, reason) in new_parks {
+            self.park(prep, r, &stream, seq, &reason);
         }
         if let Some((i, r, rej)) = panic {
             prep.keys[ki].offered.remove(i);
@@ -356,7 +354,7 @@ impl<P: Projector, S: DocStore> DocStage<P, S> {
             let e = prep.routed.batch.event(r);
             let (seq, stream) = (e.header.sequence_number, self.keys.of(e).to_owned());
             let reason = format!("{} refused view {key}: {why}", self.ctx.store);
-            prep.parks.extend(self.park(&stream, seq, &reason));
+            self.park(prep, r, &stream, seq, &reason);
             prep.letters.push((r, "store_refused", reason));
         }
         self.st().cache.map.remove(&key);

@@ -41,7 +41,8 @@ use super::targets::Target;
 use crate::resilience::dead_letter::DeadLetter;
 use crate::sinks::{DocStore, DocWrite, SinkError, WriteOutcome};
 use cache::Cache;
-use route::{PoisonMark, Routed};
+use super::parking::unsaved::Unsaved;
+use route::Routed;
 
 pub use settle::{CAS_LIMIT, CAS_ROUNDS};
 
@@ -188,11 +189,8 @@ pub struct DocStage<P: Projector, S: DocStore> {
     seen_gen: u64,
     tick: u64,
     keys: StreamKey,
-    /// Parks of batches folded but not finished yet: kept across a reload of the table.
-    pending_parks: Vec<ParkRecord>,
-    /// Parks of unreadable messages, kept until the poison stage has recorded that window's
-    /// parks (see [`super::Shared::poison_saved`]).
-    poison_parks: Vec<PoisonMark>,
+    /// Parks the table may not have yet (this stage's, unreadable messages').
+    unsaved: Unsaved,
 }
 
 impl<P: Projector, S: DocStore> DocStage<P, S> {
@@ -215,8 +213,7 @@ impl<P: Projector, S: DocStore> DocStage<P, S> {
             seen_gen: 0,
             tick: 0,
             keys: StreamKey::default(),
-            pending_parks: Vec::new(),
-            poison_parks: Vec::new(),
+            unsaved: Unsaved::default(),
         }
     }
 
@@ -254,10 +251,10 @@ impl<P: Projector, S: DocStore> DocStage<P, S> {
                 tracing::warn!(error = %e, version = %target.version, "the live version was not announced in the store");
             }
         }
-        self.pending_parks.retain(|r| r.version == target.version);
         let saved = self.ctx.shared.poison_saved.load(Ordering::Acquire);
         let mut parked = self.ctx.load_parks(&target.version).await;
-        self.merge_unsaved(&mut parked, saved);
+        self.unsaved
+            .merge_into(&mut parked, &target.version, saved);
         let seen = matches!(self.ctx.mode, Mode::Replay { fresh: true, .. }).then(HashSet::default);
         self.state = Some(TargetState {
             target: target.clone(),
@@ -286,7 +283,7 @@ impl<P: Projector, S: DocStore> DocStage<P, S> {
         // Read before the table: whatever the poison stage recorded up to here is in it.
         let saved = self.ctx.shared.poison_saved.load(Ordering::Acquire);
         let mut parked = self.ctx.load_parks(&version).await;
-        self.merge_unsaved(&mut parked, saved);
+        self.unsaved.merge_into(&mut parked, &version, saved);
         let st = self.st();
         st.parked = parked;
         st.parks_loaded = Instant::now();
@@ -295,36 +292,23 @@ impl<P: Projector, S: DocStore> DocStage<P, S> {
         }
     }
 
-    /// Parks made here (or seen in poison) that the table may not have yet: the table was
-    /// read after the poison stage had recorded every window up to `poison_saved`.
-    fn merge_unsaved(&mut self, parked: &mut Parked, poison_saved: u64) {
-        for r in &self.pending_parks {
-            parked.park(&r.stream, r.from, &r.reason);
-        }
-        self.poison_parks.retain(|m| m.window > poison_saved);
-        for m in &self.poison_parks {
-            parked.park(&m.stream, m.from, &m.reason);
-        }
-    }
-
-    fn park(&mut self, stream: &str, seq: i64, reason: &str) -> Option<ParkRecord> {
+    /// Park `stream` from `seq` (event `r` of the batch refused): held at once, recorded
+    /// when the batch completes, kept across reloads of the table until then.
+    fn park(&mut self, prep: &mut Prepared, r: EventRef, stream: &str, seq: i64, reason: &str) {
+        let from = ParkFrom::Sequence(seq);
         let version = self.st().target.version.clone();
-        if !self
-            .st()
-            .parked
-            .park(stream, ParkFrom::Sequence(seq), reason)
-        {
-            return None;
+        if !self.st().parked.park(stream, from, reason) {
+            return;
         }
-        let r = ParkRecord {
+        let window = prep.routed.batch.windows[r.0 as usize].id;
+        self.unsaved.own(window, &version, stream, from, reason);
+        prep.parks.push(ParkRecord {
             projection: self.ctx.name.to_owned(),
             version,
             stream: stream.to_owned(),
-            from: ParkFrom::Sequence(seq),
+            from,
             reason: reason.to_owned(),
-        };
-        self.pending_parks.push(r.clone());
-        Some(r)
+        });
     }
 
     /// The span of one store call of the batch under `parent` (a load, or a write).
@@ -386,7 +370,9 @@ impl<P: Projector, S: DocStore> DocStage<P, S> {
         batch.span.record("letters", letters.len());
         self.ctx.send_letters(letters).await;
         self.ctx.save_parks(&prep.parks).await;
-        self.pending_parks.retain(|r| !prep.parks.contains(r));
+        if let Some(last) = batch.windows.last() {
+            self.unsaved.saved(last.id);
+        }
         tracing::debug!(
             projector = self.ctx.name,
             shard = self.shard,
