@@ -15,6 +15,7 @@ use projector::runtime::commit::{Registration, Tp, Tracker, TrackerMsg};
 use projector::runtime::pipeline::{StageEnv, spawn_stages};
 use projector::runtime::stage::Mode;
 use projector::source::decode::{RawItem, decode_all};
+use projector::source::sequence::{MemoryEvents, Positions, Sequencing};
 use projector::source::window::{Arena, Origin, RawRef, Window};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -22,7 +23,9 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
 use super::models::{self, Model, comparable};
-use super::world::{Faults, Pointer, Shared, SimCommit, SimControl, SimSinks, World, lock};
+use super::world::{
+    Faults, Pointer, Shared, SimCommit, SimControl, SimPositions, SimSinks, World, lock,
+};
 
 /// What a schedule found.
 #[derive(Debug, Default)]
@@ -42,9 +45,9 @@ struct Plan {
     max_batch: usize,
     window: usize,
     dup: f64,
-    /// Lost on the wire / swapped with the stream's next event (only in schedules without
-    /// crashes or moves: the sequencer does not check a stream's first event after a restart
-    /// or a reassignment).
+    /// Lost on the wire / swapped with the stream's next event, in any schedule (with crashes
+    /// and moves too: a stream first seen after a restart or a reassignment starts from its
+    /// durable position).
     loss: f64,
     swap: f64,
     action: f64,
@@ -115,7 +118,10 @@ struct Worker {
 
 struct Ctx {
     world: Shared,
-    store: Arc<super::world::SimEventStore>,
+    store: Arc<MemoryEvents>,
+    /// The group's durable stream positions (`None` with `SIM_NO_POSITIONS`: a stream first
+    /// seen is taken as it comes, as before them).
+    positions: Option<Arc<SimPositions>>,
     wire: WireRef,
     log: Arc<Vec<EventEnvelope>>,
     topics: Arc<Vec<String>>,
@@ -158,7 +164,7 @@ fn start_worker(ctx: &Ctx, seed: u64) -> Worker {
         Ok(s) => s,
         Err(e) => panic!("stages: {e}"),
     };
-    let tracker = Tracker::new(
+    let mut tracker = Tracker::new(
         stages.participants,
         shared.clone(),
         ctx.topics.clone(),
@@ -167,6 +173,15 @@ fn start_worker(ctx: &Ctx, seed: u64) -> Worker {
     .commit_every(Duration::from_millis(seed % 300));
     let shared_for_source = shared.clone();
     let mut tasks = stages.handles;
+    // The recorder of durable positions dies with the worker: what it had not written is lost.
+    let mut sequencing = Sequencing::new(ctx.store.clone(), shared.clone(), &ctx.cfg.worker);
+    if let Some(store) = &ctx.positions {
+        let every = Duration::from_millis(ctx.cfg.worker.position_flush_ms);
+        let (p, recorder) = Positions::start(store.clone(), every);
+        tasks.push(recorder);
+        tracker = tracker.on_durable(p.on_durable());
+        sequencing = sequencing.map(|s| s.with_positions(p));
+    }
     tasks.push(tokio::spawn(async move {
         tracker.run(tracker_rx).await;
     }));
@@ -189,11 +204,7 @@ fn start_worker(ctx: &Ctx, seed: u64) -> Worker {
         window: ctx.plan.window,
         assigned: BTreeMap::new(),
         member,
-        sequencing: projector::source::sequence::Sequencing::new(
-            ctx.store.clone(),
-            shared.clone(),
-            &ctx.cfg.worker,
-        ),
+        sequencing,
         epoch: 0,
         next_id: 0,
     };
@@ -224,7 +235,7 @@ struct Source {
     /// Owned partitions: (epoch, next offset to read).
     assigned: BTreeMap<Tp, (u32, i64)>,
     member: u64,
-    sequencing: Option<projector::source::sequence::Sequencing>,
+    sequencing: Option<Sequencing>,
     epoch: u32,
     next_id: u64,
 }
@@ -525,7 +536,9 @@ async fn schedule(seed: u64, hostile: bool) -> Outcome {
     for (i, e) in log.iter().enumerate() {
         let tp = tp_of(e, plan.partitions);
         let stream = format!("{}/{}", e.aggregate_type.as_str(), e.aggregate_id);
-        let eligible = e.sequence_number > 0 && later[i];
+        // A stream's first event too (a stream first seen past 0 starts at 0), in lossy
+        // schedules only: the others draw exactly what they drew before positions.
+        let eligible = later[i] && (e.sequence_number > 0 || plan.loss > 0.0 || plan.swap > 0.0);
         if eligible && !held.contains_key(&stream) && rng.random_bool(plan.loss) {
             continue;
         }
@@ -573,9 +586,13 @@ async fn schedule(seed: u64, hostile: bool) -> Outcome {
         .collect();
     let wire = Arc::new(std::sync::Mutex::new(wire));
     install_commit_check(&world, &wire, &events, &topics, contended.clone());
+    install_position_check(&world, &events, contended.clone());
     let ctx = Ctx {
         world: world.clone(),
-        store: Arc::new(super::world::SimEventStore(events.clone())),
+        store: Arc::new(MemoryEvents::new(events.clone())),
+        positions: std::env::var_os("SIM_NO_POSITIONS")
+            .is_none()
+            .then(|| Arc::new(SimPositions::new(world.clone(), seed))),
         wire: wire.clone(),
         log: Arc::new(log.clone()),
         topics: topics.clone(),
@@ -605,11 +622,8 @@ async fn schedule(seed: u64, hostile: bool) -> Outcome {
             }
         }
         published += n;
-        let lossy = plan.loss > 0.0 || plan.swap > 0.0;
         if rng.random_bool(plan.action) {
             match rng.random_range(0..10) {
-                _ if lossy && switches >= plan.switches => {}
-                0..=6 if lossy => {}
                 0..=3 if plan.workers > 1 => {
                     let overlap = rng.random_bool(0.3);
                     let (from, to) = if rng.random_bool(0.5) { (0, 1) } else { (1, 0) };
@@ -909,6 +923,46 @@ fn install_commit_check(
             }
         }
         verified.insert((topic.to_owned(), partition), next);
+        None
+    }));
+}
+
+/// At every write of a durable stream position `L`: every event `0..=L` of the stream is
+/// durable in every store (a position may lag what is durable, never lead it).
+fn install_position_check(world: &Shared, events: &[Event], contended: Option<String>) {
+    let events: Vec<Event> = events.to_vec();
+    let durable: Vec<_> = models::models()
+        .into_iter()
+        .map(|m| (m.name, m.store, m.durable))
+        .collect();
+    lock(world).position_check = Some(Box::new(move |w: &World, p| {
+        for e in &events {
+            let h = &e.header;
+            if h.aggregate_type != p.aggregate_type
+                || h.aggregate_id != p.aggregate_id
+                || h.sequence_number > p.sequence
+            {
+                continue;
+            }
+            for (name, store, d) in &durable {
+                if *store == "redis"
+                    && contended.is_some()
+                    && e.data.customer_id() == contended.as_deref()
+                {
+                    continue;
+                }
+                if !d(w, e) {
+                    return Some(format!(
+                        "recorded position {} of {}/{}, but #{} ({}) is not durable in {name}",
+                        p.sequence,
+                        h.aggregate_type,
+                        h.aggregate_id,
+                        h.sequence_number,
+                        h.event_type
+                    ));
+                }
+            }
+        }
         None
     }));
 }
