@@ -176,7 +176,8 @@ fn start_worker(ctx: &Ctx, seed: u64) -> Worker {
     // The recorder of durable positions dies with the worker: what it had not written is lost.
     let mut sequencing = Sequencing::new(ctx.store.clone(), shared.clone(), &ctx.cfg.worker);
     if let Some(store) = &ctx.positions {
-        let every = Duration::from_millis(ctx.cfg.worker.position_flush_ms);
+        // Written anywhere from at once to 2 s after durable (the default is 1 s).
+        let every = Duration::from_millis(1 + seed % 2_000);
         let (p, recorder) = Positions::start(store.clone(), every);
         tasks.push(recorder);
         tracker = tracker.on_durable(p.on_durable());
