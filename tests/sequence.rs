@@ -460,3 +460,53 @@ async fn losses_right_after_restarts_change_no_read_model() {
     );
     assert!(parks(&cfg).await.is_empty());
 }
+
+/// `stream_positions` in PostgreSQL: per group, the greatest position wins (within one write
+/// and across writes), and groups never see each other's rows.
+#[tokio::test]
+async fn stream_positions_keep_the_greatest_per_group_and_stream() {
+    use contract::AggregateType;
+    use projector::source::sequence::{PgPositions, PositionStore};
+    use projector::store::streams::{StreamId, StreamSeq};
+
+    common::store().await; // migrated
+    let (cfg, ns) = common::isolated_config("seqpos");
+    let pg = std::sync::Arc::new(Pg::from_config(&cfg.postgres));
+    let group = |g: &str| PgPositions {
+        pg: pg.clone(),
+        group: format!("{ns}{g}"),
+    };
+    let (a, b) = (group("a"), group("b"));
+    let at = |id: &str, sequence| StreamSeq {
+        aggregate_type: AggregateType::Order,
+        aggregate_id: format!("{ns}{id}"),
+        sequence,
+    };
+    let id = |id: &str| StreamId {
+        aggregate_type: AggregateType::Order,
+        aggregate_id: format!("{ns}{id}"),
+    };
+    async fn read(p: &PgPositions, ids: Vec<StreamId>) -> Vec<(StreamId, i64)> {
+        let mut rows = p.read(&ids).await.unwrap();
+        rows.sort();
+        rows
+    }
+    a.record(&[at("o1", 4), at("o2", 7), at("o1", 6)])
+        .await
+        .unwrap();
+    assert_eq!(
+        read(&a, vec![id("o1"), id("o2"), id("o3")]).await,
+        vec![(id("o1"), 6), (id("o2"), 7)],
+        "the greatest of one write; no row for a stream never recorded"
+    );
+    a.record(&[at("o1", 5), at("o2", 9)]).await.unwrap();
+    assert_eq!(
+        read(&a, vec![id("o1"), id("o2")]).await,
+        vec![(id("o1"), 6), (id("o2"), 9)],
+        "a lower position never replaces a greater one"
+    );
+    assert!(read(&b, vec![id("o1")]).await.is_empty(), "another group");
+    b.record(&[at("o1", 1)]).await.unwrap();
+    assert_eq!(read(&b, vec![id("o1")]).await, vec![(id("o1"), 1)]);
+    assert_eq!(read(&a, vec![id("o1")]).await, vec![(id("o1"), 6)]);
+}
