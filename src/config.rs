@@ -169,6 +169,15 @@ pub struct WorkerConfig {
     /// (an outbox commits before it publishes) before the stream is held.
     #[serde(default = "default_gap_wait_secs")]
     pub gap_wait_secs: u64,
+    /// Record, per consumer group and stream, the last sequence every stage made durable
+    /// (`stream_positions` in PostgreSQL), and start a stream seen for the first time (after
+    /// a restart, a reassignment, a new consumer) from there, so an event lost or swapped on
+    /// the wire right at that point is filled in. Off: such an event is taken as it comes.
+    #[serde(default = "default_true")]
+    pub stream_positions: bool,
+    /// How often durable stream positions are written (sooner past 10,000 streams).
+    #[serde(default = "default_position_flush_ms")]
+    pub position_flush_ms: u64,
     /// The projectors this worker runs (empty: all). One read model per consumer group lets
     /// each scale on its own; all of them stay in one `deployment`.
     #[serde(default)]
@@ -214,6 +223,12 @@ fn default_sequence_streams() -> usize {
 }
 fn default_gap_wait_secs() -> u64 {
     10
+}
+fn default_true() -> bool {
+    true
+}
+fn default_position_flush_ms() -> u64 {
+    1_000
 }
 
 impl WorkerConfig {

@@ -22,6 +22,9 @@ use simulation::run::run_seed;
 /// Seeds that failed before their fix, each with the race it found (the README's table).
 /// A seed names a schedule of today's `Plan::draw`: change how schedules are drawn and these
 /// must be found again.
+/// (Since losses are drawn with crashes and moves too, lossy schedules are other schedules:
+/// 3712 is one, so it no longer names the schedule that found its race. The others draw what
+/// they drew, though durable positions may shift their timing after a crash or a move.)
 const REGRESSIONS: &[u64] = &[
     // A batch folded onto views the batch in flight had not settled (finding 1).
     503, 648, 1241, 3051,
@@ -32,7 +35,12 @@ const REGRESSIONS: &[u64] = &[
     1875, 7373,
     // After a projector panicked on a view, the batch's later events for that view were
     // folded onto the half-changed view and refused ("ticket is not open"), parking streams.
-    173, 430, 2554,
+    173, 361, 430,
+    // An event lost or swapped on the wire right where a restarted worker (2262, 5021, 8279),
+    // a partition's new owner (2426, 4241, 9122) or both (5707, 8904) picked its stream up:
+    // applied over the hole until a stream seen for the first time started from its durable
+    // position; a stream's first event lost (12) until a stream never durable started at 0.
+    2262, 5021, 8279, 2426, 4241, 9122, 5707, 8904, 12,
 ];
 
 fn report(seed: u64) -> Option<String> {

@@ -160,6 +160,8 @@ pub struct Tracker {
     commit_every: Duration,
     /// Tokio's clock (the simulation pauses it): when offsets were last committed.
     last_commit: Option<tokio::time::Instant>,
+    /// Told each window id once it is durable, in order (the durable stream positions).
+    on_durable: Option<Box<dyn FnMut(u64) + Send>>,
 }
 
 impl Tracker {
@@ -184,7 +186,16 @@ impl Tracker {
             replay,
             commit_every: Duration::from_millis(500),
             last_commit: None,
+            on_durable: None,
         }
+    }
+
+    /// Tell `listener` each window id once the window (and every earlier one) is durable,
+    /// whatever becomes of its offsets (a durable window of a revoked partition or of a
+    /// consumer that is gone is still durable).
+    pub fn on_durable(mut self, listener: Box<dyn FnMut(u64) + Send>) -> Tracker {
+        self.on_durable = Some(listener);
+        self
     }
 
     /// Commit offsets at most this often.
@@ -327,6 +338,9 @@ impl Tracker {
             }
         }
         metrics::histogram!("projector_window_messages").record(reg.messages as f64);
+        if let Some(listener) = self.on_durable.as_mut() {
+            listener(reg.id);
+        }
         metrics::gauge!("projector_in_flight_messages")
             .set(self.shared.in_flight.load(Ordering::Relaxed) as f64);
         if let Some(r) = self.replay.as_mut() {
@@ -466,6 +480,28 @@ mod tests {
             participant: 1,
         });
         assert_eq!(t.stats.windows, 1);
+    }
+
+    #[test]
+    fn the_durable_listener_hears_each_window_once_in_order_when_all_acknowledged() {
+        let heard = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let h = heard.clone();
+        let mut t = tracker(2).on_durable(Box::new(move |id| h.lock().unwrap().push(id)));
+        for id in 1..=3 {
+            t.handle(TrackerMsg::Register(reg(id)));
+        }
+        let ack = |t: &mut Tracker, id, participant| t.handle(TrackerMsg::Ack { id, participant });
+        ack(&mut t, 2, 0);
+        ack(&mut t, 2, 1);
+        ack(&mut t, 1, 0);
+        assert!(heard.lock().unwrap().is_empty(), "window 1 lacks an ack");
+        ack(&mut t, 1, 1);
+        assert_eq!(*heard.lock().unwrap(), vec![1, 2]);
+        ack(&mut t, 3, 1);
+        ack(&mut t, 3, 1);
+        assert_eq!(*heard.lock().unwrap(), vec![1, 2], "one participant twice");
+        ack(&mut t, 3, 0);
+        assert_eq!(*heard.lock().unwrap(), vec![1, 2, 3]);
     }
 
     #[test]

@@ -241,8 +241,7 @@ impl<F: FactProjector, S: FactStore> FactStage<F, S> {
         if let Some((target, _, parked)) = self.state.as_mut()
             && parked.park(stream, from, why)
         {
-            self.unsaved
-                .own(window, &target.version, stream, from, why);
+            self.unsaved.own(window, &target.version, stream, from, why);
             prepared.parks.push(ParkRecord {
                 projection: self.ctx.name.to_owned(),
                 version: target.version.clone(),

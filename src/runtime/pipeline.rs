@@ -26,6 +26,7 @@ use crate::sinks::null::{NullDocs, NullFacts};
 use crate::sinks::redis::RedisSink;
 use crate::sinks::{DocStore, FactStore};
 use crate::source::kafka::{KafkaSource, RawWindow};
+use crate::source::sequence::{PgPositions, Positions, Sequencing};
 use crate::source::window::Window;
 use crate::store::{EventStore, Pg};
 
@@ -292,7 +293,7 @@ pub async fn decode_loop(
     txs: Vec<mpsc::Sender<Arc<Window>>>,
     topics: Arc<Vec<String>>,
     topic_prefix: String,
-    mut sequencing: Option<crate::source::sequence::Sequencing>,
+    mut sequencing: Option<Sequencing>,
 ) {
     while let Some(raw) = rx.recv().await {
         let RawWindow {
@@ -486,13 +487,32 @@ pub async fn run(
     };
     let stages = spawn_stages(&env, &RealSinks(cfg.clone()))?;
     drop(env);
-    let tracker = Tracker::new(stages.participants, shared.clone(), topics.clone(), None)
+    // Durable stream positions: recorded as the tracker finds windows durable, read by the
+    // sequencer when it sees a stream for the first time.
+    let (positions, recorder) = if cfg.worker.stream_positions && cfg.worker.sequence_streams > 0 {
+        let store = PgPositions {
+            pg: pg.clone(),
+            group: cfg.kafka.group_id.clone(),
+        };
+        let every = Duration::from_millis(cfg.worker.position_flush_ms);
+        let (p, task) = Positions::start(Arc::new(store), every);
+        (Some(p), Some(task))
+    } else {
+        (None, None)
+    };
+    let mut tracker = Tracker::new(stages.participants, shared.clone(), topics.clone(), None)
         .commit_every(Duration::from_millis(cfg.worker.commit_interval_ms));
+    if let Some(p) = &positions {
+        tracker = tracker.on_durable(p.on_durable());
+    }
     let tracker = tokio::spawn(tracker.run(tracker_rx));
     let (raw_tx, raw_rx) = mpsc::channel(QUEUE);
     // Lost or reordered messages are filled in or held from the event store before any stage.
     let sequencing =
-        crate::source::sequence::Sequencing::new(pg.clone(), shared.clone(), &cfg.worker);
+        Sequencing::new(pg.clone(), shared.clone(), &cfg.worker).map(|s| match positions {
+            Some(p) => s.with_positions(p),
+            None => s,
+        });
     let decode = tokio::spawn(decode_loop(
         raw_rx,
         stages.txs.clone(),
@@ -535,6 +555,15 @@ pub async fn run(
         }
     }
     let tstats = tracker.await.unwrap_or_default();
+    // The tracker and the sequencer are gone: the recorder writes what is durable and ends.
+    if let Some(mut r) = recorder
+        && tokio::time::timeout(Duration::from_secs(15), &mut r)
+            .await
+            .is_err()
+    {
+        tracing::warn!("stream positions not all recorded in time (the next start refills)");
+        r.abort();
+    }
     let mut report = RunReport::from_parts(&tstats, &stats);
     report.consumer_restarts = shared.consumer_restarts.load(Ordering::Relaxed);
     Ok(report)

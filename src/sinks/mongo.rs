@@ -37,8 +37,7 @@ const MAX_DOC_BYTES: usize = 16 * 1024 * 1024 - 16 * 1024;
 /// ConflictingOperationInProgress 117, NoSuchTransaction 251) — a rebalance overlap makes
 /// two workers write one document at once.
 const TRANSIENT_CODES: &[i32] = &[
-    6, 7, 24, 43, 50, 89, 91, 112, 117, 134, 189, 251, 262, 9001, 10107, 11600, 11602, 13435,
-    13436,
+    6, 7, 24, 43, 50, 89, 91, 112, 117, 134, 189, 251, 262, 9001, 10107, 11600, 11602, 13435, 13436,
 ];
 
 /// Server codes of a deployment problem: Unauthorized, AuthenticationFailed.

@@ -26,6 +26,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "handover_lease_and_parking",
         include_str!("migrations/0005_handover_lease_and_parking.sql"),
     ),
+    (
+        6,
+        "stream_positions",
+        include_str!("migrations/0006_stream_positions.sql"),
+    ),
 ];
 
 /// Any fixed number shared by every pod of this service.

@@ -1,5 +1,7 @@
 //! Reads by stream and sequence, many streams in one query: what the live sequencer asks when
-//! events were lost or reordered on the wire (`crate::source::sequence`).
+//! events were lost or reordered on the wire (`crate::source::sequence`); and the durable
+//! position of each stream per consumer group, where it starts a stream seen for the first
+//! time (`crate::source::sequence::positions`).
 
 use contract::AggregateType;
 use tokio_postgres::Client;
@@ -22,6 +24,24 @@ pub struct StreamSeq {
     pub aggregate_type: AggregateType,
     pub aggregate_id: String,
     pub sequence: i64,
+}
+
+/// One stream.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct StreamId {
+    pub aggregate_type: AggregateType,
+    pub aggregate_id: String,
+}
+
+impl StreamId {
+    /// From a stream key `aggregate_type/aggregate_id`.
+    pub fn parse(stream: &str) -> Option<StreamId> {
+        let (t, id) = stream.split_once('/')?;
+        Some(StreamId {
+            aggregate_type: t.parse().ok()?,
+            aggregate_id: id.to_owned(),
+        })
+    }
 }
 
 /// Every stored event inside the ranges, by stream and sequence (what the store lacks is
@@ -86,4 +106,75 @@ pub async fn event_ids_at(
             ))
         })
         .collect())
+}
+
+/// The durable position recorded for `group` of each of `streams` that has one.
+pub async fn read_positions(
+    c: &Client,
+    group: &str,
+    streams: &[StreamId],
+) -> Result<Vec<(StreamId, i64)>, tokio_postgres::Error> {
+    if streams.is_empty() {
+        return Ok(Vec::new());
+    }
+    let types: Vec<&str> = streams.iter().map(|k| k.aggregate_type.as_str()).collect();
+    let ids: Vec<&str> = streams.iter().map(|k| k.aggregate_id.as_str()).collect();
+    let rows = c
+        .query(
+            "SELECT p.aggregate_type, p.aggregate_id, p.sequence \
+             FROM unnest($2::text[], $3::text[]) AS k(t, id) \
+             JOIN stream_positions p ON p.group_id = $1 AND p.aggregate_type = k.t \
+               AND p.aggregate_id = k.id",
+            &[&group, &types, &ids],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .filter_map(|r| {
+            let aggregate_type = r.get::<_, String>(0).parse().ok()?;
+            Some((
+                StreamId {
+                    aggregate_type,
+                    aggregate_id: r.get(1),
+                },
+                r.get(2),
+            ))
+        })
+        .collect())
+}
+
+/// Record durable positions for `group`, keeping the greatest of the stored and the new one
+/// (one round trip). At most one position per stream; rows are written in key order, so two
+/// members recording overlapping streams at once never deadlock.
+pub async fn record_positions(
+    c: &Client,
+    group: &str,
+    positions: &[StreamSeq],
+) -> Result<u64, tokio_postgres::Error> {
+    if positions.is_empty() {
+        return Ok(0);
+    }
+    let mut sorted: Vec<&StreamSeq> = positions.iter().collect();
+    // The greatest of a stream's positions first, so the dedup keeps it.
+    sorted.sort_by(|a, b| {
+        (a.aggregate_type.as_str(), &a.aggregate_id, b.sequence).cmp(&(
+            b.aggregate_type.as_str(),
+            &b.aggregate_id,
+            a.sequence,
+        ))
+    });
+    sorted
+        .dedup_by(|a, b| a.aggregate_type == b.aggregate_type && a.aggregate_id == b.aggregate_id);
+    let types: Vec<&str> = sorted.iter().map(|k| k.aggregate_type.as_str()).collect();
+    let ids: Vec<&str> = sorted.iter().map(|k| k.aggregate_id.as_str()).collect();
+    let seqs: Vec<i64> = sorted.iter().map(|k| k.sequence).collect();
+    c.execute(
+        "INSERT INTO stream_positions AS p (group_id, aggregate_type, aggregate_id, sequence) \
+         SELECT $1, t, id, s FROM unnest($2::text[], $3::text[], $4::int8[]) AS k(t, id, s) \
+         ORDER BY t, id \
+         ON CONFLICT (group_id, aggregate_type, aggregate_id) \
+         DO UPDATE SET sequence = GREATEST(p.sequence, EXCLUDED.sequence)",
+        &[&group, &types, &ids, &seqs],
+    )
+    .await
 }

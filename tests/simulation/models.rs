@@ -23,7 +23,7 @@ pub fn comparable(body: &[u8]) -> Value {
 
 /// The fold of a log, with streams parked before it begins (by unreadable messages).
 type FoldFn = Box<dyn Fn(&[Event], &Parked) -> Folded + Send + Sync>;
-type DurableFn = Box<dyn Fn(&World, &Event) -> bool + Send + Sync>;
+pub type DurableFn = Box<dyn Fn(&World, &Event) -> bool + Send + Sync>;
 
 /// One projector's fold of a log.
 pub struct Folded {

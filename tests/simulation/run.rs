@@ -15,6 +15,7 @@ use projector::runtime::commit::{Registration, Tp, Tracker, TrackerMsg};
 use projector::runtime::pipeline::{StageEnv, spawn_stages_of};
 use projector::runtime::stage::Mode;
 use projector::source::decode::{RawItem, decode_all};
+use projector::source::sequence::{MemoryEvents, Positions, Sequencing};
 use projector::source::window::{Arena, Origin, RawRef, Window};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -22,7 +23,9 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
 use super::models::{self, Model, comparable};
-use super::world::{Faults, Pointer, Shared, SimCommit, SimControl, SimSinks, World, lock};
+use super::world::{
+    Faults, Pointer, Shared, SimCommit, SimControl, SimPositions, SimSinks, World, lock,
+};
 
 /// What a schedule found.
 #[derive(Debug, Default)]
@@ -44,9 +47,9 @@ struct Plan {
     max_batch: usize,
     window: usize,
     dup: f64,
-    /// Lost on the wire / swapped with the stream's next event (only in schedules without
-    /// crashes or moves: the sequencer does not check a stream's first event after a restart
-    /// or a reassignment).
+    /// Lost on the wire / swapped with the stream's next event, in any schedule (with crashes
+    /// and moves too: a stream first seen after a restart or a reassignment starts from its
+    /// durable position).
     loss: f64,
     swap: f64,
     action: f64,
@@ -126,7 +129,10 @@ struct Worker {
 
 struct Ctx {
     world: Shared,
-    store: Arc<super::world::SimEventStore>,
+    store: Arc<MemoryEvents>,
+    /// The group's durable stream positions (`None` with `SIM_NO_POSITIONS`: a stream first
+    /// seen is taken as it comes, as before them).
+    positions: Option<Arc<SimPositions>>,
     wire: WireRef,
     log: Arc<Vec<EventEnvelope>>,
     poisoned: Arc<std::collections::HashSet<usize>>,
@@ -171,7 +177,7 @@ fn start_worker(ctx: &Ctx, seed: u64) -> Worker {
         Ok(s) => s,
         Err(e) => panic!("stages: {e}"),
     };
-    let tracker = Tracker::new(
+    let mut tracker = Tracker::new(
         stages.participants,
         shared.clone(),
         ctx.topics.clone(),
@@ -180,6 +186,16 @@ fn start_worker(ctx: &Ctx, seed: u64) -> Worker {
     .commit_every(Duration::from_millis(seed % 300));
     let shared_for_source = shared.clone();
     let mut tasks = stages.handles;
+    // The recorder of durable positions dies with the worker: what it had not written is lost.
+    let mut sequencing = Sequencing::new(ctx.store.clone(), shared.clone(), &ctx.cfg.worker);
+    if let Some(store) = &ctx.positions {
+        // Written anywhere from at once to 2 s after durable (the default is 1 s).
+        let every = Duration::from_millis(1 + seed % 2_000);
+        let (p, recorder) = Positions::start(store.clone(), every);
+        tasks.push(recorder);
+        tracker = tracker.on_durable(p.on_durable());
+        sequencing = sequencing.map(|s| s.with_positions(p));
+    }
     tasks.push(tokio::spawn(async move {
         tracker.run(tracker_rx).await;
     }));
@@ -203,11 +219,7 @@ fn start_worker(ctx: &Ctx, seed: u64) -> Worker {
         window: ctx.plan.window,
         assigned: BTreeMap::new(),
         member,
-        sequencing: projector::source::sequence::Sequencing::new(
-            ctx.store.clone(),
-            shared.clone(),
-            &ctx.cfg.worker,
-        ),
+        sequencing,
         epoch: 0,
         next_id: 0,
     };
@@ -240,7 +252,7 @@ struct Source {
     /// Owned partitions: (epoch, next offset to read).
     assigned: BTreeMap<Tp, (u32, i64)>,
     member: u64,
-    sequencing: Option<projector::source::sequence::Sequencing>,
+    sequencing: Option<Sequencing>,
     epoch: u32,
     next_id: u64,
 }
@@ -625,7 +637,9 @@ async fn schedule(seed: u64, mode: Mode_) -> Outcome {
     for (i, e) in log.iter().enumerate() {
         let tp = tp_of(e, plan.partitions);
         let stream = format!("{}/{}", e.aggregate_type.as_str(), e.aggregate_id);
-        let eligible = e.sequence_number > 0 && later[i];
+        // A stream's first event too (a stream first seen past 0 starts at 0), in lossy
+        // schedules only: the others draw exactly what they drew before positions.
+        let eligible = later[i] && (e.sequence_number > 0 || plan.loss > 0.0 || plan.swap > 0.0);
         if eligible && !held.contains_key(&stream) && rng.random_bool(plan.loss) {
             continue;
         }
@@ -672,18 +686,21 @@ async fn schedule(seed: u64, mode: Mode_) -> Outcome {
         .map(|(tp, m)| (*tp, m.len() as i64))
         .collect();
     let wire = Arc::new(std::sync::Mutex::new(wire));
-    install_commit_check(
-        &world,
-        &wire,
+    let settled = Settled::new(
         &events,
-        &topics,
-        (contended.clone(), refused_stream.clone()),
         plan.panics,
         &pre,
+        contended.clone(),
+        refused_stream.clone(),
     );
+    install_commit_check(&world, &wire, &events, &topics, settled.clone());
+    install_position_check(&world, &events, settled);
     let ctx = Ctx {
         world: world.clone(),
-        store: Arc::new(super::world::SimEventStore(events.clone())),
+        store: Arc::new(MemoryEvents::new(events.clone())),
+        positions: std::env::var_os("SIM_NO_POSITIONS")
+            .is_none()
+            .then(|| Arc::new(SimPositions::new(world.clone(), seed))),
         wire: wire.clone(),
         log: Arc::new(log.clone()),
         poisoned: poisoned.clone(),
@@ -714,11 +731,8 @@ async fn schedule(seed: u64, mode: Mode_) -> Outcome {
             }
         }
         published += n;
-        let lossy = plan.loss > 0.0 || plan.swap > 0.0;
         if rng.random_bool(plan.action) {
             match rng.random_range(0..10) {
-                _ if lossy && switches >= plan.switches => {}
-                0..=6 if lossy => {}
                 0..=3 if plan.workers > 1 => {
                     let overlap = rng.random_bool(0.3);
                     let (from, to) = if rng.random_bool(0.5) { (0, 1) } else { (1, 0) };
@@ -986,21 +1000,11 @@ fn install_commit_check(
     wire: &WireRef,
     events: &[Event],
     topics: &Arc<Vec<String>>,
-    (contended, refused_stream): (Option<String>, Option<String>),
-    panics: Option<u64>,
-    pre: &projectors::Parked,
+    settled: Settled,
 ) {
     let wire = wire.clone();
     let topics = topics.clone();
     let events: Vec<Event> = events.to_vec();
-    // An event the fold parks (a panic, or held after one) is settled without a write.
-    let durable: Vec<_> = models::models(panics)
-        .into_iter()
-        .map(|m| {
-            let parked = (m.fold)(&events, pre).parked;
-            (m.name, m.store, m.durable, parked)
-        })
-        .collect();
     let mut verified: HashMap<(String, i32), i64> = HashMap::new();
     lock(world).commit_check = Some(Box::new(move |w: &World, topic, partition, next| {
         let t = topics.iter().position(|x| x == topic)? as u16;
@@ -1014,36 +1018,108 @@ fn install_commit_check(
             .unwrap_or(0);
         for off in from..next.min(msgs.len() as i64) {
             let e = events.get(msgs[off as usize])?;
-            for (name, store, d, parked) in &durable {
-                let stream = projectors::document::stream_key(e);
-                if parked
-                    .holding(&stream, e.header.sequence_number, None)
-                    .is_some()
-                {
-                    continue;
-                }
-                // A view given up (refused, its streams parked) is settled without a write.
-                if *store == "redis"
-                    && contended.is_some()
-                    && e.data.customer_id() == contended.as_deref()
-                {
-                    continue;
-                }
-                if *store == "clickhouse" && refused_stream.as_deref() == Some(stream.as_str()) {
-                    continue;
-                }
-                if !d(w, e) {
-                    return Some(format!(
-                        "committed {topic}/{partition} up to {next}, but offset {off} ({} #{} of {}/{}) is not durable in {name}",
-                        e.header.event_type,
-                        e.header.sequence_number,
-                        e.header.aggregate_type,
-                        e.header.aggregate_id
-                    ));
-                }
+            if let Some(name) = settled.not_durable(w, e) {
+                return Some(format!(
+                    "committed {topic}/{partition} up to {next}, but offset {off} ({} #{} of {}/{}) is not durable in {name}",
+                    e.header.event_type,
+                    e.header.sequence_number,
+                    e.header.aggregate_type,
+                    e.header.aggregate_id
+                ));
             }
         }
         verified.insert((topic.to_owned(), partition), next);
+        None
+    }));
+}
+
+/// Whether an event is settled in every store: durable, or settled without a write (the
+/// fold parks it — a panic, poison, or held after one — or the schedule gave its view or
+/// its fact stream up on purpose).
+#[derive(Clone)]
+struct Settled(Arc<SettledInner>);
+
+struct SettledInner {
+    models: Vec<(
+        &'static str,
+        &'static str,
+        models::DurableFn,
+        projectors::Parked,
+    )>,
+    contended: Option<String>,
+    refused_stream: Option<String>,
+}
+
+impl Settled {
+    fn new(
+        events: &[Event],
+        panics: Option<u64>,
+        pre: &projectors::Parked,
+        contended: Option<String>,
+        refused_stream: Option<String>,
+    ) -> Settled {
+        let models = models::models(panics)
+            .into_iter()
+            .map(|m| {
+                let parked = (m.fold)(events, pre).parked;
+                (m.name, m.store, m.durable, parked)
+            })
+            .collect();
+        Settled(Arc::new(SettledInner {
+            models,
+            contended,
+            refused_stream,
+        }))
+    }
+
+    /// The first model `e` is not durable in, if any.
+    fn not_durable(&self, w: &World, e: &Event) -> Option<&'static str> {
+        let s = &self.0;
+        let stream = projectors::document::stream_key(e);
+        for (name, store, d, parked) in &s.models {
+            if parked
+                .holding(&stream, e.header.sequence_number, None)
+                .is_some()
+            {
+                continue;
+            }
+            if *store == "redis"
+                && s.contended.is_some()
+                && e.data.customer_id() == s.contended.as_deref()
+            {
+                continue;
+            }
+            if *store == "clickhouse" && s.refused_stream.as_deref() == Some(stream.as_str()) {
+                continue;
+            }
+            if !d(w, e) {
+                return Some(name);
+            }
+        }
+        None
+    }
+}
+
+/// At every write of a durable stream position `L`: every event `0..=L` of the stream is
+/// durable in every store (a position may lag what is durable, never lead it).
+fn install_position_check(world: &Shared, events: &[Event], settled: Settled) {
+    let events: Vec<Event> = events.to_vec();
+    lock(world).position_check = Some(Box::new(move |w: &World, p| {
+        for e in &events {
+            let h = &e.header;
+            if h.aggregate_type != p.aggregate_type
+                || h.aggregate_id != p.aggregate_id
+                || h.sequence_number > p.sequence
+            {
+                continue;
+            }
+            if let Some(name) = settled.not_durable(w, e) {
+                return Some(format!(
+                    "recorded position {} of {}/{}, but #{} ({}) is not durable in {name}",
+                    p.sequence, h.aggregate_type, h.aggregate_id, h.sequence_number, h.event_type
+                ));
+            }
+        }
         None
     }));
 }

@@ -18,7 +18,9 @@ use projector::runtime::parking::{ANY, ParkRecord};
 use projector::runtime::pipeline::SinkFactory;
 use projector::runtime::targets::{Check, PointerError, Target};
 use projector::sinks::{DocStore, DocWrite, FactStore, Loaded, SinkError, WriteOutcome};
+use projector::source::sequence::{MemoryPositions, PositionStore};
 use projector::store::StoreError;
+use projector::store::streams::{StreamId, StreamSeq};
 use projector::versions::VersionError;
 use projectors::analytics::Fact;
 use projectors::{Doc, Parked};
@@ -83,6 +85,8 @@ pub struct World {
     pub refusing: HashSet<(String, String)>,
     /// Checks every commit against what the stores hold (see `run`).
     pub commit_check: Option<CommitCheck>,
+    /// Checks every durable stream position written against what the stores hold.
+    pub position_check: Option<PositionCheck>,
 }
 
 pub type Shared = Arc<Mutex<World>>;
@@ -121,6 +125,7 @@ impl World {
             hostile: HashSet::new(),
             refusing: HashSet::new(),
             commit_check: None,
+            position_check: None,
         }
     }
 
@@ -554,48 +559,73 @@ impl OffsetCommit for SimCommit {
     }
 }
 
-/// The event store as the sequencer reads it: the whole log (an outbox appends an event
-/// before it publishes it, so everything on the wire is already there).
-pub struct SimEventStore(pub Vec<contract::Event>);
+/// Called at each write of durable stream positions, per position: why it leads what is
+/// durable, if it does.
+pub type PositionCheck = Box<dyn FnMut(&World, &StreamSeq) -> Option<String> + Send>;
 
-#[async_trait]
-impl projector::source::sequence::GapSource for SimEventStore {
-    async fn ranges(
-        &self,
-        ranges: &[projector::store::streams::StreamRange],
-    ) -> Result<Vec<projector::store::Typed>, StoreError> {
-        Ok(self
-            .0
-            .iter()
-            .filter(|e| {
-                let h = &e.header;
-                ranges.iter().any(|r| {
-                    r.aggregate_type == h.aggregate_type
-                        && r.aggregate_id == h.aggregate_id
-                        && (r.from..=r.to).contains(&h.sequence_number)
-                })
-            })
-            .cloned()
-            .map(Ok)
-            .collect())
+/// The group's durable stream positions, as PostgreSQL keeps them: shared by every worker, and
+/// a crash loses only what a worker's recorder had not written yet. While faults are on, a call
+/// fails as PostgreSQL does, drawn from a random stream of its own (the seed's other faults
+/// stay as they were). Every write is checked: a position must never lead what is durable.
+pub struct SimPositions {
+    pub world: Shared,
+    pub rows: MemoryPositions,
+    rng: Mutex<ChaCha8Rng>,
+}
+
+impl SimPositions {
+    pub fn new(world: Shared, seed: u64) -> SimPositions {
+        SimPositions {
+            world,
+            rows: MemoryPositions::default(),
+            rng: Mutex::new(ChaCha8Rng::seed_from_u64(seed ^ 0x9051_7105)),
+        }
     }
 
-    async fn ids(
-        &self,
-        at: &[projector::store::streams::StreamSeq],
-    ) -> Result<Vec<(projector::store::streams::StreamSeq, uuid::Uuid)>, StoreError> {
-        Ok(at
-            .iter()
-            .filter_map(|k| {
-                self.0
-                    .iter()
-                    .find(|e| {
-                        e.header.aggregate_type == k.aggregate_type
-                            && e.header.aggregate_id == k.aggregate_id
-                            && e.header.sequence_number == k.sequence
-                    })
-                    .map(|e| (k.clone(), e.header.event_id))
-            })
-            .collect())
+    async fn pg(&self) -> Result<(), StoreError> {
+        let (on, p, max) = {
+            let w = lock(&self.world);
+            (
+                w.faults_on,
+                w.faults.pg_fail,
+                w.faults.max_latency_ms.max(1),
+            )
+        };
+        let (delay, fail) = {
+            let mut rng = self.rng.lock().unwrap_or_else(|e| e.into_inner());
+            let d = Duration::from_millis(rng.random_range(0..max) / 4);
+            (d, on && p > 0.0 && rng.random_bool(p.min(1.0)))
+        };
+        tokio::time::sleep(delay).await;
+        if fail {
+            return Err(StoreError::Unavailable(
+                "simulated PostgreSQL failure".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl PositionStore for SimPositions {
+    async fn read(&self, streams: &[StreamId]) -> Result<Vec<(StreamId, i64)>, StoreError> {
+        self.pg().await?;
+        self.rows.read(streams).await
+    }
+
+    async fn record(&self, positions: &[StreamSeq]) -> Result<(), StoreError> {
+        self.pg().await?;
+        {
+            let mut w = lock(&self.world);
+            if let Some(mut check) = w.position_check.take() {
+                for p in positions {
+                    if let Some(v) = check(&w, p) {
+                        w.violations.push(v);
+                    }
+                }
+                w.position_check = Some(check);
+            }
+        }
+        self.rows.record(positions).await
     }
 }

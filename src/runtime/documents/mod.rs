@@ -34,6 +34,7 @@ use projectors::{Parked, Projector, Rejection};
 use tracing::{Instrument, Span};
 
 use super::parking::ParkRecord;
+use super::parking::unsaved::Unsaved;
 use super::spans;
 use super::stage::driver::{Pipelined, Settled};
 use super::stage::{Batch, EventRef, Mode, StageCtx};
@@ -41,7 +42,6 @@ use super::targets::Target;
 use crate::resilience::dead_letter::DeadLetter;
 use crate::sinks::{DocStore, DocWrite, SinkError, WriteOutcome};
 use cache::Cache;
-use super::parking::unsaved::Unsaved;
 use route::Routed;
 
 pub use settle::{CAS_LIMIT, CAS_ROUNDS};
@@ -253,8 +253,7 @@ impl<P: Projector, S: DocStore> DocStage<P, S> {
         }
         let saved = self.ctx.shared.poison_saved.load(Ordering::Acquire);
         let mut parked = self.ctx.load_parks(&target.version).await;
-        self.unsaved
-            .merge_into(&mut parked, &target.version, saved);
+        self.unsaved.merge_into(&mut parked, &target.version, saved);
         let seen = matches!(self.ctx.mode, Mode::Replay { fresh: true, .. }).then(HashSet::default);
         self.state = Some(TargetState {
             target: target.clone(),

@@ -46,7 +46,15 @@ impl Unsaved {
         self.push(window, true, "", stream, from, why);
     }
 
-    fn push(&mut self, window: u64, poison: bool, version: &str, stream: &str, from: ParkFrom, why: &str) {
+    fn push(
+        &mut self,
+        window: u64,
+        poison: bool,
+        version: &str,
+        stream: &str,
+        from: ParkFrom,
+        why: &str,
+    ) {
         self.entries.push(Entry {
             window,
             poison,
@@ -69,9 +77,8 @@ impl Unsaved {
     /// what the table may not have yet; drops what it has.
     pub fn merge_into(&mut self, parked: &mut Parked, version: &str, poison_saved: u64) {
         let own_saved = self.saved_upto;
-        self.entries.retain(|e| {
-            e.window > if e.poison { poison_saved } else { own_saved }
-        });
+        self.entries
+            .retain(|e| e.window > if e.poison { poison_saved } else { own_saved });
         for e in &self.entries {
             if e.poison || e.version == version {
                 parked.park(&e.stream, e.from, &e.reason);
@@ -102,11 +109,22 @@ mod tests {
     fn an_own_park_is_kept_until_its_window_is_saved() {
         let mut u = Unsaved::default();
         u.own(5, "v1", "order/o1", ParkFrom::Sequence(2), "refused");
-        assert_eq!(merged(&mut u, "v1", 0), ["order/o1"], "not in the table yet");
+        assert_eq!(
+            merged(&mut u, "v1", 0),
+            ["order/o1"],
+            "not in the table yet"
+        );
         u.saved(4);
-        assert_eq!(merged(&mut u, "v1", 0), ["order/o1"], "an earlier window saved");
+        assert_eq!(
+            merged(&mut u, "v1", 0),
+            ["order/o1"],
+            "an earlier window saved"
+        );
         u.saved(5);
-        assert!(merged(&mut u, "v1", 0).is_empty(), "the table has it: an unpark sticks");
+        assert!(
+            merged(&mut u, "v1", 0).is_empty(),
+            "the table has it: an unpark sticks"
+        );
         assert!(u.is_empty());
     }
 
@@ -115,8 +133,16 @@ mod tests {
         let mut u = Unsaved::default();
         u.poison(7, "customer/c1", ParkFrom::Sequence(0), "unreadable");
         u.saved(100);
-        assert_eq!(merged(&mut u, "v1", 6), ["customer/c1"], "this stage saving is not enough");
-        assert_eq!(merged(&mut u, "v2", 6), ["customer/c1"], "for every version");
+        assert_eq!(
+            merged(&mut u, "v1", 6),
+            ["customer/c1"],
+            "this stage saving is not enough"
+        );
+        assert_eq!(
+            merged(&mut u, "v2", 6),
+            ["customer/c1"],
+            "for every version"
+        );
         assert!(merged(&mut u, "v1", 7).is_empty());
     }
 

@@ -7,7 +7,7 @@
 //! swapped pair loses its first half as a "duplicate"). So, per stream, this step remembers
 //! the last sequence it passed on and, in window order:
 //!
-//! - first sight, or the next sequence: passes the event on;
+//! - the next sequence: passes the event on;
 //! - a jump past the next sequence: reads the missing ones from the event store (one query
 //!   per window) and splices them in right before it, or, if the store does not hold them
 //!   within `worker.gap_wait_secs`, turns it into poison that holds the stream from the first
@@ -16,204 +16,52 @@
 //!   window). The same event is a duplicate and passes (the guards skip it); another one, or
 //!   none, is a foreign message: dead letter `sequence_conflict`, not projected, nothing held.
 //!
+//! A stream seen for the first time (after a restart, a reassignment of its partition, a new
+//! consumer, or once forgotten beyond `worker.sequence_streams`) starts from its durable
+//! position for the consumer group (one query per window for all such streams; no row: from
+//! 0), so an event lost or swapped right at that point is filled in like any other gap
+//! ([`positions`] says why a lagging position is safe and a leading one is not). With
+//! `worker.stream_positions` off, such an event is taken as it comes.
+//!
 //! An unreadable message whose headers tell its place moves its stream on too (it parks the
 //! stream itself); one that does not, and replayed events, pass untouched.
 //!
-//! [`Sequencer`] is the pure state machine; [`Sequencing`] adds the event store
-//! ([`GapSource`]) and rewrites windows.
+//! - [`machine`]: the pure state ([`Sequencer`]: per stream, what to do with the next event);
+//! - [`events`]: the event store as it is read here ([`GapSource`]: PostgreSQL, or memory);
+//! - [`positions`]: durable positions per group (read at first sight, recorded once durable);
+//! - this module: [`Sequencing`], which asks the stores and rewrites windows.
+
+pub mod events;
+pub mod machine;
+pub mod positions;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_trait::async_trait;
 use contract::{AggregateType, ContractError, Event, RequiredHeaders};
 use projectors::document::StreamKey;
 use uuid::Uuid;
+
+pub use events::{GapSource, MemoryEvents};
+pub use machine::{Sequencer, Start, Step};
+pub use positions::{MemoryPositions, PgPositions, PositionStore, Positions};
 
 use super::window::{Arena, Item, Origin, Poison, RawRef, Window};
 use crate::config::WorkerConfig;
 use crate::resilience::backoff::Backoff;
 use crate::runtime::Shared;
 use crate::runtime::retry::Retry;
-use crate::store::streams::{StreamRange, StreamSeq, event_ids_at, read_ranges};
-use crate::store::{Pg, StoreError, Typed};
-
-/// What to do with one event of a stream.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Step {
-    /// The first of its stream seen in this assignment of its partition: nothing to compare.
-    First,
-    /// The sequence after the last one passed on.
-    Next,
-    /// Sequences `from..=to` never arrived: fill them in before this event.
-    Gap { from: i64, to: i64 },
-    /// At or below the last sequence passed on: a duplicate, or a foreign message.
-    Late,
-    /// Its stream is held (events are missing from the store): passed on, the parks hold it.
-    Held,
-}
-
-/// Per stream: the last sequence passed on, in which assignment of the partition, and whether
-/// the stream is held.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Slot {
-    last: i64,
-    epoch: u32,
-    held: bool,
-}
-
-/// The pure state: the last sequence passed on per stream, for at most `capacity` streams.
-///
-/// Bounded as two generations: new and used streams go to the young map; when it holds half
-/// the capacity, it becomes the old one and the previous old one is forgotten. A stream not
-/// seen for that long is simply seen for the first time again (nothing is checked for it).
-#[derive(Debug)]
-pub struct Sequencer {
-    young: HashMap<Box<str>, Slot>,
-    old: HashMap<Box<str>, Slot>,
-    capacity: usize,
-    /// The consumer incarnation of the windows seen (a new one forgets everything).
-    generation: Option<u64>,
-}
-
-impl Sequencer {
-    /// Remembers at most `capacity` streams; 0 remembers none (every event is a first sight).
-    pub fn new(capacity: usize) -> Sequencer {
-        Sequencer {
-            young: HashMap::new(),
-            old: HashMap::new(),
-            capacity,
-            generation: None,
-        }
-    }
-
-    /// Forget every stream when the windows come from another consumer incarnation (another
-    /// member may have moved its streams on meanwhile). Returns whether it forgot anything.
-    pub fn start_generation(&mut self, generation: u64) -> bool {
-        if self.generation == Some(generation) {
-            return false;
-        }
-        let had = !self.is_empty();
-        self.young.clear();
-        self.old.clear();
-        self.generation = Some(generation);
-        had
-    }
-
-    /// Classify an event of `stream` with sequence `seq`, read in assignment `epoch` of its
-    /// partition, and remember it: past a gap, the stream stands at `seq` (the caller fills or
-    /// holds the gap). A stream last seen under another epoch is seen afresh: the partition
-    /// was revoked meanwhile and its next owner may have moved the stream on.
-    pub fn observe(&mut self, stream: &str, seq: i64, epoch: u32) -> Step {
-        if self.capacity == 0 {
-            return Step::First;
-        }
-        let fresh = Slot {
-            last: seq,
-            epoch,
-            held: false,
-        };
-        let Some(slot) = self.slot(stream) else {
-            self.insert(stream.into(), fresh);
-            return Step::First;
-        };
-        if slot.epoch != epoch {
-            *slot = fresh;
-            return Step::First;
-        }
-        if seq <= slot.last {
-            return Step::Late;
-        }
-        let before = slot.last;
-        slot.last = seq;
-        if slot.held {
-            Step::Held
-        } else if seq == before + 1 {
-            Step::Next
-        } else {
-            Step::Gap {
-                from: before + 1,
-                to: seq - 1,
-            }
-        }
-    }
-
-    /// The stream's missing events are not in the store: pass its later events on without
-    /// looking for gaps again (the parks hold them).
-    pub fn hold(&mut self, stream: &str) {
-        if let Some(slot) = self.slot(stream) {
-            slot.held = true;
-        }
-    }
-
-    /// The last sequence passed on for `stream`, if remembered (does not count as a use).
-    pub fn last(&self, stream: &str) -> Option<i64> {
-        self.young
-            .get(stream)
-            .or_else(|| self.old.get(stream))
-            .map(|s| s.last)
-    }
-
-    pub fn len(&self) -> usize {
-        self.young.len() + self.old.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    /// The slot of `stream`, made young again if it was old.
-    fn slot(&mut self, stream: &str) -> Option<&mut Slot> {
-        if !self.young.contains_key(stream) {
-            let (k, v) = self.old.remove_entry(stream)?;
-            self.insert(k, v);
-        }
-        self.young.get_mut(stream)
-    }
-
-    fn insert(&mut self, stream: Box<str>, slot: Slot) {
-        if self.young.len() >= (self.capacity / 2).max(1) {
-            let young = std::mem::take(&mut self.young);
-            // With room for one stream only, there is no old generation.
-            self.old = if self.capacity >= 2 {
-                young
-            } else {
-                HashMap::new()
-            };
-        }
-        self.young.insert(stream, slot);
-    }
-}
-
-/// The event store as the sequencer reads it (PostgreSQL in a worker; a simulation can plug
-/// in its own).
-#[async_trait]
-pub trait GapSource: Send + Sync {
-    /// Every stored event inside the ranges (what the store lacks is absent).
-    async fn ranges(&self, ranges: &[StreamRange]) -> Result<Vec<Typed>, StoreError>;
-    /// The event id stored at each of `at` that holds one.
-    async fn ids(&self, at: &[StreamSeq]) -> Result<Vec<(StreamSeq, Uuid)>, StoreError>;
-}
-
-#[async_trait]
-impl GapSource for Pg {
-    async fn ranges(&self, ranges: &[StreamRange]) -> Result<Vec<Typed>, StoreError> {
-        self.run(|c| async move { read_ranges(&c, ranges).await })
-            .await
-    }
-
-    async fn ids(&self, at: &[StreamSeq]) -> Result<Vec<(StreamSeq, Uuid)>, StoreError> {
-        self.run(|c| async move { event_ids_at(&c, at).await })
-            .await
-    }
-}
+use crate::store::streams::{StreamId, StreamRange, StreamSeq};
+use crate::store::{StoreError, Typed};
 
 /// What one window's sequencing did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Tally {
     /// Events read from the store and spliced in.
     pub filled: u64,
+    /// Of those, events before a stream's first sight (from its durable position).
+    pub first_sight_filled: u64,
     /// Late messages that were the stored event (passed on as duplicates).
     pub late_duplicates: u64,
     /// Late messages that were not (dead-lettered).
@@ -233,8 +81,15 @@ struct Plan {
 }
 
 enum PlanKind {
-    Gap { from: i64, to: i64 },
-    Late { event_id: Uuid },
+    /// `first`: found at the stream's first sight (from its durable position).
+    Gap {
+        from: i64,
+        to: i64,
+        first: bool,
+    },
+    Late {
+        event_id: Uuid,
+    },
 }
 
 /// The sequencer with its event store, rewriting the live worker's windows.
@@ -243,6 +98,9 @@ pub struct Sequencing {
     source: Arc<dyn GapSource>,
     shared: Arc<Shared>,
     gap_wait: Duration,
+    /// Durable positions: read at first sight, recorded once windows are durable (`None`:
+    /// a stream first seen is taken as it comes).
+    positions: Option<Positions>,
 }
 
 impl Sequencing {
@@ -268,7 +126,15 @@ impl Sequencing {
             source,
             shared,
             gap_wait: Duration::from_secs(cfg.gap_wait_secs),
+            positions: None,
         })
+    }
+
+    /// Start streams seen for the first time from their durable positions, and record the
+    /// positions of windows once they are durable (through `positions`' recorder).
+    pub fn with_positions(mut self, positions: Positions) -> Sequencing {
+        self.positions = Some(positions);
+        self
     }
 
     /// Put the window's events in wire order per stream: fill gaps from the store (or hold
@@ -281,58 +147,152 @@ impl Sequencing {
                 "new consumer: wire order starts afresh"
             );
         }
-        let plans = self.plan(w);
-        if plans.is_empty() {
-            return Tally::default();
-        }
-        let mut ranges = Vec::new();
-        let mut late = Vec::new();
-        for p in &plans {
-            match p.kind {
-                PlanKind::Gap { from, to } => ranges.push(StreamRange {
-                    aggregate_type: p.aggregate_type,
-                    aggregate_id: p.aggregate_id.clone(),
-                    from,
-                    to,
-                }),
-                PlanKind::Late { .. } => late.push(StreamSeq {
-                    aggregate_type: p.aggregate_type,
-                    aggregate_id: p.aggregate_id.clone(),
-                    sequence: p.sequence,
-                }),
+        let recorded = self.first_sights(w).await;
+        let (plans, passed) = self.plan(w, &recorded);
+        let mut tally = Tally::default();
+        if !plans.is_empty() {
+            let mut ranges = Vec::new();
+            let mut late = Vec::new();
+            for p in &plans {
+                match p.kind {
+                    PlanKind::Gap { from, to, .. } => ranges.push(StreamRange {
+                        aggregate_type: p.aggregate_type,
+                        aggregate_id: p.aggregate_id.clone(),
+                        from,
+                        to,
+                    }),
+                    PlanKind::Late { .. } => late.push(StreamSeq {
+                        aggregate_type: p.aggregate_type,
+                        aggregate_id: p.aggregate_id.clone(),
+                        sequence: p.sequence,
+                    }),
+                }
             }
+            let stored = self.stored_ids(&late).await;
+            let filled = self.fill(&ranges).await;
+            tally = self.rewrite(w, plans, filled, stored);
+            metrics::counter!("projector_gap_events_total").increment(tally.filled);
+            metrics::counter!("projector_sequence_conflicts_total").increment(tally.conflicts);
+            metrics::counter!("projector_late_duplicates_total").increment(tally.late_duplicates);
+            metrics::counter!("projector_first_sight_fills_total")
+                .increment(tally.first_sight_filled);
         }
-        let stored = self.stored_ids(&late).await;
-        let filled = self.fill(&ranges).await;
-        let tally = self.rewrite(w, plans, filled, stored);
-        metrics::counter!("projector_gap_events_total").increment(tally.filled);
-        metrics::counter!("projector_sequence_conflicts_total").increment(tally.conflicts);
-        metrics::counter!("projector_late_duplicates_total").increment(tally.late_duplicates);
+        if let Some(p) = &self.positions {
+            let positions = passed
+                .into_iter()
+                .filter_map(|(stream, sequence)| {
+                    let id = StreamId::parse(&stream)?;
+                    Some(StreamSeq {
+                        aggregate_type: id.aggregate_type,
+                        aggregate_id: id.aggregate_id,
+                        sequence,
+                    })
+                })
+                .collect();
+            p.passed(w.id, positions);
+        }
         tally
     }
 
-    /// Walk the window in order: the gaps and late messages to settle with the store.
-    fn plan(&mut self, w: &Window) -> Vec<Plan> {
+    /// The stream and sequence of a live item the sequencer follows, with its epoch.
+    fn place<'a>(key: &'a mut StreamKey, item: &'a Item) -> Option<(&'a str, i64, u32)> {
+        // Replays are in order already.
+        let Origin::Kafka { epoch, .. } = item.origin else {
+            return None;
+        };
+        match &item.decoded {
+            Ok(e) => Some((key.of(e), e.header.sequence_number, epoch)),
+            // An unreadable message with a known place did arrive: it moves its stream on
+            // (it parks the stream itself), and a gap before it is filled like any other.
+            Err(Poison {
+                stream: Some(s),
+                sequence: Some(seq),
+                ..
+            }) => Some((s.as_str(), *seq, epoch)),
+            Err(_) => None,
+        }
+    }
+
+    /// The durable positions of the streams this window shows for the first time past
+    /// sequence 0 (one query). Streams without a row are absent: they start at 0. A refused
+    /// read leaves them all absent, which is exact too (everything before is filled).
+    async fn first_sights(&self, w: &Window) -> HashMap<String, i64> {
+        let Some(p) = &self.positions else {
+            return HashMap::new();
+        };
         let mut key = StreamKey::default();
-        let mut plans = Vec::new();
-        for (i, item) in w.items.iter().enumerate() {
-            // Replays are in order already.
-            let Origin::Kafka { epoch, .. } = item.origin else {
+        // Only a stream's first event in the window can be its first sight.
+        let mut seen: HashSet<String> = HashSet::new();
+        let mut streams = Vec::new();
+        for item in &w.items {
+            let Some((stream, seq, epoch)) = Self::place(&mut key, item) else {
                 continue;
             };
-            let (stream, sequence, event_id) = match &item.decoded {
-                Ok(e) => (key.of(e), e.header.sequence_number, Some(e.header.event_id)),
-                // An unreadable message with a known place did arrive: it moves its stream on
-                // (it parks the stream itself), and a gap before it is filled like any other.
-                Err(Poison {
-                    stream: Some(s),
-                    sequence: Some(seq),
-                    ..
-                }) => (s.as_str(), *seq, None),
-                Err(_) => continue,
+            if seen.contains(stream) {
+                continue;
+            }
+            seen.insert(stream.to_owned());
+            if seq > 0
+                && self.state.is_first_sight(stream, epoch)
+                && let Some(id) = StreamId::parse(stream)
+            {
+                streams.push(id);
+            }
+        }
+        if streams.is_empty() {
+            return HashMap::new();
+        }
+        metrics::counter!("projector_first_sight_lookups_total").increment(streams.len() as u64);
+        let store = p.store();
+        match patiently(&self.shared, "reading stream positions", || {
+            store.read(&streams)
+        })
+        .await
+        {
+            Ok(rows) => rows
+                .into_iter()
+                .map(|(s, l)| (format!("{}/{}", s.aggregate_type, s.aggregate_id), l))
+                .collect(),
+            Err(e) => {
+                tracing::warn!(error = %e, streams = streams.len(),
+                    "stream positions unreadable: those streams are filled from their start");
+                HashMap::new()
+            }
+        }
+    }
+
+    /// Walk the window in order: the gaps and late messages to settle with the store, and
+    /// the highest sequence passed on per stream.
+    fn plan(
+        &mut self,
+        w: &Window,
+        recorded: &HashMap<String, i64>,
+    ) -> (Vec<Plan>, HashMap<String, i64>) {
+        let mut key = StreamKey::default();
+        let mut plans = Vec::new();
+        let mut passed: HashMap<String, i64> = HashMap::new();
+        for (i, item) in w.items.iter().enumerate() {
+            let Some((stream, sequence, epoch)) = Self::place(&mut key, item) else {
+                continue;
             };
-            let kind = match (self.state.observe(stream, sequence, epoch), event_id) {
-                (Step::Gap { from, to }, _) => PlanKind::Gap { from, to },
+            let event_id = item.decoded.as_ref().ok().map(|e| e.header.event_id);
+            let first = self.state.is_first_sight(stream, epoch);
+            let start = match &self.positions {
+                None => Start::Unknown,
+                // Passed on earlier in this window (then forgotten): exactly known. Never
+                // looked up (forgotten within this window): from 0, exact too.
+                Some(_) => passed
+                    .get(stream)
+                    .max(recorded.get(stream))
+                    .map_or(Start::Fresh, |l| Start::At(*l)),
+            };
+            let step = self.state.observe(stream, sequence, epoch, start);
+            if step != Step::Late {
+                let at = passed.entry(stream.to_owned()).or_insert(sequence);
+                *at = (*at).max(sequence);
+            }
+            let kind = match (step, event_id) {
+                (Step::Gap { from, to }, _) => PlanKind::Gap { from, to, first },
                 (Step::Late, Some(event_id)) => PlanKind::Late { event_id },
                 _ => continue,
             };
@@ -351,7 +311,7 @@ impl Sequencing {
                 kind,
             });
         }
-        plans
+        (plans, passed)
     }
 
     /// The event id stored at each late message's place. A passing outage is waited out (as
@@ -360,21 +320,9 @@ impl Sequencing {
         if at.is_empty() {
             return Ok(HashMap::new());
         }
-        let mut retry = None;
-        loop {
-            match self.source.ids(at).await {
-                Ok(ids) => return Ok(ids.into_iter().collect()),
-                Err(e) if e.is_transient() => {
-                    retry
-                        .get_or_insert_with(|| {
-                            Retry::new(&self.shared, "postgres", "checking late messages")
-                        })
-                        .failed(&e)
-                        .await
-                }
-                Err(e) => return Err(e),
-            }
-        }
+        let source = &self.source;
+        let ids = patiently(&self.shared, "checking late messages", || source.ids(at)).await?;
+        Ok(ids.into_iter().collect())
     }
 
     /// The stored events of `ranges` by (stream, sequence). Events not there yet are asked
@@ -391,34 +339,25 @@ impl Sequencing {
         let mut pending = ranges.to_vec();
         let mut waited = Duration::ZERO;
         let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(1));
-        let mut retry = None;
+        let source = &self.source;
         loop {
-            match self.source.ranges(&pending).await {
-                Ok(rows) => {
-                    for t in rows {
-                        found.insert(place_of(&t), t);
-                    }
-                    pending.retain(|r| {
-                        let stream = format!("{}/{}", r.aggregate_type, r.aggregate_id);
-                        (r.from..=r.to).any(|s| !found.contains_key(&(stream.clone(), s)))
-                    });
-                    if pending.is_empty() || waited >= self.gap_wait {
-                        return Ok(found);
-                    }
-                    let pause = backoff.next_delay().min(self.gap_wait - waited);
-                    tokio::time::sleep(pause).await;
-                    waited += pause;
-                }
-                Err(e) if e.is_transient() => {
-                    retry
-                        .get_or_insert_with(|| {
-                            Retry::new(&self.shared, "postgres", "filling sequence gaps")
-                        })
-                        .failed(&e)
-                        .await
-                }
-                Err(e) => return Err(e),
+            let rows = patiently(&self.shared, "filling sequence gaps", || {
+                source.ranges(&pending)
+            })
+            .await?;
+            for t in rows {
+                found.insert(place_of(&t), t);
             }
+            pending.retain(|r| {
+                let stream = format!("{}/{}", r.aggregate_type, r.aggregate_id);
+                (r.from..=r.to).any(|s| !found.contains_key(&(stream.clone(), s)))
+            });
+            if pending.is_empty() || waited >= self.gap_wait {
+                return Ok(found);
+            }
+            let pause = backoff.next_delay().min(self.gap_wait - waited);
+            tokio::time::sleep(pause).await;
+            waited += pause;
         }
     }
 
@@ -443,7 +382,7 @@ impl Sequencing {
             };
             let sequence = plan.sequence;
             let error = match plan.kind {
-                PlanKind::Gap { from, to } => {
+                PlanKind::Gap { from, to, first } => {
                     let Origin::Kafka {
                         topic,
                         partition,
@@ -473,6 +412,7 @@ impl Sequencing {
                                 };
                                 out.push(spliced(t, origin, &mut w.arena));
                                 tally.filled += 1;
+                                tally.first_sight_filled += u64::from(first);
                                 next += 1;
                             }
                             if next > to {
@@ -557,6 +497,31 @@ impl Sequencing {
     }
 }
 
+/// Call the event store until it answers or refuses: a passing outage is waited out with
+/// backoff (the source pauses meanwhile, as for every store call of the worker).
+async fn patiently<T, F, Fut>(
+    shared: &Arc<Shared>,
+    what: &'static str,
+    mut call: F,
+) -> Result<T, StoreError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, StoreError>>,
+{
+    let mut retry = None;
+    loop {
+        match call().await {
+            Err(e) if e.is_transient() => {
+                retry
+                    .get_or_insert_with(|| Retry::new(shared, "postgres", what))
+                    .failed(&e)
+                    .await
+            }
+            answer => return answer,
+        }
+    }
+}
+
 /// (stream, sequence) of a stored row.
 fn place_of(t: &Typed) -> (String, i64) {
     match t {
@@ -612,170 +577,12 @@ fn raw_of(e: &Event, arena: &mut Arena) -> RawRef {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Mutex;
     use std::time::Instant;
 
     use contract::EventData;
     use contract::catalogue::InteractionRecorded;
 
     use super::*;
-
-    const S: &str = "customer/cus-1";
-
-    #[test]
-    fn first_sight_then_next_sequences_pass() {
-        let mut s = Sequencer::new(10);
-        assert_eq!(s.observe(S, 4, 1), Step::First, "whatever it starts at");
-        assert_eq!(s.observe(S, 5, 1), Step::Next);
-        assert_eq!(s.observe(S, 6, 1), Step::Next);
-        assert_eq!(s.last(S), Some(6));
-        assert_eq!(s.observe("order/o-1", 0, 1), Step::First);
-    }
-
-    #[test]
-    fn a_jump_is_a_gap_and_the_stream_moves_past_it() {
-        let mut s = Sequencer::new(10);
-        s.observe(S, 0, 1);
-        assert_eq!(s.observe(S, 3, 1), Step::Gap { from: 1, to: 2 });
-        assert_eq!(s.last(S), Some(3));
-        assert_eq!(s.observe(S, 4, 1), Step::Next);
-    }
-
-    #[test]
-    fn at_or_below_the_last_is_late_and_moves_nothing() {
-        let mut s = Sequencer::new(10);
-        s.observe(S, 0, 1);
-        s.observe(S, 1, 1);
-        assert_eq!(s.observe(S, 1, 1), Step::Late, "a repeat");
-        assert_eq!(s.observe(S, 0, 1), Step::Late, "older");
-        assert_eq!(s.last(S), Some(1));
-        assert_eq!(s.observe(S, 2, 1), Step::Next);
-    }
-
-    #[test]
-    fn a_swapped_pair_is_a_gap_then_a_late_message() {
-        let mut s = Sequencer::new(10);
-        s.observe(S, 0, 1);
-        assert_eq!(s.observe(S, 2, 1), Step::Gap { from: 1, to: 1 });
-        assert_eq!(s.observe(S, 1, 1), Step::Late);
-        assert_eq!(s.observe(S, 3, 1), Step::Next);
-    }
-
-    #[test]
-    fn a_held_stream_passes_later_events_without_looking_for_gaps() {
-        let mut s = Sequencer::new(10);
-        s.observe(S, 0, 1);
-        assert_eq!(s.observe(S, 5, 1), Step::Gap { from: 1, to: 4 });
-        s.hold(S);
-        assert_eq!(s.observe(S, 6, 1), Step::Held);
-        assert_eq!(s.observe(S, 9, 1), Step::Held, "no second wait");
-        assert_eq!(s.observe(S, 2, 1), Step::Late, "still checked when late");
-    }
-
-    #[test]
-    fn another_assignment_of_the_partition_starts_the_stream_afresh() {
-        let mut s = Sequencer::new(10);
-        s.observe(S, 0, 1);
-        s.observe(S, 1, 1);
-        // Revoked and assigned again: its next owner may have moved it on meanwhile.
-        assert_eq!(s.observe(S, 7, 2), Step::First);
-        assert_eq!(s.observe(S, 8, 2), Step::Next);
-        assert_eq!(s.observe(S, 3, 2), Step::Late);
-    }
-
-    #[test]
-    fn a_new_consumer_generation_forgets_every_stream() {
-        let mut s = Sequencer::new(10);
-        assert!(!s.start_generation(1), "nothing to forget yet");
-        s.observe(S, 0, 1);
-        assert!(!s.start_generation(1), "same generation");
-        assert_eq!(s.last(S), Some(0));
-        assert!(s.start_generation(2));
-        assert!(s.is_empty());
-        assert_eq!(s.observe(S, 5, 1), Step::First);
-    }
-
-    #[test]
-    fn the_least_recently_seen_streams_are_forgotten_beyond_the_capacity() {
-        let mut s = Sequencer::new(4);
-        for i in 0..4 {
-            s.observe(&format!("order/o-{i}"), 0, 1);
-        }
-        assert_eq!(s.len(), 4);
-        // o-0 is used again, so it is kept; o-4 and o-5 push the others out.
-        assert_eq!(s.observe("order/o-0", 1, 1), Step::Next);
-        s.observe("order/o-4", 0, 1);
-        s.observe("order/o-5", 0, 1);
-        assert!(s.len() <= 4, "bounded: {}", s.len());
-        assert_eq!(s.last("order/o-0"), Some(1));
-        assert_eq!(s.last("order/o-1"), None, "forgotten");
-        assert_eq!(s.observe("order/o-1", 3, 1), Step::First);
-        for i in 0..1_000 {
-            s.observe(&format!("order/x-{i}"), 0, 1);
-            assert!(s.len() <= 4);
-        }
-        let mut one = Sequencer::new(1);
-        one.observe("a/1", 0, 1);
-        one.observe("a/2", 0, 1);
-        assert_eq!(one.len(), 1);
-        assert_eq!(one.observe("a/2", 1, 1), Step::Next);
-    }
-
-    #[test]
-    fn capacity_zero_checks_nothing() {
-        let mut s = Sequencer::new(0);
-        assert_eq!(s.observe(S, 0, 1), Step::First);
-        assert_eq!(s.observe(S, 9, 1), Step::First);
-        assert!(s.is_empty());
-    }
-
-    /// An event store in memory; `fail` refuses every read.
-    #[derive(Default)]
-    struct Memory {
-        events: Mutex<Vec<Event>>,
-        fail: bool,
-        asked: Mutex<u32>,
-    }
-
-    #[async_trait]
-    impl GapSource for Memory {
-        async fn ranges(&self, ranges: &[StreamRange]) -> Result<Vec<Typed>, StoreError> {
-            *self.asked.lock().unwrap() += 1;
-            if self.fail {
-                return Err(StoreError::ConcurrentAppend("refused".into()));
-            }
-            let events = self.events.lock().unwrap();
-            Ok(events
-                .iter()
-                .filter(|e| {
-                    ranges.iter().any(|r| {
-                        let h = &e.header;
-                        r.aggregate_type == h.aggregate_type
-                            && r.aggregate_id == h.aggregate_id
-                            && (r.from..=r.to).contains(&h.sequence_number)
-                    })
-                })
-                .cloned()
-                .map(Ok)
-                .collect())
-        }
-
-        async fn ids(&self, at: &[StreamSeq]) -> Result<Vec<(StreamSeq, Uuid)>, StoreError> {
-            let events = self.events.lock().unwrap();
-            Ok(at
-                .iter()
-                .filter_map(|k| {
-                    events
-                        .iter()
-                        .find(|e| {
-                            e.header.aggregate_id == k.aggregate_id
-                                && e.header.sequence_number == k.sequence
-                        })
-                        .map(|e| (k.clone(), e.header.event_id))
-                })
-                .collect())
-        }
-    }
 
     fn event(id: &str, seq: i64) -> Event {
         Event::new(
@@ -823,7 +630,7 @@ mod tests {
         }
     }
 
-    fn sequencing(store: Arc<Memory>, gap_wait_ms: u64) -> Sequencing {
+    fn sequencing(store: Arc<MemoryEvents>, gap_wait_ms: u64) -> Sequencing {
         let mut s = Sequencing::new(
             store,
             Arc::new(Shared::default()),
@@ -834,6 +641,100 @@ mod tests {
         .expect("on by default");
         s.gap_wait = Duration::from_millis(gap_wait_ms);
         s
+    }
+
+    /// A worker's sequencer with durable positions in `positions` (flushed every 10 ms).
+    fn with_positions(
+        store: Arc<MemoryEvents>,
+        positions: Arc<MemoryPositions>,
+    ) -> (Sequencing, Box<dyn FnMut(u64) + Send>) {
+        let (p, _task) = Positions::start(positions, Duration::from_millis(10));
+        let durable = p.on_durable();
+        (sequencing(store, 0).with_positions(p), durable)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_restart_starts_each_stream_from_its_durable_position() {
+        let log: Vec<Event> = (0..8).map(|s| event("cus-1", s)).collect();
+        let fresh: Vec<Event> = (0..3).map(|s| event("cus-2", s)).collect();
+        let store = Arc::new(MemoryEvents::new(
+            log.iter().chain(&fresh).cloned().collect(),
+        ));
+        let positions = Arc::new(MemoryPositions::default());
+        // A first worker passes cus-1 up to 3; the window is durable, its positions recorded.
+        let (mut s, mut durable) = with_positions(store.clone(), positions.clone());
+        let mut w = window(&log[..4]);
+        s.apply(&mut w).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(positions.get("customer/cus-1"), None, "not durable yet");
+        durable(w.id);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(positions.get("customer/cus-1"), Some(3));
+        drop((s, durable));
+
+        // Restarted: 4 was lost right at the restart, 6 and 7 swapped; 2 is redelivered.
+        // cus-2 was never durable: first seen at 2, its 0 and 1 are filled.
+        let (mut s, _durable) = with_positions(store.clone(), positions.clone());
+        let mut w = window(&[
+            log[2].clone(),
+            log[5].clone(),
+            log[7].clone(),
+            log[6].clone(),
+            fresh[2].clone(),
+        ]);
+        let tally = s.apply(&mut w).await;
+        assert_eq!(
+            shape(&w),
+            vec![
+                (2, false, None),
+                (4, true, None),
+                (5, false, None),
+                (6, true, None),
+                (7, false, None),
+                (6, false, None),
+                (0, true, None),
+                (1, true, None),
+                (2, false, None),
+            ]
+        );
+        assert_eq!(
+            tally,
+            Tally {
+                filled: 4,
+                // cus-2's 0 and 1 (cus-1 was first seen late, at 2; 4 is an ordinary gap).
+                first_sight_filled: 2,
+                late_duplicates: 2,
+                conflicts: 0,
+                held: 0,
+            }
+        );
+        assert_eq!(positions.calls().0, 1, "one lookup for the window");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn positions_are_recorded_once_durable_and_a_stream_at_zero_needs_no_lookup() {
+        let log: Vec<Event> = (0..3).map(|s| event("cus-1", s)).collect();
+        let store = Arc::new(MemoryEvents::new(log.clone()));
+        let positions = Arc::new(MemoryPositions::default());
+        let (mut s, mut durable) = with_positions(store.clone(), positions.clone());
+        // 1 lost: filled, and the position is the highest passed on (2).
+        let mut w = window(&[log[0].clone(), log[2].clone()]);
+        s.apply(&mut w).await;
+        assert_eq!(
+            positions.calls().0,
+            0,
+            "first seen at 0: nothing to look up"
+        );
+        durable(w.id);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(positions.get("customer/cus-1"), Some(2));
+        // A late duplicate moves nothing; a lower position never replaces a greater one.
+        let mut w = window(&[log[1].clone()]);
+        w.id = 2;
+        s.apply(&mut w).await;
+        durable(2);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(positions.get("customer/cus-1"), Some(2));
     }
 
     /// (sequence, origin is a gap fill, kind of poison if any) of each item.
@@ -853,10 +754,7 @@ mod tests {
     #[tokio::test]
     async fn gaps_are_filled_in_order_before_the_event_that_showed_them() {
         let log: Vec<Event> = (0..6).map(|s| event("cus-1", s)).collect();
-        let store = Arc::new(Memory {
-            events: Mutex::new(log.clone()),
-            ..Memory::default()
-        });
+        let store = Arc::new(MemoryEvents::new(log.clone()));
         let mut s = sequencing(store.clone(), 0);
         // 1 and 2 lost, 4 and 5 swapped.
         let mut w = window(&[
@@ -884,10 +782,11 @@ mod tests {
                 filled: 3,
                 late_duplicates: 1,
                 conflicts: 0,
-                held: 0
+                held: 0,
+                first_sight_filled: 0,
             }
         );
-        assert_eq!(*store.asked.lock().unwrap(), 1, "one query for every gap");
+        assert_eq!(store.asked(), 1, "one query for every gap");
         // The spliced event carries the stored bytes, its key and headers, and is held or
         // released with the message it was put before.
         let it = &w.items[1];
@@ -907,10 +806,7 @@ mod tests {
     #[tokio::test]
     async fn a_late_message_that_is_not_the_stored_event_is_poison_that_parks_nothing() {
         let log: Vec<Event> = (0..3).map(|s| event("cus-1", s)).collect();
-        let store = Arc::new(Memory {
-            events: Mutex::new(log.clone()),
-            ..Memory::default()
-        });
+        let store = Arc::new(MemoryEvents::new(log.clone()));
         let mut s = sequencing(store, 0);
         let foreign = event("cus-1", 1);
         let mut w = window(&[log[0].clone(), log[1].clone(), log[2].clone(), foreign]);
@@ -950,19 +846,13 @@ mod tests {
             .filter(|e| !(3..=4).contains(&e.header.sequence_number))
             .cloned()
             .collect();
-        let store = Arc::new(Memory {
-            events: Mutex::new(stored),
-            ..Memory::default()
-        });
+        let store = Arc::new(MemoryEvents::new(stored));
         let mut s = sequencing(store.clone(), 120);
         let started = Instant::now();
         let mut w = window(&[log[0].clone(), log[5].clone(), log[6].clone()]);
         let tally = s.apply(&mut w).await;
         assert!(started.elapsed() >= Duration::from_millis(120), "waited");
-        assert!(
-            *store.asked.lock().unwrap() >= 2,
-            "asked again while waiting"
-        );
+        assert!(store.asked() >= 2, "asked again while waiting");
         assert_eq!(tally.held, 1);
         assert_eq!(
             shape(&w),
@@ -996,10 +886,7 @@ mod tests {
     #[tokio::test]
     async fn an_unreadable_message_moves_its_stream_on_and_keeps_its_reason() {
         let log: Vec<Event> = (0..4).map(|s| event("cus-1", s)).collect();
-        let store = Arc::new(Memory {
-            events: Mutex::new(log.clone()),
-            ..Memory::default()
-        });
+        let store = Arc::new(MemoryEvents::new(log.clone()));
         let mut s = sequencing(store, 0);
         // 1 lost, 2 garbled in transit (its headers still tell its place), 3 fine.
         let mut w = window(&[log[0].clone(), log[2].clone(), log[3].clone()]);
@@ -1026,10 +913,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_store_that_refuses_to_be_read_holds_the_stream_too() {
-        let store = Arc::new(Memory {
-            fail: true,
-            ..Memory::default()
-        });
+        let store = Arc::new(MemoryEvents::default());
+        store.fail(true);
         let mut s = sequencing(store, 1_000);
         let mut w = window(&[event("cus-1", 0), event("cus-1", 2)]);
         s.apply(&mut w).await;
