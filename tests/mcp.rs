@@ -83,7 +83,10 @@ async fn agents_use_the_tools_over_stdio_and_streamable_http() {
         .unwrap();
     assert_eq!(r.is_error, Some(false));
     let body = r.structured_content.unwrap();
-    assert_eq!(body["data"], serde_json::to_value(view).unwrap());
+    assert_eq!(
+        body["data"],
+        serde_json::to_value(projector::read::types::Customer::from(view.clone())).unwrap()
+    );
     assert_eq!(
         body["freshness"]["streams"],
         serde_json::to_value(guard).unwrap()

@@ -88,10 +88,11 @@ pub async fn run(base: &Config, args: BenchArgs) -> anyhow::Result<()> {
     );
     if let Some(rate) = args.steady_rate {
         kafka::ensure_topics(&cfg.kafka).await?;
-        let (p50, p99, sent, rss) = steady(&cfg, &id, rate).await?;
+        let (p50, p99, sent, rss, steps) = steady(&cfg, &id, rate).await?;
         println!(
             "steady state at {rate:.0} events/s ({sent} events): publish → visible p50 {p50} ms, p99 {p99} ms, peak RSS {rss:.0} MiB"
         );
+        print_budget(&steps);
         cleanup(&cfg, &cfg).await;
         return Ok(());
     }
@@ -226,10 +227,11 @@ pub async fn run(base: &Config, args: BenchArgs) -> anyhow::Result<()> {
     // 5. Steady state at half the drain rate.
     if args.steady {
         let target = (all_rate / 2.0).max(100.0);
-        let (p50, p99, sent, rss) = steady(&cfg, &id, target).await?;
+        let (p50, p99, sent, rss, steps) = steady(&cfg, &id, target).await?;
         println!(
             "steady state at {target:.0} events/s ({sent} events): publish → visible p50 {p50} ms, p99 {p99} ms, peak RSS {rss:.0} MiB"
         );
+        print_budget(&steps);
         rows.push(row(
             format!("p99 publish → visible at {target:.0} events/s"),
             format!("{p99} ms (p50 {p50} ms)"),
@@ -854,7 +856,26 @@ async fn clickhouse_engine(cfg: &Config, id: &str, n: u64) -> anyhow::Result<f64
 
 /// A worker that has caught up receives a new history published at `target` events/s for
 /// about 15 s; publish → visible percentiles from the worker's own figures.
-async fn steady(cfg: &Config, id: &str, target: f64) -> anyhow::Result<(u64, u64, u64, f64)> {
+/// The latency budget of a run, step by step (see `projector::runtime::budget`).
+fn print_budget(steps: &[projector::runtime::budget::StepLatency]) {
+    println!("  latency budget    count      p50 ms      p99 ms      max ms");
+    for s in steps {
+        println!(
+            "  {:<12} {:>10} {:>11.2} {:>11.2} {:>11.2}",
+            s.step, s.count, s.p50_ms, s.p99_ms, s.max_ms
+        );
+    }
+}
+
+type SteadyFigures = (
+    u64,
+    u64,
+    u64,
+    f64,
+    Vec<projector::runtime::budget::StepLatency>,
+);
+
+async fn steady(cfg: &Config, id: &str, target: f64) -> anyhow::Result<SteadyFigures> {
     let stats = std::env::temp_dir().join(format!("{id}-steady-stats.json"));
     let child = spawn_worker(cfg, &stats, 8.0, None)?;
     // Joined and caught up before the load starts (the worker exits 8 s after the last event).
@@ -880,6 +901,7 @@ async fn steady(cfg: &Config, id: &str, target: f64) -> anyhow::Result<(u64, u64
         report.latency_ms_p99,
         history.len() as u64,
         rss as f64 / 1024.0,
+        report.steps,
     ))
 }
 

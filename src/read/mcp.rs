@@ -5,7 +5,6 @@
 
 use std::sync::Arc;
 
-use projectors::customer360::Customer360;
 use projectors::order_view::OrderView;
 use rmcp::handler::server::wrapper::Parameters;
 use rmcp::model::{Implementation, ServerCapabilities, ServerConfig};
@@ -110,7 +109,7 @@ impl ReadTools {
     async fn get_customer_360(
         &self,
         Parameters(p): Parameters<CustomerParams>,
-    ) -> Result<Json<Answer<Customer360>>, String> {
+    ) -> Result<Json<Answer<Customer>>, String> {
         self.service
             .customer(&p.customer_id, &p.wait.consistency())
             .await

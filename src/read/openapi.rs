@@ -1,7 +1,6 @@
 //! The OpenAPI 3.1 document the service serves at `/openapi.json`. Schemas come from the
 //! answer types themselves (schemars), so the document cannot drift from what is sent.
 
-use projectors::customer360::Customer360;
 use projectors::order_view::OrderView;
 use schemars::generate::SchemaSettings;
 use serde_json::{Value, json};
@@ -119,7 +118,7 @@ pub fn document() -> Value {
     // Named answer types (generic ones get a readable name of their own).
     let named = |name: &str, schema: schemars::Schema| (name.to_owned(), schema.to_value());
     let answers = [
-        named("CustomerAnswer", g.subschema_for::<Answer<Customer360>>()),
+        named("CustomerAnswer", g.subschema_for::<Answer<Customer>>()),
         named("OrderAnswer", g.subschema_for::<Answer<OrderView>>()),
         named("OrderPageAnswer", g.subschema_for::<Answer<OrderPage>>()),
         named(

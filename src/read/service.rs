@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use crate::sinks::redis::RedisCon;
 use contract::Event;
 use mongodb::bson::{Bson, RawDocumentBuf, doc};
-use projectors::customer360::{Customer360, Customer360Projector};
+use projectors::customer360::Customer360Projector;
 use projectors::order_view::{self, OrderView, OrderViewProjector};
 use projectors::{Doc, FactProjector, Projector, StoreKind, analytics};
 use serde::Deserialize;
@@ -544,7 +544,9 @@ impl ReadService {
         let doc = doc.ok_or_else(|| ReadError::NotFound(format!("{what} {id}")))?;
         let mut f = self.base_freshness(p.name(), &version);
         f.last_event_at = updated_at(&doc.view).map(super::time);
-        f.streams = Some(doc.guard);
+        let (streams, total) = super::types::bounded_streams(doc.guard, &format!("{what}/{id}"));
+        f.streams = Some(streams);
+        f.streams_total = total;
         f.consistency = report;
         Ok(Answer {
             data: doc.view,
@@ -553,15 +555,16 @@ impl ReadService {
     }
 
     /// A customer's Customer-360 view.
-    pub async fn customer(
-        &self,
-        id: &str,
-        c: &Consistency,
-    ) -> Result<Answer<Customer360>, ReadError> {
-        self.document(&Customer360Projector, "customer_id", id, c, |v| {
-            v.updated_at
+    pub async fn customer(&self, id: &str, c: &Consistency) -> Result<Answer<Customer>, ReadError> {
+        let a = self
+            .document(&Customer360Projector, "customer_id", id, c, |v| {
+                v.updated_at
+            })
+            .await?;
+        Ok(Answer {
+            data: Customer::from(a.data),
+            freshness: a.freshness,
         })
-        .await
     }
 
     /// One order view.

@@ -3,9 +3,122 @@
 
 use std::collections::BTreeMap;
 
+use chrono::{DateTime, Utc};
+use projectors::customer360::{Context, Customer360, Interactions, Orders, Profile, Support};
 use projectors::order_view::OrderView;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
+
+/// The most an answer about one customer may weigh, whatever the customer's history.
+pub const CUSTOMER_ANSWER_BYTES: usize = 16 * 1024;
+
+/// Entries kept of a map that grows with what the events say (interaction types, profile
+/// attributes), before the size check.
+const MAP_ENTRIES: usize = 32;
+
+/// A customer as agents read it: the Customer-360 view without its internal state (`_state`
+/// holds one entry per order and ticket), at most [`CUSTOMER_ANSWER_BYTES`] serialised. What
+/// had to be cut is named in `truncated`; the orders themselves are paged at
+/// `/v1/customers/{id}/orders`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct Customer {
+    pub context: Context,
+    pub customer_id: String,
+    pub interactions: Interactions,
+    pub orders: Orders,
+    pub profile: Option<Profile>,
+    pub support: Support,
+    #[serde(serialize_with = "projectors::time::ser_opt")]
+    pub updated_at: Option<DateTime<Utc>>,
+    /// How many events this document reflects.
+    pub version: u64,
+    /// What was cut to keep the answer bounded, each with how many entries it had
+    /// (e.g. `interactions.by_type: 250`). Empty when nothing was.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub truncated: BTreeMap<String, usize>,
+}
+
+impl From<Customer360> for Customer {
+    fn from(v: Customer360) -> Customer {
+        let mut c = Customer {
+            context: v.context,
+            customer_id: v.customer_id,
+            interactions: v.interactions,
+            orders: v.orders,
+            profile: v.profile,
+            support: v.support,
+            updated_at: v.updated_at,
+            version: v.version,
+            truncated: BTreeMap::new(),
+        };
+        c.bound();
+        c
+    }
+}
+
+impl Customer {
+    /// Cut what grows with the events until the answer fits: the rarest interaction types
+    /// first (the busiest are kept), then profile attributes, then the address, then the
+    /// summary line. Counters and times are never cut.
+    fn bound(&mut self) {
+        let by_type = &mut self.interactions.by_type;
+        if by_type.len() > MAP_ENTRIES {
+            let n = by_type.len();
+            let mut counts: Vec<(String, u64)> = std::mem::take(by_type).into_iter().collect();
+            counts.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+            counts.truncate(MAP_ENTRIES);
+            *by_type = counts.into_iter().collect();
+            self.truncated.insert("interactions.by_type".into(), n);
+        }
+        if let Some(p) = self.profile.as_mut()
+            && p.attributes.len() > MAP_ENTRIES
+        {
+            let n = p.attributes.len();
+            p.attributes = std::mem::take(&mut p.attributes)
+                .into_iter()
+                .take(MAP_ENTRIES)
+                .collect();
+            self.truncated.insert("profile.attributes".into(), n);
+        }
+        let size = |c: &Customer| serde_json::to_vec(c).map_or(usize::MAX, |b| b.len());
+        // Room for the freshness beside it.
+        let max = CUSTOMER_ANSWER_BYTES - 2 * 1024;
+        while size(self) > max {
+            if self.interactions.by_type.len() > 1 {
+                let n = self.interactions.by_type.len();
+                let keep = n / 2;
+                let mut counts: Vec<(String, u64)> = std::mem::take(&mut self.interactions.by_type)
+                    .into_iter()
+                    .collect();
+                counts.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+                counts.truncate(keep);
+                self.interactions.by_type = counts.into_iter().collect();
+                self.truncated
+                    .entry("interactions.by_type".into())
+                    .or_insert(n);
+            } else if let Some(p) = self.profile.as_mut().filter(|p| !p.attributes.is_empty()) {
+                let n = p.attributes.len();
+                p.attributes.clear();
+                self.truncated
+                    .entry("profile.attributes".into())
+                    .or_insert(n);
+            } else if let Some(p) = self.profile.as_mut().filter(|p| p.address.is_some()) {
+                p.address = None;
+                self.truncated.insert("profile.address".into(), 1);
+            } else if self.context.summary.len() > 256 {
+                let mut end = 256;
+                while !self.context.summary.is_char_boundary(end) {
+                    end -= 1;
+                }
+                self.context.summary.truncate(end);
+                self.truncated.insert("context.summary".into(), 1);
+            } else {
+                // Only fixed fields left (names and ids are bounded by the contract).
+                break;
+            }
+        }
+    }
+}
 
 /// An answer and how fresh it is.
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
@@ -21,9 +134,15 @@ pub struct Freshness {
     pub projection: String,
     /// The read-model version read (`live`, or a rebuilt `vYYYYMMDDHHMMSS` after a switch).
     pub version: String,
-    /// Documents: the last sequence applied of each source stream (`aggregate_type/id`).
+    /// Documents: the last sequence applied of each source stream (`aggregate_type/id`):
+    /// every one while there are at most 32, else the document's own stream only (a
+    /// customer's orders and tickets are streams too; `streams_total` says how many there
+    /// are, and `after_stream`/`after_sequence` asks about any one of them).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub streams: Option<BTreeMap<String, i64>>,
+    /// How many source streams the document has applied, when `streams` lists only its own.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub streams_total: Option<usize>,
     /// The newest event time the answer reflects (event time, not the wall clock).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub last_event_at: Option<String>,
@@ -230,4 +349,93 @@ pub struct ErrorBody {
     /// With `not_yet`: where the projection stands.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub freshness: Option<Freshness>,
+}
+
+/// The streams an answer lists (see [`Freshness::streams`]): all of `guard` while it is
+/// small, else only `own`, with the total.
+pub fn bounded_streams(
+    guard: projectors::Guard,
+    own: &str,
+) -> (BTreeMap<String, i64>, Option<usize>) {
+    const MAX: usize = 32;
+    if guard.len() <= MAX {
+        return (guard, None);
+    }
+    let total = guard.len();
+    let mine = guard
+        .into_iter()
+        .filter(|(s, _)| s == own)
+        .collect::<BTreeMap<_, _>>();
+    (mine, Some(total))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use projectors::customer360::Customer360;
+
+    #[test]
+    fn a_customer_answer_is_bounded_whatever_the_history() {
+        let mut v = Customer360 {
+            customer_id: "c1".into(),
+            ..Default::default()
+        };
+        for i in 0..20_000 {
+            v.state.orders.insert(format!("ord-{i}"), "open".into());
+        }
+        for i in 0..5_000 {
+            v.interactions
+                .by_type
+                .insert(format!("type-{i:05}-{}", "x".repeat(40)), i);
+        }
+        v.profile = Some(Profile {
+            address: Some(serde_json::json!({"street": "y".repeat(30_000)})),
+            attributes: (0..500)
+                .map(|i| (format!("a{i}"), serde_json::json!("z".repeat(200))))
+                .collect(),
+            created_at: chrono::Utc::now(),
+            email: "e@x".into(),
+            name: "N".into(),
+            phone: None,
+        });
+        let c = Customer::from(v);
+        let bytes = serde_json::to_vec(&c).unwrap();
+        assert!(
+            bytes.len() <= CUSTOMER_ANSWER_BYTES - 2 * 1024,
+            "{} bytes",
+            bytes.len()
+        );
+        assert!(!String::from_utf8_lossy(&bytes).contains("_state"));
+        assert_eq!(c.truncated["interactions.by_type"], 5_000);
+        assert_eq!(c.truncated["profile.attributes"], 500);
+        // The busiest interaction types are the ones kept.
+        assert!(c.interactions.by_type.values().all(|n| *n >= 4_968));
+    }
+
+    #[test]
+    fn a_small_customer_is_answered_whole() {
+        let mut v = Customer360 {
+            customer_id: "c1".into(),
+            ..Default::default()
+        };
+        v.interactions.by_type.insert("chat".into(), 3);
+        v.state.orders.insert("o1".into(), "open".into());
+        let c = Customer::from(v.clone());
+        assert!(c.truncated.is_empty());
+        assert_eq!(c.interactions, v.interactions);
+    }
+
+    #[test]
+    fn many_streams_list_only_the_documents_own() {
+        let guard: projectors::Guard = (0..100)
+            .map(|i| (format!("order/o{i}"), 3))
+            .chain([("customer/c1".to_owned(), 7)])
+            .collect();
+        let (streams, total) = bounded_streams(guard.clone(), "customer/c1");
+        assert_eq!(streams.len(), 1);
+        assert_eq!(total, Some(101));
+        let small: projectors::Guard = guard.into_iter().take(5).collect();
+        let (streams, total) = bounded_streams(small.clone(), "customer/c1");
+        assert_eq!((streams, total), (small, None));
+    }
 }

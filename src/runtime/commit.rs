@@ -162,6 +162,9 @@ pub struct Tracker {
     last_commit: Option<tokio::time::Instant>,
     /// Told each window id once it is durable, in order (the durable stream positions).
     on_durable: Option<Box<dyn FnMut(u64) + Send>>,
+    /// When the oldest window durable but not yet committed became durable (the budget's
+    /// `commit` step).
+    durable_since: Option<Instant>,
 }
 
 impl Tracker {
@@ -187,6 +190,7 @@ impl Tracker {
             commit_every: Duration::from_millis(500),
             last_commit: None,
             on_durable: None,
+            durable_since: None,
         }
     }
 
@@ -351,6 +355,7 @@ impl Tracker {
             return; // polled by a consumer that is gone: its new owner redelivers
         }
 
+        self.durable_since.get_or_insert_with(Instant::now);
         for (tp, epoch, offset) in reg.offsets {
             if self.owned.get(&tp) != Some(&epoch) {
                 continue;
@@ -394,6 +399,9 @@ impl Tracker {
             return;
         }
         self.committed.extend(sent);
+        if let Some(t) = self.durable_since.take() {
+            super::budget::record(super::budget::Step::Commit, t.elapsed());
+        }
         self.stats.commits += 1;
         self.stats.last_commit = Some(Instant::now());
         self.last_commit = Some(tokio::time::Instant::now());

@@ -289,6 +289,7 @@ impl<F: FactProjector, S: FactStore> FactStage<F, S> {
             .increment(prepared.facts.len() as u64);
         metrics::histogram!("projector_write_seconds", "projector" => name, "store" => self.ctx.store)
             .record(started.elapsed().as_secs_f64());
+        super::budget::record(super::budget::Step::Write, started.elapsed());
         self.ctx.ack(&prepared.batch);
     }
 }
@@ -308,7 +309,9 @@ impl<F: FactProjector, S: FactStore> Pipelined for FactStage<F, S> {
 
     async fn prepare(&mut self, batch: Batch) -> Prepared {
         let span = batch.span.clone();
+        let started = Instant::now();
         let prep = self.prepare_in_span(batch).instrument(span.clone()).await;
+        super::budget::record(super::budget::Step::Fold, started.elapsed());
         span.record("version", StageCtx::version_of(&prep.target));
         span.record("events", prep.events);
         prep

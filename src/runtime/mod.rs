@@ -11,6 +11,7 @@
 //! folds the next; the tracker alone decides what may be committed. The same stages, fed by
 //! a replay of the event store instead of the source, rebuild a read model.
 
+pub mod budget;
 pub mod commit;
 pub mod control;
 pub mod documents;

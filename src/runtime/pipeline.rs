@@ -305,7 +305,9 @@ pub async fn decode_loop(
         } = raw;
         let (t, p) = (topics.clone(), topic_prefix.clone());
         let decoded = tokio::task::spawn_blocking(move || {
+            let started = std::time::Instant::now();
             let items = crate::source::decode::decode_all(items, &arena, &t, &p);
+            super::budget::record(super::budget::Step::Decode, started.elapsed());
             Window {
                 id,
                 generation,
@@ -343,11 +345,13 @@ pub async fn decode_loop(
             metrics::counter!("projector_events_total", "event_type" => t.to_owned()).increment(n);
         }
         let w = Arc::new(w);
+        let sending = std::time::Instant::now();
         for tx in &txs {
             if tx.send(w.clone()).await.is_err() {
                 return;
             }
         }
+        super::budget::record(super::budget::Step::Queue, sending.elapsed());
     }
 }
 
@@ -377,6 +381,9 @@ pub struct RunReport {
     pub latency_ms_p50: u64,
     pub latency_ms_p99: u64,
     pub latency_ms_max: u64,
+    /// Where the time went, step by step (see [`super::budget`]).
+    #[serde(default)]
+    pub steps: Vec<super::budget::StepLatency>,
 }
 
 impl RunReport {
@@ -398,6 +405,7 @@ impl RunReport {
             r.latency_ms_p99 = h.value_at_quantile(0.99);
             r.latency_ms_max = h.max();
         }
+        r.steps = super::budget::snapshot();
         for (name, _, s) in stages {
             r.dead_letters += s.letters.load(Ordering::Relaxed);
             if *name == "poison" {

@@ -46,6 +46,8 @@ struct Builder {
     /// Highest offset per (partition, epoch), with that message's create time.
     offsets: HashMap<(Tp, u32), (i64, i64)>,
     timestamps: Vec<i64>,
+    /// The longest a message of the window waited between its create time and the poll.
+    broker_ms: i64,
 }
 
 impl Builder {
@@ -56,6 +58,7 @@ impl Builder {
             opened: None,
             offsets: HashMap::new(),
             timestamps: Vec::new(),
+            broker_ms: 0,
         }
     }
 }
@@ -174,7 +177,9 @@ impl KafkaSource {
             },
             raw,
         });
-        let ts = timestamp_ms.unwrap_or_else(|| chrono::Utc::now().timestamp_millis());
+        let now_ms = chrono::Utc::now().timestamp_millis();
+        let ts = timestamp_ms.unwrap_or(now_ms);
+        b.broker_ms = b.broker_ms.max(now_ms - ts);
         let slot = b.offsets.entry((tp, epoch)).or_insert((m.offset(), ts));
         if m.offset() >= slot.0 {
             *slot = (m.offset(), ts);
@@ -193,6 +198,12 @@ impl KafkaSource {
             return;
         }
         let b = std::mem::replace(&mut st.builder, Builder::new());
+        use crate::runtime::budget::{Step, record};
+        record(Step::Window, opened.elapsed());
+        record(
+            Step::Broker,
+            Duration::from_millis(b.broker_ms.max(0) as u64),
+        );
         let id = st.next_window;
         st.next_window += 1;
         let reg = Registration {

@@ -4,6 +4,8 @@
 //! again from the store without the event that panicked.
 
 use std::sync::atomic::Ordering;
+// Tokio's clock: the simulation pauses and advances it.
+use tokio::time::Instant;
 
 use projectors::Projector;
 use projectors::document::{Doc, Step, apply_caught, panic_message};
@@ -12,6 +14,7 @@ use tracing::{Instrument, Span};
 
 use super::route::Routed;
 use super::{DocStage, KeyWork, Outcome, Prepared, stored};
+use crate::runtime::budget::{self, Step as Budget};
 use crate::runtime::retry::Retry;
 use crate::runtime::spans;
 use crate::runtime::stage::{EventRef, StageCtx};
@@ -29,6 +32,16 @@ impl<P: Projector, S: DocStore> DocStage<P, S> {
     }
 
     async fn fold_in_span(&mut self, routed: Routed) -> Prepared {
+        let started = Instant::now();
+        let loading_before = self.loading;
+        let prep = self.fold_routed(routed).await;
+        // The load is a step of its own.
+        let load = self.loading.saturating_sub(loading_before);
+        budget::record(Budget::Fold, started.elapsed().saturating_sub(load));
+        prep
+    }
+
+    async fn fold_routed(&mut self, routed: Routed) -> Prepared {
         let target = self.ctx.target(false).await;
         let target = self.ensure(target).await;
         self.refresh().await;
@@ -165,6 +178,7 @@ impl<P: Projector, S: DocStore> DocStage<P, S> {
             .loads
             .fetch_add(keys.len() as u64, Ordering::Relaxed);
         let store = self.st().store.clone();
+        let started = Instant::now();
         let loaded = {
             let mut retry = Retry::new(&self.ctx.shared, self.ctx.store, "loading views");
             loop {
@@ -180,6 +194,9 @@ impl<P: Projector, S: DocStore> DocStage<P, S> {
                 }
             }
         };
+        let took = started.elapsed();
+        self.loading += took;
+        budget::record(Budget::Load, took);
         let st = self.st();
         for k in keys {
             st.cache.touch(k, tick);

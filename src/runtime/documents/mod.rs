@@ -191,6 +191,8 @@ pub struct DocStage<P: Projector, S: DocStore> {
     keys: StreamKey,
     /// Parks the table may not have yet (this stage's, unreadable messages').
     unsaved: Unsaved,
+    /// Time spent loading views so far (the fold step is measured without it).
+    loading: Duration,
 }
 
 impl<P: Projector, S: DocStore> DocStage<P, S> {
@@ -214,6 +216,7 @@ impl<P: Projector, S: DocStore> DocStage<P, S> {
             tick: 0,
             keys: StreamKey::default(),
             unsaved: Unsaved::default(),
+            loading: Duration::ZERO,
         }
     }
 
@@ -394,6 +397,7 @@ impl<P: Projector, S: DocStore> DocStage<P, S> {
             .increment(prep.duplicates as u64);
         metrics::histogram!("projector_write_seconds", "projector" => name, "store" => self.ctx.store)
             .record(started.elapsed().as_secs_f64());
+        super::budget::record(super::budget::Step::Write, started.elapsed());
         self.ctx.ack(&prep.routed.batch);
     }
 }
