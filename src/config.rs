@@ -280,6 +280,15 @@ pub struct KafkaConfig {
     /// Bytes per fetch response (honoured by Apache Kafka).
     #[serde(default = "default_fetch_max")]
     pub fetch_max_bytes: u64,
+    /// How long the broker may hold a fetch that has less than `fetch.min.bytes` to return
+    /// (librdkafka `fetch.wait.max.ms`): the `broker` step of the latency budget at low
+    /// rates. Shorter means fresher answers and more fetch requests.
+    #[serde(default = "default_fetch_wait")]
+    pub fetch_wait_max_ms: u32,
+}
+
+fn default_fetch_wait() -> u32 {
+    500
 }
 
 fn default_receive_max() -> u64 {

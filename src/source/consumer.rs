@@ -179,5 +179,6 @@ pub fn create_consumer(
         // memory once every partition has its own queue).
         .set("queued.min.messages", "5000")
         .set("statistics.interval.ms", "5000")
+        .set("fetch.wait.max.ms", cfg.fetch_wait_max_ms.to_string())
         .create_with_context(ctx)
 }
