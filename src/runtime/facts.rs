@@ -155,19 +155,14 @@ impl<F: FactProjector, S: FactStore> FactStage<F, S> {
                         prep.refs.push(r);
                     }
                     Err(reason) => {
-                        let stream = stream.to_owned();
-                        if parked.park(&stream, ParkFrom::Sequence(seq), &reason) {
-                            let from = ParkFrom::Sequence(seq);
-                            self.unsaved
-                                .own(w.id, &target.version, &stream, from, &reason);
-                            prep.parks.push(ParkRecord {
-                                projection: name.to_owned(),
-                                version: target.version.clone(),
-                                stream,
-                                from: ParkFrom::Sequence(seq),
-                                reason: reason.clone(),
-                            });
-                        }
+                        let record = ParkRecord {
+                            projection: name.to_owned(),
+                            version: target.version.clone(),
+                            stream: stream.to_owned(),
+                            from: ParkFrom::Sequence(seq),
+                            reason: reason.clone(),
+                        };
+                        prep.parks.extend(self.unsaved.park(parked, w.id, record));
                         prep.letters.push((r, "rejected", reason));
                     }
                 }
@@ -237,18 +232,17 @@ impl<F: FactProjector, S: FactStore> FactStage<F, S> {
         why: &str,
     ) {
         let window = prepared.batch.windows[r.0 as usize].id;
-        let from = ParkFrom::Sequence(seq);
-        if let Some((target, _, parked)) = self.state.as_mut()
-            && parked.park(stream, from, why)
-        {
-            self.unsaved.own(window, &target.version, stream, from, why);
-            prepared.parks.push(ParkRecord {
+        if let Some((target, _, parked)) = self.state.as_mut() {
+            let record = ParkRecord {
                 projection: self.ctx.name.to_owned(),
                 version: target.version.clone(),
                 stream: stream.to_owned(),
-                from,
+                from: ParkFrom::Sequence(seq),
                 reason: why.to_owned(),
-            });
+            };
+            prepared
+                .parks
+                .extend(self.unsaved.park(parked, window, record));
         }
     }
 

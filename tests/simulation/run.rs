@@ -541,14 +541,7 @@ async fn schedule(seed: u64, mode: Mode_) -> Outcome {
     }
     // Triage knobs for a failing seed: the same schedule without faults or without actions.
     if std::env::var_os("SIM_NO_FAULTS").is_some() {
-        plan.faults = Faults {
-            store_fail: 0.0,
-            reply_lost: 0.0,
-            partial: 0.0,
-            hang: 0.0,
-            pg_fail: 0.0,
-            ..plan.faults
-        };
+        plan.faults = plan.faults.none();
     }
     if std::env::var_os("SIM_NO_ACTIONS").is_some() || hostile {
         plan.action = 0.0;
@@ -556,14 +549,7 @@ async fn schedule(seed: u64, mode: Mode_) -> Outcome {
     if hostile {
         plan.workers = 1;
         (plan.dup, plan.loss, plan.swap) = (0.0, 0.0, 0.0);
-        plan.faults = Faults {
-            store_fail: 0.0,
-            reply_lost: 0.0,
-            partial: 0.0,
-            hang: 0.0,
-            pg_fail: 0.0,
-            ..plan.faults
-        };
+        plan.faults = plan.faults.none();
     }
     let log: Vec<EventEnvelope> = projector::generator::history::History::new(seed, "s")
         .take(plan.events)

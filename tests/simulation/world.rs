@@ -40,6 +40,20 @@ pub struct Faults {
     pub max_latency_ms: u64,
 }
 
+impl Faults {
+    /// The same latencies, nothing failing.
+    pub fn none(self) -> Faults {
+        Faults {
+            store_fail: 0.0,
+            reply_lost: 0.0,
+            partial: 0.0,
+            hang: 0.0,
+            pg_fail: 0.0,
+            ..self
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct Pointer {
     pub version: String,

@@ -175,8 +175,9 @@ struct TargetState<V, S> {
     parks_loaded: Instant,
 }
 
-/// A write task's result: which views it wrote, and how it went.
-pub type Written = (Vec<usize>, Result<WriteOutcome, SinkError>);
+/// How a batch's writes went. The views written are those whose write is still pending in
+/// the batch ([`Prepared::pending`]): settling takes them off as they become durable.
+pub type Written = Result<WriteOutcome, SinkError>;
 
 pub struct DocStage<P: Projector, S: DocStore> {
     p: Arc<P>,
@@ -297,20 +298,17 @@ impl<P: Projector, S: DocStore> DocStage<P, S> {
     /// Park `stream` from `seq` (event `r` of the batch refused): held at once, recorded
     /// when the batch completes, kept across reloads of the table until then.
     fn park(&mut self, prep: &mut Prepared, r: EventRef, stream: &str, seq: i64, reason: &str) {
-        let from = ParkFrom::Sequence(seq);
-        let version = self.st().target.version.clone();
-        if !self.st().parked.park(stream, from, reason) {
-            return;
-        }
         let window = prep.routed.batch.windows[r.0 as usize].id;
-        self.unsaved.own(window, &version, stream, from, reason);
-        prep.parks.push(ParkRecord {
+        let record = ParkRecord {
             projection: self.ctx.name.to_owned(),
-            version,
+            version: self.st().target.version.clone(),
             stream: stream.to_owned(),
-            from,
+            from: ParkFrom::Sequence(seq),
             reason: reason.to_owned(),
-        });
+        };
+        let st = self.state.as_mut().unwrap_or_else(|| unreachable!());
+        prep.parks
+            .extend(self.unsaved.park(&mut st.parked, window, record));
     }
 
     /// The span of one store call of the batch under `parent` (a load, or a write).
@@ -443,29 +441,21 @@ impl<P: Projector, S: DocStore> Pipelined for DocStage<P, S> {
         let writes = prepared.writes(&views);
         let store = self.st().store.clone();
         let span = self.store_span(&prepared.routed.batch.span, writes.len(), false);
-        tokio::spawn(async move {
-            let r = write_traced(&store, &writes, span).await;
-            (views, r)
-        })
+        tokio::spawn(async move { write_traced(&store, &writes, span).await })
     }
 
     async fn write(&mut self, prepared: &mut Prepared) -> Written {
         let views = prepared.pending();
-        let r = self.write_views(prepared, &views).await;
-        (views, r)
+        self.write_views(prepared, &views).await
     }
 
-    fn died(&self, prepared: &Prepared, e: tokio::task::JoinError) -> Written {
-        (
-            prepared.pending(),
-            Err(SinkError::transient(self.ctx.store, e)),
-        )
+    fn died(&self, _prepared: &Prepared, e: tokio::task::JoinError) -> Written {
+        Err(SinkError::transient(self.ctx.store, e))
     }
 
     async fn settle(&mut self, prepared: &mut Prepared, written: Written) -> Settled {
         let span = prepared.routed.batch.span.clone();
-        let (_, result) = written;
-        self.settle_writes(prepared, result).instrument(span).await
+        self.settle_writes(prepared, written).instrument(span).await
     }
 
     async fn complete(&mut self, prepared: Prepared) {

@@ -16,6 +16,8 @@
 use projectors::Parked;
 use projectors::parking::ParkFrom;
 
+use super::ParkRecord;
+
 #[derive(Debug, Clone, PartialEq)]
 struct Entry {
     window: u64,
@@ -36,6 +38,17 @@ pub struct Unsaved {
 }
 
 impl Unsaved {
+    /// A stage refused an event of window `window`: `r.stream` is held at once in `parked`;
+    /// if that is a new mark, it is kept here until the table has it, and the record to save
+    /// with the batch is returned.
+    pub fn park(&mut self, parked: &mut Parked, window: u64, r: ParkRecord) -> Option<ParkRecord> {
+        if !parked.park(&r.stream, r.from, &r.reason) {
+            return None;
+        }
+        self.own(window, &r.version, &r.stream, r.from, &r.reason);
+        Some(r)
+    }
+
     /// This stage parked `stream` of `version` while handling window `window`.
     pub fn own(&mut self, window: u64, version: &str, stream: &str, from: ParkFrom, why: &str) {
         self.push(window, false, version, stream, from, why);
@@ -144,6 +157,30 @@ mod tests {
             "for every version"
         );
         assert!(merged(&mut u, "v1", 7).is_empty());
+    }
+
+    #[test]
+    fn a_park_is_recorded_once_and_held_at_once() {
+        let mut u = Unsaved::default();
+        let mut parked = Parked::default();
+        let r = ParkRecord {
+            projection: "order_view".into(),
+            version: "v1".into(),
+            stream: "order/o1".into(),
+            from: ParkFrom::Sequence(4),
+            reason: "refused".into(),
+        };
+        assert_eq!(u.park(&mut parked, 9, r.clone()), Some(r.clone()));
+        assert!(
+            parked.holding("order/o1", 5, None).is_some(),
+            "held at once"
+        );
+        assert_eq!(
+            u.park(&mut parked, 9, r),
+            None,
+            "the same mark again is not new"
+        );
+        assert_eq!(u.len(), 1);
     }
 
     #[test]
