@@ -148,6 +148,13 @@ struct BenchCli {
     /// separated; `scripts/services.sh up rcluster` starts one).
     #[arg(long)]
     redis_cluster: Option<String>,
+    /// The hot customer's history: this many finished orders, then 1,000 events/s of new
+    /// orders for it alone, beside the same rate over many customers (0: skip).
+    #[arg(long, default_value_t = 20_000)]
+    hot_orders: usize,
+    /// Measure only the hot customer, and stop.
+    #[arg(long)]
+    hot_only: bool,
 }
 
 #[derive(Args)]
@@ -250,6 +257,8 @@ async fn dispatch(command: Command, config: Config) -> anyhow::Result<()> {
                     steady_rate: args.steady_rate,
                     read_only: args.read_only,
                     redis_cluster: args.redis_cluster,
+                    hot_orders: args.hot_orders,
+                    hot_only: args.hot_only,
                 },
             )
             .await?

@@ -89,7 +89,7 @@ async fn agents_use_the_tools_over_stdio_and_streamable_http() {
     );
     assert_eq!(
         body["freshness"]["streams"],
-        serde_json::to_value(guard).unwrap()
+        serde_json::to_value(common::open_streams(guard)).unwrap()
     );
     assert_eq!(body["freshness"]["version"], "live");
 

@@ -385,3 +385,99 @@ async fn a_pod_exposes_health_readiness_and_metrics() {
     Command::new("kill").args(["-TERM", &pid]).status().unwrap();
     assert!(pod.wait().unwrap().success());
 }
+
+/// One customer's order stream: placed, then completed or cancelled.
+fn order_events(ns: &str, n: usize) -> Vec<contract::Event> {
+    use contract::EventData;
+    use contract::catalogue::{OrderCancelled, OrderCompleted, OrderPlaced};
+    let customer = format!("{ns}cus-hot");
+    let t0 = chrono::Utc::now();
+    let mut events = Vec::new();
+    for i in 0..n {
+        let id = format!("{ns}ord-{i}");
+        let at = t0 + chrono::Duration::milliseconds(i as i64);
+        let placed = EventData::OrderPlaced(OrderPlaced {
+            order_id: id.clone(),
+            customer_id: customer.clone(),
+            items: vec![],
+            shipping_address: Default::default(),
+            total_amount: 2.5,
+            currency: None,
+        });
+        let outcome = if i % 4 == 0 {
+            EventData::OrderCancelled(OrderCancelled {
+                order_id: id.clone(),
+                customer_id: customer.clone(),
+                reason: "r".into(),
+                cancelled_by: "customer".into(),
+                previous_status: "created".into(),
+            })
+        } else {
+            EventData::OrderCompleted(OrderCompleted {
+                order_id: id.clone(),
+                customer_id: customer.clone(),
+            })
+        };
+        for (seq, data) in [placed, outcome].into_iter().enumerate() {
+            let e = contract::Event::new(
+                uuid::Uuid::new_v4(),
+                &id,
+                seq as i64,
+                data,
+                Default::default(),
+                at,
+            );
+            events.push(e.unwrap());
+        }
+    }
+    events
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_customer_document_stays_small_however_many_orders_it_has_finished() {
+    let (cfg, ns) = common::isolated_config("hot");
+    let orders = 1_500;
+    common::append_and_publish(&cfg, order_events(&ns, orders)).await;
+    common::run_worker_until_idle(&cfg, Duration::from_secs(4)).await;
+    common::assert_read_models_equal_fold(&cfg, &ns).await;
+
+    // The stored document holds no order: each finished stream is kept beside it, in a set
+    // written by the same script.
+    let sinks = common::live_sinks(&cfg).await;
+    let key = sinks.redis.key(&format!("{ns}cus-hot"));
+    let side = projector::sinks::redis::finished_key(&key).unwrap();
+    let mut con = sinks.redis.connection();
+    let body: Vec<u8> = redis::cmd("GET")
+        .arg(&key)
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    let finished: usize = redis::cmd("SCARD")
+        .arg(&side)
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    assert_eq!(finished, orders);
+    assert!(body.len() < 2_000, "the document is {} bytes", body.len());
+    let doc: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(doc["orders"]["total"], orders);
+    assert_eq!(doc["orders"]["cancelled"], orders / 4);
+    assert_eq!(doc["_guard"].as_object().map(|g| g.len()), Some(0));
+
+    // Every event again (a new group replays the topics): all duplicates, nothing rewritten.
+    let mut replay = cfg.clone();
+    replay.kafka.group_id = format!("{}-replay", cfg.kafka.group_id);
+    let again = common::run_worker_until_idle(&replay, Duration::from_secs(4)).await;
+    assert!(again.messages >= 2 * orders as u64);
+    assert_eq!(again.writes.get("customer360").copied().unwrap_or(0), 0);
+    common::assert_read_models_equal_fold(&cfg, &ns).await;
+
+    // Retiring the version deletes the sets with the documents.
+    sinks.redis.delete_all().await.unwrap();
+    let left: usize = redis::cmd("EXISTS")
+        .arg(&side)
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    assert_eq!(left, 0);
+}

@@ -11,8 +11,14 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::{Projector, Rejection};
 
-/// Last applied `sequence_number` per source stream (`aggregate_type/aggregate_id`).
+/// Last applied `sequence_number` per source stream (`aggregate_type/aggregate_id`), or
+/// [`FINISHED`].
 pub type Guard = BTreeMap<String, i64>;
+
+/// The guard entry of a stream the view takes nothing more from ([`Projector::finishes`]):
+/// every event of it is a duplicate. A store may keep such entries beside the document
+/// ([`Doc::take_finished`]) and bring back only those a batch asks about.
+pub const FINISHED: i64 = i64::MAX;
 
 /// Writes an event's stream key (`aggregate_type/aggregate_id`) into a reused buffer, so the
 /// hot path looks guards up without allocating.
@@ -91,6 +97,27 @@ impl<'de, V: DeserializeOwned> Deserialize<'de> for Doc<V> {
     }
 }
 
+impl<V> Doc<V> {
+    /// Take the finished streams out of the guard (for a store that keeps them apart).
+    pub fn take_finished(&mut self) -> Vec<String> {
+        let finished: Vec<String> = self
+            .guard
+            .iter()
+            .filter(|(_, seq)| **seq == FINISHED)
+            .map(|(s, _)| s.clone())
+            .collect();
+        for s in &finished {
+            self.guard.remove(s);
+        }
+        finished
+    }
+
+    /// Mark `stream` finished (read back from beside the document).
+    pub fn finish(&mut self, stream: String) {
+        self.guard.insert(stream, FINISHED);
+    }
+}
+
 /// What applying one event to a document did.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Step {
@@ -114,10 +141,11 @@ pub fn apply_event<P: Projector>(
     }
     match p.apply(&mut doc.view, event) {
         Ok(()) => {
+            let last = if p.finishes(event) { FINISHED } else { seq };
             match doc.guard.get_mut(stream) {
-                Some(last) => *last = seq,
+                Some(l) => *l = last,
                 None => {
-                    doc.guard.insert(stream.to_owned(), seq);
+                    doc.guard.insert(stream.to_owned(), last);
                 }
             }
             Step::Applied

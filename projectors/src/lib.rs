@@ -74,12 +74,23 @@ pub trait Projector: Send + Sync + 'static {
 
     /// Fill the fields derived from the whole view, once before each write (not per event).
     fn seal(&self, _view: &mut Self::View) {}
+
+    /// Whether `event` (just applied) is the last of its stream this view takes: the stream
+    /// is then finished for the view, and every later event of it is skipped like a
+    /// duplicate. A finished stream costs the view nothing more: its guard entry leaves the
+    /// document (a store keeps it beside the document, in the same atomic write), so a view
+    /// fed by many short streams (a customer's orders) stays small however long its history.
+    fn finishes(&self, _event: &Event) -> bool {
+        false
+    }
 }
 
 /// The read models' contract version (README, "Read models"): 2 added Customer-360
 /// `context`, `sentiment_trend` "neutral" before any score, the exact mean resolution time,
-/// and timestamps always with six fraction digits (they sort as text).
-pub const CONTRACT_VERSION: u32 = 2;
+/// and timestamps always with six fraction digits (they sort as text); 3 keeps only open
+/// orders in Customer-360's `_state` and finished streams beside the document, not in
+/// `_guard`, so a document's size does not grow with its history.
+pub const CONTRACT_VERSION: u32 = 3;
 
 /// A fact projector: one row per event, appended (the store deduplicates by event id).
 pub trait FactProjector: Send + Sync + 'static {

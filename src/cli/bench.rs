@@ -9,7 +9,9 @@
 //!    worker process (peak RSS sampled), and ClickHouse's own Kafka table engine drains the
 //!    same backlog into the same kind of table;
 //! 5. steady state: a fixed publish rate (half the measured drain rate), publish → visible;
-//! 6. rebuild from the event store, per projection and all at once.
+//! 6. the hot customer ([`super::bench_hot`]): one customer's long history, then a steady
+//!    rate for it alone, beside the same rate over many customers;
+//! 7. rebuild from the event store, per projection and all at once.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -46,7 +48,15 @@ pub struct BenchArgs {
     pub read_only: bool,
     /// Seed URLs of a Redis Cluster whose raw write rate to measure beside one server.
     pub redis_cluster: Option<String>,
+    /// The hot customer's finished orders before its load (0: no hot-customer figure).
+    pub hot_orders: usize,
+    /// Only the hot-customer figure.
+    pub hot_only: bool,
 }
+
+/// The hot customer's load: events/s, for how many seconds.
+const HOT_RATE: f64 = 1_000.0;
+const HOT_SECS: f64 = 15.0;
 
 const SEED: u64 = 7;
 
@@ -93,6 +103,13 @@ pub async fn run(base: &Config, args: BenchArgs) -> anyhow::Result<()> {
             "steady state at {rate:.0} events/s ({sent} events): publish → visible p50 {p50} ms, p99 {p99} ms, peak RSS {rss:.0} MiB"
         );
         print_budget(&steps);
+        cleanup(&cfg, &cfg).await;
+        return Ok(());
+    }
+    if args.hot_only {
+        kafka::ensure_topics(&cfg.kafka).await?;
+        let hot = super::bench_hot::run(&cfg, &id, args.hot_orders, HOT_RATE, HOT_SECS).await?;
+        hot.print();
         cleanup(&cfg, &cfg).await;
         return Ok(());
     }
@@ -246,7 +263,35 @@ pub async fn run(base: &Config, args: BenchArgs) -> anyhow::Result<()> {
         ));
     }
 
-    // 6. Rebuilds from the event store: exactly this run's history.
+    // 6. The hot customer (after the rebuild's start position: its events are not in the
+    // event store, so the rebuilds below replay exactly the seeded history).
+    if args.hot_orders > 0 {
+        let hot = super::bench_hot::run(&cfg, &id, args.hot_orders, HOT_RATE, HOT_SECS).await?;
+        hot.print();
+        rows.push(row(
+            format!("hot customer ({} orders): worker CPU", args.hot_orders),
+            format!("{:.1} % of a core", hot.hot.cpu_share * 100.0),
+            format!(
+                "{:.1} % over many customers; target ≤1.5×",
+                hot.spread.cpu_share * 100.0
+            ),
+            Some(hot.cpu_ratio() / 1.5),
+        ));
+        rows.push(row(
+            "hot customer: p99 publish → visible",
+            format!("{} ms", hot.hot.p99_ms),
+            format!("{} ms over many customers; target ≤1.5×", hot.spread.p99_ms),
+            Some(hot.p99_ratio() / 1.5),
+        ));
+        rows.push(row(
+            "hot customer: its Customer-360 document",
+            format!("{} bytes", hot.document_bytes),
+            "target: flat in history",
+            None,
+        ));
+    }
+
+    // 7. Rebuilds from the event store: exactly this run's history.
     for (label, names) in [
         ("customer360", vec!["customer360"]),
         ("order_view", vec!["order_view"]),
@@ -506,6 +551,7 @@ async fn raw_capacity(
                     expected: expected.get(i).copied(),
                     rev,
                     body: store(&doc(i, rev)),
+                    finished: Vec::new(),
                 }
             })
             .collect();
@@ -658,7 +704,7 @@ async fn drain(cfg: &Config, label: &str, only: Option<&str>) -> anyhow::Result<
 }
 
 /// Wait for a worker, sampling its peak RSS and median RSS (KiB) and its CPU seconds.
-async fn wait_sampling_rss(
+pub(super) async fn wait_sampling_rss(
     mut child: std::process::Child,
 ) -> anyhow::Result<(std::process::ExitStatus, u64, Option<f64>, u64)> {
     let pid = child.id();
@@ -685,7 +731,7 @@ async fn wait_sampling_rss(
 }
 
 /// CPU seconds (user + system) a process has used so far.
-fn cpu_seconds(pid: u32) -> Option<f64> {
+pub(super) fn cpu_seconds(pid: u32) -> Option<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let rest = stat.rsplit_once(") ")?.1;
     let f: Vec<&str> = rest.split_whitespace().collect();
@@ -907,7 +953,7 @@ async fn steady(cfg: &Config, id: &str, target: f64) -> anyhow::Result<SteadyFig
 
 /// A worker process that exits when idle, writing its figures to `stats` (only the `only`
 /// projector, if named).
-fn spawn_worker(
+pub(super) fn spawn_worker(
     cfg: &Config,
     stats: &Path,
     idle: f64,

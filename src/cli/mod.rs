@@ -1,5 +1,6 @@
 //! Subcommands of the binary that are tools rather than the product: the benchmark.
 
 pub mod bench;
+pub mod bench_hot;
 pub mod dlq;
 pub mod read_bench;

@@ -7,7 +7,7 @@
 
 use std::time::{Duration, Instant};
 
-use crate::sinks::redis::RedisCon;
+use crate::sinks::redis::{RedisCon, finished_key};
 use contract::Event;
 use mongodb::bson::{Bson, RawDocumentBuf, doc};
 use projectors::customer360::Customer360Projector;
@@ -466,6 +466,24 @@ impl ReadService {
         // An event that folds into no document (none of this projector's) is trivially in.
         let Some(key) = key else { return Ok(true) };
         let doc = self.load_doc::<V>(store, version, key).await?;
+        let stream = projectors::document::stream_key(e);
+        if store == StoreKind::Redis && doc.as_ref().is_some_and(|d| !d.guard.contains_key(&stream))
+        {
+            // A finished stream left the guard for the set beside the document.
+            let views = views_for(&self.cfg, version);
+            if let Some(side) = finished_key(&format!("{}{key}", views.redis_prefix)) {
+                let mut con = self.redis().await?;
+                let finished: bool = redis::cmd("SISMEMBER")
+                    .arg(side)
+                    .arg(&stream)
+                    .query_async(&mut con)
+                    .await
+                    .map_err(|e| ReadError::store("redis", e))?;
+                if finished {
+                    return Ok(true);
+                }
+            }
+        }
         Ok(guard_has(doc.as_ref().map(|d| &d.guard), e))
     }
 

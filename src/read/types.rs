@@ -134,7 +134,8 @@ pub struct Freshness {
     pub projection: String,
     /// The read-model version read (`live`, or a rebuilt `vYYYYMMDDHHMMSS` after a switch).
     pub version: String,
-    /// Documents: the last sequence applied of each source stream (`aggregate_type/id`):
+    /// Documents: the last sequence applied of each source stream (`aggregate_type/id`) still
+    /// open for the document (finished ones, an order with its outcome, are not listed):
     /// every one while there are at most 32, else the document's own stream only (a
     /// customer's orders and tickets are streams too; `streams_total` says how many there
     /// are, and `after_stream`/`after_sequence` asks about any one of them).
@@ -358,6 +359,9 @@ pub fn bounded_streams(
     own: &str,
 ) -> (BTreeMap<String, i64>, Option<usize>) {
     const MAX: usize = 32;
+    // Finished streams are not listed (a store may keep them inline, marked finished).
+    let mut guard = guard;
+    guard.retain(|_, seq| *seq != projectors::document::FINISHED);
     if guard.len() <= MAX {
         return (guard, None);
     }
@@ -381,7 +385,7 @@ mod tests {
             ..Default::default()
         };
         for i in 0..20_000 {
-            v.state.orders.insert(format!("ord-{i}"), "open".into());
+            v.state.open_orders.insert(format!("ord-{i}"));
         }
         for i in 0..5_000 {
             v.interactions
@@ -419,7 +423,7 @@ mod tests {
             ..Default::default()
         };
         v.interactions.by_type.insert("chat".into(), 3);
-        v.state.orders.insert("o1".into(), "open".into());
+        v.state.open_orders.insert("o1".into());
         let c = Customer::from(v.clone());
         assert!(c.truncated.is_empty());
         assert_eq!(c.interactions, v.interactions);

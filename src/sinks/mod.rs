@@ -83,6 +83,9 @@ pub struct DocWrite {
     pub rev: u64,
     /// The encoded document (JSON for Redis, BSON for MongoDB), guard and token included.
     pub body: Vec<u8>,
+    /// Streams finished for the view, kept beside the document in the same atomic write
+    /// (only for a key the store keeps them apart for: [`DocStore::finished_apart`]).
+    pub finished: Vec<String>,
 }
 
 /// What a batch of document writes did, by index into the batch.
@@ -118,6 +121,19 @@ pub trait DocStore: Clone + Send + Sync + 'static {
         &self,
         writes: &[DocWrite],
     ) -> impl Future<Output = Result<WriteOutcome, SinkError>> + Send;
+    /// Whether the store keeps the finished streams of `key`'s view beside the document
+    /// (otherwise they stay in its guard). A document fed by many streams that end (a
+    /// customer's orders) then stays small however long its history.
+    fn finished_apart(&self, _key: &str) -> bool {
+        false
+    }
+    /// Of each `(key, streams)`, the streams kept beside the document as finished.
+    fn finished(
+        &self,
+        _asks: Vec<(String, Vec<String>)>,
+    ) -> impl Future<Output = Result<Vec<(String, Vec<String>)>, SinkError>> + Send {
+        async { Ok(Vec::new()) }
+    }
     /// Tell readers of the store itself that `version` is the one live workers write (a
     /// store whose readers resolve versions elsewhere does nothing).
     fn announce(&self, _version: &str) -> impl Future<Output = Result<(), SinkError>> + Send {

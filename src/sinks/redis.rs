@@ -32,6 +32,8 @@ const STORE: &str = "redis";
 
 /// The stored token sits at the very end of the document (`..."_rev":123}`), so the script
 /// reads it from the last bytes without parsing the JSON. "0" stands for an absent key.
+/// With a second key, the streams after the document (`ARGV[3..]`) join the set of its
+/// finished streams in the same script (atomic with the document).
 const CAS: &str = r#"
 local cur = redis.call('GET', KEYS[1])
 local rev = '0'
@@ -40,7 +42,20 @@ if cur then
 end
 if rev ~= ARGV[1] then return 0 end
 redis.call('SET', KEYS[1], ARGV[2])
+if KEYS[2] then
+  for i = 3, #ARGV, 500 do
+    redis.call('SADD', KEYS[2], unpack(ARGV, i, math.min(i + 499, #ARGV)))
+  end
+end
 return 1"#;
+
+/// The set of a document's finished streams: `{<document key>}:finished`. The braces make a
+/// cluster hash it by the document's key alone, so both live in one slot (one script may
+/// touch both). A key with braces of its own would hash otherwise: its document keeps its
+/// finished streams in its guard (`None`).
+pub fn finished_key(doc_key: &str) -> Option<String> {
+    (!doc_key.contains(['{', '}'])).then(|| format!("{{{doc_key}}}:finished"))
+}
 
 /// Documents per pipeline.
 const CHUNK: usize = 256;
@@ -488,10 +503,12 @@ impl RedisSink {
         self.con.clone().scan(&format!("{}*", self.prefix)).await
     }
 
-    /// Delete every key under the prefix (retiring an old version).
+    /// Delete every key under the prefix, and the sets of finished streams beside them
+    /// (retiring an old version).
     pub async fn delete_all(&self) -> Result<(), SinkError> {
         let mut con = self.con.clone();
-        let keys = self.keys().await?;
+        let mut keys = self.keys().await?;
+        keys.extend(con.scan(&format!("{{{}*", self.prefix)).await?);
         if matches!(con, RedisCon::Cluster(_)) {
             for chunk in keys.chunks(10_000) {
                 con.each_key::<i64>("UNLINK", chunk).await?;
@@ -508,7 +525,8 @@ impl RedisSink {
         Ok(())
     }
 
-    /// Every document under the prefix (tests, the demo): id → document.
+    /// Every document under the prefix (tests, the demo): id → document, whole (its
+    /// finished streams back in its guard).
     pub async fn scan_all<V: DeserializeOwned + Send + 'static>(
         &self,
     ) -> Result<Vec<(String, Loaded<V>)>, SinkError> {
@@ -521,9 +539,39 @@ impl RedisSink {
         let mut docs = Vec::with_capacity(ids.len());
         // In chunks: one MGET of every document would outlast the response timeout.
         for chunk in ids.chunks(1000) {
-            docs.extend(self.load::<V>(chunk.to_vec()).await?);
+            let mut loaded = self.load::<V>(chunk.to_vec()).await?;
+            // The whole document: its finished streams back in its guard.
+            let sides: Vec<String> = loaded
+                .iter()
+                .map(|(k, _)| finished_key(&self.key(k)).unwrap_or_default())
+                .collect();
+            let members: Vec<Vec<String>> = self.con.each_key("SMEMBERS", &sides).await?;
+            for ((_, doc), streams) in loaded.iter_mut().zip(members) {
+                if let Ok(doc) = doc {
+                    for s in streams {
+                        doc.finish(s);
+                    }
+                }
+            }
+            docs.extend(loaded);
         }
         Ok(docs)
+    }
+
+    /// The compare-and-set of one write (with its finished streams, if any).
+    fn invocation(&self, w: &DocWrite) -> redis::ScriptInvocation<'_> {
+        let key = self.key(&w.key);
+        let side = finished_key(&key).filter(|_| !w.finished.is_empty());
+        let mut inv = self.cas.key(key);
+        inv.arg(w.expected.unwrap_or(0).to_string())
+            .arg(w.body.as_slice());
+        if let Some(side) = side {
+            inv.key(side);
+            for s in &w.finished {
+                inv.arg(s.as_str());
+            }
+        }
+        inv
     }
 
     /// On a cluster: one script per document, routed by its key, in order of `writes`.
@@ -538,12 +586,7 @@ impl RedisSink {
             .iter()
             .map(|w| {
                 let mut con = self.con.clone();
-                let inv = {
-                    let mut inv = self.cas.key(self.key(&w.key));
-                    inv.arg(w.expected.unwrap_or(0).to_string())
-                        .arg(w.body.as_slice());
-                    inv
-                };
+                let inv = self.invocation(w);
                 async move { inv.invoke_async::<Value>(&mut con).await }
             })
             .collect();
@@ -569,13 +612,7 @@ impl RedisSink {
         // In every pipeline: a restarted Redis has forgotten the script.
         pipe.load_script(&self.cas).ignore();
         for w in writes {
-            let expected = w.expected.unwrap_or(0).to_string();
-            pipe.invoke_script(
-                self.cas
-                    .key(self.key(&w.key))
-                    .arg(expected)
-                    .arg(w.body.as_slice()),
-            );
+            pipe.invoke_script(&self.invocation(w));
         }
         let wait = self.durability == Durability::WaitAof;
         if wait {
@@ -649,6 +686,72 @@ impl DocStore for RedisSink {
             }
         }
         Ok(out)
+    }
+
+    fn finished_apart(&self, key: &str) -> bool {
+        finished_key(&self.key(key)).is_some()
+    }
+
+    async fn finished(
+        &self,
+        asks: Vec<(String, Vec<String>)>,
+    ) -> Result<Vec<(String, Vec<String>)>, SinkError> {
+        let asks: Vec<(String, String, Vec<String>)> = asks
+            .into_iter()
+            .filter_map(|(k, streams)| {
+                let side = finished_key(&self.key(&k))?;
+                (!streams.is_empty()).then_some((k, side, streams))
+            })
+            .collect();
+        if asks.is_empty() {
+            return Ok(Vec::new());
+        }
+        let command = |side: &str, streams: &[String]| {
+            let mut c = redis::cmd("SMISMEMBER");
+            c.arg(side).arg(streams);
+            c
+        };
+        let replies: Vec<Vec<i64>> = if matches!(self.con, RedisCon::Cluster(_)) {
+            // One command per document, routed by its slot (see `each_key`).
+            let calls: Vec<_> = asks
+                .iter()
+                .map(|(_, side, streams)| {
+                    let mut con = self.con.clone();
+                    let c = command(side, streams);
+                    async move { c.query_async::<Vec<i64>>(&mut con).await.map_err(classify) }
+                })
+                .collect();
+            let all = futures::stream::iter(calls)
+                .buffered(CLUSTER_IN_FLIGHT)
+                .collect::<Vec<_>>();
+            with_timeout(STORE, self.timeout, async { Ok(all.await) })
+                .await?
+                .into_iter()
+                .collect::<Result<_, _>>()?
+        } else {
+            let mut pipe = redis::pipe();
+            for (_, side, streams) in &asks {
+                pipe.add_command(command(side, streams));
+            }
+            let mut con = self.con.clone();
+            with_timeout(STORE, self.timeout, async {
+                pipe.query_async(&mut con).await.map_err(classify)
+            })
+            .await?
+        };
+        Ok(asks
+            .into_iter()
+            .zip(replies)
+            .map(|((k, _, streams), found)| {
+                let finished = streams
+                    .into_iter()
+                    .zip(found)
+                    .filter(|(_, f)| *f == 1)
+                    .map(|(s, _)| s)
+                    .collect();
+                (k, finished)
+            })
+            .collect())
     }
 
     async fn write(&self, writes: &[DocWrite]) -> Result<WriteOutcome, SinkError> {

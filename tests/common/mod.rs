@@ -595,3 +595,12 @@ pub async fn seed_at_head(
     }
     seeded.unwrap()
 }
+
+/// A guard as the read API shows it: the streams still open for the document.
+pub fn open_streams(guard: &Guard) -> Guard {
+    guard
+        .iter()
+        .filter(|(_, seq)| **seq != projectors::document::FINISHED)
+        .map(|(s, seq)| (s.clone(), *seq))
+        .collect()
+}

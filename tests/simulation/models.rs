@@ -1,7 +1,7 @@
 //! What the read models must be: the pure fold of the log (`projectors::memory`), per
 //! registered projector, and whether one event is durable in a store (for the commit check).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use contract::Event;
 use contract::EventType;
@@ -14,9 +14,24 @@ use super::world::World;
 
 /// A document as compared: its view and guard (the write token differs by design).
 pub fn comparable(body: &[u8]) -> Value {
+    comparable_whole(body, None)
+}
+
+/// [`comparable`] of a document whole: the finished streams kept beside it back in its guard.
+pub fn comparable_whole(body: &[u8], finished: Option<&BTreeSet<String>>) -> Value {
     let mut v: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
     if let Some(m) = v.as_object_mut() {
         m.remove("_rev");
+        if let Some(finished) = finished.filter(|f| !f.is_empty()) {
+            let guard = m
+                .entry("_guard")
+                .or_insert_with(|| Value::Object(Default::default()));
+            if let Some(g) = guard.as_object_mut() {
+                for s in finished {
+                    g.insert(s.clone(), projectors::document::FINISHED.into());
+                }
+            }
+        }
     }
     v
 }
@@ -85,6 +100,9 @@ impl<P: Projector> Projector for Panicky<P> {
     }
     fn seal(&self, view: &mut Self::View) {
         self.inner.seal(view)
+    }
+    fn finishes(&self, event: &Event) -> bool {
+        self.inner.finishes(event)
     }
 }
 
@@ -171,12 +189,19 @@ pub fn models(panics: Option<u64>) -> Vec<Model> {
                     };
                     let stream = StreamKey::default().of(e).to_owned();
                     let seq = e.header.sequence_number;
-                    w.docs.iter().any(|((s, _), docs)| {
+                    w.docs.iter().any(|((s, version), docs)| {
+                        let beside = || {
+                            w.finished
+                                .get(&(s.clone(), version.clone()))
+                                .and_then(|f| f.get(key))
+                                .is_some_and(|f| f.contains(&stream))
+                        };
                         *s == store
                             && docs.get(key).is_some_and(|(body, _)| {
-                                serde_json::from_slice::<Doc<P::View>>(body).is_ok_and(|d| {
-                                    d.guard.get(&stream).is_some_and(|last| *last >= seq)
-                                })
+                                beside()
+                                    || serde_json::from_slice::<Doc<P::View>>(body).is_ok_and(|d| {
+                                        d.guard.get(&stream).is_some_and(|last| *last >= seq)
+                                    })
                             })
                     })
                 }),

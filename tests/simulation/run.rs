@@ -22,7 +22,7 @@ use rand_chacha::ChaCha8Rng;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
-use super::models::{self, Model, comparable};
+use super::models::{self, Model, comparable_whole};
 use super::world::{
     Faults, Pointer, Shared, SimCommit, SimControl, SimPositions, SimSinks, World, lock,
 };
@@ -977,6 +977,8 @@ async fn switch(
         w.facts.remove(&old.version);
     } else {
         w.docs.remove(&(m.store.to_owned(), old.version.clone()));
+        w.finished
+            .remove(&(m.store.to_owned(), old.version.clone()));
     }
 }
 
@@ -1164,15 +1166,17 @@ fn check(
                 .docs
                 .get(&(m.store.to_owned(), version.clone()))
                 .unwrap_or(&empty);
+            let beside = w.finished.get(&(m.store.to_owned(), version.clone()));
             let mut diffs = Vec::new();
             for (k, (_, c)) in &want.docs {
                 if m.store == "redis" && Some(k.as_str()) == contended {
                     continue;
                 }
+                let whole = |body: &[u8]| comparable_whole(body, beside.and_then(|f| f.get(k)));
                 match got.get(k) {
                     None => diffs.push(format!("{k} missing")),
-                    Some((body, _)) if comparable(body) != *c => {
-                        diffs.push(format!("{k} differs: got {} want {c}", comparable(body)))
+                    Some((body, _)) if whole(body) != *c => {
+                        diffs.push(format!("{k} differs: got {} want {c}", whole(body)))
                     }
                     _ => {}
                 }

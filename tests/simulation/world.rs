@@ -64,6 +64,9 @@ pub struct Pointer {
 /// Stored documents: key → (encoded document, write token).
 pub type Docs = BTreeMap<String, (Vec<u8>, u64)>;
 
+/// Finished streams kept beside documents (like Redis's sets): key → streams.
+pub type Finished = BTreeMap<String, std::collections::BTreeSet<String>>;
+
 /// Called at each commit of (topic, partition, next offset): why it is premature, if it is.
 pub type CommitCheck = Box<dyn FnMut(&World, &str, i32, i64) -> Option<String> + Send>;
 
@@ -73,6 +76,8 @@ pub struct World {
     pub faults_on: bool,
     /// (store, version) → documents.
     pub docs: HashMap<(String, String), Docs>,
+    /// (store, version) → finished streams beside its documents (written with them).
+    pub finished: HashMap<(String, String), Finished>,
     /// version → facts by event id.
     pub facts: HashMap<String, BTreeMap<String, Fact>>,
     pub pointers: HashMap<String, Pointer>,
@@ -125,6 +130,7 @@ impl World {
             faults,
             faults_on: true,
             docs: HashMap::new(),
+            finished: HashMap::new(),
             facts: HashMap::new(),
             pointers: HashMap::new(),
             retired: HashSet::new(),
@@ -224,6 +230,33 @@ impl DocStore for MemDocs {
         serde_json::to_vec(doc).map_err(|e| e.to_string())
     }
 
+    /// Like Redis: finished streams beside the documents.
+    fn finished_apart(&self, _key: &str) -> bool {
+        self.store == "redis"
+    }
+
+    async fn finished(
+        &self,
+        asks: Vec<(String, Vec<String>)>,
+    ) -> Result<Vec<(String, Vec<String>)>, SinkError> {
+        before_call(&self.world, self.store).await?;
+        let w = lock(&self.world);
+        let sets = w
+            .finished
+            .get(&(self.store.to_owned(), self.version.clone()));
+        Ok(asks
+            .into_iter()
+            .map(|(k, streams)| {
+                let set = sets.and_then(|f| f.get(&k));
+                let found = streams
+                    .into_iter()
+                    .filter(|s| set.is_some_and(|set| set.contains(s)))
+                    .collect();
+                (k, found)
+            })
+            .collect())
+    }
+
     async fn load<V: DeserializeOwned + Send + 'static>(
         &self,
         keys: Vec<String>,
@@ -279,10 +312,9 @@ impl DocStore for MemDocs {
             .iter()
             .map(|dw| w.hostile.contains(&(self.store.to_owned(), dw.key.clone())))
             .collect();
-        let docs = w
-            .docs
-            .entry((self.store.to_owned(), self.version.clone()))
-            .or_default();
+        let at = (self.store.to_owned(), self.version.clone());
+        let mut finished = w.finished.remove(&at).unwrap_or_default();
+        let docs = w.docs.entry(at.clone()).or_default();
         let mut out = WriteOutcome::default();
         if std::env::var_os("SIM_TRACE").is_some() {
             for dw in writes {
@@ -307,10 +339,18 @@ impl DocStore for MemDocs {
                 out.conflicts.push(i);
             } else if held == dw.expected {
                 docs.insert(dw.key.clone(), (dw.body.clone(), dw.rev));
+                // In the same atomic step, like the script.
+                if !dw.finished.is_empty() {
+                    finished
+                        .entry(dw.key.clone())
+                        .or_default()
+                        .extend(dw.finished.iter().cloned());
+                }
             } else {
                 out.conflicts.push(i);
             }
         }
+        w.finished.insert(at, finished);
         if faulty {
             return Err(transient(self.store, "connection reset after the request"));
         }

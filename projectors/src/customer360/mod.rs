@@ -4,7 +4,7 @@
 //! order-independent: times are maxima, counters commute, money is summed in integer cents,
 //! and the sentiment EMA only sees the customer's own stream (which arrives in sequence).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use chrono::{DateTime, Utc};
 use contract::{Event, EventData, EventType};
@@ -142,12 +142,19 @@ pub struct Support {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct State {
+    /// Orders placed and not yet completed, cancelled or failed. A finished order leaves:
+    /// its outcome is counted in `orders`, and its stream is finished for the view (see
+    /// [`Customer360Projector::finishes`]), so the state holds open work, not history.
+    #[serde(default)]
+    pub open_orders: BTreeSet<String>,
     /// ticket_id → creation time, while open.
     #[serde(serialize_with = "crate::time::ser_map")]
     pub open_tickets: BTreeMap<String, DateTime<Utc>>,
     pub order_value_cents: i64,
-    /// order_id → status (open, completed, cancelled, failed).
-    pub orders: BTreeMap<String, String>,
+    /// Contract 2 kept every order with its status: read from an older document, its open
+    /// orders are carried into `open_orders` (its counters already hold the others).
+    #[serde(default, rename = "orders", skip_serializing)]
+    pub legacy_orders: Option<BTreeMap<String, String>>,
     /// Exact durations (microseconds), so the mean is exact.
     #[serde(default)]
     pub resolution_micros_sum: i64,
@@ -198,10 +205,24 @@ impl Projector for Customer360Projector {
     }
 
     fn seal(&self, v: &mut Customer360) {
+        carry_legacy(v);
+        derive_counters(v);
         v.context = context(v);
     }
 
+    /// An order's stream ends with its outcome, a ticket's with its resolution.
+    fn finishes(&self, event: &Event) -> bool {
+        matches!(
+            event.data,
+            EventData::OrderCompleted(_)
+                | EventData::OrderCancelled(_)
+                | EventData::OrderValidationFailed(_)
+                | EventData::TicketResolved(_)
+        )
+    }
+
     fn apply(&self, v: &mut Customer360, event: &Event) -> Result<(), String> {
+        carry_legacy(v);
         let at = event.header.timestamp;
         let Some(customer_id) = event.data.customer_id() else {
             return Err("not a catalogue event".into());
@@ -257,13 +278,13 @@ impl Projector for Customer360Projector {
                     .order_value_cents
                     .checked_add(cents(d.total_amount))
                     .ok_or("the customer's order value overflows")?;
-                v.state.orders.insert(d.order_id.clone(), "open".into());
+                v.state.open_orders.insert(d.order_id.clone());
                 v.state.order_value_cents = value;
                 v.orders.total += 1;
             }
-            EventData::OrderCompleted(d) => set_order(v, &d.order_id, "completed")?,
-            EventData::OrderCancelled(d) => set_order(v, &d.order_id, "cancelled")?,
-            EventData::OrderValidationFailed(d) => set_order(v, &d.order_id, "failed")?,
+            EventData::OrderCompleted(d) => v.orders.completed += close_order(v, &d.order_id)?,
+            EventData::OrderCancelled(d) => v.orders.cancelled += close_order(v, &d.order_id)?,
+            EventData::OrderValidationFailed(d) => v.orders.failed += close_order(v, &d.order_id)?,
             EventData::OrderValidated(_)
             | EventData::OrderPaymentConfirmed(_)
             | EventData::OrderPreparationStarted(_)
@@ -295,36 +316,37 @@ impl Projector for Customer360Projector {
         v.customer_id = customer_id.to_owned();
         v.version += 1;
         max_time(&mut v.updated_at, at);
-        derive_counters(v);
         Ok(())
     }
 }
 
-/// An order moves from open to a final status once.
-fn set_order(v: &mut Customer360, order_id: &str, status: &str) -> Result<(), String> {
-    match v.state.orders.get_mut(order_id) {
-        Some(s) if s == "open" => {
-            *s = status.to_owned();
-            Ok(())
-        }
-        Some(s) => Err(format!("order {order_id} is already {s}")),
-        None => Err(format!("order {order_id} was never placed")),
+/// An open order reaches its outcome (once: its stream is finished then): 1, to count it.
+fn close_order(v: &mut Customer360, order_id: &str) -> Result<u64, String> {
+    if v.state.open_orders.remove(order_id) {
+        Ok(1)
+    } else {
+        Err(format!("order {order_id} is not open"))
     }
 }
 
-/// Counters derived from the per-order/per-ticket state, so they never depend on order.
-fn derive_counters(v: &mut Customer360) {
+/// Carry what older contracts stored into today's state (once, on the first use).
+fn carry_legacy(v: &mut Customer360) {
+    if let Some(orders) = v.state.legacy_orders.take() {
+        let open = orders.into_iter().filter(|(_, s)| s == "open");
+        v.state.open_orders.extend(open.map(|(id, _)| id));
+    }
     if let Some(secs) = v.state.legacy_resolution_seconds.take() {
         v.state.resolution_micros_sum = v
             .state
             .resolution_micros_sum
             .saturating_add(secs.saturating_mul(1_000_000));
     }
-    let count = |s: &str| v.state.orders.values().filter(|x| *x == s).count() as u64;
-    v.orders.open = count("open");
-    v.orders.completed = count("completed");
-    v.orders.cancelled = count("cancelled");
-    v.orders.failed = count("failed");
+}
+
+/// Counters derived from the open orders and tickets, once per write: commutative, and O(1)
+/// in the customer's history.
+fn derive_counters(v: &mut Customer360) {
+    v.orders.open = v.state.open_orders.len() as u64;
     v.orders.total_value = v.state.order_value_cents as f64 / 100.0;
     v.support.open_tickets = v.state.open_tickets.len() as u64;
     // The exact mean (of exact durations), rounded to the nearest second.

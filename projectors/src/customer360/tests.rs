@@ -385,3 +385,98 @@ fn the_agents_context_is_derived_from_the_view_alone() {
             .starts_with("unknown customer (cus-1)")
     );
 }
+
+#[test]
+fn a_finished_order_leaves_the_document_and_its_stream_takes_nothing_more() {
+    let p = Customer360Projector;
+    let placed = order("ord-1", 0, 1, "placed", 4.0);
+    let validated = order("ord-1", 1, 2, "validated", 0.0);
+    let completed = order("ord-1", 2, 3, "completed", 0.0);
+    let late = order("ord-1", 3, 4, "validated", 0.0);
+    let mut doc = Doc::<Customer360>::default();
+    let mut keys = StreamKey::default();
+    let mut apply = |e: &Event| apply_event(&p, &mut doc, e, &mut keys);
+    for e in [&placed, &validated, &completed] {
+        assert_eq!(apply(e), Step::Applied);
+    }
+    // Redelivered, or after the outcome: all duplicates now, whatever their sequence.
+    for e in [&placed, &completed, &late] {
+        assert_eq!(apply(e), Step::Duplicate);
+    }
+    assert!(doc.view.state.open_orders.is_empty());
+    assert_eq!(doc.guard["order/ord-1"], crate::document::FINISHED);
+    // A store that keeps finished streams apart takes them out of the document...
+    let mut stored = doc.clone();
+    assert_eq!(stored.take_finished(), vec!["order/ord-1".to_owned()]);
+    assert!(stored.guard.is_empty());
+    // ...and brings them back when a batch asks: the redelivery is still a duplicate.
+    stored.finish("order/ord-1".into());
+    assert_eq!(
+        apply_event(&p, &mut stored, &placed, &mut StreamKey::default()),
+        Step::Duplicate
+    );
+}
+
+#[test]
+fn a_customer_document_does_not_grow_with_its_finished_orders() {
+    let size = |orders: usize| {
+        let mut events = vec![created()];
+        for i in 0..orders {
+            let id = format!("ord-{i}");
+            let outcome = if i % 3 == 0 { "cancelled" } else { "completed" };
+            events.push(order(&id, 0, i as i64, "placed", 1.25));
+            events.push(order(&id, 1, i as i64, outcome, 0.0));
+        }
+        let m = MemoryViews::fold(&Customer360Projector, &events);
+        let mut doc = m.docs["cus-1"].clone();
+        doc.take_finished();
+        (serde_json::to_vec(&doc).unwrap().len(), doc.view.orders)
+    };
+    let (small, _) = size(10);
+    let (large, orders) = size(3_000);
+    assert_eq!(
+        (
+            orders.total,
+            orders.completed,
+            orders.cancelled,
+            orders.open
+        ),
+        (3_000, 2_000, 1_000, 0)
+    );
+    assert_eq!(orders.total_value, 3_750.0);
+    // Only the digits of the counters grow.
+    assert!(
+        large <= small + 32,
+        "{small} bytes with 10 orders, {large} with 3,000"
+    );
+}
+
+#[test]
+fn a_contract_2_document_keeps_its_open_orders() {
+    let v = view(&[
+        created(),
+        order("ord-1", 0, 1, "placed", 1.0),
+        order("ord-2", 0, 2, "placed", 2.0),
+        order("ord-2", 1, 3, "completed", 0.0),
+    ]);
+    // Contract 2 stored every order with its status.
+    let mut json = serde_json::to_value(&v).unwrap();
+    let state = json["_state"].as_object_mut().unwrap();
+    state.remove("open_orders");
+    state.insert(
+        "orders".into(),
+        json!({"ord-1": "open", "ord-2": "completed"}),
+    );
+    let mut old: Customer360 = serde_json::from_value(json).unwrap();
+    Customer360Projector
+        .apply(&mut old, &order("ord-1", 1, 4, "cancelled", 0.0))
+        .unwrap();
+    Customer360Projector.seal(&mut old);
+    assert_eq!(
+        (old.orders.open, old.orders.completed, old.orders.cancelled),
+        (0, 1, 1)
+    );
+    let state = &serde_json::to_value(&old).unwrap()["_state"];
+    assert_eq!(state["open_orders"], json!([]));
+    assert!(state.get("orders").is_none());
+}

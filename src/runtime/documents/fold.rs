@@ -75,6 +75,13 @@ impl<P: Projector, S: DocStore> DocStage<P, S> {
             }
         }
         let corrupt = self.load_into_cache(to_load, &prep.routed.batch.span).await;
+        let all: Vec<(EventRef, String)> = prep
+            .routed
+            .events
+            .iter()
+            .filter_map(|(r, k)| Some((*r, k.clone()?)))
+            .collect();
+        self.load_finished(&prep, all).await;
 
         let mut tainted = Vec::new();
         for i in 0..prep.routed.events.len() {
@@ -213,6 +220,67 @@ impl<P: Projector, S: DocStore> DocStage<P, S> {
         corrupt
     }
 
+    /// Bring back into the cached views the finished streams the store keeps apart, for the
+    /// `events` whose stream a view's guard lacks: such a stream may be finished (its events
+    /// then duplicates), and only the store knows. One call for the whole batch.
+    pub(super) async fn load_finished(&mut self, prep: &Prepared, events: Vec<(EventRef, String)>) {
+        let mut asks: HashMap<String, Vec<String>> = HashMap::default();
+        {
+            let Some(st) = self.state.as_ref() else {
+                return;
+            };
+            for (r, key) in events {
+                // A view a fresh replay has not written yet has nothing beside it either.
+                if !st.store.finished_apart(&key)
+                    || st.seen.as_ref().is_some_and(|seen| !seen.contains(&key))
+                {
+                    continue;
+                }
+                let Some(entry) = st.cache.map.get(&key) else {
+                    continue;
+                };
+                let stream = self.keys.of(prep.event(r));
+                if entry.doc.guard.contains_key(stream) {
+                    continue;
+                }
+                let streams = asks.entry(key).or_default();
+                if !streams.iter().any(|s| s == stream) {
+                    streams.push(stream.to_owned());
+                }
+            }
+        }
+        if asks.is_empty() {
+            return;
+        }
+        let asks: Vec<(String, Vec<String>)> = asks.into_iter().collect();
+        let store = self.st().store.clone();
+        let started = Instant::now();
+        let found = {
+            let mut retry =
+                Retry::new(&self.ctx.shared, self.ctx.store, "loading finished streams");
+            loop {
+                let span = self.store_span(&prep.routed.batch.span, asks.len(), true);
+                let r = store.finished(asks.clone()).instrument(span.clone()).await;
+                spans::finished(&span, &r);
+                match r {
+                    Ok(f) => break f,
+                    Err(e) => retry.failed(&e).await,
+                }
+            }
+        };
+        let took = started.elapsed();
+        self.loading += took;
+        budget::record(Budget::Load, took);
+        let st = self.st();
+        for (key, streams) in found {
+            if let Some(entry) = st.cache.map.get_mut(&key) {
+                for s in streams {
+                    entry.doc.finish(s);
+                }
+            }
+        }
+    }
+
     /// Reload `views` from the store and fold their offered events again (after a conflict,
     /// or a panic that may have half-changed the cached view), until none panics.
     pub(super) async fn refold_from_store(&mut self, prep: &mut Prepared, mut views: Vec<usize>) {
@@ -224,6 +292,14 @@ impl<P: Projector, S: DocStore> DocStage<P, S> {
             let corrupt = self
                 .load_into_cache(keys.clone(), &prep.routed.batch.span.clone())
                 .await;
+            let offered: Vec<(EventRef, String)> = views
+                .iter()
+                .flat_map(|ki| {
+                    let k = &prep.keys[*ki];
+                    k.offered.iter().map(|(r, _)| (*r, k.key.clone()))
+                })
+                .collect();
+            self.load_finished(prep, offered).await;
             let mut again = Vec::new();
             for (ki, key) in views.iter().zip(&keys) {
                 if let Some(why) = corrupt.get(key) {
@@ -337,6 +413,12 @@ impl<P: Projector, S: DocStore> DocStage<P, S> {
             return;
         }
         entry.doc.rev = new_rev();
+        // Finished streams leave the document (and the cache): written beside it.
+        let finished = if st.store.finished_apart(&key) {
+            entry.doc.take_finished()
+        } else {
+            Vec::new()
+        };
         match st.store.encode(&entry.doc) {
             Ok(body) if body.len() <= max => {
                 prep.keys[ki].write = Some(DocWrite {
@@ -344,6 +426,7 @@ impl<P: Projector, S: DocStore> DocStage<P, S> {
                     expected: prep.keys[ki].expected,
                     rev: entry.doc.rev,
                     body,
+                    finished,
                 });
             }
             Ok(body) => {
