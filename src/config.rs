@@ -285,6 +285,16 @@ pub struct KafkaConfig {
     /// rates. Shorter means fresher answers and more fetch requests.
     #[serde(default = "default_fetch_wait")]
     pub fetch_wait_max_ms: u32,
+    /// The least a fetch response should carry before the broker answers it (librdkafka
+    /// `fetch.min.bytes`), unless `fetch_wait_max_ms` passes first. 1 answers at the first
+    /// message: under a trickle, a fetch per handful of messages, each paid per partition by
+    /// the broker and by librdkafka's fetcher.
+    #[serde(default = "default_fetch_min")]
+    pub fetch_min_bytes: u32,
+}
+
+fn default_fetch_min() -> u32 {
+    1
 }
 
 fn default_fetch_wait() -> u32 {

@@ -129,7 +129,7 @@ struct BenchCli {
     /// Documents/rows written per store to measure its raw capacity.
     #[arg(long, default_value_t = 20_000)]
     raw_docs: usize,
-    /// Skip the steady-state latency run (it lasts about 20 s).
+    /// Skip the steady-state latency curve (five rates, about 30 s each).
     #[arg(long)]
     no_steady: bool,
     /// Skip the ClickHouse Kafka engine comparison.
@@ -155,6 +155,9 @@ struct BenchCli {
     /// Measure only the hot customer, and stop.
     #[arg(long)]
     hot_only: bool,
+    /// Measure only the latency curve (1k, 2k, 5k, 10k events/s), and stop.
+    #[arg(long)]
+    curve_only: bool,
 }
 
 #[derive(Args)]
@@ -259,6 +262,7 @@ async fn dispatch(command: Command, config: Config) -> anyhow::Result<()> {
                     redis_cluster: args.redis_cluster,
                     hot_orders: args.hot_orders,
                     hot_only: args.hot_only,
+                    curve_only: args.curve_only,
                 },
             )
             .await?

@@ -8,7 +8,8 @@
 //! 4. a fresh group drains it into all three read models, then analytics only, each in a
 //!    worker process (peak RSS sampled), and ClickHouse's own Kafka table engine drains the
 //!    same backlog into the same kind of table;
-//! 5. steady state: a fixed publish rate (half the measured drain rate), publish → visible;
+//! 5. steady state: publish → visible at 1k, 2k, 5k and 10k events/s and at 80 % of the
+//!    measured drain rate, with each rate's latency budget;
 //! 6. the hot customer ([`super::bench_hot`]): one customer's long history, then a steady
 //!    rate for it alone, beside the same rate over many customers;
 //! 7. rebuild from the event store, per projection and all at once.
@@ -52,6 +53,8 @@ pub struct BenchArgs {
     pub hot_orders: usize,
     /// Only the hot-customer figure.
     pub hot_only: bool,
+    /// Only the latency curve.
+    pub curve_only: bool,
 }
 
 /// The hot customer's load: events/s, for how many seconds.
@@ -98,11 +101,15 @@ pub async fn run(base: &Config, args: BenchArgs) -> anyhow::Result<()> {
     );
     if let Some(rate) = args.steady_rate {
         kafka::ensure_topics(&cfg.kafka).await?;
-        let (p50, p99, sent, rss, steps) = steady(&cfg, &id, rate).await?;
-        println!(
-            "steady state at {rate:.0} events/s ({sent} events): publish → visible p50 {p50} ms, p99 {p99} ms, peak RSS {rss:.0} MiB"
-        );
-        print_budget(&steps);
+        let s = steady(&cfg, &id, rate).await?;
+        println!("{}", s.line());
+        print_budget(&s.steps);
+        cleanup(&cfg, &cfg).await;
+        return Ok(());
+    }
+    if args.curve_only {
+        kafka::ensure_topics(&cfg.kafka).await?;
+        curve(&cfg, &id, None).await?;
         cleanup(&cfg, &cfg).await;
         return Ok(());
     }
@@ -241,26 +248,30 @@ pub async fn run(base: &Config, args: BenchArgs) -> anyhow::Result<()> {
     // Read latency (HTTP and MCP) on the read models just drained.
     read_latency(&cfg, &history, &mut rows).await?;
 
-    // 5. Steady state at half the drain rate.
+    // 5. Steady state: the latency curve, up to 80 % of the drain rate.
     if args.steady {
-        let target = (all_rate / 2.0).max(100.0);
-        let (p50, p99, sent, rss, steps) = steady(&cfg, &id, target).await?;
-        println!(
-            "steady state at {target:.0} events/s ({sent} events): publish → visible p50 {p50} ms, p99 {p99} ms, peak RSS {rss:.0} MiB"
-        );
-        print_budget(&steps);
-        rows.push(row(
-            format!("p99 publish → visible at {target:.0} events/s"),
-            format!("{p99} ms (p50 {p50} ms)"),
-            "target 1,000 ms",
-            Some(p99 as f64 / 1000.0),
-        ));
-        rows.push(row(
-            "worker peak RSS, steady state (small fetches)",
-            format!("{rss:.0} MiB"),
-            "target 150 MiB",
-            Some(rss / 150.0),
-        ));
+        let top = (all_rate * 0.8).max(100.0);
+        for s in curve(&cfg, &id, Some(top)).await? {
+            let (target, why) = if s.rate == 5_000.0 {
+                (250.0, "target 250 ms")
+            } else if s.rate == top {
+                (1_000.0, "target 1,000 ms (80 % of the drain)")
+            } else {
+                (0.0, "-")
+            };
+            rows.push(row(
+                format!("p99 publish → visible at {:.0} events/s", s.rate),
+                format!("{} ms (p50 {} ms)", s.p99, s.p50),
+                why,
+                (target > 0.0).then(|| s.p99 as f64 / target),
+            ));
+            rows.push(row(
+                format!("worker peak RSS at {:.0} events/s", s.rate),
+                format!("{:.0} MiB", s.rss),
+                "target 150 MiB",
+                Some(s.rss / 150.0),
+            ));
+        }
     }
 
     // 6. The hot customer (after the rebuild's start position: its events are not in the
@@ -913,43 +924,104 @@ fn print_budget(steps: &[projector::runtime::budget::StepLatency]) {
     }
 }
 
-type SteadyFigures = (
-    u64,
-    u64,
-    u64,
-    f64,
-    Vec<projector::runtime::budget::StepLatency>,
-);
+/// One steady-state run: publish → visible from the worker's own figures.
+struct Steady {
+    rate: f64,
+    sent: u64,
+    p50: u64,
+    p99: u64,
+    max: u64,
+    /// Peak RSS, MiB.
+    rss: f64,
+    /// Worker CPU seconds per wall second while the load was published.
+    cpu_share: f64,
+    steps: Vec<projector::runtime::budget::StepLatency>,
+}
 
-async fn steady(cfg: &Config, id: &str, target: f64) -> anyhow::Result<SteadyFigures> {
-    let stats = std::env::temp_dir().join(format!("{id}-steady-stats.json"));
+impl Steady {
+    fn line(&self) -> String {
+        format!(
+            "steady state at {:.0} events/s ({} events): publish → visible p50 {} ms, p99 {} ms, max {} ms; worker {:.0} % of a core, peak RSS {:.0} MiB",
+            self.rate,
+            self.sent,
+            self.p50,
+            self.p99,
+            self.max,
+            self.cpu_share * 100.0,
+            self.rss
+        )
+    }
+}
+
+/// A worker that has caught up receives a new history published at `target` events/s for
+/// about 15 s.
+async fn steady(cfg: &Config, id: &str, target: f64) -> anyhow::Result<Steady> {
+    let stats = std::env::temp_dir().join(format!("{id}-steady-{target:.0}-stats.json"));
     let child = spawn_worker(cfg, &stats, 8.0, None)?;
+    let pid = child.id();
+    let waiting = tokio::spawn(wait_sampling_rss(child));
     // Joined and caught up before the load starts (the worker exits 8 s after the last event).
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let history: Vec<EventEnvelope> = History::new(SEED + 1, &format!("{id}s-"))
+    let history: Vec<EventEnvelope> = History::new(SEED + 1, &format!("{id}s{target:.0}-"))
         .take((target * 15.0) as usize)
         .collect();
     let publisher = EventPublisher::new(&cfg.kafka)?;
     let tick = Duration::from_millis(50);
     let per_tick = ((target * tick.as_secs_f64()).ceil() as usize).max(1);
+    let cpu0 = cpu_seconds(pid).unwrap_or(0.0);
     let started = Instant::now();
     for (i, chunk) in history.chunks(per_tick).enumerate() {
         let due = started + tick * i as u32;
         tokio::time::sleep_until(due.into()).await;
         publisher.publish(chunk).await?;
     }
-    let (status, rss, _, _) = wait_sampling_rss(child).await?;
+    let cpu = cpu_seconds(pid).unwrap_or(cpu0) - cpu0;
+    let wall = started.elapsed().as_secs_f64();
+    let (status, rss, _, _) = waiting.await??;
     anyhow::ensure!(status.success(), "worker exited with {status}");
     let report: RunReport = serde_json::from_slice(&std::fs::read(&stats)?)?;
     let _ = std::fs::remove_file(&stats);
-    Ok((
-        report.latency_ms_p50,
-        report.latency_ms_p99,
-        history.len() as u64,
-        rss as f64 / 1024.0,
-        report.steps,
-    ))
+    Ok(Steady {
+        rate: target,
+        sent: history.len() as u64,
+        p50: report.latency_ms_p50,
+        p99: report.latency_ms_p99,
+        max: report.latency_ms_max,
+        rss: rss as f64 / 1024.0,
+        cpu_share: cpu / wall.max(1e-9),
+        steps: report.steps,
+    })
 }
+
+/// Publish → visible at each rate of the curve (and `extra`, 80 % of the drain rate): one
+/// line per rate, the latency budget of each, and what the targets say.
+async fn curve(cfg: &Config, id: &str, extra: Option<f64>) -> anyhow::Result<Vec<Steady>> {
+    let mut rates = CURVE.to_vec();
+    rates.extend(extra);
+    let mut out = Vec::new();
+    for rate in rates {
+        let s = steady(cfg, id, rate).await?;
+        println!("{}", s.line());
+        print_budget(&s.steps);
+        out.push(s);
+    }
+    println!("  rate ev/s     p50 ms     p99 ms     max ms   worker %   RSS MiB");
+    for s in &out {
+        println!(
+            "  {:>9.0} {:>10} {:>10} {:>10} {:>10.0} {:>9.0}",
+            s.rate,
+            s.p50,
+            s.p99,
+            s.max,
+            s.cpu_share * 100.0,
+            s.rss
+        );
+    }
+    Ok(out)
+}
+
+/// The rates of the latency curve, events/s.
+const CURVE: [f64; 4] = [1_000.0, 2_000.0, 5_000.0, 10_000.0];
 
 /// A worker process that exits when idle, writing its figures to `stats` (only the `only`
 /// projector, if named).

@@ -180,5 +180,6 @@ pub fn create_consumer(
         .set("queued.min.messages", "5000")
         .set("statistics.interval.ms", "5000")
         .set("fetch.wait.max.ms", cfg.fetch_wait_max_ms.to_string())
+        .set("fetch.min.bytes", cfg.fetch_min_bytes.to_string())
         .create_with_context(ctx)
 }
