@@ -144,6 +144,10 @@ struct BenchCli {
     /// Measure only the read service's latency (HTTP and MCP) on a drained history.
     #[arg(long)]
     read_only: bool,
+    /// Measure only the backlog drain of all three read models (rate, peak RSS, largest
+    /// fetch response), and stop.
+    #[arg(long)]
+    drain_only: bool,
     /// Also measure raw Customer-360 writes to this Redis Cluster (seed URLs, comma
     /// separated; `scripts/services.sh up rcluster` starts one).
     #[arg(long)]
@@ -249,6 +253,7 @@ async fn dispatch(command: Command, config: Config) -> anyhow::Result<()> {
                     engine_only: args.engine_only,
                     steady_rate: args.steady_rate,
                     read_only: args.read_only,
+                    drain_only: args.drain_only,
                     redis_cluster: args.redis_cluster,
                 },
             )

@@ -384,6 +384,12 @@ pub struct RunReport {
     /// Where the time went, step by step (see [`super::budget`]).
     #[serde(default)]
     pub steps: Vec<super::budget::StepLatency>,
+    /// The largest fetch response, bounded above (bytes its broker sent in one statistics
+    /// interval), and the most bytes the client's fetch queues held (live only).
+    #[serde(default)]
+    pub fetch_response_bytes_max: u64,
+    #[serde(default)]
+    pub fetch_queue_bytes_max: u64,
 }
 
 impl RunReport {
@@ -574,6 +580,8 @@ pub async fn run(
     }
     let mut report = RunReport::from_parts(&tstats, &stats);
     report.consumer_restarts = shared.consumer_restarts.load(Ordering::Relaxed);
+    report.fetch_response_bytes_max = shared.fetch_response_bytes_max.load(Ordering::Relaxed);
+    report.fetch_queue_bytes_max = shared.fetch_queue_bytes_max.load(Ordering::Relaxed);
     Ok(report)
 }
 

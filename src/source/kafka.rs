@@ -330,10 +330,7 @@ impl KafkaSource {
                 st.epochs.clear();
                 st.generation
             };
-            let ctx = SourceContext {
-                shared: self.shared.clone(),
-                handler: self.clone(),
-            };
+            let ctx = SourceContext::new(self.shared.clone(), self.clone());
             let client_id = unique_client_id(&self.cfg.kafka);
             let consumer = match create_consumer(&self.cfg.kafka, &client_id, ctx).and_then(|c| {
                 c.subscribe(&topics.iter().map(String::as_str).collect::<Vec<_>>())?;
