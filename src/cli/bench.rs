@@ -75,7 +75,8 @@ fn rss_line(peak_mib: f64, median_mib: Option<f64>, report: &RunReport, draining
     let median = median_mib.map_or(String::new(), |m| format!(" (median {m:.0})"));
     format!(
         "peak RSS {peak_mib:.0} MiB{median}, {target}; largest fetch response ≤ {fetch:.1} MiB \
-         (bytes its broker sent in one statistics interval), fetch queues held ≤ {:.1} MiB",
+         (all its broker sent in one 5 s statistics interval), librdkafka's fetch queues held \
+         ≤ {:.1} MiB (sampled every 5 s)",
         mib(report.fetch_queue_bytes_max)
     )
 }
@@ -142,8 +143,9 @@ pub async fn run(base: &Config, args: BenchArgs) -> anyhow::Result<()> {
         let r = &all.report;
         let all_rate = rate(r.messages as f64, Duration::from_secs_f64(r.active_seconds));
         println!(
-            "drain, all three read models: {all_rate:.0} events/s ({:.1}s)",
-            r.active_seconds
+            "drain, all three read models: {all_rate:.0} events/s ({:.1}s); {} windows, {} \
+             views loaded",
+            r.active_seconds, r.windows, r.loads
         );
         println!(
             "  {}",

@@ -36,6 +36,8 @@ pub use pipeline::{RunOptions, RunReport, run};
 pub struct Shared {
     /// Messages polled and not yet committed (or dropped).
     pub in_flight: AtomicUsize,
+    /// Bytes of those messages (keys, values, headers), live only.
+    pub in_flight_bytes: AtomicUsize,
     /// Stages waiting right now (a store down, a handover, a dead-letter retry): while any
     /// waits, the source pauses its partitions.
     pub waiting: AtomicUsize,
@@ -78,6 +80,7 @@ impl Default for Shared {
     fn default() -> Self {
         Shared {
             in_flight: AtomicUsize::new(0),
+            in_flight_bytes: AtomicUsize::new(0),
             waiting: AtomicUsize::new(0),
             assignment_gen: AtomicU64::new(0),
             recreate: AtomicBool::new(false),
