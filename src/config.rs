@@ -133,12 +133,23 @@ pub struct WorkerConfig {
     /// (the consumer keeps polling, so it stays in its group) until writes catch up.
     #[serde(default = "default_max_in_flight")]
     pub max_in_flight: usize,
+    /// Bytes of those messages (keys, values, headers) at most, checked with the count: the
+    /// windows in flight, decoded, are most of the worker's memory under load.
+    #[serde(default = "default_max_in_flight_bytes")]
+    pub max_in_flight_bytes: usize,
     /// Shards per document projector (views split by key across cores); 0 = one per core.
     #[serde(default)]
     pub shards: usize,
-    /// Typed views kept in memory per shard, so the common case writes without a load.
-    #[serde(default = "default_cache_entries")]
-    pub cache_entries: usize,
+    /// Bytes of typed views the worker keeps in memory (each weighed by its encoded size),
+    /// split evenly among its document stages (projector × shard), so the common case writes
+    /// without a load. The views the batch being folded and the one being written touch are
+    /// kept even past it.
+    #[serde(default = "default_cache_bytes")]
+    pub cache_bytes: usize,
+    /// Replaced by `cache_bytes` (a count of views said nothing about memory); ignored, with
+    /// a warning.
+    #[serde(default, skip_serializing)]
+    pub cache_entries: Option<usize>,
     /// How long a rebalance waits for the revoked partitions' windows to be written and
     /// committed before it lets them go (their new owner then redelivers; guards absorb it).
     #[serde(default = "default_drain_timeout_ms")]
@@ -197,8 +208,11 @@ fn default_window_max_bytes() -> usize {
 fn default_max_in_flight() -> usize {
     20_000
 }
-fn default_cache_entries() -> usize {
-    20_000
+fn default_max_in_flight_bytes() -> usize {
+    16 << 20
+}
+fn default_cache_bytes() -> usize {
+    16 << 20
 }
 fn default_drain_timeout_ms() -> u64 {
     10_000

@@ -18,6 +18,28 @@ use projector::store::EventStore;
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// mimalloc v3's `purge_delay` option (its index in `mi_option_e`, which the sys crate does
+/// not name) and its default, which is checked before the option is changed.
+const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+const MI_PURGE_DELAY_DEFAULT_MS: std::ffi::c_long = 1_000;
+
+/// Give freed memory back to the system within 10 ms rather than mimalloc v3's default second
+/// (and ten for whole arenas): under the engine's churn the pages freed but held made the
+/// worker's peak RSS 70 MiB larger while draining, 24 MiB at 5,000 events/s.
+/// `MIMALLOC_PURGE_DELAY` in the environment still decides when set.
+fn return_freed_memory_promptly() {
+    if std::env::var_os("MIMALLOC_PURGE_DELAY").is_some() {
+        return;
+    }
+    // SAFETY: reading and setting an option are plain calls, safe at any time.
+    unsafe {
+        // Another option at that index (a different mimalloc): leave it alone.
+        if libmimalloc_sys::mi_option_get(MI_OPTION_PURGE_DELAY) == MI_PURGE_DELAY_DEFAULT_MS {
+            libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, 10);
+        }
+    }
+}
+
 #[derive(Parser)]
 #[command(
     name = "projector",
@@ -144,6 +166,10 @@ struct BenchCli {
     /// Measure only the read service's latency (HTTP and MCP) on a drained history.
     #[arg(long)]
     read_only: bool,
+    /// Measure only the backlog drain of all three read models (rate, peak RSS, largest
+    /// fetch response), and stop.
+    #[arg(long)]
+    drain_only: bool,
     /// Also measure raw Customer-360 writes to this Redis Cluster (seed URLs, comma
     /// separated; `scripts/services.sh up rcluster` starts one).
     #[arg(long)]
@@ -213,6 +239,7 @@ struct GenerateArgs {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    return_freed_memory_promptly();
     let cli = Cli::parse();
     let config = Config::load(cli.config.as_deref())?;
     let telemetry = projector::telemetry::init(&config.telemetry)?;
@@ -259,6 +286,7 @@ async fn dispatch(command: Command, config: Config) -> anyhow::Result<()> {
                     engine_only: args.engine_only,
                     steady_rate: args.steady_rate,
                     read_only: args.read_only,
+                    drain_only: args.drain_only,
                     redis_cluster: args.redis_cluster,
                     hot_orders: args.hot_orders,
                     hot_only: args.hot_only,

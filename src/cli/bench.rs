@@ -47,6 +47,8 @@ pub struct BenchArgs {
     pub steady_rate: Option<f64>,
     /// Only the read service's latency (HTTP and MCP) on a drained history.
     pub read_only: bool,
+    /// Only the backlog drain of all three read models (for profiling memory).
+    pub drain_only: bool,
     /// Seed URLs of a Redis Cluster whose raw write rate to measure beside one server.
     pub redis_cluster: Option<String>,
     /// The hot customer's finished orders before its load (0: no hot-customer figure).
@@ -62,6 +64,35 @@ const HOT_RATE: f64 = 1_000.0;
 const HOT_SECS: f64 = 15.0;
 
 const SEED: u64 = 7;
+
+/// The worker's memory target at any steady rate (issue 15); while draining a backlog it may
+/// add the largest fetch response, which librdkafka holds whole until its last message is
+/// read (the local broker ignores fetch limits: a backlog comes in one response).
+const RSS_TARGET_MIB: f64 = 150.0;
+
+fn mib(bytes: u64) -> f64 {
+    bytes as f64 / (1024.0 * 1024.0)
+}
+
+/// The RSS line of a run: peak (and median), its target, and what the client's fetches held.
+fn rss_line(peak_mib: f64, median_mib: Option<f64>, report: &RunReport, draining: bool) -> String {
+    let fetch = mib(report.fetch_response_bytes_max);
+    let target = if draining {
+        format!(
+            "target ≤ {RSS_TARGET_MIB:.0} MiB + largest fetch = {:.0} MiB",
+            RSS_TARGET_MIB + fetch
+        )
+    } else {
+        format!("target ≤ {RSS_TARGET_MIB:.0} MiB")
+    };
+    let median = median_mib.map_or(String::new(), |m| format!(" (median {m:.0})"));
+    format!(
+        "peak RSS {peak_mib:.0} MiB{median}, {target}; largest fetch response ≤ {fetch:.1} MiB \
+         (all its broker sent in one 5 s statistics interval), librdkafka's fetch queues held \
+         ≤ {:.1} MiB (sampled every 5 s)",
+        mib(report.fetch_queue_bytes_max)
+    )
+}
 
 fn rate(n: f64, d: Duration) -> f64 {
     n / d.as_secs_f64().max(1e-9)
@@ -103,7 +134,7 @@ pub async fn run(base: &Config, args: BenchArgs) -> anyhow::Result<()> {
         kafka::ensure_topics(&cfg.kafka).await?;
         let s = steady(&cfg, &id, rate).await?;
         println!("{}", s.line());
-        print_budget(&s.steps);
+        print_budget(&s.report.steps);
         cleanup(&cfg, &cfg).await;
         return Ok(());
     }
@@ -126,6 +157,24 @@ pub async fn run(base: &Config, args: BenchArgs) -> anyhow::Result<()> {
         backlog(&cfg, &ns, n).await?;
         drain(&cfg, "all", None).await?;
         read_latency(&cfg, &history, &mut rows).await?;
+        cleanup(&cfg, &cfg).await;
+        return Ok(());
+    }
+    if args.drain_only {
+        backlog(&cfg, &ns, n).await?;
+        let all = drain(&cfg, "all", None).await?;
+        let r = &all.report;
+        let all_rate = rate(r.messages as f64, Duration::from_secs_f64(r.active_seconds));
+        println!(
+            "drain, all three read models: {all_rate:.0} events/s ({:.1}s); {} windows, {} \
+             views loaded",
+            r.active_seconds, r.windows, r.loads
+        );
+        println!(
+            "  {}",
+            rss_line(all.rss_mib, Some(all.rss_median_mib), r, true)
+        );
+        println!("  CPU while draining (share of one core): {}", all.cpu);
         cleanup(&cfg, &cfg).await;
         return Ok(());
     }
@@ -174,14 +223,13 @@ pub async fn run(base: &Config, args: BenchArgs) -> anyhow::Result<()> {
         Duration::from_secs_f64(all.report.active_seconds),
     );
     println!(
-        "drain, all three read models: {all_rate:.0} events/s ({:.1}s), peak RSS {:.0} MiB \
-         (median {:.0}); {} windows, {} views loaded, {} conflicts",
-        all.report.active_seconds,
-        all.rss_mib,
-        all.rss_median_mib,
-        all.report.windows,
-        all.report.loads,
-        all.report.conflicts
+        "drain, all three read models: {all_rate:.0} events/s ({:.1}s); {} windows, {} views \
+         loaded, {} conflicts",
+        all.report.active_seconds, all.report.windows, all.report.loads, all.report.conflicts
+    );
+    println!(
+        "  {}",
+        rss_line(all.rss_mib, Some(all.rss_median_mib), &all.report, true)
     );
     println!("  CPU while draining (share of one core): {}", all.cpu);
     let mut analytics_cfg = cfg.clone();
@@ -195,8 +243,12 @@ pub async fn run(base: &Config, args: BenchArgs) -> anyhow::Result<()> {
         Duration::from_secs_f64(only.report.active_seconds),
     );
     println!(
-        "drain, analytics only: {only_rate:.0} events/s ({:.1}s), peak RSS {:.0} MiB (median {:.0})",
-        only.report.active_seconds, only.rss_mib, only.rss_median_mib
+        "drain, analytics only: {only_rate:.0} events/s ({:.1}s)",
+        only.report.active_seconds
+    );
+    println!(
+        "  {}",
+        rss_line(only.rss_mib, Some(only.rss_median_mib), &only.report, true)
     );
     println!("  CPU while draining (share of one core): {}", only.cpu);
     let ch_engine = if args.clickhouse_engine {
@@ -220,11 +272,15 @@ pub async fn run(base: &Config, args: BenchArgs) -> anyhow::Result<()> {
         }),
         ch_engine.map(|r| only_rate / r),
     ));
+    let drain_target = RSS_TARGET_MIB + mib(all.report.fetch_response_bytes_max);
     rows.push(row(
         "worker peak RSS, draining all three",
         format!("{:.0} MiB", all.rss_mib),
-        "target 150 MiB",
-        Some(all.rss_mib / 150.0),
+        format!(
+            "target 150 MiB + largest fetch {:.0} MiB",
+            mib(all.report.fetch_response_bytes_max)
+        ),
+        Some(all.rss_mib / drain_target),
     ));
     for (name, store) in [
         ("customer360", "redis"),
@@ -269,7 +325,7 @@ pub async fn run(base: &Config, args: BenchArgs) -> anyhow::Result<()> {
                 format!("worker peak RSS at {:.0} events/s", s.rate),
                 format!("{:.0} MiB", s.rss),
                 "target 150 MiB",
-                Some(s.rss / 150.0),
+                Some(s.rss / RSS_TARGET_MIB),
             ));
         }
     }
@@ -935,20 +991,21 @@ struct Steady {
     rss: f64,
     /// Worker CPU seconds per wall second while the load was published.
     cpu_share: f64,
-    steps: Vec<projector::runtime::budget::StepLatency>,
+    /// The worker's own report (latency budget, fetch sizes).
+    report: RunReport,
 }
 
 impl Steady {
     fn line(&self) -> String {
         format!(
-            "steady state at {:.0} events/s ({} events): publish → visible p50 {} ms, p99 {} ms, max {} ms; worker {:.0} % of a core, peak RSS {:.0} MiB",
+            "steady state at {:.0} events/s ({} events): publish → visible p50 {} ms, p99 {} ms, max {} ms; worker {:.0} % of a core\n  {}",
             self.rate,
             self.sent,
             self.p50,
             self.p99,
             self.max,
             self.cpu_share * 100.0,
-            self.rss
+            rss_line(self.rss, None, &self.report, false)
         )
     }
 }
@@ -989,7 +1046,7 @@ async fn steady(cfg: &Config, id: &str, target: f64) -> anyhow::Result<Steady> {
         max: report.latency_ms_max,
         rss: rss as f64 / 1024.0,
         cpu_share: cpu / wall.max(1e-9),
-        steps: report.steps,
+        report,
     })
 }
 
@@ -1002,7 +1059,7 @@ async fn curve(cfg: &Config, id: &str, extra: Option<f64>) -> anyhow::Result<Vec
     for rate in rates {
         let s = steady(cfg, id, rate).await?;
         println!("{}", s.line());
-        print_budget(&s.steps);
+        print_budget(&s.report.steps);
         out.push(s);
     }
     println!("  rate ev/s     p50 ms     p99 ms     max ms   worker %   RSS MiB");

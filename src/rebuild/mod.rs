@@ -150,7 +150,7 @@ pub async fn replay(
         only: selected.to_vec(),
         shards: cfg.worker.shard_count(),
         // The replay is the only writer of its version: keep every view it wrote.
-        cache_entries: usize::MAX / 2,
+        cache_bytes: usize::MAX / 2,
         max_batch: window,
     };
     let stages = spawn_stages(&env, &RealSinks(cfg.clone()))?;
@@ -222,6 +222,7 @@ pub async fn replay(
             offsets: Vec::new(),
             newest: Vec::new(),
             messages: items.len(),
+            bytes: 0,
             timestamps: Vec::new(),
         }));
         let w = Arc::new(

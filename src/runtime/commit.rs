@@ -92,6 +92,9 @@ pub struct Registration {
     /// Create time of the newest message per partition in the window (ms since the epoch).
     pub newest: Vec<(Tp, i64)>,
     pub messages: usize,
+    /// Bytes of those messages (keys, values, headers) counted in
+    /// [`crate::runtime::Shared::in_flight_bytes`] when they were polled (0 for replays).
+    pub bytes: usize,
     /// Create times of the messages (ms since the epoch), for publish → visible latency.
     pub timestamps: Vec<i64>,
 }
@@ -311,6 +314,9 @@ impl Tracker {
         self.shared
             .in_flight
             .fetch_sub(reg.messages, Ordering::Relaxed);
+        self.shared
+            .in_flight_bytes
+            .fetch_sub(reg.bytes, Ordering::Relaxed);
         let current = self.consumer.as_ref().map(|(g, _)| *g);
         let s = &mut self.stats;
         s.windows += 1;
@@ -347,6 +353,8 @@ impl Tracker {
         }
         metrics::gauge!("projector_in_flight_messages")
             .set(self.shared.in_flight.load(Ordering::Relaxed) as f64);
+        metrics::gauge!("projector_in_flight_bytes")
+            .set(self.shared.in_flight_bytes.load(Ordering::Relaxed) as f64);
         if let Some(r) = self.replay.as_mut() {
             r.windows_durable(reg.id);
             return;
@@ -445,6 +453,7 @@ mod tests {
             offsets: Vec::new(),
             newest: Vec::new(),
             messages: 1,
+            bytes: 0,
             timestamps: Vec::new(),
         }
     }

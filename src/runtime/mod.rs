@@ -36,6 +36,8 @@ pub use pipeline::{RunOptions, RunReport, run};
 pub struct Shared {
     /// Messages polled and not yet committed (or dropped).
     pub in_flight: AtomicUsize,
+    /// Bytes of those messages (keys, values, headers), live only.
+    pub in_flight_bytes: AtomicUsize,
     /// Stages waiting right now (a store down, a handover, a dead-letter retry): while any
     /// waits, the source pauses its partitions.
     pub waiting: AtomicUsize,
@@ -54,6 +56,10 @@ pub struct Shared {
     /// seconds of a partition with messages waiting is the age of its newest done message.
     pub newest_done: std::sync::Mutex<std::collections::HashMap<(String, i32), i64>>,
     pub consumer_restarts: AtomicU64,
+    /// The largest fetch response seen, bounded above from the client's statistics
+    /// (`projector_fetch_response_bytes_max`), and the most bytes its fetch queues held.
+    pub fetch_response_bytes_max: AtomicU64,
+    pub fetch_queue_bytes_max: AtomicU64,
     /// The newest window whose unreadable messages' parks are in PostgreSQL (the poison
     /// stage records them in window order): stages drop their own copies of those parks when
     /// they next read the table, so an operator's unpark sticks.
@@ -74,6 +80,7 @@ impl Default for Shared {
     fn default() -> Self {
         Shared {
             in_flight: AtomicUsize::new(0),
+            in_flight_bytes: AtomicUsize::new(0),
             waiting: AtomicUsize::new(0),
             assignment_gen: AtomicU64::new(0),
             recreate: AtomicBool::new(false),
@@ -84,6 +91,8 @@ impl Default for Shared {
             lag_messages: AtomicI64::new(0),
             newest_done: Default::default(),
             consumer_restarts: AtomicU64::new(0),
+            fetch_response_bytes_max: AtomicU64::new(0),
+            fetch_queue_bytes_max: AtomicU64::new(0),
             poison_saved: AtomicU64::new(0),
             belief: Default::default(),
             group_caught_up: AtomicBool::new(false),

@@ -145,7 +145,8 @@ pub struct StageEnv {
     /// Projectors to run (empty: all).
     pub only: Vec<String>,
     pub shards: usize,
-    pub cache_entries: usize,
+    /// Bytes of views the pipeline's document stages cache, all told (split evenly).
+    pub cache_bytes: usize,
     pub max_batch: usize,
 }
 
@@ -153,6 +154,25 @@ struct Builder<'a, F: SinkFactory> {
     env: &'a StageEnv,
     sinks: &'a F,
     stages: Stages,
+    /// Bytes of views each document stage caches.
+    cache_bytes: usize,
+}
+
+/// Counts the document stages a pipeline will run (to split the cache budget among them).
+struct DocStages<'a> {
+    only: &'a [String],
+    shards: usize,
+    count: usize,
+}
+
+impl Registrar for DocStages<'_> {
+    fn document<P: Projector>(&mut self, p: P) {
+        if self.only.is_empty() || self.only.iter().any(|n| n == p.name()) {
+            self.count += self.shards;
+        }
+    }
+
+    fn facts<P: FactProjector>(&mut self, _: P) {}
 }
 
 impl<F: SinkFactory> Builder<'_, F> {
@@ -206,7 +226,7 @@ impl<F: SinkFactory> Builder<'_, F> {
                 shard,
                 shards,
                 open.clone(),
-                self.env.cache_entries,
+                self.cache_bytes,
             );
             self.stages.handles.push(tokio::spawn(stage.run(rx)));
         }
@@ -268,9 +288,16 @@ pub fn spawn_stages_of<F: SinkFactory>(
             return Err(RuntimeError::UnknownProjector(n.clone(), known.join(", ")));
         }
     }
+    let mut docs = DocStages {
+        only: &env.only,
+        shards: env.shards.max(1),
+        count: 0,
+    };
+    projectors.register(&mut docs);
     let mut b = Builder {
         env,
         sinks,
+        cache_bytes: env.cache_bytes / docs.count.max(1),
         stages: Stages {
             txs: Vec::new(),
             handles: Vec::new(),
@@ -384,6 +411,12 @@ pub struct RunReport {
     /// Where the time went, step by step (see [`super::budget`]).
     #[serde(default)]
     pub steps: Vec<super::budget::StepLatency>,
+    /// The largest fetch response, bounded above (bytes its broker sent in one statistics
+    /// interval), and the most bytes the client's fetch queues held (live only).
+    #[serde(default)]
+    pub fetch_response_bytes_max: u64,
+    #[serde(default)]
+    pub fetch_queue_bytes_max: u64,
 }
 
 impl RunReport {
@@ -445,6 +478,13 @@ pub async fn run(
     opts: RunOptions,
     shared: Arc<Shared>,
 ) -> Result<RunReport, RuntimeError> {
+    if let Some(n) = cfg.worker.cache_entries {
+        tracing::warn!(
+            cache_entries = n,
+            cache_bytes = cfg.worker.cache_bytes,
+            "worker.cache_entries is ignored: the view cache is bounded by worker.cache_bytes"
+        );
+    }
     {
         let mut retry = super::retry::Retry::new(&shared, "kafka", "creating topics");
         while let Err(e) = crate::kafka::ensure_topics(&cfg.kafka).await {
@@ -490,7 +530,7 @@ pub async fn run(
         mode: Mode::Live,
         only: cfg.worker.projectors.clone(),
         shards: cfg.worker.shard_count(),
-        cache_entries: cfg.worker.cache_entries,
+        cache_bytes: cfg.worker.cache_bytes,
         max_batch: cfg.worker.window_size.max(1) * 4,
     };
     let stages = spawn_stages(&env, &RealSinks(cfg.clone()))?;
@@ -574,6 +614,8 @@ pub async fn run(
     }
     let mut report = RunReport::from_parts(&tstats, &stats);
     report.consumer_restarts = shared.consumer_restarts.load(Ordering::Relaxed);
+    report.fetch_response_bytes_max = shared.fetch_response_bytes_max.load(Ordering::Relaxed);
+    report.fetch_queue_bytes_max = shared.fetch_queue_bytes_max.load(Ordering::Relaxed);
     Ok(report)
 }
 
@@ -605,7 +647,7 @@ pub async fn run_memory<F: SinkFactory>(
         },
         only: cfg.worker.projectors.clone(),
         shards: cfg.worker.shard_count(),
-        cache_entries: cfg.worker.cache_entries,
+        cache_bytes: cfg.worker.cache_bytes,
         max_batch: cfg.worker.window_size.max(1) * 4,
     };
     let stages = spawn_stages(&env, sinks)?;
@@ -635,6 +677,7 @@ pub async fn run_memory<F: SinkFactory>(
             offsets: Vec::new(),
             newest: Vec::new(),
             messages: w.items.len(),
+            bytes: 0,
             timestamps: Vec::new(),
         }));
         if raw_tx.send(w).await.is_err() {

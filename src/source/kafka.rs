@@ -48,6 +48,8 @@ struct Builder {
     timestamps: Vec<i64>,
     /// The longest a message of the window waited between its create time and the poll.
     broker_ms: i64,
+    /// Bytes added to [`Shared::in_flight_bytes`] for its messages.
+    bytes: usize,
 }
 
 impl Builder {
@@ -59,6 +61,7 @@ impl Builder {
             offsets: HashMap::new(),
             timestamps: Vec::new(),
             broker_ms: 0,
+            bytes: 0,
         }
     }
 }
@@ -185,7 +188,11 @@ impl KafkaSource {
             *slot = (m.offset(), ts);
         }
         b.timestamps.push(ts);
+        b.bytes += incoming;
         self.shared.in_flight.fetch_add(1, Ordering::Relaxed);
+        self.shared
+            .in_flight_bytes
+            .fetch_add(incoming, Ordering::Relaxed);
     }
 
     /// Close the open window if it is full or old enough (`force`: if it has anything).
@@ -220,6 +227,7 @@ impl KafkaSource {
                 .map(|((tp, _), (_, ts))| (*tp, *ts))
                 .collect(),
             messages: b.items.len(),
+            bytes: b.bytes,
             timestamps: b.timestamps,
         };
         // Registered before any stage can see it, so no acknowledgement arrives first.
@@ -330,10 +338,7 @@ impl KafkaSource {
                 st.epochs.clear();
                 st.generation
             };
-            let ctx = SourceContext {
-                shared: self.shared.clone(),
-                handler: self.clone(),
-            };
+            let ctx = SourceContext::new(self.shared.clone(), self.clone());
             let client_id = unique_client_id(&self.cfg.kafka);
             let consumer = match create_consumer(&self.cfg.kafka, &client_id, ctx).and_then(|c| {
                 c.subscribe(&topics.iter().map(String::as_str).collect::<Vec<_>>())?;
@@ -400,6 +405,13 @@ impl KafkaSource {
         let mut last_check = Instant::now();
         let mut held = false;
         let max_in_flight = self.cfg.worker.max_in_flight.max(1);
+        let max_in_flight_bytes = self.cfg.worker.max_in_flight_bytes.max(1);
+        // Room for more while both bounds hold (a message past the byte bound still comes
+        // whole: the bound can be passed by one message).
+        let below_bounds = || {
+            self.shared.in_flight.load(Ordering::Relaxed) < max_in_flight
+                && self.shared.in_flight_bytes.load(Ordering::Relaxed) < max_in_flight_bytes
+        };
         loop {
             if self.shared.shutdown.load(Ordering::Relaxed) {
                 return true;
@@ -427,9 +439,7 @@ impl KafkaSource {
                 }
             }
             let waiting = self.shared.waiting.load(Ordering::Relaxed) > 0;
-            let room = self.state().ready.is_empty()
-                && self.shared.in_flight.load(Ordering::Relaxed) < max_in_flight
-                && !waiting;
+            let room = self.state().ready.is_empty() && below_bounds() && !waiting;
             if waiting != held {
                 held = waiting;
                 self.shared.paused.store(held, Ordering::Relaxed);
@@ -463,10 +473,7 @@ impl KafkaSource {
             if room && !queues.is_empty() {
                 let mut got = 0;
                 let mut empty = 0;
-                while got < 1_000
-                    && empty < queues.len()
-                    && self.shared.in_flight.load(Ordering::Relaxed) < max_in_flight
-                {
+                while got < 1_000 && empty < queues.len() && below_bounds() {
                     let (_, q) = &queues[next % queues.len()];
                     match q.poll(Duration::ZERO) {
                         Some(Ok(m)) => {
@@ -511,6 +518,8 @@ impl KafkaSource {
                 }
                 metrics::gauge!("projector_in_flight_messages")
                     .set(self.shared.in_flight.load(Ordering::Relaxed) as f64);
+                metrics::gauge!("projector_in_flight_bytes")
+                    .set(self.shared.in_flight_bytes.load(Ordering::Relaxed) as f64);
                 self.shared.assigned.store(assigned, Ordering::Relaxed);
             }
             // Idle means the whole group is caught up (every partition's committed offset at

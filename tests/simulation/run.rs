@@ -169,7 +169,8 @@ fn start_worker(ctx: &Ctx, seed: u64) -> Worker {
         mode: Mode::Live,
         only: Vec::new(),
         shards: ctx.plan.shards,
-        cache_entries: ctx.plan.cache,
+        // About `plan.cache` small views per document stage (two projectors × shards).
+        cache_bytes: ctx.plan.cache * 700 * 2 * ctx.plan.shards,
         max_batch: ctx.plan.max_batch,
     };
     let projectors = models::SimProjectors(ctx.plan.panics);
@@ -419,6 +420,7 @@ impl Source {
             offsets: offsets.into_iter().map(|((tp, e), o)| (tp, e, o)).collect(),
             newest: Vec::new(),
             messages: picked.len(),
+            bytes: 0,
             timestamps: Vec::new(),
         }));
         if std::env::var_os("SIM_TRACE").is_some() {

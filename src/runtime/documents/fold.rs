@@ -63,7 +63,7 @@ impl<P: Projector, S: DocStore> DocStage<P, S> {
             let mut wanted: HashSet<&str> = HashSet::default();
             for (_, key) in &prep.routed.events {
                 let Some(k) = key.as_deref() else { continue };
-                if st.cache.map.contains_key(k) || wanted.contains(k) {
+                if st.cache.contains_key(k) || wanted.contains(k) {
                     continue;
                 }
                 if st.seen.as_ref().is_some_and(|seen| !seen.contains(k)) {
@@ -108,7 +108,7 @@ impl<P: Projector, S: DocStore> DocStage<P, S> {
                 continue;
             }
             let ki = prep.view(&key, || {
-                stored(self.st().cache.map.get(&key).map_or(0, |c| c.doc.rev))
+                stored(self.st().cache.get(&key).map_or(0, |c| c.doc.rev))
             });
             if tainted.contains(&ki) {
                 // The view may be half-changed by a panic: folded from the store below.
@@ -212,7 +212,7 @@ impl<P: Projector, S: DocStore> DocStage<P, S> {
             match doc {
                 Ok(doc) => st.cache.put(k, doc, tick),
                 Err(why) => {
-                    st.cache.map.remove(&k);
+                    st.cache.remove(&k);
                     corrupt.insert(k, why);
                 }
             }
@@ -236,7 +236,7 @@ impl<P: Projector, S: DocStore> DocStage<P, S> {
                 {
                     continue;
                 }
-                let Some(entry) = st.cache.map.get(&key) else {
+                let Some(entry) = st.cache.get(&key) else {
                     continue;
                 };
                 let stream = self.keys.of(prep.event(r));
@@ -273,7 +273,7 @@ impl<P: Projector, S: DocStore> DocStage<P, S> {
         budget::record(Budget::Load, took);
         let st = self.st();
         for (key, streams) in found {
-            if let Some(entry) = st.cache.map.get_mut(&key) {
+            if let Some(entry) = st.cache.get_mut(&key) {
                 for s in streams {
                     entry.doc.finish(s);
                 }
@@ -287,7 +287,7 @@ impl<P: Projector, S: DocStore> DocStage<P, S> {
         while !views.is_empty() {
             let keys: Vec<String> = views.iter().map(|i| prep.keys[*i].key.clone()).collect();
             for k in &keys {
-                self.st().cache.map.remove(k);
+                self.st().cache.remove(k);
             }
             let corrupt = self
                 .load_into_cache(keys.clone(), &prep.routed.batch.span.clone())
@@ -310,7 +310,6 @@ impl<P: Projector, S: DocStore> DocStage<P, S> {
                 let base = self
                     .st()
                     .cache
-                    .map
                     .remove(key)
                     .map_or_else(Doc::default, |e| e.doc);
                 if !self.refold(prep, *ki, base) {
@@ -398,7 +397,7 @@ impl<P: Projector, S: DocStore> DocStage<P, S> {
         let p = self.p.clone();
         let st = self.st();
         let max = st.store.max_doc_bytes();
-        let Some(entry) = st.cache.map.get_mut(&key) else {
+        let Some(entry) = st.cache.get_mut(&key) else {
             return;
         };
         let sealed =
@@ -421,10 +420,12 @@ impl<P: Projector, S: DocStore> DocStage<P, S> {
         };
         match st.store.encode(&entry.doc) {
             Ok(body) if body.len() <= max => {
+                let rev = entry.doc.rev;
+                st.cache.weigh(&key, body.len());
                 prep.keys[ki].write = Some(DocWrite {
                     key,
                     expected: prep.keys[ki].expected,
-                    rev: entry.doc.rev,
+                    rev,
                     body,
                     finished,
                 });
@@ -457,7 +458,7 @@ impl<P: Projector, S: DocStore> DocStage<P, S> {
             self.park(prep, r, &stream, seq, &reason);
             prep.letters.push((r, "store_refused", reason));
         }
-        self.st().cache.map.remove(&key);
+        self.st().cache.remove(&key);
     }
 }
 

@@ -291,7 +291,7 @@ impl<P: Projector, S: DocStore> DocStage<P, S> {
         st.parked = parked;
         st.parks_loaded = Instant::now();
         if rebalanced {
-            st.cache.map.clear();
+            st.cache.clear();
         }
     }
 
