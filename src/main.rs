@@ -239,8 +239,13 @@ struct GenerateArgs {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    return_freed_memory_promptly();
     let cli = Cli::parse();
+    // Only the worker, whose memory is bounded: a rebuild (and the bench's engine and
+    // rebuilds, in its own process) ran at 0.55–0.75 of its speed with the pages given back
+    // within 10 ms, against 12 MiB less peak while a worker drained.
+    if matches!(cli.command, Command::Run(_)) {
+        return_freed_memory_promptly();
+    }
     let config = Config::load(cli.config.as_deref())?;
     let telemetry = projector::telemetry::init(&config.telemetry)?;
     let result = dispatch(cli.command, config).await;
