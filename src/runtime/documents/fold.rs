@@ -75,13 +75,7 @@ impl<P: Projector, S: DocStore> DocStage<P, S> {
             }
         }
         let corrupt = self.load_into_cache(to_load, &prep.routed.batch.span).await;
-        let all: Vec<(EventRef, String)> = prep
-            .routed
-            .events
-            .iter()
-            .filter_map(|(r, k)| Some((*r, k.clone()?)))
-            .collect();
-        self.load_finished(&prep, all).await;
+        self.load_finished(&prep, None).await;
 
         let mut tainted = Vec::new();
         for i in 0..prep.routed.events.len() {
@@ -185,25 +179,11 @@ impl<P: Projector, S: DocStore> DocStage<P, S> {
             .loads
             .fetch_add(keys.len() as u64, Ordering::Relaxed);
         let store = self.st().store.clone();
-        let started = Instant::now();
-        let loaded = {
-            let mut retry = Retry::new(&self.ctx.shared, self.ctx.store, "loading views");
-            loop {
-                let span = self.store_span(parent, keys.len(), true);
-                let r = store
-                    .load::<P::View>(keys.clone())
-                    .instrument(span.clone())
-                    .await;
-                spans::finished(&span, &r);
-                match r {
-                    Ok(l) => break l,
-                    Err(e) => retry.failed(&e).await,
-                }
-            }
-        };
-        let took = started.elapsed();
-        self.loading += took;
-        budget::record(Budget::Load, took);
+        let loaded = self
+            .read_store(parent, keys.len(), "loading views", || {
+                store.load::<P::View>(keys.clone())
+            })
+            .await;
         let st = self.st();
         for k in keys {
             st.cache.touch(k, tick);
@@ -220,30 +200,75 @@ impl<P: Projector, S: DocStore> DocStage<P, S> {
         corrupt
     }
 
+    /// One read of the batch's views from the store (under `parent`'s span, retried while
+    /// the store fails), timed as the budget's load step.
+    async fn read_store<T, F, Fut>(
+        &mut self,
+        parent: &Span,
+        n: usize,
+        what: &'static str,
+        call: F,
+    ) -> T
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = Result<T, crate::sinks::SinkError>>,
+    {
+        let started = Instant::now();
+        let mut retry = Retry::new(&self.ctx.shared, self.ctx.store, what);
+        let out = loop {
+            let span = self.store_span(parent, n, true);
+            let r = call().instrument(span.clone()).await;
+            spans::finished(&span, &r);
+            match r {
+                Ok(v) => break v,
+                Err(e) => retry.failed(&e).await,
+            }
+        };
+        let took = started.elapsed();
+        self.loading += took;
+        budget::record(Budget::Load, took);
+        out
+    }
+
     /// Bring back into the cached views the finished streams the store keeps apart, for the
-    /// `events` whose stream a view's guard lacks: such a stream may be finished (its events
-    /// then duplicates), and only the store knows. One call for the whole batch.
-    pub(super) async fn load_finished(&mut self, prep: &Prepared, events: Vec<(EventRef, String)>) {
+    /// events whose stream a view's guard lacks (those of `views`, or of the whole batch):
+    /// such a stream may be finished (its events then duplicates), and only the store knows.
+    /// One call for the whole batch.
+    pub(super) async fn load_finished(&mut self, prep: &Prepared, views: Option<&[usize]>) {
+        let events: Vec<(EventRef, &str)> = match views {
+            None => prep
+                .routed
+                .events
+                .iter()
+                .filter_map(|(r, k)| Some((*r, k.as_deref()?)))
+                .collect(),
+            Some(views) => views
+                .iter()
+                .flat_map(|ki| {
+                    let k = &prep.keys[*ki];
+                    k.offered.iter().map(|(r, _)| (*r, k.key.as_str()))
+                })
+                .collect(),
+        };
         let mut asks: HashMap<String, Vec<String>> = HashMap::default();
         {
             let Some(st) = self.state.as_ref() else {
                 return;
             };
             for (r, key) in events {
-                // A view a fresh replay has not written yet has nothing beside it either.
-                if !st.store.finished_apart(&key)
-                    || st.seen.as_ref().is_some_and(|seen| !seen.contains(&key))
-                {
-                    continue;
-                }
-                let Some(entry) = st.cache.get(&key) else {
+                let Some(entry) = st.cache.get(key) else {
                     continue;
                 };
                 let stream = self.keys.of(prep.event(r));
-                if entry.doc.guard.contains_key(stream) {
+                // Most events' streams are in their view's guard: nothing to ask.
+                if entry.doc.guard.contains_key(stream)
+                    || !st.store.finished_apart(key)
+                    // A view a fresh replay has not written yet has nothing beside it either.
+                    || st.seen.as_ref().is_some_and(|seen| !seen.contains(key))
+                {
                     continue;
                 }
-                let streams = asks.entry(key).or_default();
+                let streams = asks.entry(key.to_owned()).or_default();
                 if !streams.iter().any(|s| s == stream) {
                     streams.push(stream.to_owned());
                 }
@@ -254,23 +279,14 @@ impl<P: Projector, S: DocStore> DocStage<P, S> {
         }
         let asks: Vec<(String, Vec<String>)> = asks.into_iter().collect();
         let store = self.st().store.clone();
-        let started = Instant::now();
-        let found = {
-            let mut retry =
-                Retry::new(&self.ctx.shared, self.ctx.store, "loading finished streams");
-            loop {
-                let span = self.store_span(&prep.routed.batch.span, asks.len(), true);
-                let r = store.finished(asks.clone()).instrument(span.clone()).await;
-                spans::finished(&span, &r);
-                match r {
-                    Ok(f) => break f,
-                    Err(e) => retry.failed(&e).await,
-                }
-            }
-        };
-        let took = started.elapsed();
-        self.loading += took;
-        budget::record(Budget::Load, took);
+        let found = self
+            .read_store(
+                &prep.routed.batch.span,
+                asks.len(),
+                "loading finished streams",
+                || store.finished(asks.clone()),
+            )
+            .await;
         let st = self.st();
         for (key, streams) in found {
             if let Some(entry) = st.cache.get_mut(&key) {
@@ -292,14 +308,7 @@ impl<P: Projector, S: DocStore> DocStage<P, S> {
             let corrupt = self
                 .load_into_cache(keys.clone(), &prep.routed.batch.span.clone())
                 .await;
-            let offered: Vec<(EventRef, String)> = views
-                .iter()
-                .flat_map(|ki| {
-                    let k = &prep.keys[*ki];
-                    k.offered.iter().map(|(r, _)| (*r, k.key.clone()))
-                })
-                .collect();
-            self.load_finished(prep, offered).await;
+            self.load_finished(prep, Some(&views)).await;
             let mut again = Vec::new();
             for (ki, key) in views.iter().zip(&keys) {
                 if let Some(why) = corrupt.get(key) {
