@@ -169,12 +169,23 @@ impl RedisCon {
         cmd: &str,
         keys: &[String],
     ) -> Result<Vec<T>, SinkError> {
-        let calls: Vec<_> = keys
-            .iter()
-            .map(|k| {
+        let cmds = keys.iter().map(|k| {
+            let mut c = redis::cmd(cmd);
+            c.arg(k);
+            c
+        });
+        self.each(cmds).await
+    }
+
+    /// Single-key commands, many in flight, answers in their order (see [`Self::each_key`]).
+    pub async fn each<T: redis::FromRedisValue>(
+        &self,
+        cmds: impl IntoIterator<Item = Cmd>,
+    ) -> Result<Vec<T>, SinkError> {
+        let calls: Vec<_> = cmds
+            .into_iter()
+            .map(|c| {
                 let mut con = self.clone();
-                let mut c = redis::cmd(cmd);
-                c.arg(k);
                 async move { c.query_async::<T>(&mut con).await.map_err(classify) }
             })
             .collect();
@@ -688,8 +699,10 @@ impl DocStore for RedisSink {
         Ok(out)
     }
 
+    /// As [`finished_key`] decides for the document's key, without building it (once per
+    /// event of a batch whose stream the view's guard lacks).
     fn finished_apart(&self, key: &str) -> bool {
-        finished_key(&self.key(key)).is_some()
+        !self.prefix.contains(['{', '}']) && !key.contains(['{', '}'])
     }
 
     async fn finished(
@@ -713,21 +726,8 @@ impl DocStore for RedisSink {
         };
         let replies: Vec<Vec<i64>> = if matches!(self.con, RedisCon::Cluster(_)) {
             // One command per document, routed by its slot (see `each_key`).
-            let calls: Vec<_> = asks
-                .iter()
-                .map(|(_, side, streams)| {
-                    let mut con = self.con.clone();
-                    let c = command(side, streams);
-                    async move { c.query_async::<Vec<i64>>(&mut con).await.map_err(classify) }
-                })
-                .collect();
-            let all = futures::stream::iter(calls)
-                .buffered(CLUSTER_IN_FLIGHT)
-                .collect::<Vec<_>>();
-            with_timeout(STORE, self.timeout, async { Ok(all.await) })
-                .await?
-                .into_iter()
-                .collect::<Result<_, _>>()?
+            let cmds = asks.iter().map(|(_, side, streams)| command(side, streams));
+            with_timeout(STORE, self.timeout, self.con.each(cmds)).await?
         } else {
             let mut pipe = redis::pipe();
             for (_, side, streams) in &asks {
