@@ -346,8 +346,8 @@ pub async fn run(base: &Config, args: BenchArgs) -> anyhow::Result<()> {
         ));
         rows.push(row(
             "hot customer: p99 publish → visible",
-            format!("{} ms", hot.hot.p99_ms),
-            format!("{} ms over many customers; target ≤1.5×", hot.spread.p99_ms),
+            format!("{} ms", hot.hot.p99),
+            format!("{} ms over many customers; target ≤1.5×", hot.spread.p99),
             Some(hot.p99_ratio() / 1.5),
         ));
         rows.push(row(
@@ -808,7 +808,7 @@ pub(super) async fn wait_sampling_rss(
 }
 
 /// CPU seconds (user + system) a process has used so far.
-pub(super) fn cpu_seconds(pid: u32) -> Option<f64> {
+fn cpu_seconds(pid: u32) -> Option<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let rest = stat.rsplit_once(") ")?.1;
     let f: Vec<&str> = rest.split_whitespace().collect();
@@ -991,20 +991,20 @@ fn print_budget(steps: &[projector::runtime::budget::StepLatency]) {
 }
 
 /// One steady-state run: publish → visible from the worker's own figures.
-struct Steady {
-    rate: f64,
-    sent: u64,
-    p50: u64,
-    p99: u64,
-    max: u64,
+pub(super) struct Steady {
+    pub rate: f64,
+    pub sent: u64,
+    pub p50: u64,
+    pub p99: u64,
+    pub max: u64,
     /// Peak RSS, MiB.
-    rss: f64,
+    pub rss: f64,
     /// Worker CPU seconds per wall second while the load was published.
-    cpu_share: f64,
+    pub cpu_share: f64,
     /// Each server's and the worker's CPU while the load was published (what bounds a rate).
-    servers: String,
+    pub servers: String,
     /// The worker's own report (latency budget, fetch sizes).
-    report: RunReport,
+    pub report: RunReport,
 }
 
 impl Steady {
@@ -1025,22 +1025,32 @@ impl Steady {
 /// A worker that has caught up receives a new history published at `target` events/s for
 /// about 15 s.
 async fn steady(cfg: &Config, id: &str, target: f64) -> anyhow::Result<Steady> {
-    let stats = std::env::temp_dir().join(format!("{id}-steady-{target:.0}-stats.json"));
+    let history: Vec<EventEnvelope> = History::new(SEED + 1, &format!("{id}s{target:.0}-"))
+        .take((target * 15.0) as usize)
+        .collect();
+    publish_steadily(cfg, &format!("{id}-steady-{target:.0}"), &history, target).await
+}
+
+/// A worker that has caught up receives `events` published at `rate` events/s; its figures.
+pub(super) async fn publish_steadily(
+    cfg: &Config,
+    label: &str,
+    events: &[EventEnvelope],
+    rate: f64,
+) -> anyhow::Result<Steady> {
+    let stats = std::env::temp_dir().join(format!("{label}-stats.json"));
     let child = spawn_worker(cfg, &stats, 8.0, None)?;
     let pid = child.id();
     let waiting = tokio::spawn(wait_sampling_rss(child));
     // Joined and caught up before the load starts (the worker exits 8 s after the last event).
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let history: Vec<EventEnvelope> = History::new(SEED + 1, &format!("{id}s{target:.0}-"))
-        .take((target * 15.0) as usize)
-        .collect();
     let publisher = EventPublisher::new(&cfg.kafka)?;
     let tick = Duration::from_millis(50);
-    let per_tick = ((target * tick.as_secs_f64()).ceil() as usize).max(1);
+    let per_tick = ((rate * tick.as_secs_f64()).ceil() as usize).max(1);
     let cpu0 = cpu_seconds(pid).unwrap_or(0.0);
     let probe = CpuProbe::start();
     let started = Instant::now();
-    for (i, chunk) in history.chunks(per_tick).enumerate() {
+    for (i, chunk) in events.chunks(per_tick).enumerate() {
         let due = started + tick * i as u32;
         tokio::time::sleep_until(due.into()).await;
         publisher.publish(chunk).await?;
@@ -1053,8 +1063,8 @@ async fn steady(cfg: &Config, id: &str, target: f64) -> anyhow::Result<Steady> {
     let report: RunReport = serde_json::from_slice(&std::fs::read(&stats)?)?;
     let _ = std::fs::remove_file(&stats);
     Ok(Steady {
-        rate: target,
-        sent: history.len() as u64,
+        rate,
+        sent: events.len() as u64,
         p50: report.latency_ms_p50,
         p99: report.latency_ms_p99,
         max: report.latency_ms_max,
