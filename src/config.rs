@@ -686,10 +686,16 @@ mod tests {
     }
 
     #[test]
+    #[allow(clippy::result_large_err)] // figment's Jail API returns its own large error
     fn the_committed_configs_parse() {
-        for f in ["config/local.toml", "config/compose.toml"] {
-            let p = Path::new(env!("CARGO_MANIFEST_DIR")).join(f);
-            Config::load(Some(&p)).unwrap_or_else(|e| panic!("{f}: {e}"));
-        }
+        // In a jail: the other tests' jails set PROJECTOR_* variables for the whole process
+        // (a deployment "a/b" among them), and a jail waits for them to be restored.
+        figment::Jail::expect_with(|_| {
+            for f in ["config/local.toml", "config/compose.toml"] {
+                let p = Path::new(env!("CARGO_MANIFEST_DIR")).join(f);
+                Config::load(Some(&p)).unwrap_or_else(|e| panic!("{f}: {e}"));
+            }
+            Ok(())
+        });
     }
 }
