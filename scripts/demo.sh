@@ -10,8 +10,19 @@ SEED="${DEMO_SEED:-42}"
 NS="${DEMO_NAMESPACE:-demo$(date +%s)-}"
 
 bash scripts/install-deps.sh
-bash scripts/services.sh up
+# The servers install and start while the project builds: on a fresh machine each takes
+# minutes (the MongoDB-protocol server is compiled from crates.io), and neither keeps both
+# cores busy all the time.
+mkdir -p .services
+bash scripts/services.sh up >.services/demo-up.log 2>&1 &
+UP=$!
 cargo build --locked --quiet
+if ! wait "$UP"; then
+  cat .services/demo-up.log >&2
+  echo "scripts/services.sh up failed (above)" >&2
+  exit 1
+fi
+cat .services/demo-up.log
 BIN=target/debug/projector
 START=$SECONDS
 

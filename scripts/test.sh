@@ -24,6 +24,19 @@ if ! .services/mcp-client/bin/python -c 'import mcp' 2>/dev/null; then
 fi
 
 cargo fmt --all -- --check
-cargo clippy --workspace --all-targets --locked -- -D warnings
+# The demo's `cargo build` and this test build share every dependency only while the
+# dev-dependencies turn on no feature the normal build lacks (Cargo.toml, feature unification).
+features() { cargo tree --workspace --locked -e "$1" --prefix none -f '{p} [{f}]' | sort -u; }
+if unified=$(comm -23 <(features normal,build) <(features normal,build,dev)) && [[ -n $unified ]]; then
+  echo "dev-dependencies change these dependencies' features (add them to [dependencies]):" >&2
+  echo "$unified" >&2
+  exit 1
+fi
 bash scripts/ops-check.sh
-cargo nextest run --workspace --locked --no-fail-fast "$@"
+# Clippy lints the workspace while the test build compiles it (clippy-driver as the workspace
+# members' rustc, as `cargo clippy` itself runs it): one compile instead of a check build of
+# everything and then the real one. nextest builds every target there is (lib, bins, tests;
+# there are no benches or examples), so this covers `clippy --all-targets -- -D warnings`.
+RUSTC_WORKSPACE_WRAPPER="$(rustup which clippy-driver 2>/dev/null || command -v clippy-driver)" \
+  CLIPPY_ARGS="-D__CLIPPY_HACKERY__warnings__CLIPPY_HACKERY__" \
+  cargo nextest run --workspace --locked --no-fail-fast "$@"

@@ -1,16 +1,18 @@
 //! Every server fails in production. Two workers (static members `w0`, `w1`) project a
 //! history with duplicates and redeliveries while one server is hung (SIGSTOP for longer than
-//! `max.poll.interval.ms`) or killed with -9 and restarted, landing while writes are in
-//! flight. No worker is restarted by the test: afterwards the lag returns to 0 by itself,
+//! `max.poll.interval.ms`), and then killed with -9 and restarted, each fault landing while
+//! writes are in flight. No worker is restarted by the test: afterwards the lag returns to 0 by itself,
 //! nobody was fenced or re-created, and the read models equal the fold of the event log.
 //!
 //! These tests run one at a time (nextest group `faults`) on a server set of their own.
 
 mod common;
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use common::faults::{FaultSet, Worker, load, progress, wait_until};
+use common::faults::{FaultSet, Worker, load_until, progress, wait_until};
 
 #[derive(Debug, Clone, Copy)]
 enum Fault {
@@ -18,9 +20,9 @@ enum Fault {
     Kill { down: Duration },
 }
 
-async fn survive(svc: &'static str, fault: Fault) {
+async fn survive(svc: &'static str, faults: &[Fault]) {
     let set = FaultSet::up();
-    let tag = format!("f{}{}", &svc[..2], matches!(fault, Fault::Hang(_)) as u8);
+    let tag = format!("f{}", &svc[..2]);
     let (cfg, ns) = set.isolated(&tag);
     projector::kafka::ensure_topics(&cfg.kafka).await.unwrap();
     // A window that waits out a 10 s hang outlives the group's poll interval.
@@ -31,50 +33,64 @@ async fn survive(svc: &'static str, fault: Fault) {
     let mut w0 = Worker::spawn(&cfg, "w0", &format!("{tag}-{svc}"), &extra);
     let mut w1 = Worker::spawn(&cfg, "w1", &format!("{tag}-{svc}"), &extra);
 
-    // Load arrives in rounds before, during and after the fault; the fault lands as soon as
-    // the workers have committed something, while they write the rest.
-    let load = tokio::spawn(load(cfg.clone(), ns.clone(), 24, 500));
-    let c = cfg.clone();
-    wait_until(
-        Duration::from_secs(120),
-        "the workers' first commits",
-        || progress(&c).is_some_and(|(done, high)| done > 0 && done < high),
-    )
-    .await;
-    // …and lands while a worker holds polled messages it has not committed yet.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let held = w0.metric("projector_in_flight_messages").await
-            + w1.metric("projector_in_flight_messages").await;
-        if held > 0.0 {
-            break;
+    // Load arrives in rounds before, between and after the faults (one continuous load for
+    // all of them: what each fault costs is the recovery, not a new set-up); each fault lands
+    // as soon as the workers have committed something since the last one, while they hold
+    // polled messages they have not committed yet.
+    // The load ends a few rounds after the last fault: what follows a fault is under load too.
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = tokio::spawn(load_until(cfg.clone(), ns.clone(), 500, stop.clone(), 4));
+    let mut t0 = Instant::now();
+    let mut busy = 0;
+    let mut high = 0;
+    for (i, &fault) in faults.iter().enumerate() {
+        let c = cfg.clone();
+        let since = busy;
+        wait_until(
+            Duration::from_secs(120),
+            "the workers' commits before the fault",
+            || progress(&c).is_some_and(|(done, high)| done > since && done < high),
+        )
+        .await;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let held = w0.metric("projector_in_flight_messages").await
+                + w1.metric("projector_in_flight_messages").await;
+            if held > 0.0 {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the workers never had messages in flight"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        assert!(
-            Instant::now() < deadline,
-            "the workers never had messages in flight"
+        (busy, high) = progress(&cfg).unwrap();
+        t0 = Instant::now();
+        match fault {
+            Fault::Hang(d) => {
+                set.hang(svc);
+                tokio::time::sleep(d).await;
+                set.resume(svc);
+            }
+            Fault::Kill { down } => {
+                set.kill9(svc);
+                tokio::time::sleep(down).await;
+                set.restart(svc);
+            }
+        }
+        eprintln!(
+            "FAULT {svc} #{i} {fault:?} ended after {:.1} s",
+            t0.elapsed().as_secs_f64()
         );
-        tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let (busy, high) = progress(&cfg).unwrap();
-    let t0 = Instant::now();
-    match fault {
-        Fault::Hang(d) => {
-            set.hang(svc);
-            tokio::time::sleep(d).await;
-            set.resume(svc);
-        }
-        Fault::Kill { down } => {
-            set.kill9(svc);
-            tokio::time::sleep(down).await;
-            set.restart(svc);
-        }
-    }
+    stop.store(true, Ordering::Relaxed);
     let during = t0.elapsed();
     let t1 = Instant::now();
     let at_end = progress(&cfg).map_or(busy, |p| p.0);
     let published = load.await.unwrap();
     let load_done = t1.elapsed();
-    let broker_lost = svc == "kafka" && matches!(fault, Fault::Kill { .. });
+    let broker_lost = svc == "kafka" && faults.iter().any(|f| matches!(f, Fault::Kill { .. }));
     if broker_lost {
         // The local broker persists by periodic full snapshots: kill -9 loses messages it had
         // acknowledged, and committed offsets (Apache Kafka keeps both). Publish the history
@@ -97,7 +113,7 @@ async fn survive(svc: &'static str, fault: Fault) {
     let to_zero = t1.elapsed();
     let (done, _) = progress(&cfg).unwrap();
     eprintln!(
-        "FAULT {svc} {fault:?}: {} messages uncommitted when it began; {:.0} msg/s during, \
+        "FAULT {svc} {faults:?}: {} messages uncommitted when the last began; {:.0} msg/s during it, \
          {:.0} msg/s after; lag 0 {:.1} s after the fault ended (the load went on for {:.1} s \
          after it)",
         high - busy,
@@ -138,51 +154,26 @@ const KILL: Fault = Fault::Kill {
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn redis_hung_longer_than_the_poll_interval() {
-    survive("redis", HANG).await;
+async fn redis_hung_longer_than_the_poll_interval_then_killed() {
+    survive("redis", &[HANG, KILL]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn redis_killed_and_restarted() {
-    survive("redis", KILL).await;
+async fn mongo_hung_then_killed() {
+    survive("mongo", &[HANG, KILL]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn mongo_hung() {
-    survive("mongo", HANG).await;
+async fn clickhouse_hung_then_killed() {
+    survive("clickhouse", &[HANG, KILL]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn mongo_killed_and_restarted() {
-    survive("mongo", KILL).await;
+async fn postgres_hung_then_killed() {
+    survive("postgres", &[HANG, KILL]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn clickhouse_hung() {
-    survive("clickhouse", HANG).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn clickhouse_killed_and_restarted() {
-    survive("clickhouse", KILL).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn postgres_hung() {
-    survive("postgres", HANG).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn postgres_killed_and_restarted() {
-    survive("postgres", KILL).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kafka_hung() {
-    survive("kafka", HANG).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kafka_killed_and_restarted() {
-    survive("kafka", KILL).await;
+async fn kafka_hung_then_killed() {
+    survive("kafka", &[HANG, KILL]).await;
 }

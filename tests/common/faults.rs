@@ -261,6 +261,37 @@ pub fn progress(cfg: &Config) -> Option<(i64, i64)> {
 /// is known to be in the store — then published, retried until the broker has it. Returns
 /// the messages published.
 pub async fn load(cfg: projector::config::Config, ns: String, rounds: usize, per: usize) -> i64 {
+    load_rounds(cfg, ns, per, |i| i < rounds).await
+}
+
+/// [`load`] for as long as it takes: rounds go on until `stop` is set, then `after` more.
+pub async fn load_until(
+    cfg: projector::config::Config,
+    ns: String,
+    per: usize,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    after: usize,
+) -> i64 {
+    let mut left = after;
+    load_rounds(cfg, ns, per, move |_| {
+        if !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            return true;
+        }
+        if left == 0 {
+            return false;
+        }
+        left -= 1;
+        true
+    })
+    .await
+}
+
+async fn load_rounds(
+    cfg: projector::config::Config,
+    ns: String,
+    per: usize,
+    mut more: impl FnMut(usize) -> bool,
+) -> i64 {
     use projector::generator::{GenerateOptions, History, Injector};
     let mut history = History::new(7, &ns);
     let mut injector = Injector::new(&GenerateOptions {
@@ -270,7 +301,9 @@ pub async fn load(cfg: projector::config::Config, ns: String, rounds: usize, per
         ..Default::default()
     });
     let mut published = 0i64;
-    for _ in 0..rounds {
+    let mut round = 0;
+    while more(round) {
+        round += 1;
         let mut batch: Vec<contract::EventEnvelope> = history.by_ref().take(per).collect();
         let first = batch[0].event_id;
         loop {
