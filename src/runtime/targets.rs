@@ -179,22 +179,21 @@ impl Pointers {
         let (rows, retired) = self
             .pg
             .run(|c| async move {
-                let rows = c
-                    .query(
-                        "SELECT projection, live_version, epoch, switching, \
-                           COALESCE(switch_lease_until < now(), true) \
-                         FROM projection_versions WHERE starts_with(projection, $1)",
-                        &[&prefix],
-                    )
-                    .await?;
-                let retired = c
-                    .query(
-                        "SELECT projection, version FROM projection_checkpoints \
-                         WHERE starts_with(projection, $1) AND status = 'retired'",
-                        &[&prefix],
-                    )
-                    .await?;
-                Ok((rows, retired))
+                // Both queries in one round trip (tokio-postgres pipelines futures polled
+                // together): every live batch waits for this read before it is acknowledged.
+                let params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&prefix];
+                let pointers = c.query(
+                    "SELECT projection, live_version, epoch, switching, \
+                       COALESCE(switch_lease_until < now(), true) \
+                     FROM projection_versions WHERE starts_with(projection, $1)",
+                    &params,
+                );
+                let retired = c.query(
+                    "SELECT projection, version FROM projection_checkpoints \
+                     WHERE starts_with(projection, $1) AND status = 'retired'",
+                    &params,
+                );
+                tokio::try_join!(pointers, retired)
             })
             .await?;
         let mut set = PointerSet::default();
