@@ -13,16 +13,6 @@ stop_fault_set() {
     bash scripts/services.sh down >/dev/null 2>&1 || true
 }
 trap stop_fault_set EXIT
-bash scripts/services.sh up
-bash scripts/services.sh up rcluster   # tests/redis_cluster.rs
-
-# An MCP client this project did not write (the official Python SDK, from PyPI), for
-# tests/mcp.rs.
-if ! .services/mcp-client/bin/python -c 'import mcp' 2>/dev/null; then
-  python3 -m venv .services/mcp-client
-  .services/mcp-client/bin/pip install --quiet 'mcp==2.3.0'
-fi
-
 cargo fmt --all -- --check
 # The demo's `cargo build` and this test build share every dependency only while the
 # dev-dependencies turn on no feature the normal build lacks (Cargo.toml, feature unification).
@@ -32,11 +22,35 @@ if unified=$(comm -23 <(features normal,build) <(features normal,build,dev)) && 
   echo "$unified" >&2
   exit 1
 fi
-bash scripts/ops-check.sh
+
+# What the tests need beside the build is prepared while it compiles (on a fresh machine the
+# servers' install alone takes minutes): the servers, the tests' Redis Cluster
+# (tests/redis_cluster.rs), an MCP client this project did not write (the official Python
+# SDK, from PyPI, for tests/mcp.rs), and the operations files' checks.
+mkdir -p .services
+(
+  bash scripts/services.sh up
+  bash scripts/services.sh up rcluster
+  if ! .services/mcp-client/bin/python -c 'import mcp' 2>/dev/null; then
+    python3 -m venv .services/mcp-client
+    .services/mcp-client/bin/pip install --quiet 'mcp==2.3.0'
+  fi
+  bash scripts/ops-check.sh
+) >.services/test-prepare.log 2>&1 &
+PREPARE=$!
+
 # Clippy lints the workspace while the test build compiles it (clippy-driver as the workspace
 # members' rustc, as `cargo clippy` itself runs it): one compile instead of a check build of
 # everything and then the real one. nextest builds every target there is (lib, bins, tests;
 # there are no benches or examples), so this covers `clippy --all-targets -- -D warnings`.
-RUSTC_WORKSPACE_WRAPPER="$(rustup which clippy-driver 2>/dev/null || command -v clippy-driver)" \
-  CLIPPY_ARGS="-D__CLIPPY_HACKERY__warnings__CLIPPY_HACKERY__" \
-  cargo nextest run --workspace --locked --no-fail-fast "$@"
+export RUSTC_WORKSPACE_WRAPPER="$(rustup which clippy-driver 2>/dev/null || command -v clippy-driver)"
+export CLIPPY_ARGS="-D__CLIPPY_HACKERY__warnings__CLIPPY_HACKERY__"
+cargo nextest run --workspace --locked --no-run "$@"
+status=0
+wait "$PREPARE" || status=$?
+cat .services/test-prepare.log
+if (( status )); then
+  echo "preparing the services and checks failed (above)" >&2
+  exit "$status"
+fi
+cargo nextest run --workspace --locked --no-fail-fast "$@"
