@@ -3,7 +3,7 @@
 # projector on 127.0.0.1, without Docker (only Debian apt, PyPI and crates.io).
 #
 #   scripts/services.sh [up|down|status|install|env] [SERVICE...]    (default: status, all services)
-#   SERVICE: kafka postgres redis mongo clickhouse (the default set), rcluster
+#   SERVICE: kafka postgres redis mongo clickhouse (the default set), rcluster, prometheus
 #
 #   up       install what is missing, start what is not answering, wait for a protocol-level
 #            health check; prints install and start time per service (idempotent)
@@ -21,6 +21,10 @@
 # clickhouse | CLICKHOUSE_HTTP_PORT=18123 CLICKHOUSE_TCP_PORT=19001 | PyPI chdb-core==26.9.0 + a small launcher
 # rcluster   | REDIS_CLUSTER_PORT=17101 (and +1, +2; bus +10000)  | Debian redis-server: a 3-primary Redis Cluster
 #            |   (not in the default set: `up rcluster`; the Customer-360 layout's cluster test bed)
+# prometheus | PROMETHEUS_PORT=19090                           | Debian prometheus (2.42): not in the default set, `up prometheus`;
+#            |   scrapes the targets in <run root>/prometheus/targets/*.json (file_sd) every second and
+#            |   evaluates rules/alerts.yml there (deploy/prometheus/alerts.yml, copied on every start;
+#            |   a test may rewrite it and POST /-/reload: --web.enable-lifecycle)
 #
 # Installs go to ${PROJECTOR_SERVICES_HOME:-$HOME/.cache/projector-services}; data, logs and pid
 # files to <repo>/.services/<service>/ (gitignored). PostgreSQL's data dir moves to
@@ -34,7 +38,7 @@ SERVICES_HOME="${PROJECTOR_SERVICES_HOME:-${HOME:-/root}/.cache/projector-servic
 # and restart servers without disturbing the tests that share the default set.
 RUN_ROOT="${SERVICES_RUN_ROOT:-$REPO_ROOT/.services}"
 ALL_SERVICES=(kafka postgres redis mongo clickhouse)
-EXTRA_SERVICES=(rcluster)
+EXTRA_SERVICES=(rcluster prometheus)
 
 KAFKA_PORT="${KAFKA_PORT:-19092}"
 POSTGRES_PORT="${POSTGRES_PORT:-15432}"
@@ -43,6 +47,7 @@ REDIS_CLUSTER_PORT="${REDIS_CLUSTER_PORT:-17101}"
 MONGO_PORT="${MONGO_PORT:-27117}"
 CLICKHOUSE_HTTP_PORT="${CLICKHOUSE_HTTP_PORT:-18123}"
 CLICKHOUSE_TCP_PORT="${CLICKHOUSE_TCP_PORT:-19001}"
+PROMETHEUS_PORT="${PROMETHEUS_PORT:-19090}"
 
 NOIDA_DB_VERSION="0.2.3"
 SECANTUS_VERSION="0.5.3-beta.196"
@@ -570,6 +575,82 @@ EOF
 clickhouse_after_start() { ch_query "CREATE DATABASE IF NOT EXISTS $CLICKHOUSE_DB" >/dev/null; }
 clickhouse_stop() { stop_pid clickhouse "$1" 15; }
 
+# ---------------------------------------------------------------- prometheus (Debian's package)
+# Not in the default set. Everything it reads and writes is under the run root: its config
+# (scrape and rule evaluation every second, targets from file_sd), the rules (a copy of the
+# shipped ones, which a test may rewrite and reload) and its TSDB. The package's own service
+# (:9090) is never started or relied on.
+PROM_DIR="$RUN_ROOT/prometheus"
+PROM_PIDFILE="$PROM_DIR/prometheus.pid"
+PROM_CONFIG="$PROM_DIR/prometheus.yml"
+PROM_URL="http://127.0.0.1:$PROMETHEUS_PORT"
+PROM_BIN=/usr/bin/prometheus
+
+prometheus_install() {
+  INSTALL_NOTE=cached
+  [[ -x $PROM_BIN ]] && return 0
+  # The package's maintainer scripts start (and enable) its own instance on :9090: deny
+  # service starts while it installs, through a policy-rc.d of our own unless one is there
+  # already (container images ship one that denies every start).
+  local policy=/usr/sbin/policy-rc.d ours=0 rc=0
+  if [[ ! -e $policy ]]; then
+    printf '#!/bin/sh\n# scripts/services.sh, while installing prometheus: start no service\nexit 101\n' \
+      | as_root tee "$policy" >/dev/null
+    as_root chmod 755 "$policy"
+    ours=1
+  fi
+  apt_install prometheus || rc=$?
+  if (( ours )); then as_root rm -f "$policy"; fi
+  (( rc == 0 )) || return "$rc"
+  # An enabled unit would still start at the next boot.
+  if [[ -d /run/systemd/system ]] && command -v systemctl >/dev/null 2>&1; then
+    as_root systemctl disable --now prometheus.service >/dev/null 2>&1 || true
+  fi
+  [[ -x $PROM_BIN ]] || { log "prometheus: $PROM_BIN not found after the install"; return 1; }
+  INSTALL_NOTE=installed
+}
+
+prometheus_health() {
+  local body
+  if command -v curl >/dev/null 2>&1; then
+    body=$(curl -s -m 2 "$PROM_URL/-/ready" 2>/dev/null) || return 1
+  else
+    body=$("$PY" -c 'import sys, urllib.request as u; print(u.urlopen(sys.argv[1], timeout=2).read().decode(), end="")' "$PROM_URL/-/ready" 2>/dev/null) || return 1
+  fi
+  [[ $body == *Ready* ]]
+}
+prometheus_pidfile() { echo "$PROM_PIDFILE"; }
+# Its config path is in its command line: never the package's own instance, nor another run root's.
+prometheus_pid() { pid_from_file "$PROM_PIDFILE" "$PROM_CONFIG"; }
+prometheus_ports() { echo "$PROMETHEUS_PORT:PROMETHEUS_PORT"; }
+prometheus_endpoint() { echo "$PROM_URL (targets: $PROM_DIR/targets/*.json)"; }
+prometheus_logs() { echo "$PROM_DIR/prometheus.log"; }
+prometheus_wipe() { rm -rf "$PROM_DIR/data"; }
+prometheus_launch() {
+  mkdir -p "$PROM_DIR/data" "$PROM_DIR/targets" "$PROM_DIR/rules"
+  cp "$REPO_ROOT/deploy/prometheus/alerts.yml" "$PROM_DIR/rules/alerts.yml"
+  # scrape_timeout may not exceed the interval (its default is 10 s).
+  cat >"$PROM_CONFIG" <<EOF
+# written by scripts/services.sh on every start
+global:
+  scrape_interval: 1s
+  scrape_timeout: 1s
+  evaluation_interval: 1s
+rule_files:
+  - $PROM_DIR/rules/*.yml
+scrape_configs:
+  - job_name: projector
+    file_sd_configs:
+      - files: ["$PROM_DIR/targets/*.json"]
+        refresh_interval: 1s
+EOF
+  spawn "$PROM_PIDFILE" "$PROM_DIR/prometheus.log" "$PROM_BIN" \
+    --config.file="$PROM_CONFIG" --storage.tsdb.path="$PROM_DIR/data" \
+    --storage.tsdb.retention.time=1d --web.listen-address="127.0.0.1:$PROMETHEUS_PORT" \
+    --web.enable-lifecycle
+}
+prometheus_stop() { stop_pid prometheus "$1" 30; }
+
 # ---------------------------------------------------------------- generic driver
 health_timeout() { case $1 in postgres) echo 30 ;; redis | rcluster) echo 15 ;; *) echo 60 ;; esac; }
 
@@ -728,6 +809,7 @@ cmd_env() {
   echo "#   PROJECTOR_REDIS__CLUSTER=true PROJECTOR_REDIS__URL='redis://127.0.0.1:${RC_PORTS[0]}/,redis://127.0.0.1:${RC_PORTS[1]}/,redis://127.0.0.1:${RC_PORTS[2]}/'"
   echo "export PROJECTOR_MONGO__URI='mongodb://127.0.0.1:$MONGO_PORT/?directConnection=true'"
   echo "export PROJECTOR_CLICKHOUSE__URL='$CH_URL'"
+  echo "# Prometheus (scripts/services.sh up prometheus): $PROM_URL, targets in $PROM_DIR/targets/*.json"
 }
 
 usage() {

@@ -5,12 +5,14 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 bash scripts/install-deps.sh
-# The fault tests start a second server set of their own (tests/common/faults.rs): whatever
-# happens, the run stops it when it ends (by its pid files, nothing else).
+# The fault tests start a second server set of their own (tests/common/faults.rs), and
+# tests/alerts.rs that set's Prometheus: whatever happens, the run stops them when it ends (by
+# their pid files, nothing else).
 stop_fault_set() {
   SERVICES_RUN_ROOT="$PWD/.services-faults" KAFKA_PORT=29092 POSTGRES_PORT=25432 \
     REDIS_PORT=26379 MONGO_PORT=27217 CLICKHOUSE_HTTP_PORT=28123 CLICKHOUSE_TCP_PORT=29001 \
-    bash scripts/services.sh down >/dev/null 2>&1 || true
+    PROMETHEUS_PORT=29090 \
+    bash scripts/services.sh down kafka postgres redis mongo clickhouse prometheus >/dev/null 2>&1 || true
 }
 trap stop_fault_set EXIT
 cargo fmt --all -- --check

@@ -13,14 +13,19 @@ use rdkafka::{Offset, TopicPartitionList};
 
 pub const SERVICES: [&str; 5] = ["kafka", "postgres", "redis", "mongo", "clickhouse"];
 
-const PORTS: [(&str, &str); 6] = [
+const PORTS: [(&str, &str); 7] = [
     ("KAFKA_PORT", "29092"),
     ("POSTGRES_PORT", "25432"),
     ("REDIS_PORT", "26379"),
     ("MONGO_PORT", "27217"),
     ("CLICKHOUSE_HTTP_PORT", "28123"),
     ("CLICKHOUSE_TCP_PORT", "29001"),
+    // Not started by `FaultSet::up`: `scripts/services.sh up prometheus` (tests/alerts.rs).
+    ("PROMETHEUS_PORT", "29090"),
 ];
+
+/// The fault set's Prometheus, when one is started.
+pub const PROMETHEUS_ADDR: &str = "127.0.0.1:29090";
 
 pub fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -29,6 +34,15 @@ pub fn repo() -> PathBuf {
 /// `scripts/services.sh ARGS`, on the fault-test set (its own ports and data) or, with
 /// `fault_set` false, on the default one.
 pub fn services_sh(fault_set: bool, args: &[&str]) -> std::process::Output {
+    services_sh_env(fault_set, &[], args)
+}
+
+/// `services_sh` with more variables in its environment.
+pub fn services_sh_env(
+    fault_set: bool,
+    env: &[(&str, &str)],
+    args: &[&str],
+) -> std::process::Output {
     let mut cmd = Command::new("bash");
     cmd.arg(repo().join("scripts/services.sh"))
         .args(args)
@@ -37,7 +51,9 @@ pub fn services_sh(fault_set: bool, args: &[&str]) -> std::process::Output {
         cmd.env("SERVICES_RUN_ROOT", repo().join(".services-faults"))
             .envs(PORTS);
     }
-    cmd.output().expect("scripts/services.sh runs")
+    cmd.envs(env.iter().copied())
+        .output()
+        .expect("scripts/services.sh runs")
 }
 
 fn services(args: &[&str]) -> std::process::Output {
@@ -261,7 +277,7 @@ pub fn progress(cfg: &Config) -> Option<(i64, i64)> {
 /// is known to be in the store — then published, retried until the broker has it. Returns
 /// the messages published.
 pub async fn load(cfg: projector::config::Config, ns: String, rounds: usize, per: usize) -> i64 {
-    load_rounds(cfg, ns, per, |i| i < rounds).await
+    load_while(cfg, ns, per, |i| i < rounds).await
 }
 
 /// [`load`] for as long as it takes: rounds go on until `stop` is set, then `after` more.
@@ -273,7 +289,7 @@ pub async fn load_until(
     after: usize,
 ) -> i64 {
     let mut left = after;
-    load_rounds(cfg, ns, per, move |_| {
+    load_while(cfg, ns, per, move |_| {
         if !stop.load(std::sync::atomic::Ordering::Relaxed) {
             return true;
         }
@@ -286,7 +302,8 @@ pub async fn load_until(
     .await
 }
 
-async fn load_rounds(
+/// `load`, for as long as `more(rounds done)` says.
+pub async fn load_while(
     cfg: projector::config::Config,
     ns: String,
     per: usize,

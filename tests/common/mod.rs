@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod faults;
+pub mod prometheus;
 pub mod scenario;
 
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -492,6 +493,21 @@ pub async fn http_post_json(
         body.len()
     );
     exchange(addr, head, headers, &body).await
+}
+
+/// POST a body of any type over plain HTTP/1.0: (status, body).
+pub async fn http_post(
+    addr: &str,
+    path: &str,
+    content_type: &str,
+    body: &str,
+) -> Option<(u16, String)> {
+    let head = format!(
+        "POST {path} HTTP/1.0\r\nHost: 127.0.0.1\r\nContent-Type: {content_type}\r\n\
+         Content-Length: {}\r\n",
+        body.len()
+    );
+    exchange(addr, head, &[], body).await
 }
 
 /// Send a request (its first lines, more headers, a body) and read the whole answer.
