@@ -811,27 +811,11 @@ async fn rebuild_status(config: &Config, store: &EventStore) -> anyhow::Result<(
         );
     }
     // Versions readers do not use and nothing retired: they hold storage until handled.
-    let orphans: Vec<_> = checkpoints
-        .iter()
-        .filter(|c| {
-            matches!(c.status.as_str(), "building" | "caught_up")
-                && live.of(&c.projection) != c.version
-        })
-        .collect();
+    let orphans = projector::rebuild::orphaned(&checkpoints, &live);
     if !orphans.is_empty() {
         println!("orphaned versions (not read by anyone):");
         for c in orphans {
-            let hint = if c.status == "building" {
-                format!(
-                    "running, or interrupted: resume with `rebuild-projection {} --version {}`, or `rebuild-projection drop {}`",
-                    c.projection, c.version, c.version
-                )
-            } else {
-                format!(
-                    "`rebuild-projection switch {}` or `rebuild-projection drop {}`",
-                    c.version, c.version
-                )
-            };
+            let hint = projector::rebuild::orphan_hint(c);
             println!("  {} {} ({}): {hint}", c.projection, c.version, c.status);
         }
     }
