@@ -11,8 +11,10 @@
 //! - [`resilience`]: backoff and the dead-letter topic.
 //! - [`rebuild`]: replay of the event store into a new version, checkpoints, handover.
 //! - [`versions`], [`config`], [`observability`], [`telemetry`], [`redact`].
+//! - [`doctor`]: `projector doctor`, the deployment checked end to end.
 
 pub mod config;
+pub mod doctor;
 pub mod generator;
 pub mod kafka;
 pub mod observability;

@@ -77,6 +77,19 @@ enum Command {
     /// The dead-letter topic: list, show, replay chosen letters, unpark a stream.
     #[command(subcommand)]
     Dlq(DlqCli),
+    /// Check the configured deployment end to end (servers, durability, topics, groups,
+    /// versions, parks): one row per check; exits non-zero if any fails.
+    Doctor(DoctorArgs),
+}
+
+#[derive(Args)]
+struct DoctorArgs {
+    /// Print the rows as JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+    /// Seconds any one question to a server may take (a hung server is a fail row).
+    #[arg(long, default_value_t = 10.0)]
+    timeout_secs: f64,
 }
 
 #[derive(clap::Subcommand)]
@@ -275,6 +288,27 @@ async fn dispatch(command: Command, config: Config) -> anyhow::Result<()> {
                 DlqCli::Unpark { stream, projectors } => DlqCommand::Unpark { stream, projectors },
             };
             cli::dlq::run(&config, cmd).await?
+        }
+        Command::Doctor(args) => {
+            anyhow::ensure!(
+                args.timeout_secs > 0.0 && args.timeout_secs.is_finite(),
+                "--timeout-secs must be positive"
+            );
+            let opts = projector::doctor::Options {
+                timeout: std::time::Duration::from_secs_f64(args.timeout_secs),
+            };
+            let report = projector::doctor::run(&config, opts).await;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", report.table());
+            }
+            let failed = report.count(projector::doctor::Verdict::Fail);
+            anyhow::ensure!(
+                failed == 0,
+                "{failed} of {} checks failed",
+                report.rows.len()
+            );
         }
         Command::Mcp => {
             let service = std::sync::Arc::new(projector::read::ReadService::new(&config).await?);
@@ -811,27 +845,11 @@ async fn rebuild_status(config: &Config, store: &EventStore) -> anyhow::Result<(
         );
     }
     // Versions readers do not use and nothing retired: they hold storage until handled.
-    let orphans: Vec<_> = checkpoints
-        .iter()
-        .filter(|c| {
-            matches!(c.status.as_str(), "building" | "caught_up")
-                && live.of(&c.projection) != c.version
-        })
-        .collect();
+    let orphans = projector::rebuild::orphaned(&checkpoints, &live);
     if !orphans.is_empty() {
         println!("orphaned versions (not read by anyone):");
         for c in orphans {
-            let hint = if c.status == "building" {
-                format!(
-                    "running, or interrupted: resume with `rebuild-projection {} --version {}`, or `rebuild-projection drop {}`",
-                    c.projection, c.version, c.version
-                )
-            } else {
-                format!(
-                    "`rebuild-projection switch {}` or `rebuild-projection drop {}`",
-                    c.version, c.version
-                )
-            };
+            let hint = projector::rebuild::orphan_hint(c);
             println!("  {} {} ({}): {hint}", c.projection, c.version, c.status);
         }
     }

@@ -148,6 +148,22 @@ struct Wanted {
 
 const DEFAULT_WAIT_MS: u64 = 3_000;
 
+/// The read service's ClickHouse client: every query in a `readonly=1` session
+/// (`projector doctor` checks the server enforces it through this very client).
+pub fn clickhouse_client(cfg: &Config) -> clickhouse::Client {
+    let mut ch = clickhouse::Client::default()
+        .with_url(&cfg.clickhouse.url)
+        .with_database(&cfg.clickhouse.database)
+        .with_setting("readonly", "1");
+    if let Some(u) = &cfg.clickhouse.user {
+        ch = ch.with_user(u);
+    }
+    if let Some(p) = &cfg.clickhouse.password {
+        ch = ch.with_password(p);
+    }
+    ch
+}
+
 impl ReadService {
     /// Nothing is connected yet: the service starts (and answers what it can) while a store
     /// is down.
@@ -162,16 +178,7 @@ impl ReadService {
         let mongo = mongodb::Client::with_options(options)
             .map_err(|e| ReadError::store("mongo", e))?
             .database(&cfg.mongo.database);
-        let mut ch = clickhouse::Client::default()
-            .with_url(&cfg.clickhouse.url)
-            .with_database(&cfg.clickhouse.database)
-            .with_setting("readonly", "1");
-        if let Some(u) = &cfg.clickhouse.user {
-            ch = ch.with_user(u);
-        }
-        if let Some(p) = &cfg.clickhouse.password {
-            ch = ch.with_password(p);
-        }
+        let ch = clickhouse_client(cfg);
         // Each read model's group: answers carry the lag of the group that writes them.
         let mut groups: Vec<String> = projectors::registry::infos()
             .iter()

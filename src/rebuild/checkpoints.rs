@@ -102,3 +102,33 @@ pub async fn versions_in_scope(
         })
         .collect())
 }
+
+/// Versions readers do not use and nothing retired (`building` or `caught_up`, not live):
+/// they hold storage until someone switches to, resumes or drops them.
+pub fn orphaned<'a>(
+    checkpoints: &'a [Checkpoint],
+    live: &crate::versions::LiveVersions,
+) -> Vec<&'a Checkpoint> {
+    checkpoints
+        .iter()
+        .filter(|c| {
+            matches!(c.status.as_str(), "building" | "caught_up")
+                && live.of(&c.projection) != c.version
+        })
+        .collect()
+}
+
+/// What to do about an orphaned version.
+pub fn orphan_hint(c: &Checkpoint) -> String {
+    if c.status == "building" {
+        format!(
+            "running, or interrupted: resume with `rebuild-projection {} --version {}`, or `rebuild-projection drop {}`",
+            c.projection, c.version, c.version
+        )
+    } else {
+        format!(
+            "`rebuild-projection switch {}` or `rebuild-projection drop {}`",
+            c.version, c.version
+        )
+    }
+}

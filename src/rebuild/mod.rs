@@ -11,7 +11,8 @@ mod checkpoints;
 mod handover;
 
 pub use checkpoints::{
-    Checkpoint, all_checkpoints, load_checkpoint, save_checkpoint, versions_in_scope,
+    Checkpoint, all_checkpoints, load_checkpoint, orphan_hint, orphaned, save_checkpoint,
+    versions_in_scope,
 };
 pub use handover::{SwitchReport, retire, switch};
 

@@ -228,6 +228,22 @@ impl DeadLetterQueue {
         })
     }
 
+    /// The dead-letter topic's partitions and their leaders, as this very producer's client
+    /// sees them (`projector doctor`: a topic it can write). Blocks up to `timeout`.
+    pub fn leaders(&self, timeout: std::time::Duration) -> Result<Vec<(i32, i32)>, KafkaError> {
+        use rdkafka::producer::Producer;
+        let md = self
+            .producer
+            .client()
+            .fetch_metadata(Some(&self.topic), timeout)?;
+        Ok(md
+            .topics()
+            .iter()
+            .filter(|t| t.name() == self.topic && t.error().is_none())
+            .flat_map(|t| t.partitions().iter().map(|p| (p.id(), p.leader())))
+            .collect())
+    }
+
     /// Send all and wait for the broker: the offsets they cover are committed only after.
     pub async fn send(&self, letters: &[DeadLetter]) -> Result<(), SinkError> {
         let sends = letters.iter().map(|l| async move {

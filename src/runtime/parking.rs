@@ -25,6 +25,30 @@ pub struct ParkRecord {
     pub reason: String,
 }
 
+/// The parks of a deployment at a glance.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ParkSummary {
+    /// (projection, streams parked for it); `*` for parks of every projector.
+    pub by_projection: Vec<(String, i64)>,
+    pub oldest: Option<OldestPark>,
+}
+
+impl ParkSummary {
+    pub fn total(&self) -> i64 {
+        self.by_projection.iter().map(|(_, n)| n).sum()
+    }
+}
+
+/// The park that has waited longest for an operator.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OldestPark {
+    pub projection: String,
+    pub version: String,
+    pub stream: String,
+    pub reason: String,
+    pub parked_at: chrono::DateTime<chrono::Utc>,
+}
+
 #[derive(Clone)]
 pub struct ParkStore {
     pg: Arc<Pg>,
@@ -135,6 +159,41 @@ impl ParkStore {
             })
             .await?;
         Ok(n > 0)
+    }
+
+    /// How many streams are parked, per projection, and the oldest park (`projector doctor`).
+    pub async fn summary(&self) -> Result<ParkSummary, StoreError> {
+        let scope = self.scope.clone();
+        let (counts, oldest) = self
+            .pg
+            .run(|c| async move {
+                let counts = c
+                    .query(
+                        "SELECT projection, count(*) FROM parked_streams WHERE scope = $1 \
+                         GROUP BY projection ORDER BY projection",
+                        &[&scope],
+                    )
+                    .await?;
+                let oldest = c
+                    .query_opt(
+                        "SELECT projection, version, stream, reason, parked_at FROM parked_streams \
+                         WHERE scope = $1 ORDER BY parked_at LIMIT 1",
+                        &[&scope],
+                    )
+                    .await?;
+                Ok((counts, oldest))
+            })
+            .await?;
+        Ok(ParkSummary {
+            by_projection: counts.iter().map(|r| (r.get(0), r.get(1))).collect(),
+            oldest: oldest.map(|r| OldestPark {
+                projection: r.get(0),
+                version: r.get(1),
+                stream: r.get(2),
+                reason: r.get(3),
+                parked_at: r.get(4),
+            }),
+        })
     }
 
     /// Every park of the deployment: (projection, version, stream, reason).

@@ -172,16 +172,23 @@ fn create_table(table: &str) -> String {
     )
 }
 
+/// The writers' client, before any database is chosen (`projector doctor` asks the server
+/// through the same settings, without creating anything).
+pub fn root_client(cfg: &ClickHouseConfig) -> Client {
+    let mut root = Client::default().with_url(&cfg.url).with_validation(false);
+    if let Some(user) = &cfg.user {
+        root = root.with_user(user);
+    }
+    if let Some(password) = &cfg.password {
+        root = root.with_password(password);
+    }
+    root
+}
+
 impl ClickHouseSink {
     pub async fn connect(cfg: &ClickHouseConfig, table: &str) -> Result<ClickHouseSink, SinkError> {
         let timeout = Duration::from_millis(cfg.timeout_ms);
-        let mut root = Client::default().with_url(&cfg.url).with_validation(false);
-        if let Some(user) = &cfg.user {
-            root = root.with_user(user);
-        }
-        if let Some(password) = &cfg.password {
-            root = root.with_password(password);
-        }
+        let root = root_client(cfg);
         with_timeout(STORE, timeout, async {
             root.query(&format!("CREATE DATABASE IF NOT EXISTS {}", cfg.database))
                 .execute()

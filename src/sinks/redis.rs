@@ -350,6 +350,21 @@ fn durability_of(
 /// Ask the server what an acknowledged write promises (on a cluster, one primary speaks for
 /// all: they are deployed alike).
 pub async fn probe_durability(con: &mut RedisCon) -> Durability {
+    probe_server(con).await.durability
+}
+
+/// What the server said about itself and the verdict drawn from it (`projector doctor`
+/// shows both). `None`: the server would not say.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerDurability {
+    pub version: Option<String>,
+    pub appendonly: Option<String>,
+    pub appendfsync: Option<String>,
+    pub durability: Durability,
+}
+
+/// `INFO server`'s version and `CONFIG GET appendonly`/`appendfsync`, with their verdict.
+pub async fn probe_server(con: &mut RedisCon) -> ServerDurability {
     let info = con.on_one_node(redis::cmd("INFO").arg("server")).await;
     let info: Option<String> = info.ok().and_then(|v| redis::from_redis_value(v).ok());
     let version = info.and_then(|i| {
@@ -359,11 +374,17 @@ pub async fn probe_durability(con: &mut RedisCon) -> Durability {
     });
     let appendonly = config_get(con, "appendonly").await;
     let appendfsync = config_get(con, "appendfsync").await;
-    durability_of(
+    let durability = durability_of(
         version.as_deref(),
         appendonly.as_deref(),
         appendfsync.as_deref(),
-    )
+    );
+    ServerDurability {
+        version,
+        appendonly,
+        appendfsync,
+        durability,
+    }
 }
 
 /// `CONFIG GET name`, if the server answers it.
