@@ -42,6 +42,11 @@ echo "== Read API: GET /v1/customers/${NS}cus-1 (data.context and freshness show
 curl -sf -H "Authorization: Bearer $TOKEN" "127.0.0.1:18080/v1/customers/${NS}cus-1" |
   python3 -c 'import json,sys; a=json.load(sys.stdin); f=a["freshness"]; print(json.dumps({"context": a["data"]["context"], "freshness": {k: f.get(k) for k in ("version", "streams", "last_event_at", "lag")}}, indent=1))'
 
+# What an operator runs first on any deployment: every server, durability setting, topic, group,
+# version and parked stream checked, one row each (the group is empty: the worker has exited).
+echo "== projector doctor"
+"$BIN" doctor || echo "(projector doctor found a failure: see its rows above)"
+
 ELAPSED=$((SECONDS - START))
 echo "== Done: $EVENTS events generated, published and projected into three read models in ${ELAPSED} s" \
   "($((EVENTS / (ELAPSED > 0 ? ELAPSED : 1))) events/s end to end, with start-up and a 5 s idle wait; debug build)."
