@@ -512,13 +512,17 @@ ch_query() { # ch_query SQL -> stdout
     "$PY" -c 'import sys, urllib.request as u; print(u.urlopen(sys.argv[1], data=sys.argv[2].encode(), timeout=10).read().decode(), end="")' "$CH_URL/" "$1"
   fi
 }
+# http_get URL -> the body on stdout (2 s limit; curl, else Python's stdlib)
+http_get() {
+  if command -v curl >/dev/null 2>&1; then
+    curl -s -m 2 "$1" 2>/dev/null
+  else
+    "$PY" -c 'import sys, urllib.request as u; print(u.urlopen(sys.argv[1], timeout=2).read().decode(), end="")' "$1" 2>/dev/null
+  fi
+}
 clickhouse_health() {
   local pong
-  if command -v curl >/dev/null 2>&1; then
-    pong=$(curl -s -m 2 "$CH_URL/ping" 2>/dev/null) || return 1
-  else
-    pong=$("$PY" -c 'import sys, urllib.request as u; print(u.urlopen(sys.argv[1], timeout=2).read().decode(), end="")' "$CH_URL/ping" 2>/dev/null) || return 1
-  fi
+  pong=$(http_get "$CH_URL/ping") || return 1
   [[ "$pong" == "Ok." ]] || return 1
   [[ -n "$(ch_query 'SELECT version()' 2>/dev/null)" ]] && port_open "$CLICKHOUSE_TCP_PORT"
 }
@@ -612,11 +616,7 @@ prometheus_install() {
 
 prometheus_health() {
   local body
-  if command -v curl >/dev/null 2>&1; then
-    body=$(curl -s -m 2 "$PROM_URL/-/ready" 2>/dev/null) || return 1
-  else
-    body=$("$PY" -c 'import sys, urllib.request as u; print(u.urlopen(sys.argv[1], timeout=2).read().decode(), end="")' "$PROM_URL/-/ready" 2>/dev/null) || return 1
-  fi
+  body=$(http_get "$PROM_URL/-/ready") || return 1
   [[ $body == *Ready* ]]
 }
 prometheus_pidfile() { echo "$PROM_PIDFILE"; }

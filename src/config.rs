@@ -464,6 +464,18 @@ impl Config {
             .map_or(self.kafka.group_id.as_str(), String::as_str)
     }
 
+    /// Every consumer group of the deployment (one per read model when they run apart),
+    /// sorted, each once.
+    pub fn groups(&self) -> Vec<String> {
+        let mut g: Vec<String> = projectors::registry::infos()
+            .iter()
+            .map(|i| self.group_of(i.name).to_owned())
+            .collect();
+        g.sort();
+        g.dedup();
+        g
+    }
+
     /// Load `path` (or the default file), then apply environment overrides.
     pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
         let path = path

@@ -29,19 +29,8 @@ struct Broker {
     topics: Vec<TopicSeen>,
 }
 
-/// The deployment's consumer groups: one per read model when they run apart (`read.groups`).
-fn groups(cfg: &Config) -> Vec<String> {
-    let mut g: Vec<String> = projectors::registry::infos()
-        .iter()
-        .map(|i| cfg.group_of(i.name).to_owned())
-        .collect();
-    g.sort();
-    g.dedup();
-    g
-}
-
 pub(crate) async fn check(cfg: &Config, t: Duration) -> Vec<Row> {
-    let groups = groups(cfg);
+    let groups = cfg.groups();
     let kcfg = cfg.kafka.clone();
     let first = groups.first().cloned().unwrap_or_default();
     let metadata = timed_blocking(t, move || -> Result<Broker, String> {

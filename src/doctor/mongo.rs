@@ -5,7 +5,6 @@
 use std::time::Duration;
 
 use mongodb::bson::{Bson, Document, doc};
-use mongodb::options::ClientOptions;
 
 use super::{ProbeError, Row, timed};
 use crate::config::{Config, MongoWriteConcern};
@@ -76,13 +75,7 @@ pub(crate) async fn check(cfg: &Config, t: Duration, collection: &str) -> Vec<Ro
 }
 
 pub(crate) async fn connect(cfg: &Config, t: Duration) -> Result<mongodb::Client, String> {
-    let mut options = ClientOptions::parse(&cfg.mongo.uri)
-        .await
-        .map_err(|e| crate::redact::error(&e, &cfg.mongo.uri))?;
-    let select = Duration::from_millis(cfg.mongo.connect_timeout_ms).min(t);
-    options.server_selection_timeout = Some(select);
-    options.connect_timeout = Some(select);
-    options.app_name = Some("projector-doctor".into());
+    let options = crate::sinks::mongo::client_options(&cfg.mongo, "projector-doctor", t).await?;
     mongodb::Client::with_options(options).map_err(|e| e.to_string())
 }
 

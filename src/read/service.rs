@@ -168,24 +168,16 @@ impl ReadService {
     /// Nothing is connected yet: the service starts (and answers what it can) while a store
     /// is down.
     pub async fn new(cfg: &Config) -> Result<ReadService, ReadError> {
-        let mut options = mongodb::options::ClientOptions::parse(&cfg.mongo.uri)
-            .await
-            .map_err(|e| ReadError::store("mongo", crate::redact::error(&e, &cfg.mongo.uri)))?;
-        options.server_selection_timeout =
-            Some(Duration::from_millis(cfg.mongo.connect_timeout_ms));
-        options.connect_timeout = Some(Duration::from_millis(cfg.mongo.connect_timeout_ms));
-        options.app_name = Some("projector-read".into());
+        let options =
+            crate::sinks::mongo::client_options(&cfg.mongo, "projector-read", Duration::MAX)
+                .await
+                .map_err(|e| ReadError::store("mongo", e))?;
         let mongo = mongodb::Client::with_options(options)
             .map_err(|e| ReadError::store("mongo", e))?
             .database(&cfg.mongo.database);
         let ch = clickhouse_client(cfg);
         // Each read model's group: answers carry the lag of the group that writes them.
-        let mut groups: Vec<String> = projectors::registry::infos()
-            .iter()
-            .map(|i| cfg.group_of(i.name).to_owned())
-            .collect();
-        groups.sort();
-        groups.dedup();
+        let groups = cfg.groups();
         let lag = LagProbe::start(
             cfg,
             &groups,

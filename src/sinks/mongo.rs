@@ -88,12 +88,9 @@ pub(crate) fn classify(e: &mongodb::error::Error) -> SinkError {
 impl MongoSink {
     pub async fn connect(cfg: &MongoConfig, collection: &str) -> Result<MongoSink, SinkError> {
         let timeout = Duration::from_millis(cfg.timeout_ms);
-        let mut options = ClientOptions::parse(&cfg.uri)
+        let options = client_options(cfg, "projector", Duration::MAX)
             .await
-            .map_err(|e| SinkError::permanent(STORE, crate::redact::error(&e, &cfg.uri)))?;
-        options.server_selection_timeout = Some(Duration::from_millis(cfg.connect_timeout_ms));
-        options.connect_timeout = Some(Duration::from_millis(cfg.connect_timeout_ms));
-        options.app_name = Some("projector".into());
+            .map_err(|e| SinkError::permanent(STORE, e))?;
         let client = Client::with_options(options).map_err(|e| classify(&e))?;
         let mut sink = MongoSink {
             db: client.database(&cfg.database),
@@ -198,6 +195,24 @@ impl MongoSink {
 
 /// The document with `_id` = its key (a view that names its own `_id`, like the order
 /// view, already has it).
+/// The client options every MongoDB client of the project uses (the workers', the read
+/// service's, the doctor's): `cfg.uri`, named `app`, giving up on a server after the connect
+/// timeout or `at_most`, whichever is shorter. The error names no credentials.
+pub async fn client_options(
+    cfg: &MongoConfig,
+    app: &str,
+    at_most: Duration,
+) -> Result<ClientOptions, String> {
+    let mut options = ClientOptions::parse(&cfg.uri)
+        .await
+        .map_err(|e| crate::redact::error(&e, &cfg.uri))?;
+    let select = Duration::from_millis(cfg.connect_timeout_ms).min(at_most);
+    options.server_selection_timeout = Some(select);
+    options.connect_timeout = Some(select);
+    options.app_name = Some(app.into());
+    Ok(options)
+}
+
 fn with_id(d: RawDocumentBuf, key: &str) -> RawDocumentBuf {
     if d.get_str("_id").is_ok_and(|id| id == key) {
         return d;
