@@ -305,10 +305,20 @@ pub struct KafkaConfig {
     /// the broker and by librdkafka's fetcher.
     #[serde(default = "default_fetch_min")]
     pub fetch_min_bytes: u32,
+    /// For a broker that answers empty fetches at once instead of holding them for
+    /// `fetch_wait_max_ms` (the local one): once every owned partition has reported its end,
+    /// the member pauses them this long before it fetches again, instead of sending
+    /// thousands of empty fetches a second (see `source::pace`). At most this much is added
+    /// to the `broker` step. 0 (the default, right for Apache Kafka): never pause.
+    #[serde(default = "default_idle_pause")]
+    pub idle_pause_ms: u64,
 }
 
 fn default_fetch_min() -> u32 {
     1
+}
+fn default_idle_pause() -> u64 {
+    0
 }
 
 fn default_fetch_wait() -> u32 {

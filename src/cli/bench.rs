@@ -175,14 +175,23 @@ pub async fn run(base: &Config, args: BenchArgs) -> anyhow::Result<()> {
             rss_line(all.rss_mib, Some(all.rss_median_mib), r, true)
         );
         println!("  CPU while draining (share of one core): {}", all.cpu);
+        print_budget(&r.steps);
+        let mut writes: Vec<_> = r.writes.iter().collect();
+        writes.sort();
+        for (p, n) in writes {
+            let secs = r.write_seconds.get(p).copied().unwrap_or_default();
+            println!("  {p}: {n} writes, {secs:.1} s writing");
+        }
         cleanup(&cfg, &cfg).await;
         return Ok(());
     }
 
     // 1. The engine alone.
     let (engine_rate, engine) = engine_alone(&cfg, &history).await?;
+    let mut writes: Vec<_> = engine.writes.iter().collect();
+    writes.sort();
     println!(
-        "engine alone: {engine_rate:.0} events/s ({} windows)",
+        "engine alone: {engine_rate:.0} events/s ({} windows; writes per projector {writes:?})",
         engine.windows
     );
     rows.push(row(

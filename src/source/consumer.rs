@@ -107,6 +107,12 @@ impl ClientContext for SourceContext {
     }
 
     fn error(&self, error: KafkaError, reason: &str) {
+        if let KafkaError::PartitionEOF(_) | KafkaError::Global(RDKafkaErrorCode::PartitionEOF) =
+            error
+        {
+            // Not an error: partition ends pace the fetches (`source::pace`).
+            return;
+        }
         if is_fatal(&error) {
             tracing::error!(%error, reason, "the consumer failed for good: re-creating it");
             self.shared.recreate.store(true, Ordering::Relaxed);
@@ -246,7 +252,8 @@ pub fn create_consumer(
         // Also the rebalance timeout. The source thread polls every few milliseconds,
         // whatever the stores do, so only a wedged process can exceed it.
         .set("max.poll.interval.ms", cfg.max_poll_interval_ms.to_string())
-        .set("enable.partition.eof", "false")
+        // Partition ends pace the fetches of a caught-up member (`source::pace`).
+        .set("enable.partition.eof", "true")
         // What librdkafka prefetches per partition queue (the pipeline reads a queue only
         // while it has room, so this is the whole buffer ahead of it; a fetch may pass it by
         // one response). Measured: 5,000 events/s is 3.5 MB/s over 18 partitions, so 1 MiB

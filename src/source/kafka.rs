@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use rdkafka::consumer::base_consumer::PartitionQueue;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+use rdkafka::error::KafkaError;
 use rdkafka::message::{BorrowedMessage, Headers};
 use rdkafka::{Message, Offset, TopicPartitionList};
 use tokio::sync::mpsc;
@@ -25,10 +26,14 @@ use super::consumer::{
 };
 use super::decode::RawItem;
 use super::group::Belief;
+use super::pace::Pacer;
 use super::window::{Arena, Origin, RawRef};
 use crate::config::Config;
 use crate::runtime::Shared;
 use crate::runtime::commit::{Registration, Tp, TrackerMsg};
+
+/// How often a resume that no fetch has answered yet wakes the broker thread again.
+const RESUME_WAKE_EVERY: Duration = Duration::from_millis(5);
 
 /// A closed window of raw messages, registered with the tracker, not decoded yet.
 pub struct RawWindow {
@@ -400,6 +405,10 @@ impl KafkaSource {
     /// every resume.) The main queue carries the group's events and is polled every turn.
     fn poll_loop(&self, consumer: &Arc<SourceConsumer>, stop_when_idle: Option<Duration>) -> bool {
         let mut queues: Vec<(Tp, PartitionQueue<SourceContext>)> = Vec::new();
+        let mut pacer = Pacer::default();
+        let idle_pause = Duration::from_millis(self.cfg.kafka.idle_pause_ms);
+        // Since when the partitions are resumed with no fetch answered yet.
+        let mut resumed: Option<Instant> = None;
         let mut next = 0usize;
         let mut last_activity = Instant::now();
         let mut last_check = Instant::now();
@@ -428,8 +437,12 @@ impl KafkaSource {
                 )
             };
             queues.retain(|(tp, _)| !removed.contains(tp));
+            for tp in &removed {
+                pacer.revoked(*tp);
+            }
             let mut split = false;
             for tp in added {
+                pacer.assigned(tp);
                 if let Some(topic) = self.topics.get(tp.0 as usize)
                     && let Some(q) = consumer.split_partition_queue(topic, tp.1)
                 {
@@ -462,6 +475,8 @@ impl KafkaSource {
                         tracing::error!(error = %e, "the consumer failed for good: re-creating it");
                         return false;
                     }
+                    // Ends of partitions not split off yet: their queues report them again.
+                    Some(Err(KafkaError::PartitionEOF(_))) => {}
                     Some(Err(e)) => tracing::warn!(error = %e, "consumer error"),
                     None => break,
                 }
@@ -474,12 +489,20 @@ impl KafkaSource {
                 let mut got = 0;
                 let mut empty = 0;
                 while got < 1_000 && empty < queues.len() && below_bounds() {
-                    let (_, q) = &queues[next % queues.len()];
+                    let (tp, q) = &queues[next % queues.len()];
                     match q.poll(Duration::ZERO) {
                         Some(Ok(m)) => {
                             self.push(&m);
+                            pacer.message(*tp);
+                            resumed = None;
                             got += 1;
                             empty = 0;
+                        }
+                        Some(Err(KafkaError::PartitionEOF(_))) => {
+                            pacer.end(*tp);
+                            resumed = None;
+                            empty += 1;
+                            next += 1;
                         }
                         Some(Err(e)) if is_fatal(&e) => {
                             tracing::error!(error = %e, "the consumer failed for good: re-creating it");
@@ -497,6 +520,12 @@ impl KafkaSource {
                 }
                 if got > 0 {
                     last_activity = Instant::now();
+                } else if !idle_pause.is_zero() && pacer.pause_now() {
+                    self.pause_fetching(consumer, idle_pause);
+                    resumed = Some(Instant::now());
+                } else if resumed.is_some_and(|t| t.elapsed() >= RESUME_WAKE_EVERY) {
+                    self.wake(consumer);
+                    resumed = Some(Instant::now());
                 } else {
                     // Nothing prefetched: wait a little on the main queue (group events).
                     if let Some(Ok(m)) = consumer.poll(Duration::from_millis(5)) {
@@ -537,6 +566,40 @@ impl KafkaSource {
                 self.shared.shutdown.store(true, Ordering::Relaxed);
             }
         }
+    }
+
+    /// Pause every owned partition for `pause`, serving the group's events meanwhile, then
+    /// resume them (see [`super::pace`]; a partition assigned meanwhile was never paused, and
+    /// resuming it changes nothing).
+    fn pause_fetching(&self, consumer: &SourceConsumer, pause: Duration) {
+        self.set_paused(consumer, true);
+        metrics::counter!("projector_fetch_pauses_total").increment(1);
+        let until = Instant::now() + pause;
+        while let Some(left) = until.checked_duration_since(Instant::now()) {
+            match consumer.poll(left) {
+                Some(Ok(m)) => self.push(&m),
+                Some(Err(e)) if is_fatal(&e) => {
+                    tracing::error!(error = %e, "the consumer failed for good: re-creating it");
+                    self.shared.recreate.store(true, Ordering::Relaxed);
+                    break;
+                }
+                Some(Err(KafkaError::PartitionEOF(_))) | None => {}
+                Some(Err(e)) => tracing::warn!(error = %e, "consumer error"),
+            }
+            if self.shared.shutdown.load(Ordering::Relaxed) {
+                break;
+            }
+        }
+        self.set_paused(consumer, false);
+        self.wake(consumer);
+    }
+
+    /// librdkafka applies a resume off the broker thread, which may sleep up to a second
+    /// before it looks at its partitions again; a request through the broker wakes it. The
+    /// resume is asynchronous too, so the poll loop wakes it again until a fetch answers.
+    fn wake(&self, consumer: &SourceConsumer) {
+        let topic = self.topics.first().map(String::as_str);
+        let _ = consumer.fetch_metadata(topic, Duration::from_millis(100));
     }
 
     /// Tell the group watch what this consumer consumes now.

@@ -5,6 +5,7 @@ mod consumer;
 pub mod decode;
 pub mod group;
 pub mod kafka;
+mod pace;
 pub mod sequence;
 pub mod window;
 
