@@ -574,7 +574,10 @@ impl KafkaSource {
     fn pause_fetching(&self, consumer: &SourceConsumer, pause: Duration) {
         self.set_paused(consumer, true);
         metrics::counter!("projector_fetch_pauses_total").increment(1);
-        let until = Instant::now() + pause;
+        // Never past the open window's closing time: its messages wait for no pause.
+        let window_ms = Duration::from_millis(self.cfg.worker.window_ms);
+        let closes = self.state().builder.opened.map(|t| t + window_ms);
+        let until = closes.map_or(Instant::now() + pause, |c| c.min(Instant::now() + pause));
         while let Some(left) = until.checked_duration_since(Instant::now()) {
             match consumer.poll(left) {
                 Some(Ok(m)) => self.push(&m),
