@@ -446,6 +446,13 @@ impl KafkaSource {
                 if let Some(topic) = self.topics.get(tp.0 as usize)
                     && let Some(q) = consumer.split_partition_queue(topic, tp.1)
                 {
+                    // A pause this member set before the partition was revoked must not
+                    // outlive its return.
+                    if !idle_pause.is_zero() {
+                        let mut one = TopicPartitionList::new();
+                        one.add_partition(topic, tp.1);
+                        let _ = consumer.resume(&one);
+                    }
                     queues.retain(|(t, _)| *t != tp);
                     queues.push((tp, q));
                     split = true;
@@ -572,7 +579,13 @@ impl KafkaSource {
     /// resume them (see [`super::pace`]; a partition assigned meanwhile was never paused, and
     /// resuming it changes nothing).
     fn pause_fetching(&self, consumer: &SourceConsumer, pause: Duration) {
-        self.set_paused(consumer, true);
+        let Ok(paused) = consumer.assignment() else {
+            return;
+        };
+        if let Err(e) = consumer.pause(&paused) {
+            tracing::warn!(error = %e, "could not pause the partitions");
+            return;
+        }
         metrics::counter!("projector_fetch_pauses_total").increment(1);
         // Never past the open window's closing time: its messages wait for no pause.
         let window_ms = Duration::from_millis(self.cfg.worker.window_ms);
@@ -592,6 +605,12 @@ impl KafkaSource {
             if self.shared.shutdown.load(Ordering::Relaxed) {
                 break;
             }
+        }
+        // Exactly what was paused: a partition revoked meanwhile keeps its pause flag in
+        // librdkafka and would come back paused if it were assigned again. Then whatever is
+        // owned now.
+        if let Err(e) = consumer.resume(&paused) {
+            tracing::warn!(error = %e, "could not resume the paused partitions");
         }
         self.set_paused(consumer, false);
         self.wake(consumer);
