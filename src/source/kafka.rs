@@ -35,6 +35,19 @@ use crate::runtime::commit::{Registration, Tp, TrackerMsg};
 /// How often a resume that no fetch has answered yet wakes the broker thread again.
 const RESUME_WAKE_EVERY: Duration = Duration::from_millis(5);
 
+/// An error a poll returned: a fatal one is logged and ends the consumer (true); a
+/// partition's end is no error; any other is logged.
+fn poll_failed(e: &KafkaError) -> bool {
+    if is_fatal(e) {
+        tracing::error!(error = %e, "the consumer failed for good: re-creating it");
+        return true;
+    }
+    if !matches!(e, KafkaError::PartitionEOF(_)) {
+        tracing::warn!(error = %e, "consumer error");
+    }
+    false
+}
+
 /// A closed window of raw messages, registered with the tracker, not decoded yet.
 pub struct RawWindow {
     pub id: u64,
@@ -478,13 +491,9 @@ impl KafkaSource {
                         self.push(&m);
                         last_activity = Instant::now();
                     }
-                    Some(Err(e)) if is_fatal(&e) => {
-                        tracing::error!(error = %e, "the consumer failed for good: re-creating it");
-                        return false;
-                    }
-                    // Ends of partitions not split off yet: their queues report them again.
-                    Some(Err(KafkaError::PartitionEOF(_))) => {}
-                    Some(Err(e)) => tracing::warn!(error = %e, "consumer error"),
+                    // (Ends of partitions not split off yet: their queues report them again.)
+                    Some(Err(e)) if poll_failed(&e) => return false,
+                    Some(Err(_)) => {}
                     None => break,
                 }
                 if !split {
@@ -511,14 +520,8 @@ impl KafkaSource {
                             empty += 1;
                             next += 1;
                         }
-                        Some(Err(e)) if is_fatal(&e) => {
-                            tracing::error!(error = %e, "the consumer failed for good: re-creating it");
-                            return false;
-                        }
-                        Some(Err(e)) => {
-                            tracing::warn!(error = %e, "consumer error");
-                            next += 1;
-                        }
+                        Some(Err(e)) if poll_failed(&e) => return false,
+                        Some(Err(_)) => next += 1,
                         None => {
                             empty += 1;
                             next += 1;
@@ -594,13 +597,11 @@ impl KafkaSource {
         while let Some(left) = until.checked_duration_since(Instant::now()) {
             match consumer.poll(left) {
                 Some(Ok(m)) => self.push(&m),
-                Some(Err(e)) if is_fatal(&e) => {
-                    tracing::error!(error = %e, "the consumer failed for good: re-creating it");
+                Some(Err(e)) if poll_failed(&e) => {
                     self.shared.recreate.store(true, Ordering::Relaxed);
                     break;
                 }
-                Some(Err(KafkaError::PartitionEOF(_))) | None => {}
-                Some(Err(e)) => tracing::warn!(error = %e, "consumer error"),
+                Some(Err(_)) | None => {}
             }
             if self.shared.shutdown.load(Ordering::Relaxed) {
                 break;
