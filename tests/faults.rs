@@ -103,12 +103,13 @@ async fn survive(svc: &'static str, faults: &[Fault]) {
             .await
             .unwrap();
     }
-    let c = cfg.clone();
-    wait_until(Duration::from_secs(240), "the lag to return to 0", || {
-        progress(&c).is_some_and(|(done, high)| {
-            done == high && high > 0 && (broker_lost || high >= published)
-        })
-    })
+    common::faults::wait_for_group(
+        &cfg,
+        &[&w0, &w1],
+        Duration::from_secs(240),
+        "the lag to return to 0",
+        |done, high| done == high && high > 0 && (broker_lost || high >= published),
+    )
     .await;
     let to_zero = t1.elapsed();
     let (done, _) = progress(&cfg).unwrap();

@@ -85,10 +85,13 @@ async fn customer_360_on_a_redis_cluster_survives_a_hung_and_a_killed_primary() 
     tokio::time::sleep(Duration::from_secs(3)).await;
     services(&["up", "rcluster"]);
     let published = load.await.unwrap();
-    let k = cfg.clone();
-    wait_until(Duration::from_secs(240), "the lag to return to 0", || {
-        progress(&k).is_some_and(|(done, high)| done == high && high >= published)
-    })
+    common::faults::wait_for_group(
+        &cfg,
+        &[&worker],
+        Duration::from_secs(240),
+        "the lag to return to 0",
+        |done, high| done == high && high >= published,
+    )
     .await;
     eprintln!(
         "CLUSTER: lag 0 {:.1} s after the hang began",

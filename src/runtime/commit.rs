@@ -537,4 +537,57 @@ mod tests {
         });
         assert_eq!(t.stats.windows, 2);
     }
+
+    /// The offsets the tracker sent, in order.
+    #[derive(Default)]
+    struct Recorded(std::sync::Mutex<Vec<(String, i32, i64)>>);
+
+    impl OffsetCommit for Recorded {
+        fn commit_offsets(&self, offsets: &[(&str, i32, i64)]) -> Result<(), String> {
+            let mut r = self.0.lock().unwrap();
+            r.extend(offsets.iter().map(|(t, p, o)| (t.to_string(), *p, *o)));
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_partition_given_a_new_epoch_commits_below_the_old_one() {
+        let recorded = Arc::new(Recorded::default());
+        let mut t = Tracker::new(
+            1,
+            Arc::new(Shared::default()),
+            Arc::new(vec!["t".to_owned()]),
+            None,
+        )
+        .commit_every(Duration::ZERO);
+        t.handle(TrackerMsg::Consumer {
+            generation: 0,
+            consumer: recorded.clone(),
+        });
+        let tp = (0u16, 3);
+        let window = |id, offsets: Vec<(Tp, u32, i64)>| {
+            TrackerMsg::Register(Registration { offsets, ..reg(id) })
+        };
+        t.handle(TrackerMsg::Assigned(vec![(tp, 1)]));
+        t.handle(window(1, vec![(tp, 1, 999)]));
+        t.handle(TrackerMsg::Ack {
+            id: 1,
+            participant: 0,
+        });
+        // The log went back to 0 under the member (the source's rewind): epoch 2. A window
+        // still holding epoch 1's messages commits nothing of them.
+        t.handle(TrackerMsg::Assigned(vec![(tp, 2)]));
+        t.handle(window(2, vec![(tp, 1, 1_000), (tp, 2, 49)]));
+        t.handle(TrackerMsg::Ack {
+            id: 2,
+            participant: 0,
+        });
+        t.handle(window(3, vec![(tp, 1, 1_001)]));
+        t.handle(TrackerMsg::Ack {
+            id: 3,
+            participant: 0,
+        });
+        let sent: Vec<i64> = recorded.0.lock().unwrap().iter().map(|c| c.2).collect();
+        assert_eq!(sent, vec![1_000, 50]);
+    }
 }

@@ -90,6 +90,8 @@ struct State {
     ready: VecDeque<RawWindow>,
     /// Assignment epoch of each owned partition (a partition assigned again gets a new one).
     epochs: HashMap<Tp, u32>,
+    /// Each owned partition's epoch and the next offset it is expected to deliver.
+    positions: HashMap<Tp, (u32, i64)>,
     next_epoch: u32,
     generation: u64,
     next_window: u64,
@@ -133,6 +135,7 @@ impl KafkaSource {
                 builder: Builder::new(),
                 ready: VecDeque::new(),
                 epochs: HashMap::new(),
+                positions: HashMap::new(),
                 next_epoch: 1,
                 generation: 0,
                 next_window: 1,
@@ -158,9 +161,16 @@ impl KafkaSource {
         };
         let mut st = self.state();
         // A message of a partition given up meanwhile: its new owner reads it.
-        let Some(epoch) = st.epochs.get(&tp).copied() else {
+        let Some(mut epoch) = st.epochs.get(&tp).copied() else {
             return;
         };
+        if let Some(&(e, expected)) = st.positions.get(&tp)
+            && e == epoch
+            && m.offset() < expected
+        {
+            epoch = self.rewound(&mut st, tp, expected, m.offset());
+        }
+        st.positions.insert(tp, (epoch, m.offset() + 1));
         // Windows are bounded in bytes too: one that this message would take past the limit
         // closes first (a message larger than the limit travels alone).
         let incoming = m.key().map_or(0, <[u8]>::len)
@@ -211,6 +221,29 @@ impl KafkaSource {
         self.shared
             .in_flight_bytes
             .fetch_add(incoming, Ordering::Relaxed);
+    }
+
+    /// The partition's log went back under this member: a broker lost messages it had
+    /// acknowledged, or truncated its log, and librdkafka reset the position to what is there
+    /// now (`auto.offset.reset`). What follows is a new epoch of the partition, whose commits
+    /// may lie below the last one's: holding them until the old offset is passed again would
+    /// keep a quiet partition's lag above 0 for good. (The projectors are idempotent: what
+    /// is read again changes nothing.)
+    fn rewound(&self, st: &mut State, tp: Tp, expected: i64, got: i64) -> u32 {
+        let epoch = st.next_epoch;
+        st.next_epoch += 1;
+        st.epochs.insert(tp, epoch);
+        let topic = self.topics.get(tp.0 as usize).map_or("?", String::as_str);
+        tracing::warn!(
+            topic,
+            partition = tp.1,
+            expected,
+            got,
+            "the partition's log went back (the broker lost or truncated it): following it"
+        );
+        metrics::counter!("projector_log_rewinds_total").increment(1);
+        let _ = self.tracker.send(TrackerMsg::Assigned(vec![(tp, epoch)]));
+        epoch
     }
 
     /// Close the open window if it is full or old enough (`force`: if it has anything).
@@ -675,6 +708,7 @@ impl RebalanceHandler for KafkaSource {
             let mut st = self.state();
             for tp in &parts {
                 st.epochs.remove(tp);
+                st.positions.remove(tp);
                 st.removed.push(*tp);
                 st.added.retain(|t| t != tp);
             }

@@ -205,6 +205,37 @@ impl Worker {
         }
     }
 
+    /// Its view for a failure message: the metrics that say what it owns and does, and the
+    /// last warnings and errors of its log.
+    pub async fn report(&self) -> String {
+        const METRICS: [&str; 9] = [
+            "projector_consumer_restarts_total",
+            "projector_fetch_pauses_total",
+            "projector_in_flight_messages",
+            "projector_paused",
+            "projector_group_unowned_partitions",
+            "projector_group_stalled_partitions",
+            "projector_assignment_mismatch",
+            "projector_assignment_heals_total",
+            "projector_consumer_lag_messages",
+        ];
+        let mut out = format!("{} ({}):\n", self.name, self.log.display());
+        for m in METRICS {
+            out.push_str(&format!("  {m} {}\n", self.metric(m).await));
+        }
+        let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let notable: Vec<&str> = log
+            .lines()
+            .filter(|l| !l.contains("\"level\":\"INFO\"") || l.contains("partitions"))
+            .collect();
+        for l in &notable[notable.len().saturating_sub(40)..] {
+            out.push_str("  | ");
+            out.push_str(l);
+            out.push('\n');
+        }
+        out
+    }
+
     pub fn running(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
     }
@@ -244,6 +275,26 @@ impl Drop for Worker {
 /// Committed offsets and high watermarks of the group, summed over the event topics.
 /// `None` while the broker does not answer.
 pub fn progress(cfg: &Config) -> Option<(i64, i64)> {
+    let parts = partitions(cfg)?;
+    Some(
+        parts
+            .iter()
+            .fold((0, 0), |(d, h), p| (d + p.committed, h + p.high)),
+    )
+}
+
+/// One partition of the group, as the broker sees it.
+pub struct PartitionProgress {
+    pub topic: String,
+    pub partition: i32,
+    /// Committed offset (0 when nothing is committed).
+    pub committed: i64,
+    pub high: i64,
+}
+
+/// Each event partition's committed offset and high watermark; `None` while the broker does
+/// not answer.
+pub fn partitions(cfg: &Config) -> Option<Vec<PartitionProgress>> {
     let consumer: BaseConsumer = projector::kafka::base_client_config(&cfg.kafka)
         .set("group.id", &cfg.kafka.group_id)
         .create()
@@ -257,19 +308,60 @@ pub fn progress(cfg: &Config) -> Option<(i64, i64)> {
     let committed = consumer
         .committed_offsets(tpl.clone(), Duration::from_secs(3))
         .ok()?;
-    let (mut done, mut high) = (0i64, 0i64);
+    let mut out = Vec::new();
     for e in tpl.elements() {
-        let (_, hi) = consumer
+        let (_, high) = consumer
             .fetch_watermarks(e.topic(), e.partition(), Duration::from_secs(3))
             .ok()?;
-        high += hi;
-        if let Some(c) = committed.find_partition(e.topic(), e.partition())
-            && let Offset::Offset(o) = c.offset()
+        let committed = match committed
+            .find_partition(e.topic(), e.partition())
+            .map(|c| c.offset())
         {
-            done += o;
-        }
+            Some(Offset::Offset(o)) => o,
+            _ => 0,
+        };
+        out.push(PartitionProgress {
+            topic: e.topic().to_owned(),
+            partition: e.partition(),
+            committed,
+            high,
+        });
     }
-    Some((done, high))
+    Some(out)
+}
+
+/// Wait until the group's (committed, high) totals satisfy `done`; past `limit`, fail with
+/// what a stuck run needs to say (a CI log is all there is): the partitions behind, and each
+/// worker's assignment, pacing and last warnings.
+pub async fn wait_for_group<F: FnMut(i64, i64) -> bool>(
+    cfg: &Config,
+    workers: &[&Worker],
+    limit: Duration,
+    what: &str,
+    mut done: F,
+) {
+    let deadline = Instant::now() + limit;
+    while !progress(cfg).is_some_and(|(d, h)| done(d, h)) {
+        if Instant::now() >= deadline {
+            let mut report = format!("timed out waiting for {what}\npartitions behind:\n");
+            match partitions(cfg) {
+                None => report.push_str("  (the broker does not answer)\n"),
+                Some(ps) => {
+                    for p in ps.iter().filter(|p| p.committed < p.high) {
+                        report.push_str(&format!(
+                            "  {}/{}: committed {} of {}\n",
+                            p.topic, p.partition, p.committed, p.high
+                        ));
+                    }
+                }
+            }
+            for w in workers {
+                report.push_str(&w.report().await);
+            }
+            panic!("{report}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// A load generator that survives the servers it writes to: `rounds` batches of a seeded

@@ -75,8 +75,13 @@ pub fn config_env(cfg: &Config) -> Vec<(&'static str, String)> {
     cfg.child_env()
 }
 
+/// The binary under test; `PROJECTOR_BIN` names another build (a copy that a long repeated
+/// run keeps using while the tree is rebuilt).
 pub fn projector_bin() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_projector"))
+    std::env::var_os("PROJECTOR_BIN").map_or_else(
+        || PathBuf::from(env!("CARGO_BIN_EXE_projector")),
+        PathBuf::from,
+    )
 }
 
 /// Append a seeded history to the store and publish it on the test's topics.

@@ -85,11 +85,12 @@ pub async fn scenario(
 
     let published = load.await.unwrap();
     let t1 = Instant::now();
-    let c = cfg.clone();
-    wait_until(
+    super::faults::wait_for_group(
+        &cfg,
+        &[&w0, &w1],
         Duration::from_secs(300),
         "the group's lag to reach 0",
-        || progress(&c).is_some_and(|(done, high)| done == high && high >= published),
+        |done, high| done == high && high >= published,
     )
     .await;
     eprintln!(
