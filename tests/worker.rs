@@ -152,6 +152,45 @@ async fn wait_until_caught_up(cfg: &projector::config::Config, ns: &str) {
     tokio::time::sleep(Duration::from_millis(500)).await;
 }
 
+/// librdkafka can drop a resume as outdated (it raced a rebalance's fetch start), leaving a
+/// partition paused for good with nothing reported (`source::pace`). The failpoint loses
+/// one partition's resume after the first idle pause; events then arrive on every
+/// partition, and the worker must still take them all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resume_librdkafka_drops_is_made_again() {
+    use common::faults::Worker;
+    let (cfg, ns) = common::isolated_config("lres");
+    projector::kafka::ensure_topics(&cfg.kafka).await.unwrap();
+    assert!(cfg.kafka.idle_pause_ms > 0, "the test config paces fetches");
+    let extra = [("PROJECTOR_FAILPOINT", "lose_a_resume".to_owned())];
+    let w = Worker::spawn(&cfg, "lres-0", "lres", &extra);
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while w.metric("projector_fetch_pauses_total").await.is_nan()
+        || w.metric("projector_fetch_pauses_total").await < 1.0
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the idle worker never paused"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    common::generate(&cfg, &ns, 2_000, 61, 0.0, 0.0).await;
+    wait_until_caught_up(&cfg, &ns).await;
+    let again = w.metric("projector_fetch_silent_resumes_total").await;
+    assert!(again >= 1.0, "the lost resume was made again");
+    common::assert_read_models_equal_fold(&cfg, &ns).await;
+    // Idle and paced now: every partition answers each resume, none is resumed again.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let pauses = w.metric("projector_fetch_pauses_total").await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    eprintln!(
+        "silent resumes: {again} while catching up, {} after; pauses in 2 s idle: {}",
+        w.metric("projector_fetch_silent_resumes_total").await,
+        w.metric("projector_fetch_pauses_total").await - pauses
+    );
+    w.stop();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn events_of_one_aggregate_are_applied_in_sequence() {
     let (cfg, ns) = common::isolated_config("ord");

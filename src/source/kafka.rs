@@ -320,20 +320,15 @@ impl KafkaSource {
         st.last_registered
     }
 
-    fn set_paused(&self, consumer: &SourceConsumer, paused: bool) {
+    fn pause_all(&self, consumer: &SourceConsumer) {
         let Ok(assignment) = consumer.assignment() else {
             return;
         };
         if assignment.count() == 0 {
             return;
         }
-        let r = if paused {
-            consumer.pause(&assignment)
-        } else {
-            consumer.resume(&assignment)
-        };
-        if let Err(e) = r {
-            tracing::warn!(error = %e, paused, "could not change the pause state");
+        if let Err(e) = consumer.pause(&assignment) {
+            tracing::warn!(error = %e, "could not pause the partitions");
         }
     }
 
@@ -488,7 +483,7 @@ impl KafkaSource {
             }
             let mut split = false;
             for tp in added {
-                pacer.assigned(tp);
+                pacer.assigned(tp, Instant::now());
                 if let Some(topic) = self.topics.get(tp.0 as usize)
                     && let Some(q) = consumer.split_partition_queue(topic, tp.1)
                 {
@@ -561,11 +556,15 @@ impl KafkaSource {
                         }
                     }
                 }
+                if !idle_pause.is_zero() {
+                    self.resume_silent(consumer, pacer.silent(Instant::now()));
+                }
                 if got > 0 {
                     last_activity = Instant::now();
                 } else if !idle_pause.is_zero() && pacer.pause_now() {
                     self.pause_fetching(consumer, idle_pause);
                     resumed = Some(Instant::now());
+                    pacer.resumed(Instant::now());
                 } else if resumed.is_some_and(|t| t.elapsed() >= RESUME_WAKE_EVERY) {
                     self.wake(consumer);
                     resumed = Some(Instant::now());
@@ -640,13 +639,52 @@ impl KafkaSource {
                 break;
             }
         }
-        // Exactly what was paused: a partition revoked meanwhile keeps its pause flag in
-        // librdkafka and would come back paused if it were assigned again. Then whatever is
+        // Exactly what was paused (a partition revoked meanwhile keeps its pause flag in
+        // librdkafka and would come back paused if it were assigned again), and whatever is
         // owned now.
-        if let Err(e) = consumer.resume(&paused) {
+        let mut resume = paused;
+        if let Ok(owned) = consumer.assignment() {
+            for e in owned.elements() {
+                if resume.find_partition(e.topic(), e.partition()).is_none() {
+                    resume.add_partition(e.topic(), e.partition());
+                }
+            }
+        }
+        if crate::runtime::stage::fault_once("lose_a_resume") {
+            // Test hook: librdkafka dropping a resume as outdated (`super::pace`).
+            let mut kept = TopicPartitionList::new();
+            for e in resume.elements().iter().skip(1) {
+                kept.add_partition(e.topic(), e.partition());
+            }
+            resume = kept;
+        }
+        if let Err(e) = consumer.resume(&resume) {
             tracing::warn!(error = %e, "could not resume the paused partitions");
         }
-        self.set_paused(consumer, false);
+        self.wake(consumer);
+    }
+
+    /// Resume again the partitions that said nothing since their resume or assignment: a
+    /// resume librdkafka dropped as outdated leaves a partition paused and silent
+    /// (`super::pace`). Resuming a partition that is not paused changes nothing.
+    fn resume_silent(&self, consumer: &SourceConsumer, silent: Vec<Tp>) {
+        if silent.is_empty() {
+            return;
+        }
+        let mut tpl = TopicPartitionList::new();
+        for (t, p) in &silent {
+            if let Some(topic) = self.topics.get(*t as usize) {
+                tpl.add_partition(topic, *p);
+            }
+        }
+        tracing::debug!(
+            partitions = silent.len(),
+            "resuming silent partitions again"
+        );
+        metrics::counter!("projector_fetch_silent_resumes_total").increment(silent.len() as u64);
+        if let Err(e) = consumer.resume(&tpl) {
+            tracing::warn!(error = %e, "could not resume the silent partitions");
+        }
         self.wake(consumer);
     }
 
@@ -677,7 +715,7 @@ impl KafkaSource {
     /// At shutdown: keep polling (paused, so the session stays alive) until every window is
     /// written and acknowledged, or the shutdown deadline passes.
     fn wait_until_written(&self, consumer: &SourceConsumer) {
-        self.set_paused(consumer, true);
+        self.pause_all(consumer);
         let deadline = Instant::now() + Duration::from_secs(60);
         while self.shared.in_flight.load(Ordering::Relaxed) > 0 && Instant::now() < deadline {
             let _ = consumer.poll(Duration::from_millis(50));

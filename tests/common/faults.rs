@@ -208,9 +208,11 @@ impl Worker {
     /// Its view for a failure message: the metrics that say what it owns and does, and the
     /// last warnings and errors of its log.
     pub async fn report(&self) -> String {
-        const METRICS: [&str; 9] = [
+        const METRICS: [&str; 11] = [
             "projector_consumer_restarts_total",
             "projector_fetch_pauses_total",
+            "projector_fetch_silent_resumes_total",
+            "projector_log_rewinds_total",
             "projector_in_flight_messages",
             "projector_paused",
             "projector_group_unowned_partitions",

@@ -291,6 +291,14 @@ impl StageCtx {
     }
 }
 
+/// Test hook: with `PROJECTOR_FAILPOINT=<name>`, true the first time the process reaches the
+/// named point, so a test can inject a fault there (rather than a crash, [`failpoint`]).
+pub fn fault_once(name: &str) -> bool {
+    static FIRED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    std::env::var("PROJECTOR_FAILPOINT").is_ok_and(|v| v == name)
+        && !FIRED.swap(true, std::sync::atomic::Ordering::Relaxed)
+}
+
 /// Test hook: `PROJECTOR_FAILPOINT=<name>` makes the process die (as kill -9 would) when it
 /// reaches the named point, so a test can land a crash exactly there.
 pub fn failpoint(name: &str) {
