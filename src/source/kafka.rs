@@ -682,10 +682,11 @@ impl KafkaSource {
             "resuming silent partitions again"
         );
         metrics::counter!("projector_fetch_silent_resumes_total").increment(silent.len() as u64);
+        // No wake-up request here: a broker that is down would hold the loop for its
+        // timeout every time, and the broker thread fetches within a second anyway.
         if let Err(e) = consumer.resume(&tpl) {
             tracing::warn!(error = %e, "could not resume the silent partitions");
         }
-        self.wake(consumer);
     }
 
     /// librdkafka applies a resume off the broker thread, which may sleep up to a second
