@@ -13,16 +13,15 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use rdkafka::consumer::Consumer;
 use rdkafka::consumer::base_consumer::PartitionQueue;
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{BorrowedMessage, Headers};
-use rdkafka::{Message, Offset, TopicPartitionList};
+use rdkafka::{Message, TopicPartitionList};
 use tokio::sync::mpsc;
 
 use super::consumer::{
-    RebalanceHandler, SourceConsumer, SourceContext, create_consumer, is_fatal, member_id,
-    unique_client_id,
+    SourceConsumer, SourceContext, create_consumer, is_fatal, member_id, unique_client_id,
 };
 use super::decode::RawItem;
 use super::group::Belief;
@@ -32,8 +31,10 @@ use crate::config::Config;
 use crate::runtime::Shared;
 use crate::runtime::commit::{Registration, Tp, TrackerMsg};
 
-/// How often a resume that no fetch has answered yet wakes the broker thread again.
-const RESUME_WAKE_EVERY: Duration = Duration::from_millis(5);
+mod fetch;
+mod rebalance;
+
+use fetch::RESUME_WAKE_EVERY;
 
 /// An error a poll returned: a fatal one is logged and ends the consumer (true); a
 /// partition's end is no error; any other is logged.
@@ -320,56 +321,6 @@ impl KafkaSource {
         st.last_registered
     }
 
-    fn pause_all(&self, consumer: &SourceConsumer) {
-        let Ok(assignment) = consumer.assignment() else {
-            return;
-        };
-        if assignment.count() == 0 {
-            return;
-        }
-        if let Err(e) = consumer.pause(&assignment) {
-            tracing::warn!(error = %e, "could not pause the partitions");
-        }
-    }
-
-    fn tpl_of(&self, offsets: &[(Tp, i64)]) -> TopicPartitionList {
-        let mut tpl = TopicPartitionList::new();
-        for ((t, p), o) in offsets {
-            if let Some(topic) = self.topics.get(*t as usize) {
-                let _ = tpl.add_partition_offset(topic, *p, Offset::Offset(*o));
-            }
-        }
-        tpl
-    }
-
-    /// Wait until the tracker has everything up to `upto`, then commit `parts` synchronously.
-    fn drain_and_commit(&self, consumer: &SourceConsumer, parts: Vec<Tp>, upto: Option<u64>) {
-        let deadline = Instant::now() + Duration::from_millis(self.cfg.worker.drain_timeout_ms);
-        let offsets = match upto {
-            None => Vec::new(),
-            Some(upto) => {
-                let (tx, rx) = std::sync::mpsc::channel();
-                let _ = self.tracker.send(TrackerMsg::Drain {
-                    upto,
-                    partitions: parts,
-                    deadline,
-                    reply: tx,
-                });
-                rx.recv_timeout(
-                    deadline.saturating_duration_since(Instant::now()) + Duration::from_secs(1),
-                )
-                .unwrap_or_default()
-            }
-        };
-        if offsets.is_empty() {
-            return;
-        }
-        let tpl = self.tpl_of(&offsets);
-        if let Err(e) = consumer.commit(&tpl, CommitMode::Sync) {
-            tracing::warn!(error = %e, "final commit of revoked partitions failed; their new owner redelivers");
-        }
-    }
-
     /// The source thread: poll, window, pause, re-create a failed consumer; returns at
     /// shutdown once everything polled is written and committed (or the deadline passed).
     pub fn run(self: Arc<Self>, topics: Vec<String>, stop_when_idle: Option<Duration>) {
@@ -422,10 +373,13 @@ impl KafkaSource {
             let _ = rx.recv_timeout(Duration::from_secs(5));
             self.shared.assigned.store(false, Ordering::Relaxed);
             self.shared.set_belief(None);
-            drop(consumer); // leaves the group (a static member only closes)
             if finished {
+                self.close_at_shutdown(consumer);
                 return;
             }
+            // (Synchronously: the old consumer's last revoke must not run beside the new
+            // consumer's rebalances.)
+            drop(consumer);
             self.shared.assignment_gen.fetch_add(1, Ordering::Relaxed);
             self.shared
                 .consumer_restarts
@@ -434,6 +388,32 @@ impl KafkaSource {
             tracing::warn!(
                 generation,
                 "consumer re-created after a fatal error; rejoining under the same identity"
+            );
+        }
+    }
+
+    /// Close the consumer (a dynamic member leaves the group; a static one only closes),
+    /// waiting a bounded time. librdkafka can hang a close for good: the revoke it delivers
+    /// while closing makes rust-rdkafka ask `rd_kafka_rebalance_protocol()`, whose request
+    /// to a group that has terminated meanwhile is never answered (librdkafka issue 4041;
+    /// seen here once in `parking::parks_are_per_projector_and_survive_a_rebalance`). By now
+    /// everything polled is written and committed, so a close that hangs is left behind and
+    /// the process exits.
+    fn close_at_shutdown(&self, consumer: Arc<SourceConsumer>) {
+        let limit =
+            Duration::from_millis(self.cfg.worker.drain_timeout_ms) + Duration::from_secs(5);
+        let (tx, rx) = std::sync::mpsc::channel();
+        let closing = std::thread::Builder::new()
+            .name("consumer-close".into())
+            .spawn(move || {
+                drop(consumer);
+                let _ = tx.send(());
+            });
+        if closing.is_ok() && rx.recv_timeout(limit).is_err() {
+            metrics::counter!("projector_consumer_close_hangs_total").increment(1);
+            tracing::warn!(
+                seconds = limit.as_secs(),
+                "closing the consumer hangs in librdkafka: leaving it (everything is committed)"
             );
         }
     }
@@ -490,9 +470,7 @@ impl KafkaSource {
                     // A pause this member set before the partition was revoked must not
                     // outlive its return.
                     if !idle_pause.is_zero() {
-                        let mut one = TopicPartitionList::new();
-                        one.add_partition(topic, tp.1);
-                        let _ = consumer.resume(&one);
+                        let _ = consumer.resume(&self.tpl_of_parts(&[tp]));
                     }
                     queues.retain(|(t, _)| *t != tp);
                     queues.push((tp, q));
@@ -610,93 +588,6 @@ impl KafkaSource {
         }
     }
 
-    /// Pause every owned partition for `pause`, serving the group's events meanwhile, then
-    /// resume them (see [`super::pace`]; a partition assigned meanwhile was never paused, and
-    /// resuming it changes nothing).
-    fn pause_fetching(&self, consumer: &SourceConsumer, pause: Duration) {
-        let Ok(paused) = consumer.assignment() else {
-            return;
-        };
-        if let Err(e) = consumer.pause(&paused) {
-            tracing::warn!(error = %e, "could not pause the partitions");
-            return;
-        }
-        metrics::counter!("projector_fetch_pauses_total").increment(1);
-        // Never past the open window's closing time: its messages wait for no pause.
-        let window_ms = Duration::from_millis(self.cfg.worker.window_ms);
-        let closes = self.state().builder.opened.map(|t| t + window_ms);
-        let until = closes.map_or(Instant::now() + pause, |c| c.min(Instant::now() + pause));
-        while let Some(left) = until.checked_duration_since(Instant::now()) {
-            match consumer.poll(left) {
-                Some(Ok(m)) => self.push(&m),
-                Some(Err(e)) if poll_failed(&e) => {
-                    self.shared.recreate.store(true, Ordering::Relaxed);
-                    break;
-                }
-                Some(Err(_)) | None => {}
-            }
-            if self.shared.shutdown.load(Ordering::Relaxed) {
-                break;
-            }
-        }
-        // Exactly what was paused (a partition revoked meanwhile keeps its pause flag in
-        // librdkafka and would come back paused if it were assigned again), and whatever is
-        // owned now.
-        let mut resume = paused;
-        if let Ok(owned) = consumer.assignment() {
-            for e in owned.elements() {
-                if resume.find_partition(e.topic(), e.partition()).is_none() {
-                    resume.add_partition(e.topic(), e.partition());
-                }
-            }
-        }
-        if crate::runtime::stage::fault_once("lose_a_resume") {
-            // Test hook: librdkafka dropping a resume as outdated (`super::pace`).
-            let mut kept = TopicPartitionList::new();
-            for e in resume.elements().iter().skip(1) {
-                kept.add_partition(e.topic(), e.partition());
-            }
-            resume = kept;
-        }
-        if let Err(e) = consumer.resume(&resume) {
-            tracing::warn!(error = %e, "could not resume the paused partitions");
-        }
-        self.wake(consumer);
-    }
-
-    /// Resume again the partitions that said nothing since their resume or assignment: a
-    /// resume librdkafka dropped as outdated leaves a partition paused and silent
-    /// (`super::pace`). Resuming a partition that is not paused changes nothing.
-    fn resume_silent(&self, consumer: &SourceConsumer, silent: Vec<Tp>) {
-        if silent.is_empty() {
-            return;
-        }
-        let mut tpl = TopicPartitionList::new();
-        for (t, p) in &silent {
-            if let Some(topic) = self.topics.get(*t as usize) {
-                tpl.add_partition(topic, *p);
-            }
-        }
-        tracing::debug!(
-            partitions = silent.len(),
-            "resuming silent partitions again"
-        );
-        metrics::counter!("projector_fetch_silent_resumes_total").increment(silent.len() as u64);
-        // No wake-up request here: a broker that is down would hold the loop for its
-        // timeout every time, and the broker thread fetches within a second anyway.
-        if let Err(e) = consumer.resume(&tpl) {
-            tracing::warn!(error = %e, "could not resume the silent partitions");
-        }
-    }
-
-    /// librdkafka applies a resume off the broker thread, which may sleep up to a second
-    /// before it looks at its partitions again; a request through the broker wakes it. The
-    /// resume is asynchronous too, so the poll loop wakes it again until a fetch answers.
-    fn wake(&self, consumer: &SourceConsumer) {
-        let topic = self.topics.first().map(String::as_str);
-        let _ = consumer.fetch_metadata(topic, Duration::from_millis(100));
-    }
-
     /// Tell the group watch what this consumer consumes now.
     fn note_assignment(&self, a: &TopicPartitionList, member_id: Option<String>) {
         let assignment = a
@@ -730,50 +621,5 @@ impl KafkaSource {
                 "shutdown deadline: leaving them uncommitted (redelivered later)"
             );
         }
-    }
-}
-
-impl RebalanceHandler for KafkaSource {
-    fn revoke(&self, consumer: &BaseConsumer<SourceContext>, partitions: &TopicPartitionList) {
-        let parts: Vec<Tp> = partitions
-            .elements()
-            .iter()
-            .filter_map(|e| self.tp_of(e.topic(), e.partition()))
-            .collect();
-        let deadline = Instant::now() + Duration::from_millis(self.cfg.worker.drain_timeout_ms);
-        let last = self.flush(deadline);
-        self.drain_and_commit(consumer, parts.clone(), last);
-        {
-            let mut st = self.state();
-            for tp in &parts {
-                st.epochs.remove(tp);
-                st.positions.remove(tp);
-                st.removed.push(*tp);
-                st.added.retain(|t| t != tp);
-            }
-        }
-        let _ = self.tracker.send(TrackerMsg::Revoked(parts));
-        self.shared.assignment_gen.fetch_add(1, Ordering::Relaxed);
-    }
-
-    fn assign(&self, consumer: &BaseConsumer<SourceContext>, partitions: &TopicPartitionList) {
-        let mut assigned = Vec::new();
-        {
-            let mut st = self.state();
-            for e in partitions.elements() {
-                if let Some(tp) = self.tp_of(e.topic(), e.partition()) {
-                    let epoch = st.next_epoch;
-                    st.next_epoch += 1;
-                    st.epochs.insert(tp, epoch);
-                    st.added.push(tp);
-                    st.removed.retain(|t| *t != tp);
-                    assigned.push((tp, epoch));
-                }
-            }
-        }
-        let _ = self.tracker.send(TrackerMsg::Assigned(assigned));
-        self.shared.assignment_gen.fetch_add(1, Ordering::Relaxed);
-        self.shared.assigned.store(true, Ordering::Relaxed);
-        let _ = consumer;
     }
 }
