@@ -191,6 +191,29 @@ async fn a_resume_librdkafka_drops_is_made_again() {
     w.stop();
 }
 
+/// librdkafka can hang a consumer's close for good (issue 4041). The failpoint hangs it: the
+/// worker still exits 0 on SIGTERM, after everything is written and committed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_close_that_hangs_does_not_keep_the_worker_from_exiting() {
+    use common::faults::Worker;
+    let (cfg, ns) = common::isolated_config("hclose");
+    common::generate(&cfg, &ns, 300, 71, 0.0, 0.0).await;
+    let extra = [
+        ("PROJECTOR_FAILPOINT", "hang_close".to_owned()),
+        ("PROJECTOR_WORKER__DRAIN_TIMEOUT_MS", "1000".to_owned()),
+    ];
+    let w = Worker::spawn(&cfg, "hclose-0", "hclose", &extra);
+    wait_until_caught_up(&cfg, &ns).await;
+    let log = w.log.clone();
+    w.stop(); // asserts exit 0
+    let log = std::fs::read_to_string(log).unwrap();
+    assert!(
+        log.contains("closing the consumer hangs"),
+        "the close hung and was left behind"
+    );
+    common::assert_read_models_equal_fold(&cfg, &ns).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn events_of_one_aggregate_are_applied_in_sequence() {
     let (cfg, ns) = common::isolated_config("ord");

@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 
 use rdkafka::ClientContext;
 use rdkafka::config::RDKafkaLogLevel;
@@ -24,13 +24,15 @@ pub trait RebalanceHandler: Send + Sync {
 
 pub struct SourceContext {
     pub shared: Arc<Shared>,
-    pub handler: Arc<dyn RebalanceHandler>,
+    /// The source, weakly: a consumer whose close hangs in librdkafka is left behind at
+    /// shutdown, and must not keep the source (and the channels it holds) alive.
+    pub handler: Weak<dyn RebalanceHandler>,
     /// Each broker's counters at the last statistics (for what it sent since).
     pub brokers: Mutex<HashMap<String, BrokerCounters>>,
 }
 
 impl SourceContext {
-    pub fn new(shared: Arc<Shared>, handler: Arc<dyn RebalanceHandler>) -> SourceContext {
+    pub fn new(shared: Arc<Shared>, handler: Weak<dyn RebalanceHandler>) -> SourceContext {
         SourceContext {
             shared,
             handler,
@@ -186,7 +188,9 @@ impl ConsumerContext for SourceContext {
                     partitions = tpl.count(),
                     "partitions revoked: draining them"
                 );
-                self.handler.revoke(consumer, tpl);
+                if let Some(h) = self.handler.upgrade() {
+                    h.revoke(consumer, tpl);
+                }
             }
             Rebalance::Assign(_) => {}
             Rebalance::Error(e) => {
@@ -201,7 +205,9 @@ impl ConsumerContext for SourceContext {
     fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Assign(tpl) = rebalance {
             tracing::info!(partitions = tpl.count(), "partitions assigned");
-            self.handler.assign(consumer, tpl);
+            if let Some(h) = self.handler.upgrade() {
+                h.assign(consumer, tpl);
+            }
         }
     }
 

@@ -21,7 +21,8 @@ use rdkafka::{Message, TopicPartitionList};
 use tokio::sync::mpsc;
 
 use super::consumer::{
-    SourceConsumer, SourceContext, create_consumer, is_fatal, member_id, unique_client_id,
+    RebalanceHandler, SourceConsumer, SourceContext, create_consumer, is_fatal, member_id,
+    unique_client_id,
 };
 use super::decode::RawItem;
 use super::group::Belief;
@@ -335,7 +336,8 @@ impl KafkaSource {
                 st.epochs.clear();
                 st.generation
             };
-            let ctx = SourceContext::new(self.shared.clone(), self.clone());
+            let handler: Arc<dyn RebalanceHandler> = self.clone();
+            let ctx = SourceContext::new(self.shared.clone(), Arc::downgrade(&handler));
             let client_id = unique_client_id(&self.cfg.kafka);
             let consumer = match create_consumer(&self.cfg.kafka, &client_id, ctx).and_then(|c| {
                 c.subscribe(&topics.iter().map(String::as_str).collect::<Vec<_>>())?;
@@ -406,6 +408,12 @@ impl KafkaSource {
         let closing = std::thread::Builder::new()
             .name("consumer-close".into())
             .spawn(move || {
+                if crate::runtime::stage::fault_once("hang_close") {
+                    // Test hook: the close hangs as librdkafka's can.
+                    loop {
+                        std::thread::park();
+                    }
+                }
                 drop(consumer);
                 let _ = tx.send(());
             });
