@@ -13,29 +13,29 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use rdkafka::TopicPartitionList;
 use rdkafka::consumer::Consumer;
 use rdkafka::consumer::base_consumer::PartitionQueue;
 use rdkafka::error::KafkaError;
-use rdkafka::message::{BorrowedMessage, Headers};
-use rdkafka::{Message, TopicPartitionList};
 use tokio::sync::mpsc;
 
 use super::consumer::{
     RebalanceHandler, SourceConsumer, SourceContext, create_consumer, is_fatal, member_id,
     unique_client_id,
 };
-use super::decode::RawItem;
 use super::group::Belief;
 use super::pace::Pacer;
-use super::window::{Arena, Origin, RawRef};
 use crate::config::Config;
 use crate::runtime::Shared;
-use crate::runtime::commit::{Registration, Tp, TrackerMsg};
+use crate::runtime::commit::{Tp, TrackerMsg};
 
 mod fetch;
 mod rebalance;
+mod windows;
 
 use fetch::RESUME_WAKE_EVERY;
+use windows::Builder;
+pub use windows::RawWindow;
 
 /// An error a poll returned: a fatal one is logged and ends the consumer (true); a
 /// partition's end is no error; any other is logged.
@@ -48,42 +48,6 @@ fn poll_failed(e: &KafkaError) -> bool {
         tracing::warn!(error = %e, "consumer error");
     }
     false
-}
-
-/// A closed window of raw messages, registered with the tracker, not decoded yet.
-pub struct RawWindow {
-    pub id: u64,
-    pub generation: u64,
-    pub items: Vec<RawItem>,
-    pub arena: Arena,
-    pub opened: Instant,
-}
-
-struct Builder {
-    items: Vec<RawItem>,
-    arena: Arena,
-    opened: Option<Instant>,
-    /// Highest offset per (partition, epoch), with that message's create time.
-    offsets: HashMap<(Tp, u32), (i64, i64)>,
-    timestamps: Vec<i64>,
-    /// The longest a message of the window waited between its create time and the poll.
-    broker_ms: i64,
-    /// Bytes added to [`Shared::in_flight_bytes`] for its messages.
-    bytes: usize,
-}
-
-impl Builder {
-    fn new() -> Builder {
-        Builder {
-            items: Vec::new(),
-            arena: Arena::with_capacity(1 << 20),
-            opened: None,
-            offsets: HashMap::new(),
-            timestamps: Vec::new(),
-            broker_ms: 0,
-            bytes: 0,
-        }
-    }
 }
 
 struct State {
@@ -154,172 +118,6 @@ impl KafkaSource {
 
     fn tp_of(&self, topic: &str, partition: i32) -> Option<Tp> {
         self.topic_index.get(topic).map(|t| (*t, partition))
-    }
-
-    /// Copy one message into the open window.
-    fn push(&self, m: &BorrowedMessage<'_>) {
-        let Some(tp) = self.tp_of(m.topic(), m.partition()) else {
-            return;
-        };
-        let mut st = self.state();
-        // A message of a partition given up meanwhile: its new owner reads it.
-        let Some(mut epoch) = st.epochs.get(&tp).copied() else {
-            return;
-        };
-        if let Some(&(e, expected)) = st.positions.get(&tp)
-            && e == epoch
-            && m.offset() < expected
-        {
-            epoch = self.rewound(&mut st, tp, expected, m.offset());
-        }
-        st.positions.insert(tp, (epoch, m.offset() + 1));
-        // Windows are bounded in bytes too: one that this message would take past the limit
-        // closes first (a message larger than the limit travels alone).
-        let incoming = m.key().map_or(0, <[u8]>::len)
-            + m.payload().map_or(0, <[u8]>::len)
-            + m.headers().map_or(0, |h| {
-                h.iter()
-                    .map(|h| 6 + h.key.len() + h.value.map_or(0, <[u8]>::len))
-                    .sum()
-            });
-        if super::window::full_before(
-            st.builder.items.len(),
-            st.builder.arena.len(),
-            incoming,
-            self.cfg.worker.window_max_bytes,
-        ) {
-            self.close(&mut st, true);
-        }
-        let b = &mut st.builder;
-        b.opened.get_or_insert_with(Instant::now);
-        let raw = RawRef {
-            key: m.key().map(|k| b.arena.push(k)),
-            payload: m.payload().map(|p| b.arena.push(p)),
-            headers: m
-                .headers()
-                .map(|h| b.arena.push_headers(h.iter().map(|h| (h.key, h.value)))),
-        };
-        let timestamp_ms = m.timestamp().to_millis();
-        b.items.push(RawItem {
-            origin: Origin::Kafka {
-                topic: tp.0,
-                partition: tp.1,
-                offset: m.offset(),
-                epoch,
-                timestamp_ms,
-            },
-            raw,
-        });
-        let now_ms = chrono::Utc::now().timestamp_millis();
-        let ts = timestamp_ms.unwrap_or(now_ms);
-        b.broker_ms = b.broker_ms.max(now_ms - ts);
-        let slot = b.offsets.entry((tp, epoch)).or_insert((m.offset(), ts));
-        if m.offset() >= slot.0 {
-            *slot = (m.offset(), ts);
-        }
-        b.timestamps.push(ts);
-        b.bytes += incoming;
-        self.shared.in_flight.fetch_add(1, Ordering::Relaxed);
-        self.shared
-            .in_flight_bytes
-            .fetch_add(incoming, Ordering::Relaxed);
-    }
-
-    /// The partition's log went back under this member: a broker lost messages it had
-    /// acknowledged, or truncated its log, and librdkafka reset the position to what is there
-    /// now (`auto.offset.reset`). What follows is a new epoch of the partition, whose commits
-    /// may lie below the last one's: holding them until the old offset is passed again would
-    /// keep a quiet partition's lag above 0 for good. (The projectors are idempotent: what
-    /// is read again changes nothing.)
-    fn rewound(&self, st: &mut State, tp: Tp, expected: i64, got: i64) -> u32 {
-        let epoch = st.next_epoch;
-        st.next_epoch += 1;
-        st.epochs.insert(tp, epoch);
-        let topic = self.topics.get(tp.0 as usize).map_or("?", String::as_str);
-        tracing::warn!(
-            topic,
-            partition = tp.1,
-            expected,
-            got,
-            "the partition's log went back (the broker lost or truncated it): following it"
-        );
-        metrics::counter!("projector_log_rewinds_total").increment(1);
-        let _ = self.tracker.send(TrackerMsg::Assigned(vec![(tp, epoch)]));
-        epoch
-    }
-
-    /// Close the open window if it is full or old enough (`force`: if it has anything).
-    fn close(&self, st: &mut State, force: bool) {
-        let b = &st.builder;
-        let Some(opened) = b.opened else { return };
-        let full = b.items.len() >= self.cfg.worker.window_size.max(1);
-        let old = opened.elapsed() >= Duration::from_millis(self.cfg.worker.window_ms);
-        if !(force || full || old) {
-            return;
-        }
-        let b = std::mem::replace(&mut st.builder, Builder::new());
-        use crate::runtime::budget::{Step, record};
-        record(Step::Window, opened.elapsed());
-        record(
-            Step::Broker,
-            Duration::from_millis(b.broker_ms.max(0) as u64),
-        );
-        let id = st.next_window;
-        st.next_window += 1;
-        let reg = Registration {
-            id,
-            generation: st.generation,
-            offsets: b
-                .offsets
-                .iter()
-                .map(|((tp, epoch), (o, _))| (*tp, *epoch, *o))
-                .collect(),
-            newest: b
-                .offsets
-                .iter()
-                .map(|((tp, _), (_, ts))| (*tp, *ts))
-                .collect(),
-            messages: b.items.len(),
-            bytes: b.bytes,
-            timestamps: b.timestamps,
-        };
-        // Registered before any stage can see it, so no acknowledgement arrives first.
-        let _ = self.tracker.send(TrackerMsg::Register(reg));
-        st.last_registered = Some(id);
-        st.ready.push_back(RawWindow {
-            id,
-            generation: st.generation,
-            items: b.items,
-            arena: b.arena,
-            opened,
-        });
-    }
-
-    /// Hand closed windows to the pipeline without blocking; true when none is left.
-    fn offer(&self, st: &mut State) -> bool {
-        while let Some(w) = st.ready.pop_front() {
-            match self.windows.try_send(w) {
-                Ok(()) => {}
-                Err(mpsc::error::TrySendError::Full(w)) => {
-                    st.ready.push_front(w);
-                    return false;
-                }
-                Err(mpsc::error::TrySendError::Closed(_)) => return true,
-            }
-        }
-        true
-    }
-
-    /// Close the open window and hand everything over, waiting up to `deadline`.
-    fn flush(&self, deadline: Instant) -> Option<u64> {
-        let mut st = self.state();
-        self.close(&mut st, true);
-        while !self.offer(&mut st) && Instant::now() < deadline {
-            drop(st);
-            std::thread::sleep(Duration::from_millis(5));
-            st = self.state();
-        }
-        st.last_registered
     }
 
     /// The source thread: poll, window, pause, re-create a failed consumer; returns at
