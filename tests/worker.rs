@@ -165,9 +165,11 @@ async fn a_resume_librdkafka_drops_is_made_again() {
     let extra = [("PROJECTOR_FAILPOINT", "lose_a_resume".to_owned())];
     let w = Worker::spawn(&cfg, "lres-0", "lres", &extra);
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while w.metric("projector_fetch_pauses_total").await.is_nan()
-        || w.metric("projector_fetch_pauses_total").await < 1.0
-    {
+    loop {
+        // NaN, which is not ≥ 1, until the worker serves its metrics.
+        if w.metric("projector_fetch_pauses_total").await >= 1.0 {
+            break;
+        }
         assert!(
             std::time::Instant::now() < deadline,
             "the idle worker never paused"

@@ -291,18 +291,27 @@ impl StageCtx {
     }
 }
 
+/// The failpoint a test armed (`PROJECTOR_FAILPOINT`), read once: the hooks sit on hot
+/// paths (every batch, every idle pause).
+fn armed(name: &str) -> bool {
+    static ARMED: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    ARMED
+        .get_or_init(|| std::env::var("PROJECTOR_FAILPOINT").ok())
+        .as_deref()
+        == Some(name)
+}
+
 /// Test hook: with `PROJECTOR_FAILPOINT=<name>`, true the first time the process reaches the
 /// named point, so a test can inject a fault there (rather than a crash, [`failpoint`]).
 pub fn fault_once(name: &str) -> bool {
     static FIRED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-    std::env::var("PROJECTOR_FAILPOINT").is_ok_and(|v| v == name)
-        && !FIRED.swap(true, std::sync::atomic::Ordering::Relaxed)
+    armed(name) && !FIRED.swap(true, std::sync::atomic::Ordering::Relaxed)
 }
 
 /// Test hook: `PROJECTOR_FAILPOINT=<name>` makes the process die (as kill -9 would) when it
 /// reaches the named point, so a test can land a crash exactly there.
 pub fn failpoint(name: &str) {
-    if std::env::var("PROJECTOR_FAILPOINT").is_ok_and(|v| v == name) {
+    if armed(name) {
         eprintln!("failpoint {name}: aborting");
         std::process::abort();
     }
