@@ -133,7 +133,13 @@ async fn survive(svc: &'static str, faults: &[Fault]) {
         if svc == "kafka" {
             // A broker that went away may fence a static member's old session when it
             // rejoins: the worker re-creates its consumer under the same identity.
-            eprintln!("{}: consumer re-created {restarts} times", w.name);
+            eprintln!(
+                "{}: consumer re-created {restarts} times; {} partition resumes made again; \
+                 {} partition logs went back",
+                w.name,
+                w.metric("projector_fetch_silent_resumes_total").await,
+                w.metric("projector_log_rewinds_total").await,
+            );
         } else {
             assert_eq!(
                 restarts, 0.0,
