@@ -176,9 +176,7 @@ pub async fn run(base: &Config, args: BenchArgs) -> anyhow::Result<()> {
         );
         println!("  CPU while draining (share of one core): {}", all.cpu);
         print_budget(&r.steps);
-        let mut writes: Vec<_> = r.writes.iter().collect();
-        writes.sort();
-        for (p, n) in writes {
+        for (p, n) in &r.writes {
             let secs = r.write_seconds.get(p).copied().unwrap_or_default();
             println!("  {p}: {n} writes, {secs:.1} s writing");
         }
@@ -188,11 +186,9 @@ pub async fn run(base: &Config, args: BenchArgs) -> anyhow::Result<()> {
 
     // 1. The engine alone.
     let (engine_rate, engine) = engine_alone(&cfg, &history).await?;
-    let mut writes: Vec<_> = engine.writes.iter().collect();
-    writes.sort();
     println!(
-        "engine alone: {engine_rate:.0} events/s ({} windows; writes per projector {writes:?})",
-        engine.windows
+        "engine alone: {engine_rate:.0} events/s ({} windows; writes per projector {:?})",
+        engine.windows, engine.writes
     );
     rows.push(row(
         "engine alone (decode, route, fold, encode)",

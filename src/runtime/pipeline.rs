@@ -1,7 +1,7 @@
 //! Wiring: stages per registered projector, the decode step, the tracker, and the source
 //! thread; the live worker (`projector run`) is [`run`].
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -398,9 +398,9 @@ pub struct RunReport {
     pub conflicts: u64,
     pub loads: u64,
     pub consumer_restarts: u64,
-    /// Documents/rows written per projector, and the time spent writing them.
-    pub writes: HashMap<String, u64>,
-    pub write_seconds: HashMap<String, f64>,
+    /// Documents/rows written per projector, and the time spent writing them (by name).
+    pub writes: BTreeMap<String, u64>,
+    pub write_seconds: BTreeMap<String, f64>,
     pub largest_window: u64,
     /// Seconds from the first message received to the last commit.
     pub active_seconds: f64,

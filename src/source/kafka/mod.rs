@@ -54,10 +54,7 @@ struct State {
     builder: Builder,
     /// Closed windows the pipeline has not taken yet.
     ready: VecDeque<RawWindow>,
-    /// Assignment epoch of each owned partition (a partition assigned again gets a new one).
-    epochs: HashMap<Tp, u32>,
-    /// Each owned partition's epoch and the next offset it is expected to deliver.
-    positions: HashMap<Tp, (u32, i64)>,
+    owned: HashMap<Tp, Owned>,
     next_epoch: u32,
     generation: u64,
     next_window: u64,
@@ -65,6 +62,24 @@ struct State {
     /// Partitions assigned / revoked since the poll loop last looked (it owns their queues).
     added: Vec<Tp>,
     removed: Vec<Tp>,
+}
+
+/// An owned partition: its epoch (a partition assigned again, or whose log went back, gets a
+/// new one) and the next offset it should deliver in it.
+#[derive(Debug, Clone, Copy)]
+struct Owned {
+    epoch: u32,
+    next: Option<i64>,
+}
+
+impl State {
+    /// Start a new epoch of `tp`, `next` the offset it should deliver next (if known).
+    fn new_epoch(&mut self, tp: Tp, next: Option<i64>) -> u32 {
+        let epoch = self.next_epoch;
+        self.next_epoch += 1;
+        self.owned.insert(tp, Owned { epoch, next });
+        epoch
+    }
 }
 
 pub struct KafkaSource {
@@ -100,8 +115,7 @@ impl KafkaSource {
             state: Mutex::new(State {
                 builder: Builder::new(),
                 ready: VecDeque::new(),
-                epochs: HashMap::new(),
-                positions: HashMap::new(),
+                owned: HashMap::new(),
                 next_epoch: 1,
                 generation: 0,
                 next_window: 1,
@@ -131,7 +145,7 @@ impl KafkaSource {
             let generation = {
                 let mut st = self.state();
                 st.generation += 1;
-                st.epochs.clear();
+                st.owned.clear();
                 st.generation
             };
             let handler: Arc<dyn RebalanceHandler> = self.clone();
@@ -165,7 +179,7 @@ impl KafkaSource {
             let last = self.flush(Instant::now() + Duration::from_secs(30));
             if finished {
                 self.wait_until_written(&consumer);
-                let parts: Vec<Tp> = self.state().epochs.keys().copied().collect();
+                let parts: Vec<Tp> = self.state().owned.keys().copied().collect();
                 self.drain_and_commit(&consumer, parts, last);
             }
             let (tx, rx) = std::sync::mpsc::channel();

@@ -69,8 +69,7 @@ impl RebalanceHandler for KafkaSource {
         {
             let mut st = self.state();
             for tp in &parts {
-                st.epochs.remove(tp);
-                st.positions.remove(tp);
+                st.owned.remove(tp);
                 st.removed.push(*tp);
                 st.added.retain(|t| t != tp);
             }
@@ -85,9 +84,7 @@ impl RebalanceHandler for KafkaSource {
             let mut st = self.state();
             for e in partitions.elements() {
                 if let Some(tp) = self.tp_of(e.topic(), e.partition()) {
-                    let epoch = st.next_epoch;
-                    st.next_epoch += 1;
-                    st.epochs.insert(tp, epoch);
+                    let epoch = st.new_epoch(tp, None);
                     st.added.push(tp);
                     st.removed.retain(|t| *t != tp);
                     assigned.push((tp, epoch));

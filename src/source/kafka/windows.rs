@@ -58,16 +58,14 @@ impl KafkaSource {
         };
         let mut st = self.state();
         // A message of a partition given up meanwhile: its new owner reads it.
-        let Some(mut epoch) = st.epochs.get(&tp).copied() else {
+        let Some(owned) = st.owned.get_mut(&tp) else {
             return;
         };
-        if let Some(&(e, expected)) = st.positions.get(&tp)
-            && e == epoch
-            && m.offset() < expected
-        {
+        let expected = owned.next.replace(m.offset() + 1);
+        let mut epoch = owned.epoch;
+        if let Some(expected) = expected.filter(|e| m.offset() < *e) {
             epoch = self.rewound(&mut st, tp, expected, m.offset());
         }
-        st.positions.insert(tp, (epoch, m.offset() + 1));
         // Windows are bounded in bytes too: one that this message would take past the limit
         // closes first (a message larger than the limit travels alone).
         let incoming = m.key().map_or(0, <[u8]>::len)
@@ -127,9 +125,7 @@ impl KafkaSource {
     /// keep a quiet partition's lag above 0 for good. (The projectors are idempotent: what
     /// is read again changes nothing.)
     pub(super) fn rewound(&self, st: &mut State, tp: Tp, expected: i64, got: i64) -> u32 {
-        let epoch = st.next_epoch;
-        st.next_epoch += 1;
-        st.epochs.insert(tp, epoch);
+        let epoch = st.new_epoch(tp, Some(got + 1));
         let topic = self.topics.get(tp.0 as usize).map_or("?", String::as_str);
         tracing::warn!(
             topic,
