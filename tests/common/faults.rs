@@ -277,12 +277,13 @@ impl Drop for Worker {
 /// Committed offsets and high watermarks of the group, summed over the event topics.
 /// `None` while the broker does not answer.
 pub fn progress(cfg: &Config) -> Option<(i64, i64)> {
-    let parts = partitions(cfg)?;
-    Some(
-        parts
-            .iter()
-            .fold((0, 0), |(d, h), p| (d + p.committed, h + p.high)),
-    )
+    partitions(cfg).map(|ps| totals(&ps))
+}
+
+fn totals(parts: &[PartitionProgress]) -> (i64, i64) {
+    parts
+        .iter()
+        .fold((0, 0), |(d, h), p| (d + p.committed, h + p.high))
 }
 
 /// One partition of the group, as the broker sees it.
@@ -332,9 +333,9 @@ pub fn partitions(cfg: &Config) -> Option<Vec<PartitionProgress>> {
     Some(out)
 }
 
-/// Wait until the group's (committed, high) totals satisfy `done`; past `limit`, fail with
-/// what a stuck run needs to say (a CI log is all there is): the partitions behind, and each
-/// worker's assignment, pacing and last warnings.
+/// Wait until every partition of the group is caught up and the (committed, high) totals
+/// satisfy `done`; past `limit`, fail with what a stuck run needs to say (a CI log is all
+/// there is): the partitions behind, and each worker's assignment, pacing and last warnings.
 pub async fn wait_for_group<F: FnMut(i64, i64) -> bool>(
     cfg: &Config,
     workers: &[&Worker],
@@ -343,7 +344,13 @@ pub async fn wait_for_group<F: FnMut(i64, i64) -> bool>(
     mut done: F,
 ) {
     let deadline = Instant::now() + limit;
-    while !progress(cfg).is_some_and(|(d, h)| done(d, h)) {
+    // Totals can match while one partition is behind and another ahead (a broker that lost
+    // messages leaves commits past its high watermark): every partition must be caught up.
+    let caught_up = |parts: &[PartitionProgress]| parts.iter().all(|p| p.committed == p.high);
+    while !partitions(cfg).is_some_and(|ps| {
+        let (d, h) = totals(&ps);
+        done(d, h) && caught_up(&ps)
+    }) {
         if Instant::now() >= deadline {
             let mut report = format!("timed out waiting for {what}\npartitions behind:\n");
             match partitions(cfg) {
