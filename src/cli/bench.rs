@@ -986,10 +986,13 @@ async fn clickhouse_engine(cfg: &Config, id: &str, n: u64) -> anyhow::Result<f64
 /// about 15 s; publish → visible percentiles from the worker's own figures.
 /// The latency budget of a run, step by step (see `projector::runtime::budget`).
 fn print_budget(steps: &[projector::runtime::budget::StepLatency]) {
-    println!("  latency budget    count      p50 ms      p99 ms      max ms");
+    println!(
+        "  {:<16} {:>6} {:>11} {:>11} {:>11}",
+        "latency budget", "count", "p50 ms", "p99 ms", "max ms"
+    );
     for s in steps {
         println!(
-            "  {:<12} {:>10} {:>11.2} {:>11.2} {:>11.2}",
+            "  {:<16} {:>6} {:>11.2} {:>11.2} {:>11.2}",
             s.step, s.count, s.p50_ms, s.p99_ms, s.max_ms
         );
     }
@@ -1118,7 +1121,18 @@ pub(super) fn spawn_worker(
     idle: f64,
     only: Option<&str>,
 ) -> anyhow::Result<std::process::Child> {
-    let mut cmd = std::process::Command::new(std::env::current_exe()?);
+    // BENCH_WORKER_WRAP runs the worker under another program, e.g. "heaptrack -o /tmp/w"
+    // or "perf record -g -o /tmp/w.data" (profiling the process the figures come from).
+    let wrap = std::env::var("BENCH_WORKER_WRAP").unwrap_or_default();
+    let mut words = wrap.split_whitespace();
+    let mut cmd = match words.next() {
+        Some(program) => {
+            let mut c = std::process::Command::new(program);
+            c.args(words).arg(std::env::current_exe()?);
+            c
+        }
+        None => std::process::Command::new(std::env::current_exe()?),
+    };
     cmd.args(["run", "--exit-when-idle", &idle.to_string(), "--stats-json"])
         .arg(PathBuf::from(stats));
     if let Some(p) = only {

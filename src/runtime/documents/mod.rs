@@ -395,7 +395,7 @@ impl<P: Projector, S: DocStore> DocStage<P, S> {
             .increment(prep.duplicates as u64);
         metrics::histogram!("projector_write_seconds", "projector" => name, "store" => self.ctx.store)
             .record(started.elapsed().as_secs_f64());
-        super::budget::record(super::budget::Step::Write, started.elapsed());
+        super::budget::record_write(self.ctx.store, started.elapsed());
         self.ctx.ack(&prep.routed.batch);
     }
 }
