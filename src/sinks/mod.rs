@@ -97,6 +97,25 @@ pub struct WriteOutcome {
     pub refused: Vec<(usize, String)>,
 }
 
+/// Split items of `sizes` into runs of at most `max` items and `max_bytes` bytes, in order
+/// (an item larger than `max_bytes` alone), one command each.
+pub(crate) fn runs(sizes: &[usize], max: usize, max_bytes: usize) -> Vec<std::ops::Range<usize>> {
+    let mut out = Vec::new();
+    let (mut start, mut bytes) = (0, 0);
+    for (i, s) in sizes.iter().enumerate() {
+        if i > start && (i - start >= max || bytes + s > max_bytes) {
+            out.push(start..i);
+            start = i;
+            bytes = 0;
+        }
+        bytes += s;
+    }
+    if start < sizes.len() {
+        out.push(start..sizes.len());
+    }
+    out
+}
+
 /// A stored document, or why it could not be read.
 pub type Loaded<V> = Result<Doc<V>, String>;
 

@@ -266,20 +266,7 @@ fn chunks(sizes: &[usize]) -> Vec<std::ops::Range<usize>> {
 
 /// Split statements into commands of at most `max` statements and CHUNK_BYTES.
 fn chunks_of(sizes: &[usize], max: usize) -> Vec<std::ops::Range<usize>> {
-    let mut out = Vec::new();
-    let (mut start, mut bytes) = (0, 0);
-    for (i, s) in sizes.iter().enumerate() {
-        if i > start && (i - start >= max || bytes + s > CHUNK_BYTES) {
-            out.push(start..i);
-            start = i;
-            bytes = 0;
-        }
-        bytes += s;
-    }
-    if start < sizes.len() {
-        out.push(start..sizes.len());
-    }
-    out
+    super::runs(sizes, max, CHUNK_BYTES)
 }
 
 /// Attempts of one transaction before its still-pending statements count as conflicts.

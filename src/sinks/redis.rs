@@ -115,6 +115,18 @@ pub fn finished_key(doc_key: &str) -> Option<String> {
 /// Documents per pipeline.
 const CHUNK: usize = 256;
 
+/// Bytes of documents per script, at most (far below Redis's 1 GB query buffer, which a
+/// chunk of large documents would pass: the server then drops the connection, every time).
+const CHUNK_BYTES: usize = 16 * 1024 * 1024;
+
+/// What each write sends: its key, body and finished streams.
+fn write_sizes(writes: &[DocWrite]) -> Vec<usize> {
+    writes
+        .iter()
+        .map(|w| w.key.len() + w.body.len() + w.finished.iter().map(String::len).sum::<usize>())
+        .collect()
+}
+
 /// Connections the chunks of a batch spread over. With `appendfsync always`, Redis syncs its
 /// log once per event-loop turn: chunks that complete in the same turn share the sync.
 const CONNECTIONS: usize = 4;
@@ -881,10 +893,10 @@ impl DocStore for RedisSink {
                 STORE,
                 self.timeout,
                 try_join_all(
-                    writes
-                        .chunks(CHUNK)
+                    super::runs(&write_sizes(writes), CHUNK, CHUNK_BYTES)
+                        .into_iter()
                         .enumerate()
-                        .map(|(n, c)| self.write_chunk(n, c)),
+                        .map(|(n, r)| self.write_chunk(n, &writes[r])),
                 ),
             )
             .await?
