@@ -266,8 +266,8 @@ pub async fn run(base: &Config, args: BenchArgs) -> anyhow::Result<()> {
     rows.push(row(
         "backlog drain, all three read models",
         format!("{all_rate:.0} events/s"),
-        "target 60,000",
-        Some(all_rate / 60_000.0),
+        "target 45,000",
+        Some(all_rate / 45_000.0),
     ));
     rows.push(row(
         "backlog drain, analytics only",

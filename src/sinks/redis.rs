@@ -112,7 +112,7 @@ pub fn finished_key(doc_key: &str) -> Option<String> {
     (!doc_key.contains(['{', '}'])).then(|| format!("{{{doc_key}}}:finished"))
 }
 
-/// Documents per pipeline.
+/// Documents per script (and per pipeline on a single server).
 const CHUNK: usize = 256;
 
 /// Bytes of documents per script, at most (far below Redis's 1 GB query buffer, which a
@@ -488,7 +488,6 @@ fn aof_confirmed(reply: &Value) -> Result<(), SinkError> {
     }
 }
 
-/// A reply of another shape than the command's (a server of another version, say).
 /// One reply per document from the reply of a [`CAS_MANY`] chunk of `n`. An error for the
 /// whole command (out of memory, say) is every document's.
 fn per_document(reply: Value, n: usize) -> Result<Vec<Value>, SinkError> {
@@ -501,6 +500,7 @@ fn per_document(reply: Value, n: usize) -> Result<Vec<Value>, SinkError> {
     }
 }
 
+/// A reply of another shape than the command's (a server of another version, say).
 fn unexpected(e: impl std::fmt::Display) -> SinkError {
     SinkError::transient(STORE, format!("unexpected reply: {e}"))
 }
