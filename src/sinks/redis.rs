@@ -30,27 +30,11 @@ use crate::config::RedisConfig;
 
 const STORE: &str = "redis";
 
-/// The stored token sits at the very end of the document (`..."_rev":123}`), so the script
-/// reads it from the last bytes without parsing the JSON. "0" stands for an absent key.
-/// With a second key, the streams after the document (`ARGV[3..]`) join the set of its
-/// finished streams in the same script (atomic with the document).
-const CAS: &str = r#"
-local cur = redis.call('GET', KEYS[1])
-local rev = '0'
-if cur then
-  rev = string.match(string.sub(cur, -40), '"_rev":(%d+)}$') or '?'
-end
-if rev ~= ARGV[1] then return 0 end
-redis.call('SET', KEYS[1], ARGV[2])
-if KEYS[2] then
-  for i = 3, #ARGV, 500 do
-    redis.call('SADD', KEYS[2], unpack(ARGV, i, math.min(i + 499, #ARGV)))
-  end
-end
-return 1"#;
-
-/// The compare-and-set of many documents in one command (a single server's pipelines).
-/// With `appendfsync always`, Redis syncs its log once per event-loop turn that executed a
+/// The compare-and-set of many documents in one command (on a cluster, of one document: a
+/// command may not cross slots). The stored token sits at the very end of a document
+/// (`..."_rev":123}`), so the script reads it from the last bytes without parsing the JSON;
+/// "0" stands for an absent key. A document's finished streams join the set of them in the
+/// same script (atomic with the document). With `appendfsync always`, Redis syncs its log once per event-loop turn that executed a
 /// write, and a turn reads 16 KB of a client's pipeline: a chunk sent as one script per
 /// document was synced a dozen times or more, each sync 13 ms at the median and up to 145 ms
 /// while the other servers wrote (`LATENCY HISTORY aof-fsync-always`). As one command it
@@ -59,7 +43,7 @@ return 1"#;
 /// Per document, in order: KEYS its key, then its finished set if it has finished streams;
 /// ARGV the expected token, the body, the number n of finished streams, then those n. The
 /// reply has one element per document: 1 written, 0 the token moved on, or the error that
-/// document alone met (`pcall`: the others are still written, as separate scripts were).
+/// document alone met (`pcall`: the others are still written).
 const CAS_MANY: &str = r#"
 local out = {}
 local k, a = 1, 1
@@ -358,9 +342,8 @@ pub struct RedisSink {
     /// client holds a connection per node).
     writers: Arc<Vec<RedisCon>>,
     prefix: Arc<str>,
+    /// The compare-and-set ([`CAS_MANY`]).
     cas: Arc<Script>,
-    /// Many documents' compare-and-set in one script (a single server's pipelines).
-    cas_many: Arc<Script>,
     timeout: Duration,
     /// What an acknowledged write promises (WAITAOF after every batch when the server has it).
     durability: Durability,
@@ -561,8 +544,7 @@ impl RedisSink {
             con,
             writers: Arc::new(cons),
             prefix: prefix.into(),
-            cas: Arc::new(Script::new(CAS)),
-            cas_many: Arc::new(Script::new(CAS_MANY)),
+            cas: Arc::new(Script::new(CAS_MANY)),
             timeout,
             durability: Durability::FsyncAlways,
         };
@@ -671,22 +653,6 @@ impl RedisSink {
         Ok(docs)
     }
 
-    /// The compare-and-set of one write (with its finished streams, if any).
-    fn invocation(&self, w: &DocWrite) -> redis::ScriptInvocation<'_> {
-        let key = self.key(&w.key);
-        let side = finished_key(&key).filter(|_| !w.finished.is_empty());
-        let mut inv = self.cas.key(key);
-        inv.arg(w.expected.unwrap_or(0).to_string())
-            .arg(w.body.as_slice());
-        if let Some(side) = side {
-            inv.key(side);
-            for s in &w.finished {
-                inv.arg(s.as_str());
-            }
-        }
-        inv
-    }
-
     /// On a cluster: one script per document, routed by its key, in order of `writes`.
     /// `Err` in a reply: the server refused that document alone.
     async fn write_each(
@@ -699,7 +665,7 @@ impl RedisSink {
             .iter()
             .map(|w| {
                 let mut con = self.con.clone();
-                let inv = self.invocation(w);
+                let inv = self.invocation(std::slice::from_ref(w));
                 async move { inv.invoke_async::<Value>(&mut con).await }
             })
             .collect();
@@ -710,7 +676,7 @@ impl RedisSink {
         replies
             .into_iter()
             .map(|r| match r {
-                Ok(v) => Ok(Ok(v)),
+                Ok(v) => Ok(Ok(per_document(v, 1)?.swap_remove(0))),
                 Err(e) if e.code().is_some_and(|c| !transient_code(c)) => Ok(Err(e.to_string())),
                 Err(e) => Err(classify(e)),
             })
@@ -723,8 +689,8 @@ impl RedisSink {
         let mut con = self.writers[n % self.writers.len()].clone();
         let mut pipe = redis::pipe();
         // In every pipeline: a restarted Redis has forgotten the script.
-        pipe.load_script(&self.cas_many).ignore();
-        pipe.invoke_script(&self.invocation_many(writes));
+        pipe.load_script(&self.cas).ignore();
+        pipe.invoke_script(&self.invocation(writes));
         let wait = self.durability == Durability::WaitAof;
         if wait {
             pipe.add_command(self.waitaof());
@@ -744,8 +710,8 @@ impl RedisSink {
     }
 
     /// The compare-and-set of `writes` in one script ([`CAS_MANY`]).
-    fn invocation_many(&self, writes: &[DocWrite]) -> redis::ScriptInvocation<'_> {
-        let mut inv = self.cas_many.prepare_invoke();
+    fn invocation(&self, writes: &[DocWrite]) -> redis::ScriptInvocation<'_> {
+        let mut inv = self.cas.prepare_invoke();
         for w in writes {
             let key = self.key(&w.key);
             let side = finished_key(&key).filter(|_| !w.finished.is_empty());
