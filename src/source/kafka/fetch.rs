@@ -19,13 +19,9 @@ impl KafkaSource {
     /// resume them (see `source::pace`; a partition assigned meanwhile was never paused, and
     /// resuming it changes nothing).
     pub(super) fn pause_fetching(&self, consumer: &SourceConsumer, pause: Duration) {
-        let Ok(paused) = consumer.assignment() else {
+        let Some(paused) = self.pause_owned(consumer) else {
             return;
         };
-        if let Err(e) = consumer.pause(&paused) {
-            tracing::warn!(error = %e, "could not pause the partitions");
-            return;
-        }
         metrics::counter!("projector_fetch_pauses_total").increment(1);
         // Never past the open window's closing time: its messages wait for no pause.
         let window_ms = Duration::from_millis(self.cfg.worker.window_ms);
@@ -76,7 +72,7 @@ impl KafkaSource {
         if silent.is_empty() {
             return;
         }
-        let tpl = self.tpl_of_parts(&silent);
+        let tpl = self.tpl(silent.iter().map(|tp| (*tp, None)));
         tracing::debug!(
             partitions = silent.len(),
             "resuming silent partitions again"
@@ -97,26 +93,13 @@ impl KafkaSource {
         let _ = consumer.fetch_metadata(topic, Duration::from_millis(100));
     }
 
-    pub(super) fn pause_all(&self, consumer: &SourceConsumer) {
-        let Ok(assignment) = consumer.assignment() else {
-            return;
-        };
-        if assignment.count() == 0 {
-            return;
-        }
-        if let Err(e) = consumer.pause(&assignment) {
+    /// Pause every partition owned now; the list paused, or `None` if nothing was.
+    pub(super) fn pause_owned(&self, consumer: &SourceConsumer) -> Option<TopicPartitionList> {
+        let owned = consumer.assignment().ok()?;
+        if let Err(e) = consumer.pause(&owned) {
             tracing::warn!(error = %e, "could not pause the partitions");
+            return None;
         }
-    }
-
-    /// A list of partitions to pause or resume.
-    pub(super) fn tpl_of_parts(&self, parts: &[Tp]) -> TopicPartitionList {
-        let mut tpl = TopicPartitionList::new();
-        for (t, p) in parts {
-            if let Some(topic) = self.topics.get(*t as usize) {
-                tpl.add_partition(topic, *p);
-            }
-        }
-        tpl
+        Some(owned)
     }
 }

@@ -13,10 +13,10 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use rdkafka::TopicPartitionList;
 use rdkafka::consumer::Consumer;
 use rdkafka::consumer::base_consumer::PartitionQueue;
 use rdkafka::error::KafkaError;
+use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::mpsc;
 
 use super::consumer::{
@@ -132,6 +132,25 @@ impl KafkaSource {
 
     fn tp_of(&self, topic: &str, partition: i32) -> Option<Tp> {
         self.topic_index.get(topic).map(|t| (*t, partition))
+    }
+
+    /// A list of partitions, each with the offset to commit (none: to pause or resume).
+    fn tpl(&self, parts: impl IntoIterator<Item = (Tp, Option<i64>)>) -> TopicPartitionList {
+        let mut tpl = TopicPartitionList::new();
+        for ((t, p), offset) in parts {
+            let Some(topic) = self.topics.get(t as usize) else {
+                continue;
+            };
+            match offset {
+                Some(o) => {
+                    let _ = tpl.add_partition_offset(topic, p, Offset::Offset(o));
+                }
+                None => {
+                    tpl.add_partition(topic, p);
+                }
+            }
+        }
+        tpl
     }
 
     /// The source thread: poll, window, pause, re-create a failed consumer; returns at
@@ -290,7 +309,7 @@ impl KafkaSource {
                     // A pause this member set before the partition was revoked must not
                     // outlive its return.
                     if !idle_pause.is_zero() {
-                        let _ = consumer.resume(&self.tpl_of_parts(&[tp]));
+                        let _ = consumer.resume(&self.tpl([(tp, None)]));
                     }
                     queues.retain(|(t, _)| *t != tp);
                     queues.push((tp, q));
@@ -427,7 +446,7 @@ impl KafkaSource {
     /// At shutdown: keep polling (paused, so the session stays alive) until every window is
     /// written and acknowledged, or the shutdown deadline passes.
     fn wait_until_written(&self, consumer: &SourceConsumer) {
-        self.pause_all(consumer);
+        let _ = self.pause_owned(consumer);
         let deadline = Instant::now() + Duration::from_secs(60);
         while self.shared.in_flight.load(Ordering::Relaxed) > 0 && Instant::now() < deadline {
             let _ = consumer.poll(Duration::from_millis(50));

@@ -4,24 +4,14 @@
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use rdkafka::TopicPartitionList;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
-use rdkafka::{Offset, TopicPartitionList};
 
 use super::KafkaSource;
 use crate::runtime::commit::{Tp, TrackerMsg};
 use crate::source::consumer::{RebalanceHandler, SourceConsumer, SourceContext};
 
 impl KafkaSource {
-    fn tpl_of(&self, offsets: &[(Tp, i64)]) -> TopicPartitionList {
-        let mut tpl = TopicPartitionList::new();
-        for ((t, p), o) in offsets {
-            if let Some(topic) = self.topics.get(*t as usize) {
-                let _ = tpl.add_partition_offset(topic, *p, Offset::Offset(*o));
-            }
-        }
-        tpl
-    }
-
     /// Wait until the tracker has everything up to `upto`, then commit `parts` synchronously.
     pub(super) fn drain_and_commit(
         &self,
@@ -49,7 +39,7 @@ impl KafkaSource {
         if offsets.is_empty() {
             return;
         }
-        let tpl = self.tpl_of(&offsets);
+        let tpl = self.tpl(offsets.iter().map(|(tp, o)| (*tp, Some(*o))));
         if let Err(e) = consumer.commit(&tpl, CommitMode::Sync) {
             tracing::warn!(error = %e, "final commit of revoked partitions failed; their new owner redelivers");
         }
@@ -78,7 +68,7 @@ impl RebalanceHandler for KafkaSource {
         self.shared.assignment_gen.fetch_add(1, Ordering::Relaxed);
     }
 
-    fn assign(&self, consumer: &BaseConsumer<SourceContext>, partitions: &TopicPartitionList) {
+    fn assign(&self, _consumer: &BaseConsumer<SourceContext>, partitions: &TopicPartitionList) {
         let mut assigned = Vec::new();
         {
             let mut st = self.state();
@@ -94,6 +84,5 @@ impl RebalanceHandler for KafkaSource {
         let _ = self.tracker.send(TrackerMsg::Assigned(assigned));
         self.shared.assignment_gen.fetch_add(1, Ordering::Relaxed);
         self.shared.assigned.store(true, Ordering::Relaxed);
-        let _ = consumer;
     }
 }
