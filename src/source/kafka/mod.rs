@@ -199,7 +199,7 @@ impl KafkaSource {
             if finished {
                 self.wait_until_written(&consumer);
                 let parts: Vec<Tp> = self.state().owned.keys().copied().collect();
-                self.drain_and_commit(&consumer, parts, last);
+                self.drain_and_commit(&consumer, parts, last, self.drain_deadline());
             }
             let (tx, rx) = std::sync::mpsc::channel();
             let _ = self.tracker.send(TrackerMsg::Release { reply: tx });

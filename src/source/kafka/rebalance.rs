@@ -12,14 +12,20 @@ use crate::runtime::commit::{Tp, TrackerMsg};
 use crate::source::consumer::{RebalanceHandler, SourceConsumer, SourceContext};
 
 impl KafkaSource {
-    /// Wait until the tracker has everything up to `upto`, then commit `parts` synchronously.
+    /// The deadline of a drain that starts now (`worker.drain_timeout_ms`).
+    pub(super) fn drain_deadline(&self) -> Instant {
+        Instant::now() + Duration::from_millis(self.cfg.worker.drain_timeout_ms)
+    }
+
+    /// Wait until the tracker has everything up to `upto` (or `deadline` passes), then commit
+    /// `parts` synchronously.
     pub(super) fn drain_and_commit(
         &self,
         consumer: &SourceConsumer,
         parts: Vec<Tp>,
         upto: Option<u64>,
+        deadline: Instant,
     ) {
-        let deadline = Instant::now() + Duration::from_millis(self.cfg.worker.drain_timeout_ms);
         let offsets = match upto {
             None => Vec::new(),
             Some(upto) => {
@@ -53,9 +59,11 @@ impl RebalanceHandler for KafkaSource {
             .iter()
             .filter_map(|e| self.tp_of(e.topic(), e.partition()))
             .collect();
-        let deadline = Instant::now() + Duration::from_millis(self.cfg.worker.drain_timeout_ms);
+        // One deadline for the hand-over and the drain: the rebalance waits at most
+        // `drain_timeout_ms` in all, however long the pipeline took to take the windows.
+        let deadline = self.drain_deadline();
         let last = self.flush(deadline);
-        self.drain_and_commit(consumer, parts.clone(), last);
+        self.drain_and_commit(consumer, parts.clone(), last, deadline);
         {
             let mut st = self.state();
             for tp in &parts {
@@ -84,5 +92,89 @@ impl RebalanceHandler for KafkaSource {
         let _ = self.tracker.send(TrackerMsg::Assigned(assigned));
         self.shared.assignment_gen.fetch_add(1, Ordering::Relaxed);
         self.shared.assigned.store(true, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Weak};
+    use std::time::{Duration, Instant};
+
+    use rdkafka::ClientConfig;
+    use rdkafka::TopicPartitionList;
+    use tokio::sync::mpsc;
+
+    use super::super::{KafkaSource, RawWindow};
+    use crate::runtime::Shared;
+    use crate::runtime::commit::TrackerMsg;
+    use crate::source::consumer::{RebalanceHandler, SourceConsumer, SourceContext};
+    use crate::source::window::Arena;
+
+    fn window(id: u64) -> RawWindow {
+        RawWindow {
+            id,
+            generation: 0,
+            items: Vec::new(),
+            arena: Arena::with_capacity(0),
+            opened: Instant::now(),
+        }
+    }
+
+    /// A pipeline that takes nothing and a store that acknowledges nothing: the revoke must
+    /// still let the partitions go within one `drain_timeout_ms`, not one to hand the
+    /// windows over and another to drain them.
+    #[test]
+    fn a_stuck_revoke_waits_one_drain_timeout_in_all() {
+        let mut cfg = crate::config::Config::load_for_tests().expect("config/local.toml");
+        cfg.worker.drain_timeout_ms = 1_000;
+        let shared = Arc::new(Shared::default());
+        let (tracker, mut inbox) = mpsc::unbounded_channel();
+        // The pipeline's inbox is full and nobody reads it.
+        let (windows, _pipeline) = mpsc::channel(1);
+        windows.try_send(window(1)).expect("room for one");
+        let topics = Arc::new(vec!["t".to_owned()]);
+        let source = KafkaSource::new(&cfg, shared.clone(), tracker, windows, topics);
+        {
+            let mut st = source.state();
+            st.ready.push_back(window(2));
+            st.last_registered = Some(2);
+        }
+        // The commit tracker answers a drain at its deadline with nothing committable, as it
+        // does when acknowledgements never come.
+        let answering = std::thread::spawn(move || {
+            while let Some(msg) = inbox.blocking_recv() {
+                if let TrackerMsg::Drain {
+                    deadline, reply, ..
+                } = msg
+                {
+                    std::thread::sleep(deadline.saturating_duration_since(Instant::now()));
+                    let _ = reply.send(Vec::new());
+                }
+            }
+        });
+        let handler: Weak<dyn RebalanceHandler> = Arc::downgrade(&source) as _;
+        // Offline: no broker is needed to create a client, and nothing is committed.
+        let consumer: SourceConsumer = ClientConfig::new()
+            .set("bootstrap.servers", "127.0.0.1:9")
+            .set("group.id", "stuck-revoke")
+            .create_with_context(SourceContext::new(shared, handler))
+            .expect("an offline consumer");
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition("t", 0);
+
+        let started = Instant::now();
+        RebalanceHandler::revoke(source.as_ref(), &consumer, &tpl);
+        let took = started.elapsed();
+        drop(consumer);
+        drop(source);
+        let _ = answering.join();
+        assert!(
+            took >= Duration::from_millis(900),
+            "the revoke waited for the pipeline and the tracker ({took:?})"
+        );
+        assert!(
+            took < Duration::from_millis(1_700),
+            "the revoke waited {took:?}, more than one drain_timeout_ms (1 s) and slack"
+        );
     }
 }
