@@ -16,7 +16,7 @@ fn write(key: &str, expected: Option<u64>, rev: u64, n: usize) -> DocWrite {
         key: key.to_owned(),
         expected,
         rev,
-        body: body(n, rev),
+        body: body(n, rev).into(),
         finished: Vec::new(),
     }
 }
@@ -90,7 +90,9 @@ async fn redis_gives_each_document_of_a_batch_its_own_verdict() {
             key: format!("big{i}"),
             expected: None,
             rev: 3_000 + i,
-            body: format!(r#"{{"pad":"{pad}","_guard":{{}},"_rev":{}}}"#, 3_000 + i).into_bytes(),
+            body: format!(r#"{{"pad":"{pad}","_guard":{{}},"_rev":{}}}"#, 3_000 + i)
+                .into_bytes()
+                .into(),
             finished: Vec::new(),
         })
         .collect();

@@ -632,7 +632,7 @@ async fn raw_capacity(
                     key: format!("k{i}"),
                     expected: expected.get(i).copied(),
                     rev,
-                    body: store(&doc(i, rev)),
+                    body: store(&doc(i, rev)).into(),
                     finished: Vec::new(),
                 }
             })

@@ -82,7 +82,8 @@ pub struct DocWrite {
     pub expected: Option<u64>,
     pub rev: u64,
     /// The encoded document (JSON for Redis, BSON for MongoDB), guard and token included.
-    pub body: Vec<u8>,
+    /// Shared, not copied, when the batch hands its writes to the task that sends them.
+    pub body: bytes::Bytes,
     /// Streams finished for the view, kept beside the document in the same atomic write
     /// (only for a key the store keeps them apart for: [`DocStore::finished_apart`]).
     pub finished: Vec<String>,

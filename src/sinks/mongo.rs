@@ -444,7 +444,7 @@ impl DocStore for MongoSink {
         let mut out = WriteOutcome::default();
         let (mut new, mut existing) = (Vec::new(), Vec::new());
         for (i, w) in writes.iter().enumerate() {
-            match RawDocumentBuf::from_bytes(w.body.clone()).map(|d| with_id(d, &w.key)) {
+            match RawDocumentBuf::from_bytes(w.body.to_vec()).map(|d| with_id(d, &w.key)) {
                 Ok(d) if w.expected.is_none() => new.push((i, d)),
                 Ok(d) => existing.push((i, d)),
                 Err(e) => out.refused.push((i, format!("not a BSON document: {e}"))),

@@ -717,7 +717,7 @@ impl RedisSink {
             let side = finished_key(&key).filter(|_| !w.finished.is_empty());
             inv.key(key);
             inv.arg(w.expected.unwrap_or(0).to_string())
-                .arg(w.body.as_slice());
+                .arg(w.body.as_ref());
             match side {
                 Some(side) => {
                     inv.key(side);

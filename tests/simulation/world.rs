@@ -338,7 +338,7 @@ impl DocStore for MemDocs {
             if hostile[i] {
                 out.conflicts.push(i);
             } else if held == dw.expected {
-                docs.insert(dw.key.clone(), (dw.body.clone(), dw.rev));
+                docs.insert(dw.key.clone(), (dw.body.to_vec(), dw.rev));
                 // In the same atomic step, like the script.
                 if !dw.finished.is_empty() {
                     finished

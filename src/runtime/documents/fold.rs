@@ -435,7 +435,7 @@ impl<P: Projector, S: DocStore> DocStage<P, S> {
                     key,
                     expected: prep.keys[ki].expected,
                     rev,
-                    body,
+                    body: body.into(),
                     finished,
                 });
             }
