@@ -13,7 +13,6 @@ pub mod clickhouse;
 pub mod mongo;
 pub mod null;
 pub mod redis;
-pub mod redis_cluster;
 
 use std::future::Future;
 use std::time::Duration;
