@@ -552,6 +552,7 @@ impl Config {
     pub fn child_env(&self) -> Vec<(&'static str, String)> {
         vec![
             ("PROJECTOR_DEPLOYMENT", self.deployment.clone()),
+            ("PROJECTOR_POSTGRES__URL", self.postgres.url.clone()),
             (
                 "PROJECTOR_KAFKA__TOPIC_PREFIX",
                 self.kafka.topic_prefix.clone(),

@@ -122,7 +122,9 @@ fn row(
 
 pub async fn run(base: &Config, args: BenchArgs) -> anyhow::Result<()> {
     let id = format!("bench{}", chrono::Utc::now().timestamp_millis());
-    let cfg = base.isolated(&id);
+    let mut cfg = base.isolated(&id);
+    let own = super::bench_store::BenchStore::create(&mut cfg, &id).await;
+    let cfg = cfg;
     let ns = format!("{id}-");
     let n = args.events;
     println!(
@@ -135,20 +137,20 @@ pub async fn run(base: &Config, args: BenchArgs) -> anyhow::Result<()> {
         let s = steady(&cfg, &id, rate).await?;
         println!("{}", s.line());
         print_budget(&s.report.steps);
-        cleanup(&cfg, &cfg).await;
+        cleanup(&cfg, &cfg, own.as_ref()).await;
         return Ok(());
     }
     if args.curve_only {
         kafka::ensure_topics(&cfg.kafka).await?;
         curve(&cfg, &id, None).await?;
-        cleanup(&cfg, &cfg).await;
+        cleanup(&cfg, &cfg, own.as_ref()).await;
         return Ok(());
     }
     if args.hot_only {
         kafka::ensure_topics(&cfg.kafka).await?;
         let hot = super::bench_hot::run(&cfg, &id, args.hot_orders, HOT_RATE, HOT_SECS).await?;
         hot.print();
-        cleanup(&cfg, &cfg).await;
+        cleanup(&cfg, &cfg, own.as_ref()).await;
         return Ok(());
     }
     let history: Vec<EventEnvelope> = History::new(SEED, &ns).take(n as usize).collect();
@@ -157,7 +159,7 @@ pub async fn run(base: &Config, args: BenchArgs) -> anyhow::Result<()> {
         backlog(&cfg, &ns, n).await?;
         drain(&cfg, "all", None).await?;
         read_latency(&cfg, &history, &mut rows).await?;
-        cleanup(&cfg, &cfg).await;
+        cleanup(&cfg, &cfg, own.as_ref()).await;
         return Ok(());
     }
     if args.drain_only {
@@ -180,7 +182,7 @@ pub async fn run(base: &Config, args: BenchArgs) -> anyhow::Result<()> {
             let secs = r.write_seconds.get(p).copied().unwrap_or_default();
             println!("  {p}: {n} writes, {secs:.1} s writing");
         }
-        cleanup(&cfg, &cfg).await;
+        cleanup(&cfg, &cfg, own.as_ref()).await;
         return Ok(());
     }
 
@@ -197,6 +199,9 @@ pub async fn run(base: &Config, args: BenchArgs) -> anyhow::Result<()> {
         Some(engine_rate / 500_000.0),
     ));
     if args.engine_only {
+        if let Some(own) = &own {
+            own.drop_now().await;
+        }
         return Ok(());
     }
 
@@ -433,7 +438,7 @@ pub async fn run(base: &Config, args: BenchArgs) -> anyhow::Result<()> {
             r.ratio.map_or("-".into(), |x| format!("{x:.2}"))
         );
     }
-    cleanup(&cfg, &analytics_cfg).await;
+    cleanup(&cfg, &analytics_cfg, own.as_ref()).await;
     Ok(())
 }
 
@@ -1148,8 +1153,13 @@ pub(super) fn spawn_worker(
         .context("starting the worker")
 }
 
-/// Leave the local servers as they were (the event store keeps its history).
-async fn cleanup(cfg: &Config, analytics_cfg: &Config) {
+/// Leave the local servers as they were: topics, read models and the bench's own event store
+/// dropped.
+async fn cleanup(
+    cfg: &Config,
+    analytics_cfg: &Config,
+    own: Option<&super::bench_store::BenchStore>,
+) {
     let _ = kafka::delete_topics(&cfg.kafka).await;
     for c in [cfg, analytics_cfg] {
         if let Ok(s) = projector::versions::VersionSinks::connect_views(c, &c.views).await {
@@ -1164,5 +1174,8 @@ async fn cleanup(cfg: &Config, analytics_cfg: &Config) {
             let _ = s.mongo.drop_collection().await;
             let _ = s.clickhouse.drop_table().await;
         }
+    }
+    if let Some(own) = own {
+        own.drop_now().await;
     }
 }

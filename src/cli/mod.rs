@@ -2,5 +2,6 @@
 
 pub mod bench;
 pub mod bench_hot;
+mod bench_store;
 pub mod dlq;
 pub mod read_bench;
