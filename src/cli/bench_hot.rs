@@ -11,7 +11,7 @@ use projector::config::Config;
 use projector::generator::History;
 use projector::kafka::EventPublisher;
 
-use super::bench::{Steady, publish_steadily, spawn_worker, wait_sampling_rss};
+use super::bench::{Steady, on_own_topics, publish_steadily, spawn_worker, wait_sampling_rss};
 
 /// What the hot-customer run measured.
 pub(super) struct Hot {
@@ -69,14 +69,20 @@ pub(super) async fn run(
     let customer = format!("{ns}cus-hot");
     // The history, drained before anything is measured.
     let history = orders(&ns, &customer, 0, history_orders)?;
-    let publisher = EventPublisher::new(&cfg.kafka)?;
-    for chunk in history.chunks(5_000) {
-        publisher.publish(chunk).await?;
+    {
+        // On topics of its own (see `on_own_topics`), deleted once drained.
+        let cfg = &on_own_topics(cfg, &format!("{id}-hothist")).await?;
+        let publisher = EventPublisher::new(&cfg.kafka)?;
+        for chunk in history.chunks(5_000) {
+            publisher.publish(chunk).await?;
+        }
+        let stats = std::env::temp_dir().join(format!("{}-hot-history.json", cfg.kafka.group_id));
+        let drained = wait_sampling_rss(spawn_worker(cfg, &stats, 3.0, None)?).await;
+        let _ = std::fs::remove_file(&stats);
+        let _ = projector::kafka::delete_topics(&cfg.kafka).await;
+        let (status, _, _, _) = drained?;
+        anyhow::ensure!(status.success(), "worker exited with {status}");
     }
-    let stats = std::env::temp_dir().join(format!("{}-hot-history.json", cfg.kafka.group_id));
-    let (status, _, _, _) = wait_sampling_rss(spawn_worker(cfg, &stats, 3.0, None)?).await?;
-    anyhow::ensure!(status.success(), "worker exited with {status}");
-    let _ = std::fs::remove_file(&stats);
 
     let n = ((rate * secs) as usize / 2).max(1);
     let load = orders(&ns, &customer, history_orders, n)?;
@@ -104,12 +110,20 @@ pub(super) async fn run(
 impl Hot {
     pub fn print(&self) {
         let line = |label: &str, p: &Steady| {
+            let r = &p.report;
             println!(
-                "  {label:<44} p50 {:>5} ms  p99 {:>5} ms  worker {:>5.1} % of a core ({} events)",
+                "  {label:<44} p50 {:>5} ms  p99 {:>5} ms  worker {:>5.1} % of a core ({} events; \
+                 the worker took {} messages in {} windows, {} loads, writes {:?}, {} consumer \
+                 restarts)",
                 p.p50,
                 p.p99,
                 p.cpu_share * 100.0,
-                p.sent
+                p.sent,
+                r.messages,
+                r.windows,
+                r.loads,
+                r.writes,
+                r.consumer_restarts
             );
         };
         println!(
