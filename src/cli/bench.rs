@@ -133,7 +133,6 @@ pub async fn run(base: &Config, args: BenchArgs) -> anyhow::Result<()> {
         std::thread::available_parallelism().map_or(1, |c| c.get())
     );
     if let Some(rate) = args.steady_rate {
-        kafka::ensure_topics(&cfg.kafka).await?;
         let s = steady(&cfg, &id, rate).await?;
         println!("{}", s.line());
         print_budget(&s.report.steps);
@@ -141,13 +140,11 @@ pub async fn run(base: &Config, args: BenchArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     if args.curve_only {
-        kafka::ensure_topics(&cfg.kafka).await?;
         curve(&cfg, &id, None).await?;
         cleanup(&cfg, &cfg, own.as_ref()).await;
         return Ok(());
     }
     if args.hot_only {
-        kafka::ensure_topics(&cfg.kafka).await?;
         let hot = super::bench_hot::run(&cfg, &id, args.hot_orders, HOT_RATE, HOT_SECS).await?;
         hot.print();
         cleanup(&cfg, &cfg, own.as_ref()).await;
@@ -1051,8 +1048,8 @@ async fn steady(cfg: &Config, id: &str, target: f64) -> anyhow::Result<Steady> {
 
 /// `cfg` on topics and a group of the phase's own (`label`), created. The local broker
 /// rewrites a snapshot of everything it holds whenever any topic changes: a 200,000-event
-/// backlog left on it took 58 % of a core from the broker at 5,000 events/s (26–31 % on an
-/// empty broker). Each phase after the drains therefore runs on its own topics, deleted after.
+/// backlog left on it took 58 % of a core from the broker at 5,000 events/s (15–33 % with
+/// topics of the phase's own). Each phase after the drains runs on its own, deleted after.
 pub(super) async fn on_own_topics(cfg: &Config, label: &str) -> anyhow::Result<Config> {
     let mut c = cfg.clone();
     c.kafka.topic_prefix = format!("{label}.");
@@ -1063,7 +1060,7 @@ pub(super) async fn on_own_topics(cfg: &Config, label: &str) -> anyhow::Result<C
 }
 
 /// A worker that has caught up receives `events` published at `rate` events/s, on topics of
-/// the run's own; its figures.
+/// its own; its figures.
 pub(super) async fn publish_steadily(
     cfg: &Config,
     label: &str,
