@@ -28,6 +28,16 @@ fn with_database(url: &str, name: &str) -> Option<String> {
     Some(u.into())
 }
 
+/// Run one statement on the configured server (`CREATE` / `DROP DATABASE`).
+async fn admin(url: &str, sql: &str) -> Result<(), String> {
+    let admin = EventStore::connect(url).await.map_err(|e| e.to_string())?;
+    admin
+        .client()
+        .batch_execute(sql)
+        .await
+        .map_err(|e| e.to_string())
+}
+
 /// A quoted identifier.
 fn quoted(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
@@ -45,15 +55,7 @@ impl BenchStore {
             .filter(|d| !d.is_empty())?;
         let name = format!("{database}_{id}");
         let url = with_database(&admin_url, &name)?;
-        let created = match EventStore::connect(&admin_url).await {
-            Ok(admin) => admin
-                .client()
-                .batch_execute(&format!("CREATE DATABASE {}", quoted(&name)))
-                .await
-                .map_err(|e| e.to_string()),
-            Err(e) => Err(e.to_string()),
-        };
-        if let Err(why) = created {
+        if let Err(why) = admin(&admin_url, &format!("CREATE DATABASE {}", quoted(&name))).await {
             println!(
                 "  (the bench's events go to the configured event store and stay there: no \
                  database of its own could be created: {why})"
@@ -69,7 +71,8 @@ impl BenchStore {
         if let Err(why) = migrated {
             own.drop_now().await;
             println!(
-                "  (the bench's own event store could not be migrated, so it uses the configured one: {why})"
+                "  (the bench's own event store could not be migrated, so it uses the configured \
+                 one: {why})"
             );
             return None;
         }
@@ -79,18 +82,11 @@ impl BenchStore {
 
     /// Drop the bench's database (its connections are closed by the drop).
     pub(super) async fn drop_now(&self) {
-        let dropped = match EventStore::connect(&self.admin_url).await {
-            Ok(admin) => admin
-                .client()
-                .batch_execute(&format!(
-                    "DROP DATABASE IF EXISTS {} WITH (FORCE)",
-                    quoted(&self.name)
-                ))
-                .await
-                .map_err(|e| e.to_string()),
-            Err(e) => Err(e.to_string()),
-        };
-        if let Err(why) = dropped {
+        let sql = format!(
+            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+            quoted(&self.name)
+        );
+        if let Err(why) = admin(&self.admin_url, &sql).await {
             println!(
                 "  (the bench's database {} was not dropped: {why})",
                 self.name

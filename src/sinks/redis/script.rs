@@ -9,7 +9,9 @@ use super::errors::unexpected;
 /// command may not cross slots). The stored token sits at the very end of a document
 /// (`..."_rev":123}`), so the script reads it from the last bytes without parsing the JSON;
 /// "0" stands for an absent key. A document's finished streams join the set of them in the
-/// same script (atomic with the document). With `appendfsync always`, Redis syncs its log once per event-loop turn that executed a
+/// same script (atomic with the document).
+///
+/// With `appendfsync always`, Redis syncs its log once per event-loop turn that executed a
 /// write, and a turn reads 16 KB of a client's pipeline: a chunk sent as one script per
 /// document was synced a dozen times or more, each sync 13 ms at the median and up to 145 ms
 /// while the other servers wrote (`LATENCY HISTORY aof-fsync-always`). As one command it
