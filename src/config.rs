@@ -146,6 +146,11 @@ pub struct WorkerConfig {
     /// kept even past it.
     #[serde(default = "default_cache_bytes")]
     pub cache_bytes: usize,
+    /// The same for a replay (`rebuild-projection`, unparking): it is the only writer of its
+    /// version, so a view it evicted is read back from the store when next touched. Bounds a
+    /// rebuild's memory whatever the event store holds.
+    #[serde(default = "default_replay_cache_bytes")]
+    pub replay_cache_bytes: usize,
     /// Replaced by `cache_bytes` (a count of views said nothing about memory); ignored, with
     /// a warning.
     #[serde(default, skip_serializing)]
@@ -213,6 +218,9 @@ fn default_max_in_flight_bytes() -> usize {
 }
 fn default_cache_bytes() -> usize {
     16 << 20
+}
+fn default_replay_cache_bytes() -> usize {
+    128 << 20
 }
 fn default_drain_timeout_ms() -> u64 {
     10_000

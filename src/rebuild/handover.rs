@@ -259,7 +259,8 @@ pub async fn retire(
                 .await?
         }
         Some(projectors::StoreKind::Mongo) => {
-            crate::sinks::mongo::MongoSink::connect(&cfg.mongo, &views.mongo_collection)
+            // Without building indexes on a collection about to be dropped.
+            crate::sinks::mongo::MongoSink::connect_unindexed(&cfg.mongo, &views.mongo_collection)
                 .await?
                 .drop_collection()
                 .await?

@@ -5,7 +5,8 @@
 //! same parking rule), so a rebuilt version equals the live one. Pages are read ahead while
 //! earlier ones are written; each projection folds in its own stage; a window is as large as
 //! the checkpoint interval, so each document is written once per checkpoint; the stages'
-//! caches hold every view they wrote, so the rebuild never reads back its own documents.
+//! caches keep the views they wrote up to `worker.replay_cache_bytes`, and read back only
+//! those they evicted.
 
 mod checkpoints;
 mod handover;
@@ -150,11 +151,10 @@ pub async fn replay(
         mode: Mode::Replay { version: v, fresh },
         only: selected.to_vec(),
         shards: cfg.worker.shard_count(),
-        // The replay is the only writer of its version: keep every view it wrote.
-        cache_bytes: usize::MAX / 2,
+        cache_bytes: cfg.worker.replay_cache_bytes,
         max_batch: window,
     };
-    let stages = spawn_stages(&env, &RealSinks(cfg.clone()))?;
+    let stages = spawn_stages(&env, &RealSinks::replay(cfg))?;
     drop(env);
     let by_window = Arc::new(Mutex::new(HashMap::new()));
     let (pos_tx, mut pos_rx) = mpsc::unbounded_channel();
@@ -379,6 +379,15 @@ pub async fn rebuild(
         &mut on_durable,
     )
     .await;
+    // The secondary indexes the replay left out, before the version is reported caught up
+    // (switching readers to it requires that): a failure leaves the last "building"
+    // checkpoint, and resuming builds them again.
+    if replayed.is_ok()
+        && let Err(e) = build_indexes(cfg, selected, &opts.version).await
+    {
+        saver.abort();
+        return Err(e);
+    }
     drop(cp_tx);
     let (_, n) = replayed?;
     let done = saver
@@ -392,6 +401,36 @@ pub async fn rebuild(
     );
     Ok(done)
 }
+
+/// MongoDB's secondary indexes on `version` of the selected Mongo projections (a replay
+/// writes without them).
+async fn build_indexes(
+    cfg: &Config,
+    selected: &[String],
+    version: &str,
+) -> Result<(), RebuildError> {
+    let mongo = selected.iter().any(|p| {
+        projectors::registry::info(p).map(|i| i.store) == Some(projectors::StoreKind::Mongo)
+    });
+    if !mongo {
+        return Ok(());
+    }
+    let views = crate::versions::views_for(cfg, version);
+    let started = Instant::now();
+    crate::sinks::mongo::MongoSink::connect_unindexed(&cfg.mongo, &views.mongo_collection)
+        .await?
+        .build_indexes(INDEX_BUILD_LIMIT)
+        .await?;
+    tracing::info!(
+        collection = %views.mongo_collection,
+        seconds = started.elapsed().as_secs_f64(),
+        "secondary indexes built"
+    );
+    Ok(())
+}
+
+/// How long building the secondary indexes may take (about 40 µs per order view here).
+const INDEX_BUILD_LIMIT: std::time::Duration = std::time::Duration::from_secs(600);
 
 async fn save_all(
     store: &EventStore,

@@ -54,7 +54,30 @@ pub trait SinkFactory: Send + Sync + 'static {
 }
 
 /// The real stores, named per version from the settings.
-pub struct RealSinks(pub Config);
+pub struct RealSinks {
+    cfg: Config,
+    /// A replay leaves MongoDB's secondary indexes to the rebuild's end
+    /// ([`crate::sinks::mongo::MongoSink::connect_unindexed`]).
+    replay: bool,
+}
+
+impl RealSinks {
+    /// The live worker's stores.
+    pub fn live(cfg: &Config) -> RealSinks {
+        RealSinks {
+            cfg: cfg.clone(),
+            replay: false,
+        }
+    }
+
+    /// A replay's stores: the rebuild builds the secondary indexes once it has caught up.
+    pub fn replay(cfg: &Config) -> RealSinks {
+        RealSinks {
+            cfg: cfg.clone(),
+            replay: true,
+        }
+    }
+}
 
 impl SinkFactory for RealSinks {
     type Redis = RedisSink;
@@ -62,7 +85,7 @@ impl SinkFactory for RealSinks {
     type Facts = ClickHouseSink;
 
     fn redis(&self) -> OpenStore<RedisSink> {
-        let cfg = self.0.clone();
+        let cfg = self.cfg.clone();
         Arc::new(move |v: String| {
             let cfg = cfg.clone();
             async move {
@@ -76,19 +99,23 @@ impl SinkFactory for RealSinks {
     }
 
     fn mongo(&self) -> OpenStore<MongoSink> {
-        let cfg = self.0.clone();
+        let (cfg, replay) = (self.cfg.clone(), self.replay);
         Arc::new(move |v: String| {
             let cfg = cfg.clone();
             async move {
                 let views = crate::versions::views_for(&cfg, &v);
-                MongoSink::connect(&cfg.mongo, &views.mongo_collection).await
+                if replay {
+                    MongoSink::connect_unindexed(&cfg.mongo, &views.mongo_collection).await
+                } else {
+                    MongoSink::connect(&cfg.mongo, &views.mongo_collection).await
+                }
             }
             .boxed()
         })
     }
 
     fn facts(&self) -> OpenFacts<ClickHouseSink> {
-        let cfg = self.0.clone();
+        let cfg = self.cfg.clone();
         Arc::new(move |v: String| {
             let cfg = cfg.clone();
             async move {
@@ -533,7 +560,7 @@ pub async fn run(
         cache_bytes: cfg.worker.cache_bytes,
         max_batch: cfg.worker.window_size.max(1) * 4,
     };
-    let stages = spawn_stages(&env, &RealSinks(cfg.clone()))?;
+    let stages = spawn_stages(&env, &RealSinks::live(cfg))?;
     drop(env);
     // Durable stream positions: recorded as the tracker finds windows durable, read by the
     // sequencer when it sees a stream for the first time.

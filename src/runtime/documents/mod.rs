@@ -49,6 +49,10 @@ pub use settle::{CAS_LIMIT, CAS_ROUNDS};
 /// Opens the store of a read-model version.
 pub type OpenStore<S> = super::stage::OpenFn<S>;
 
+/// What a key in a fresh replay's `seen` set costs besides its bytes (the `String` and its
+/// hash table slot).
+const SEEN_OVERHEAD: usize = 48;
+
 /// How often parked streams are read again (an operator may have unparked one).
 pub const PARKS_REFRESH: Duration = Duration::from_secs(10);
 
@@ -171,7 +175,10 @@ struct TargetState<V, S> {
     cache: Cache<V>,
     parked: Parked,
     /// A replay into a fresh version: every key written so far (an unseen key is absent).
+    /// Given up (`None`: every key the cache lacks is loaded) once its keys weigh more than
+    /// the cache's budget, so a rebuild's memory does not grow with the event store.
     seen: Option<HashSet<String>>,
+    seen_bytes: usize,
     parks_loaded: Instant,
 }
 
@@ -265,6 +272,7 @@ impl<P: Projector, S: DocStore> DocStage<P, S> {
             cache: Cache::new(self.cache_cap),
             parked,
             seen,
+            seen_bytes: 0,
             parks_loaded: Instant::now(),
         });
         self.seen_gen = self.ctx.shared.assignment_gen.load(Ordering::Relaxed);
@@ -329,8 +337,22 @@ impl<P: Projector, S: DocStore> DocStage<P, S> {
         for v in views {
             if prep.keys[*v].write.take().is_some() {
                 written += 1;
-                if let Some(seen) = self.state.as_mut().and_then(|s| s.seen.as_mut()) {
-                    seen.insert(prep.keys[*v].key.clone());
+                if let Some(st) = self.state.as_mut()
+                    && let Some(seen) = st.seen.as_mut()
+                {
+                    let key = &prep.keys[*v].key;
+                    if seen.insert(key.clone()) {
+                        st.seen_bytes += key.len() + SEEN_OVERHEAD;
+                    }
+                    if st.seen_bytes > self.cache_cap {
+                        tracing::info!(
+                            projection = self.ctx.name,
+                            shard = self.shard,
+                            keys = seen.len(),
+                            "a fresh replay's written keys outgrew the cache budget: views the cache lacks are read from the store from now on"
+                        );
+                        st.seen = None;
+                    }
                 }
             }
         }
