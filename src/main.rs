@@ -143,11 +143,10 @@ struct RebuildArgs {
     #[arg(long)]
     version: Option<String>,
     /// Events read per page.
-    #[arg(long, default_value_t = projector::rebuild::DEFAULT_BATCH)]
+    #[arg(long, default_value_t = 5_000)]
     batch: i64,
-    /// Save the checkpoint after this many events (and at the end); each view is written once
-    /// per checkpoint, so fewer, larger checkpoints write less and hold more in memory.
-    #[arg(long, default_value_t = projector::rebuild::DEFAULT_CHECKPOINT_EVERY)]
+    /// Save the checkpoint after this many events (and at the end).
+    #[arg(long, default_value_t = 20_000)]
     checkpoint_every: u64,
     /// Only build and catch up; leave readers and live workers on the current version.
     #[arg(long)]

@@ -392,9 +392,8 @@ pub async fn run(base: &Config, args: BenchArgs) -> anyhow::Result<()> {
         }
         let opts = RebuildOptions {
             version,
-            // What `rebuild-projection` runs with unless told otherwise.
-            batch: rebuild::DEFAULT_BATCH,
-            checkpoint_every: rebuild::DEFAULT_CHECKPOINT_EVERY,
+            batch: 10_000,
+            checkpoint_every: 50_000,
         };
         let t = Instant::now();
         let done = rebuild::rebuild(&cfg, &store, &names, &opts, None, &mut |_, _, _| {}).await?;

@@ -54,13 +54,6 @@ pub enum RebuildError {
     Version(#[from] crate::versions::VersionError),
 }
 
-/// Events read per page, unless told otherwise.
-pub const DEFAULT_BATCH: i64 = 10_000;
-/// Events per checkpoint (and per window: each view a window touches is written once), unless
-/// told otherwise. 220,000 stored events, `--all`: 14,929 / 18,787 / 23,692 events/s and
-/// 423 / 490 / 564 MiB of RSS at 20,000 / 50,000 / 100,000 per checkpoint.
-pub const DEFAULT_CHECKPOINT_EVERY: u64 = 50_000;
-
 #[derive(Debug, Clone)]
 pub struct RebuildOptions {
     /// The version to build (a resumed rebuild names the one it resumes).
