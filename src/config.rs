@@ -147,8 +147,8 @@ pub struct WorkerConfig {
     #[serde(default = "default_cache_bytes")]
     pub cache_bytes: usize,
     /// The same for a replay (`rebuild-projection`, unparking): it is the only writer of its
-    /// version, so a view it evicted is read back from the store when next touched. Bounds a
-    /// rebuild's memory whatever the event store holds.
+    /// version, so a view it evicted is read back from the store when next touched. Bounds
+    /// what a rebuild caches, whatever the event store holds.
     #[serde(default = "default_replay_cache_bytes")]
     pub replay_cache_bytes: usize,
     /// Replaced by `cache_bytes` (a count of views said nothing about memory); ignored, with

@@ -176,7 +176,7 @@ struct TargetState<V, S> {
     parked: Parked,
     /// A replay into a fresh version: every key written so far (an unseen key is absent).
     /// Given up (`None`: every key the cache lacks is loaded) once its keys weigh more than
-    /// the cache's budget, so a rebuild's memory does not grow with the event store.
+    /// the cache's budget, so the set does not grow with the event store.
     seen: Option<HashSet<String>>,
     seen_bytes: usize,
     parks_loaded: Instant,
