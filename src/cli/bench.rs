@@ -124,7 +124,31 @@ pub async fn run(base: &Config, args: BenchArgs) -> anyhow::Result<()> {
     let id = format!("bench{}", chrono::Utc::now().timestamp_millis());
     let mut cfg = base.isolated(&id);
     let own = super::bench_store::BenchStore::create(&mut cfg, &id).await;
-    let cfg = cfg;
+    let outcome = measure(&cfg, &id, args, own.as_ref()).await;
+    if outcome.is_err() {
+        // A run that failed part-way leaves nothing behind either (each mode cleans up after
+        // itself when it succeeds).
+        cleanup(&cfg, &analytics_config(&cfg, &id), own.as_ref()).await;
+    }
+    outcome
+}
+
+/// The analytics-only drain's settings: a group, a deployment (its table's pointers are not
+/// the full drain's) and a table of its own.
+fn analytics_config(cfg: &Config, id: &str) -> Config {
+    let mut c = cfg.clone();
+    c.kafka.group_id = format!("{id}-analytics");
+    c.deployment = format!("{id}-analytics");
+    c.views.clickhouse_table = format!("{id}_facts_only");
+    c
+}
+
+async fn measure(
+    cfg: &Config,
+    id: &str,
+    args: BenchArgs,
+    own: Option<&super::bench_store::BenchStore>,
+) -> anyhow::Result<()> {
     let ns = format!("{id}-");
     let n = args.events;
     println!(
@@ -133,35 +157,35 @@ pub async fn run(base: &Config, args: BenchArgs) -> anyhow::Result<()> {
         std::thread::available_parallelism().map_or(1, |c| c.get())
     );
     if let Some(rate) = args.steady_rate {
-        let s = steady(&cfg, &id, rate).await?;
+        let s = steady(cfg, id, rate).await?;
         println!("{}", s.line());
         print_budget(&s.report.steps);
-        cleanup(&cfg, &cfg, own.as_ref()).await;
+        cleanup(cfg, cfg, own).await;
         return Ok(());
     }
     if args.curve_only {
-        curve(&cfg, &id, None).await?;
-        cleanup(&cfg, &cfg, own.as_ref()).await;
+        curve(cfg, id, None).await?;
+        cleanup(cfg, cfg, own).await;
         return Ok(());
     }
     if args.hot_only {
-        let hot = super::bench_hot::run(&cfg, &id, args.hot_orders, HOT_RATE, HOT_SECS).await?;
+        let hot = super::bench_hot::run(cfg, id, args.hot_orders, HOT_RATE, HOT_SECS).await?;
         hot.print();
-        cleanup(&cfg, &cfg, own.as_ref()).await;
+        cleanup(cfg, cfg, own).await;
         return Ok(());
     }
     let history: Vec<EventEnvelope> = History::new(SEED, &ns).take(n as usize).collect();
     let mut rows = Vec::new();
     if args.read_only {
-        backlog(&cfg, &ns, n).await?;
-        drain(&cfg, "all", None).await?;
-        read_latency(&cfg, &history, &mut rows).await?;
-        cleanup(&cfg, &cfg, own.as_ref()).await;
+        backlog(cfg, &ns, n).await?;
+        drain(cfg, "all", None).await?;
+        read_latency(cfg, &history, &mut rows).await?;
+        cleanup(cfg, cfg, own).await;
         return Ok(());
     }
     if args.drain_only {
-        backlog(&cfg, &ns, n).await?;
-        let all = drain(&cfg, "all", None).await?;
+        backlog(cfg, &ns, n).await?;
+        let all = drain(cfg, "all", None).await?;
         let r = &all.report;
         let all_rate = rate(r.messages as f64, Duration::from_secs_f64(r.active_seconds));
         println!(
@@ -179,12 +203,12 @@ pub async fn run(base: &Config, args: BenchArgs) -> anyhow::Result<()> {
             let secs = r.write_seconds.get(p).copied().unwrap_or_default();
             println!("  {p}: {n} writes, {secs:.1} s writing");
         }
-        cleanup(&cfg, &cfg, own.as_ref()).await;
+        cleanup(cfg, cfg, own).await;
         return Ok(());
     }
 
     // 1. The engine alone.
-    let (engine_rate, engine) = engine_alone(&cfg, &history).await?;
+    let (engine_rate, engine) = engine_alone(cfg, &history).await?;
     println!(
         "engine alone: {engine_rate:.0} events/s ({} windows; writes per projector {:?})",
         engine.windows, engine.writes
@@ -196,14 +220,14 @@ pub async fn run(base: &Config, args: BenchArgs) -> anyhow::Result<()> {
         Some(engine_rate / 500_000.0),
     ));
     if args.engine_only {
-        if let Some(own) = &own {
+        if let Some(own) = own {
             own.drop_now().await;
         }
         return Ok(());
     }
 
     // 2. Raw capacity.
-    let raw = raw_capacity(&cfg, &history, args.raw_docs, args.redis_cluster.as_deref()).await?;
+    let raw = raw_capacity(cfg, &history, args.raw_docs, args.redis_cluster.as_deref()).await?;
 
     rows.push(row(
         "redis writes with durable acknowledgements",
@@ -221,10 +245,10 @@ pub async fn run(base: &Config, args: BenchArgs) -> anyhow::Result<()> {
     }
 
     // 3. The backlog: the same history, appended and published.
-    let (store, start) = backlog(&cfg, &ns, n).await?;
+    let (store, start) = backlog(cfg, &ns, n).await?;
 
     // 4. Drains: all three read models, analytics only, ClickHouse's Kafka engine.
-    let all = drain(&cfg, "all", None).await?;
+    let all = drain(cfg, "all", None).await?;
     let all_rate = rate(
         all.report.messages as f64,
         Duration::from_secs_f64(all.report.active_seconds),
@@ -239,11 +263,7 @@ pub async fn run(base: &Config, args: BenchArgs) -> anyhow::Result<()> {
         rss_line(all.rss_mib, Some(all.rss_median_mib), &all.report, true)
     );
     println!("  CPU while draining (share of one core): {}", all.cpu);
-    let mut analytics_cfg = cfg.clone();
-    analytics_cfg.kafka.group_id = format!("{id}-analytics");
-    // A deployment of its own too: its table's pointers are not the full drain's.
-    analytics_cfg.deployment = format!("{id}-analytics");
-    analytics_cfg.views.clickhouse_table = format!("{id}_facts_only");
+    let analytics_cfg = analytics_config(cfg, id);
     let only = drain(&analytics_cfg, "analytics", Some("analytics")).await?;
     let only_rate = rate(
         only.report.messages as f64,
@@ -259,7 +279,7 @@ pub async fn run(base: &Config, args: BenchArgs) -> anyhow::Result<()> {
     );
     println!("  CPU while draining (share of one core): {}", only.cpu);
     let ch_engine = if args.clickhouse_engine {
-        let r = clickhouse_engine(&cfg, &id, n).await?;
+        let r = clickhouse_engine(cfg, id, n).await?;
         println!("ClickHouse Kafka engine, same backlog: {r:.0} rows/s");
         Some(r)
     } else {
@@ -309,7 +329,7 @@ pub async fn run(base: &Config, args: BenchArgs) -> anyhow::Result<()> {
     }
 
     // Read latency (HTTP and MCP) on the read models just drained.
-    read_latency(&cfg, &history, &mut rows).await?;
+    read_latency(cfg, &history, &mut rows).await?;
 
     // The backlog's topics are done with: every later phase runs on topics of its own.
     let _ = kafka::delete_topics(&cfg.kafka).await;
@@ -317,7 +337,7 @@ pub async fn run(base: &Config, args: BenchArgs) -> anyhow::Result<()> {
     // 5. Steady state: the latency curve, up to 80 % of the drain rate.
     if args.steady {
         let top = (all_rate * 0.8).max(100.0);
-        for s in curve(&cfg, &id, Some(top)).await? {
+        for s in curve(cfg, id, Some(top)).await? {
             let (target, why) = if s.rate == 5_000.0 {
                 (250.0, "target 250 ms")
             } else if s.rate == top {
@@ -343,7 +363,7 @@ pub async fn run(base: &Config, args: BenchArgs) -> anyhow::Result<()> {
     // 6. The hot customer (after the rebuild's start position: its events are not in the
     // event store, so the rebuilds below replay exactly the seeded history).
     if args.hot_orders > 0 {
-        let hot = super::bench_hot::run(&cfg, &id, args.hot_orders, HOT_RATE, HOT_SECS).await?;
+        let hot = super::bench_hot::run(cfg, id, args.hot_orders, HOT_RATE, HOT_SECS).await?;
         hot.print();
         rows.push(row(
             format!("hot customer ({} orders): worker CPU", args.hot_orders),
@@ -381,7 +401,7 @@ pub async fn run(base: &Config, args: BenchArgs) -> anyhow::Result<()> {
             rebuild::save_checkpoint(
                 &store,
                 &Checkpoint {
-                    projection: projector::versions::scope_key(&cfg, p),
+                    projection: projector::versions::scope_key(cfg, p),
                     version: version.clone(),
                     position: start,
                     events_applied: 0,
@@ -396,7 +416,7 @@ pub async fn run(base: &Config, args: BenchArgs) -> anyhow::Result<()> {
             checkpoint_every: 50_000,
         };
         let t = Instant::now();
-        let done = rebuild::rebuild(&cfg, &store, &names, &opts, None, &mut |_, _, _| {}).await?;
+        let done = rebuild::rebuild(cfg, &store, &names, &opts, None, &mut |_, _, _| {}).await?;
         let secs = t.elapsed();
         let applied = done.first().map_or(0, |c| c.events_applied);
         anyhow::ensure!(
@@ -440,7 +460,7 @@ pub async fn run(base: &Config, args: BenchArgs) -> anyhow::Result<()> {
     }
     // Closed first: dropping the bench's database ends any connection still open to it.
     drop(store);
-    cleanup(&cfg, &analytics_cfg, own.as_ref()).await;
+    cleanup(cfg, &analytics_cfg, own).await;
     Ok(())
 }
 
