@@ -1209,18 +1209,26 @@ async fn cleanup(
     own: Option<&super::bench_store::BenchStore>,
 ) {
     let _ = kafka::delete_topics(&cfg.kafka).await;
-    for c in [cfg, analytics_cfg] {
-        if let Ok(s) = projector::versions::VersionSinks::connect_views(c, &c.views).await {
-            let _ = s.redis.delete_all().await;
-            let _ = s.mongo.drop_collection().await;
-            let _ = s.clickhouse.drop_table().await;
+    let rebuilt = ["rcustomer360", "rorder_view", "ranalytics", "rall"]
+        .map(|v| (cfg, projector::versions::views_for(cfg, v)));
+    for (c, views) in [
+        (cfg, cfg.views.clone()),
+        (analytics_cfg, analytics_cfg.views.clone()),
+    ]
+    .into_iter()
+    .chain(rebuilt)
+    {
+        // Each store on its own: one that is down (the reason a run failed, say) does not
+        // keep the others from being cleaned, nor get MongoDB collections made to be dropped.
+        if let Ok(r) = RedisSink::connect(&c.redis, &views.redis_prefix).await {
+            let _ = r.delete_all().await;
+            let _ = r.with_pointer(c.redis_pointer_key()).forget_pointer().await;
         }
-    }
-    for v in ["rcustomer360", "rorder_view", "ranalytics", "rall"] {
-        if let Ok(s) = projector::versions::VersionSinks::connect(cfg, v).await {
-            let _ = s.redis.delete_all().await;
-            let _ = s.mongo.drop_collection().await;
-            let _ = s.clickhouse.drop_table().await;
+        if let Ok(m) = MongoSink::connect_unindexed(&c.mongo, &views.mongo_collection).await {
+            let _ = m.drop_collection().await;
+        }
+        if let Ok(ch) = ClickHouseSink::connect(&c.clickhouse, &views.clickhouse_table).await {
+            let _ = ch.drop_table().await;
         }
     }
     if let Some(own) = own {

@@ -143,6 +143,24 @@ impl RedisSink {
         self
     }
 
+    /// Remove the live-version pointer `with_pointer` named (a deployment going away, such
+    /// as the bench's own).
+    pub async fn forget_pointer(&self) -> Result<(), SinkError> {
+        let Some(key) = &self.pointer_key else {
+            return Ok(());
+        };
+        let mut con = self.con.clone();
+        with_timeout(STORE, self.timeout, async {
+            redis::cmd("UNLINK")
+                .arg(&**key)
+                .query_async::<i64>(&mut con)
+                .await
+                .map(|_| ())
+                .map_err(classify)
+        })
+        .await
+    }
+
     pub fn key(&self, id: &str) -> String {
         format!("{}{id}", self.prefix)
     }
