@@ -106,3 +106,28 @@ async fn redis_gives_each_document_of_a_batch_its_own_verdict() {
     let _ = sink.delete_all().await;
     let _: Result<(), _> = con.del(&side).await;
 }
+
+/// The live-version pointer: written by `announce`, removed by `forget_pointer` (the bench's
+/// own deployment going away), and forgetting one that is not there is not an error.
+#[tokio::test]
+async fn redis_forgets_the_pointer_it_announced() {
+    let cfg = common::config();
+    let ns = common::unique_namespace("ptr");
+    let key = format!("{ns}c360@current@{ns}");
+    let sink = RedisSink::connect(&cfg.redis, &format!("{ns}c360:"))
+        .await
+        .expect("redis is up (scripts/services.sh up)")
+        .with_pointer(key.clone());
+    let client = redis::Client::open(cfg.redis.url.as_str()).expect("url");
+    let mut con = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("a connection");
+    sink.announce("v1").await.unwrap();
+    let pointer: Option<String> = con.get(&key).await.unwrap();
+    assert!(pointer.is_some_and(|p| p.contains("\"v1\"")));
+    sink.forget_pointer().await.unwrap();
+    let pointer: Option<String> = con.get(&key).await.unwrap();
+    assert_eq!(pointer, None);
+    sink.forget_pointer().await.unwrap();
+}
