@@ -124,12 +124,10 @@ pub async fn run(base: &Config, args: BenchArgs) -> anyhow::Result<()> {
     let id = format!("bench{}", chrono::Utc::now().timestamp_millis());
     let mut cfg = base.isolated(&id);
     let own = super::bench_store::BenchStore::create(&mut cfg, &id).await;
-    let outcome = measure(&cfg, &id, args, own.as_ref()).await;
-    if outcome.is_err() {
-        // A run that failed part-way leaves nothing behind either (each mode cleans up after
-        // itself when it succeeds).
-        cleanup(&cfg, &analytics_config(&cfg, &id), own.as_ref()).await;
-    }
+    let outcome = measure(&cfg, &id, args).await;
+    // Every mode, finished or failed part-way, leaves the servers as they were. `measure` has
+    // closed its event store connection by now (dropping the database ends any still open).
+    cleanup(&cfg, &analytics_config(&cfg, &id), own.as_ref()).await;
     outcome
 }
 
@@ -143,12 +141,7 @@ fn analytics_config(cfg: &Config, id: &str) -> Config {
     c
 }
 
-async fn measure(
-    cfg: &Config,
-    id: &str,
-    args: BenchArgs,
-    own: Option<&super::bench_store::BenchStore>,
-) -> anyhow::Result<()> {
+async fn measure(cfg: &Config, id: &str, args: BenchArgs) -> anyhow::Result<()> {
     let ns = format!("{id}-");
     let n = args.events;
     println!(
@@ -160,18 +153,15 @@ async fn measure(
         let s = steady(cfg, id, rate).await?;
         println!("{}", s.line());
         print_budget(&s.report.steps);
-        cleanup(cfg, cfg, own).await;
         return Ok(());
     }
     if args.curve_only {
         curve(cfg, id, None).await?;
-        cleanup(cfg, cfg, own).await;
         return Ok(());
     }
     if args.hot_only {
         let hot = super::bench_hot::run(cfg, id, args.hot_orders, HOT_RATE, HOT_SECS).await?;
         hot.print();
-        cleanup(cfg, cfg, own).await;
         return Ok(());
     }
     let history: Vec<EventEnvelope> = History::new(SEED, &ns).take(n as usize).collect();
@@ -180,7 +170,6 @@ async fn measure(
         backlog(cfg, &ns, n).await?;
         drain(cfg, "all", None).await?;
         read_latency(cfg, &history, &mut rows).await?;
-        cleanup(cfg, cfg, own).await;
         return Ok(());
     }
     if args.drain_only {
@@ -203,7 +192,6 @@ async fn measure(
             let secs = r.write_seconds.get(p).copied().unwrap_or_default();
             println!("  {p}: {n} writes, {secs:.1} s writing");
         }
-        cleanup(cfg, cfg, own).await;
         return Ok(());
     }
 
@@ -220,9 +208,6 @@ async fn measure(
         Some(engine_rate / 500_000.0),
     ));
     if args.engine_only {
-        if let Some(own) = own {
-            own.drop_now().await;
-        }
         return Ok(());
     }
 
@@ -458,9 +443,6 @@ async fn measure(
             r.ratio.map_or("-".into(), |x| format!("{x:.2}"))
         );
     }
-    // Closed first: dropping the bench's database ends any connection still open to it.
-    drop(store);
-    cleanup(cfg, &analytics_cfg, own).await;
     Ok(())
 }
 
