@@ -657,14 +657,20 @@ health_timeout() { case $1 in postgres) echo 30 ;; redis | rcluster) echo 15 ;; 
 # ready SERVICE: the server answers its protocol (postgres: before our role/database exist)
 ready() { if declare -F "${1}_ready" >/dev/null; then "${1}_ready"; else "${1}_health"; fi; }
 
-# wait_healthy SERVICE: poll the protocol check; give up early if the process died
+# wait_healthy SERVICE: poll the protocol check; give up early if the process died.
+# "Died" is judged by the pid spawn wrote, not by ${svc}_pid: that one also matches the command
+# line, which reads empty while the process is between two execve() (bash, then env, then the
+# server), and CI once took a healthy ClickHouse launcher for dead that way, 153 ms in.
 wait_healthy() {
-  local svc=$1 deadline pid
+  local svc=$1 deadline spawned=""
+  if declare -F "${svc}_pidfile" >/dev/null; then
+    spawned=$(head -n1 "$("${svc}_pidfile")" 2>/dev/null | tr -dc '0-9')
+  fi
   deadline=$(( $(now_ms) + $(health_timeout "$svc") * 1000 ))
   while (( $(now_ms) < deadline )); do
     ready "$svc" && return 0
-    if [[ $svc != redis && $svc != rcluster && $svc != postgres ]] && ! pid=$("${svc}_pid"); then
-      log "$svc: process exited during start-up"
+    if [[ -n $spawned ]] && ! alive "$spawned"; then
+      log "$svc: process exited during start-up (pid $spawned)"
       return 1
     fi
     sleep 0.1
