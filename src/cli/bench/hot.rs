@@ -11,7 +11,8 @@ use projector::config::Config;
 use projector::generator::History;
 use projector::kafka::EventPublisher;
 
-use super::bench::{Steady, on_own_topics, publish_steadily, spawn_worker, wait_sampling_rss};
+use super::steady::{Steady, on_own_topics, publish_steadily};
+use super::worker::{spawn_worker, wait_sampling_rss};
 
 /// What the hot-customer run measured.
 pub(super) struct Hot {
