@@ -1,6 +1,6 @@
 //! rebuild-projection against the real servers: a rebuilt version equals the live-built
-//! read models (refused events included), a rebuild killed with -9 and resumed equals an
-//! uninterrupted one, the handover loses and doubles nothing, and a rebuild that dies in
+//! read models (refused events included), a rebuild saves its first checkpoint before it
+//! writes, a rebuild killed with -9 and resumed equals an uninterrupted one, the handover loses and doubles nothing, and a rebuild that dies in
 //! the middle of its handover never leaves the live workers held.
 
 mod common;
@@ -120,6 +120,46 @@ async fn a_rebuild_equals_the_live_read_models_refused_events_included() {
         &common::snapshot(&common::live_sinks(&cfg).await, &ns).await,
         "live after the rebuild",
     );
+}
+
+/// A rebuild saves its first checkpoint before it writes anything, so one stopped before its
+/// first periodic checkpoint resumes as a version that holds data, never as a fresh one (a
+/// fresh replay takes the views it has not sent writes for as absent; the simulation's
+/// rebuilds show what resuming fresh over written views does). Stopped, it stays "building".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rebuild_saves_its_first_checkpoint_before_it_writes() {
+    let (mut cfg, ns) = common::isolated_config("rf");
+    let store = common::store().await;
+    let version = format!("v{}", ns.trim_end_matches('-').replace('-', "_"));
+    common::generate(&cfg, &ns, 50, 81, 0.0, 0.0).await;
+    // A Redis that never answers: the replay's first write waits, retried, until stopped.
+    cfg.redis.url = "redis://127.0.0.1:1/".into();
+    let selected = vec!["customer360".to_owned()];
+    let stopped = tokio::time::timeout(
+        Duration::from_secs(3),
+        rebuild::rebuild(
+            &cfg,
+            &store,
+            &selected,
+            &opts(&version),
+            None,
+            &mut |_, _, _| {},
+        ),
+    )
+    .await;
+    assert!(
+        stopped.is_err(),
+        "the rebuild wrote to a Redis that is not there"
+    );
+    // Dropped, the rebuild leaves its checkpoint building: it never caught up.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let key = projector::versions::scope_key(&cfg, "customer360");
+    let c = rebuild::load_checkpoint(&store, &key, &version)
+        .await
+        .unwrap()
+        .expect("a checkpoint saved before the first write");
+    assert_eq!(c.status, "building");
+    assert_eq!(c.events_applied, 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -10,28 +10,24 @@
 
 mod checkpoints;
 mod handover;
+mod replay;
 
 pub use checkpoints::{
     Checkpoint, all_checkpoints, load_checkpoint, orphan_hint, orphaned, save_checkpoint,
     versions_in_scope,
 };
 pub use handover::{SwitchReport, retire, switch};
+pub use replay::{Page, Source, replay, replay_pages};
 
 use std::collections::HashMap;
-use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Instant;
 
 use tokio::sync::mpsc;
 
 use crate::config::Config;
-use crate::runtime::commit::{Committer, Registration, Tracker, TrackerMsg};
 use crate::runtime::parking::ParkStore;
-use crate::runtime::pipeline::{RealSinks, StageEnv, Stages, spawn_stages};
-use crate::runtime::stage::Mode;
-use crate::runtime::{Shared, Window};
 use crate::sinks::SinkError;
-use crate::source::window::{Arena, Item, Origin, Poison};
 use crate::store::{EventStore, Pg, ReplayPosition, StoreError};
 use crate::versions::scope_key;
 
@@ -81,211 +77,6 @@ pub fn select(names: &[String], all: bool) -> Result<Vec<String>, RebuildError> 
     Ok(names.to_vec())
 }
 
-/// Turns the tracker's "durable up to window N" into replay positions.
-struct Positions {
-    by_window: Arc<Mutex<HashMap<u64, (ReplayPosition, u64)>>>,
-    tx: mpsc::UnboundedSender<(ReplayPosition, u64)>,
-}
-
-impl Committer for Positions {
-    fn windows_durable(&mut self, upto: u64) {
-        let hit = self
-            .by_window
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&upto);
-        if let Some(p) = hit {
-            let _ = self.tx.send(p);
-        }
-    }
-}
-
-/// What a replay reads.
-#[derive(Debug, Clone)]
-pub enum Source {
-    /// The log in commit order after `from` (up to `upto` when given, else to the head as
-    /// it moves).
-    Log {
-        from: ReplayPosition,
-        upto: Option<ReplayPosition>,
-    },
-    /// One stream (`aggregate_type/aggregate_id`), in sequence.
-    Stream(String),
-}
-
-/// Replay `source` into `version` of `selected`. `durable` is called in order with
-/// (position, events) once all events up to that position are durable. Returns the last
-/// position and the count.
-pub async fn replay(
-    cfg: &Config,
-    selected: &[String],
-    version: &str,
-    source: Source,
-    fresh: bool,
-    opts: &RebuildOptions,
-    durable: &mut (dyn FnMut(ReplayPosition, u64) + Send),
-) -> Result<(ReplayPosition, u64), RebuildError> {
-    crate::versions::validate_version(version)?;
-    let from = match &source {
-        Source::Log { from, .. } => *from,
-        Source::Stream(_) => ReplayPosition::default(),
-    };
-    let shared = Arc::new(Shared::default());
-    let pg = Arc::new(Pg::from_config(&cfg.postgres));
-    let (tracker_tx, tracker_rx) = mpsc::unbounded_channel();
-    let v = version.to_owned();
-    let window = (opts.checkpoint_every as usize).clamp(1, 200_000);
-    let env = StageEnv {
-        cfg: cfg.clone(),
-        shared: shared.clone(),
-        tracker: tracker_tx.clone(),
-        control: Arc::new(crate::runtime::control::PgControl {
-            pointers: None,
-            retirements: Some(crate::runtime::targets::Retirements::new(
-                pg.clone(),
-                &cfg.deployment,
-            )),
-            parks: ParkStore::new(pg, &cfg.deployment),
-            dlq: None,
-        }),
-        mode: Mode::Replay { version: v, fresh },
-        only: selected.to_vec(),
-        shards: cfg.worker.shard_count(),
-        cache_bytes: cfg.worker.replay_cache_bytes,
-        max_batch: window,
-    };
-    let stages = spawn_stages(&env, &RealSinks::replay(cfg))?;
-    drop(env);
-    let by_window = Arc::new(Mutex::new(HashMap::new()));
-    let (pos_tx, mut pos_rx) = mpsc::unbounded_channel();
-    let committer = Positions {
-        by_window: by_window.clone(),
-        tx: pos_tx,
-    };
-    let tracker = Tracker::new(
-        stages.participants,
-        shared.clone(),
-        Arc::new(Vec::new()),
-        Some(Box::new(committer)),
-    );
-    let tracker = tokio::spawn(tracker.run(tracker_rx));
-
-    // Read ahead: pages stream in while earlier ones are written.
-    let (page_tx, mut page_rx) = mpsc::channel(2);
-    let reader_cfg = cfg.clone();
-    let page = opts.batch.max(1);
-    let reader = tokio::spawn(async move {
-        let store = EventStore::connect(&reader_cfg.postgres.url).await?;
-        match source {
-            Source::Log { from, upto } => {
-                let mut cursor = from;
-                loop {
-                    let rows = store.read_events_after(cursor, upto, page).await?;
-                    let Some((last, _)) = rows.last() else { break };
-                    cursor = *last;
-                    if page_tx.send(rows).await.is_err() {
-                        break;
-                    }
-                }
-            }
-            Source::Stream(stream) => {
-                let rows = store.read_stream(&stream).await?;
-                if !rows.is_empty() {
-                    let _ = page_tx.send(rows).await;
-                }
-            }
-        }
-        Ok::<_, RebuildError>(())
-    });
-
-    let Stages {
-        txs,
-        handles,
-        stats: _,
-        ..
-    } = stages;
-    let mut items: Vec<Item> = Vec::with_capacity(window);
-    let mut last = from;
-    let mut next_id = 1u64;
-    let mut total = 0u64;
-    let topics = Arc::new(Vec::new());
-    let send = async |items: Vec<Item>, last: ReplayPosition, total: u64, next_id: &mut u64| {
-        let id = *next_id;
-        *next_id += 1;
-        by_window
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(id, (last, total));
-        shared.in_flight.fetch_add(items.len(), Ordering::Relaxed);
-        let _ = tracker_tx.send(TrackerMsg::Register(Registration {
-            id,
-            generation: 0,
-            offsets: Vec::new(),
-            newest: Vec::new(),
-            messages: items.len(),
-            bytes: 0,
-            timestamps: Vec::new(),
-        }));
-        let w = Arc::new(
-            Window {
-                id,
-                generation: 0,
-                items,
-                arena: Arena::default(),
-                topics: topics.clone(),
-                opened: Instant::now(),
-                span: tracing::Span::none(),
-            }
-            .traced(),
-        );
-        for tx in &txs {
-            let _ = tx.send(w.clone()).await;
-        }
-    };
-    while let Some(rows) = page_rx.recv().await {
-        for (position, decoded) in rows {
-            last = position;
-            total += 1;
-            items.push(Item {
-                origin: Origin::Replay { position },
-                decoded: decoded.map_err(|(stream, seq, error)| {
-                    tracing::warn!(%stream, seq, %error, "stored event breaks the contract: parked");
-                    Poison {
-                        error,
-                        stream: Some(stream),
-                        sequence: Some(seq),
-                    }
-                }),
-                raw: Default::default(),
-            });
-            if items.len() >= window {
-                send(std::mem::take(&mut items), last, total, &mut next_id).await;
-            }
-        }
-        while let Ok(p) = pos_rx.try_recv() {
-            durable(p.0, p.1);
-        }
-    }
-    if !items.is_empty() {
-        send(std::mem::take(&mut items), last, total, &mut next_id).await;
-    }
-    drop(txs);
-    let read = reader.await;
-    for h in handles {
-        let _ = h.await;
-    }
-    drop(tracker_tx);
-    let _ = tracker.await;
-    while let Ok(p) = pos_rx.try_recv() {
-        durable(p.0, p.1);
-    }
-    match read {
-        Ok(Ok(())) => Ok((last, total)),
-        Ok(Err(e)) => Err(e),
-        Err(e) => Err(RebuildError::Stuck(format!("the page reader failed: {e}"))),
-    }
-}
-
 /// Replay into `opts.version` until the store has nothing newer (or up to `upto`); returns
 /// the final checkpoints. Resumes from the earliest saved checkpoint of the selected
 /// projections (a page some of them already applied is absorbed by their guards).
@@ -314,13 +105,21 @@ pub async fn rebuild(
                 fresh = false;
                 c
             }
-            None => Checkpoint {
-                projection: key,
-                version: opts.version.clone(),
-                position: ReplayPosition::default(),
-                events_applied: 0,
-                status: "building".into(),
-            },
+            None => {
+                // Saved before anything is written: a rebuild stopped before its first
+                // checkpoint resumes as what it is, a version that holds data. Resumed
+                // fresh, it would take views it wrote for absent (a fresh replay loads only
+                // the views it sent writes for) and apply their finished streams again.
+                let c = Checkpoint {
+                    projection: key,
+                    version: opts.version.clone(),
+                    position: ReplayPosition::default(),
+                    events_applied: 0,
+                    status: "building".into(),
+                };
+                save_checkpoint(store, &c).await?;
+                c
+            }
         };
         checkpoints.push(c);
     }
@@ -340,8 +139,10 @@ pub async fn rebuild(
     };
     let started = Instant::now();
     tracing::info!(version = %opts.version, ?from, ?head, fresh, "rebuild starting");
-    // Checkpoints are saved by a task of their own, in order, as windows become durable.
-    let (cp_tx, mut cp_rx) = mpsc::unbounded_channel::<(ReplayPosition, u64)>();
+    // Checkpoints are saved by a task of their own, in order, as windows become durable
+    // (`Some`); `None` says the replay ended. A rebuild dropped before that (its caller gave
+    // up) leaves its last "building" checkpoint, never a "caught_up" one.
+    let (cp_tx, mut cp_rx) = mpsc::unbounded_channel::<Option<(ReplayPosition, u64)>>();
     let saver_cfg = cfg.clone();
     let mut saved = checkpoints.clone();
     let every = opts.checkpoint_every.max(1);
@@ -349,13 +150,21 @@ pub async fn rebuild(
         let store = EventStore::connect(&saver_cfg.postgres.url).await?;
         let mut since = 0u64;
         let mut last: Option<(ReplayPosition, u64)> = None;
-        while let Some((pos, n)) = cp_rx.recv().await {
+        let mut ended = false;
+        while let Some(msg) = cp_rx.recv().await {
+            let Some((pos, n)) = msg else {
+                ended = true;
+                break;
+            };
             since += n.saturating_sub(last.map_or(0, |l| l.1));
             last = Some((pos, n));
             if since >= every {
                 since = 0;
                 save_all(&store, &mut saved, pos, base + n, "building").await?;
             }
+        }
+        if !ended {
+            return Ok(saved);
         }
         if let Some((pos, n)) = last {
             save_all(&store, &mut saved, pos, base + n, "caught_up").await?;
@@ -367,7 +176,7 @@ pub async fn rebuild(
     });
     let mut on_durable = |pos: ReplayPosition, n: u64| {
         progress(base + n, pos, head);
-        let _ = cp_tx.send((pos, n));
+        let _ = cp_tx.send(Some((pos, n)));
     };
     let replayed = replay(
         cfg,
@@ -388,8 +197,8 @@ pub async fn rebuild(
         saver.abort();
         return Err(e);
     }
-    drop(cp_tx);
     let (_, n) = replayed?;
+    let _ = cp_tx.send(None);
     let done = saver
         .await
         .map_err(|e| RebuildError::Stuck(format!("checkpoint saver: {e}")))??;

@@ -11,7 +11,7 @@ pub use append::AppendOutcome;
 pub use migrations::MIGRATIONS;
 pub use pg::Pg;
 pub use read::{SELECT_EVENT, envelope_of};
-pub use replay::{ReplayPosition, Typed};
+pub use replay::{ReplayPosition, Replayed, Typed};
 
 use thiserror::Error;
 use tokio_postgres::{Client, NoTls};

@@ -509,7 +509,7 @@ fn simulate(seed: u64, mode: Mode_) -> Outcome {
 }
 
 /// Panics the simulation injects are expected: not printed (every other one is).
-fn quiet_injected_panics() {
+pub(super) fn quiet_injected_panics() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
         let default = std::panic::take_hook();
@@ -1118,12 +1118,12 @@ fn install_position_check(world: &Shared, events: &[Event], settled: Settled) {
 /// stream is parked where the fold does not park it; nothing landed in a deleted version.
 /// What a schedule gave up on purpose (a view contended or refused forever, a stream whose
 /// row the store refused): exempt from the comparison, and its parks expected.
-struct Exempt<'a> {
-    view: Option<&'a str>,
-    fact_stream: Option<&'a str>,
+pub(super) struct Exempt<'a> {
+    pub view: Option<&'a str>,
+    pub fact_stream: Option<&'a str>,
 }
 
-fn check(
+pub(super) fn check(
     world: &Shared,
     events: &[Event],
     models: &[Model],

@@ -174,9 +174,11 @@ struct TargetState<V, S> {
     store: S,
     cache: Cache<V>,
     parked: Parked,
-    /// A replay into a fresh version: every key written so far (an unseen key is absent).
-    /// Given up (`None`: every key the cache lacks is loaded) once its keys weigh more than
-    /// the cache's budget, so the set does not grow with the event store.
+    /// A replay into a fresh version: every key a write was sent for so far (an unseen key
+    /// is absent). Recorded when the write is sent, not when it is acknowledged: a write
+    /// whose reply was lost may have landed, and a view found stored by a conflict is never
+    /// written again. Given up (`None`: every key the cache lacks is loaded) once its keys
+    /// weigh more than the cache's budget, so the set does not grow with the event store.
     seen: Option<HashSet<String>>,
     seen_bytes: usize,
     parks_loaded: Instant,
@@ -331,29 +333,12 @@ impl<P: Projector, S: DocStore> DocStage<P, S> {
         }
     }
 
-    /// Views of the batch written now: durable; a replay into a fresh version remembers them.
+    /// Views of the batch written now: durable.
     fn durable(&mut self, prep: &mut Prepared, views: &[usize]) {
         let mut written = 0;
         for v in views {
             if prep.keys[*v].write.take().is_some() {
                 written += 1;
-                if let Some(st) = self.state.as_mut()
-                    && let Some(seen) = st.seen.as_mut()
-                {
-                    let key = &prep.keys[*v].key;
-                    if seen.insert(key.clone()) {
-                        st.seen_bytes += key.len() + SEEN_OVERHEAD;
-                    }
-                    if st.seen_bytes > self.cache_cap {
-                        tracing::info!(
-                            projection = self.ctx.name,
-                            shard = self.shard,
-                            keys = seen.len(),
-                            "a fresh replay's written keys outgrew the cache budget: views the cache lacks are read from the store from now on"
-                        );
-                        st.seen = None;
-                    }
-                }
             }
         }
         prep.written += written;
@@ -368,10 +353,37 @@ impl<P: Projector, S: DocStore> DocStage<P, S> {
         prep: &Prepared,
         views: &[usize],
     ) -> Result<WriteOutcome, SinkError> {
+        self.sending(prep, views);
         let writes = prep.writes(views);
         let store = self.st().store.clone();
         let span = self.store_span(&prep.routed.batch.span, writes.len(), false);
         write_traced(&store, &writes, span).await
+    }
+
+    /// Writes of `views` are about to be sent: from now on they may be in the store, which a
+    /// replay into a fresh version remembers (see [`TargetState::seen`]).
+    fn sending(&mut self, prep: &Prepared, views: &[usize]) {
+        let Some(st) = self.state.as_mut() else {
+            return;
+        };
+        let Some(seen) = st.seen.as_mut() else {
+            return;
+        };
+        for v in views {
+            let key = &prep.keys[*v].key;
+            if seen.insert(key.clone()) {
+                st.seen_bytes += key.len() + SEEN_OVERHEAD;
+            }
+        }
+        if st.seen_bytes > self.cache_cap {
+            tracing::info!(
+                projection = self.ctx.name,
+                shard = self.shard,
+                keys = seen.len(),
+                "a fresh replay's written keys outgrew the cache budget: views the cache lacks are read from the store from now on"
+            );
+            st.seen = None;
+        }
     }
 
     /// A batch is durable: send its letters, record its parks, acknowledge its windows.
@@ -460,6 +472,7 @@ impl<P: Projector, S: DocStore> Pipelined for DocStage<P, S> {
     fn start(&mut self, prepared: &mut Prepared) -> tokio::task::JoinHandle<Written> {
         prepared.started = Instant::now();
         let views = prepared.pending();
+        self.sending(prepared, &views);
         let writes = prepared.writes(&views);
         let store = self.st().store.clone();
         let span = self.store_span(&prepared.routed.batch.span, writes.len(), false);
