@@ -289,7 +289,7 @@ pub async fn unpark_and_replay(
         by_version.entry(version).or_default().push(p.clone());
     }
     let source = Source::Stream(stream.to_owned());
-    let run = |second: bool| {
+    let run = || {
         let (by_version, source) = (by_version.clone(), source.clone());
         async move {
             let mut n = 0;
@@ -311,14 +311,13 @@ pub async fn unpark_and_replay(
                 .await?;
                 n += k;
             }
-            let _ = second;
             Ok::<_, RebuildError>(n)
         }
     };
-    run(false).await?;
+    run().await?;
     tokio::time::sleep(
         crate::runtime::documents::PARKS_REFRESH + std::time::Duration::from_secs(2),
     )
     .await;
-    run(true).await
+    run().await
 }
