@@ -510,11 +510,13 @@ async fn read_latency(
 /// dropped.
 async fn cleanup(cfg: &Config, analytics_cfg: &Config, own: Option<&store::BenchStore>) {
     let _ = kafka::delete_topics(&cfg.kafka).await;
+    // The live versions of both deployments (each announced its pointer key in Redis) and
+    // the rebuilt ones (never switched to: nothing announced).
     let rebuilt = ["rcustomer360", "rorder_view", "ranalytics", "rall"]
-        .map(|v| (cfg, projector::versions::views_for(cfg, v)));
-    for (c, views) in [
-        (cfg, cfg.views.clone()),
-        (analytics_cfg, analytics_cfg.views.clone()),
+        .map(|v| (cfg, projector::versions::views_for(cfg, v), false));
+    for (c, views, announced) in [
+        (cfg, cfg.views.clone(), true),
+        (analytics_cfg, analytics_cfg.views.clone(), true),
     ]
     .into_iter()
     .chain(rebuilt)
@@ -523,7 +525,9 @@ async fn cleanup(cfg: &Config, analytics_cfg: &Config, own: Option<&store::Bench
         // keep the others from being cleaned, nor get MongoDB collections made to be dropped.
         if let Ok(r) = RedisSink::connect(&c.redis, &views.redis_prefix).await {
             let _ = r.delete_all().await;
-            let _ = r.with_pointer(c.redis_pointer_key()).forget_pointer().await;
+            if announced {
+                let _ = r.with_pointer(c.redis_pointer_key()).forget_pointer().await;
+            }
         }
         if let Ok(m) = MongoSink::connect_unindexed(&c.mongo, &views.mongo_collection).await {
             let _ = m.drop_collection().await;
