@@ -18,7 +18,8 @@ mod simulation {
     pub mod world;
 }
 
-use simulation::run::run_seed;
+use simulation::replay::run_replay;
+use simulation::run::{Outcome, run_seed};
 
 /// Seeds that failed before their fix, each with the race it found (the README's table).
 /// A seed names a schedule of today's `Plan::draw`: change how schedules are drawn and these
@@ -44,40 +45,47 @@ const REGRESSIONS: &[u64] = &[
     2262, 5021, 8279, 2426, 4241, 9122, 5707, 8904, 12,
 ];
 
-fn report(seed: u64) -> Option<String> {
-    let out = run_seed(seed);
+/// What a run that failed found, with the command that replays it (`var`=`seed`).
+fn failed(what: &str, var: &str, seed: u64, out: &Outcome) -> Option<String> {
     (!out.failures.is_empty()).then(|| {
         format!(
-            "seed {seed} failed (replay: SIM_SEED={seed} cargo nextest run --test simulation):\n  {}\n  schedule: {}",
+            "{what} {seed} failed (replay: {var}={seed} cargo nextest run --test simulation):\n  {}\n  schedule: {}",
             out.failures.join("\n  "),
             out.summary
         )
     })
 }
 
-#[test]
-fn regression_seeds_stay_fixed() {
-    let failed: Vec<String> = REGRESSIONS.iter().filter_map(|s| report(*s)).collect();
-    assert!(failed.is_empty(), "{}", failed.join("\n"));
+fn report(seed: u64) -> Option<String> {
+    failed("seed", "SIM_SEED", seed, &run_seed(seed))
 }
 
-#[test]
-fn every_schedule_ends_equal_to_the_fold() {
-    if let Ok(seed) = std::env::var("SIM_SEED") {
-        let seed: u64 = seed.parse().expect("SIM_SEED is a number");
-        let out = run_seed(seed);
-        eprintln!("schedule {seed}: {}", out.summary);
-        assert!(out.failures.is_empty(), "{}", out.failures.join("\n"));
-        return;
-    }
-    let n: u64 = std::env::var("SIM_SCHEDULES")
+fn report_rebuild(seed: u64) -> Option<String> {
+    failed("rebuild", "SIM_REPLAY", seed, &run_replay(seed))
+}
+
+/// When `var` names a seed: run that one alone, print what it did, and say so.
+fn only_the_named(var: &str, what: &str, run: fn(u64) -> Outcome) -> bool {
+    let Ok(seed) = std::env::var(var) else {
+        return false;
+    };
+    let seed: u64 = seed.parse().unwrap_or_else(|_| panic!("{var} is a number"));
+    let out = run(seed);
+    eprintln!("{what} {seed}: {}", out.summary);
+    assert!(out.failures.is_empty(), "{}", out.failures.join("\n"));
+    true
+}
+
+fn env_u64(var: &str, default: u64) -> u64 {
+    std::env::var(var)
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(10_000);
-    let base: u64 = std::env::var("SIM_BASE")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
+        .unwrap_or(default)
+}
+
+/// Seeds `base..base + n`, spread over the cores (each thread stops at its third failure);
+/// asserts none failed.
+fn run_spread(what: &str, base: u64, n: u64, report: fn(u64) -> Option<String>) {
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get()) as u64;
     let started = std::time::Instant::now();
     let failed: Vec<String> = std::thread::scope(|s| {
@@ -103,8 +111,23 @@ fn every_schedule_ends_equal_to_the_fold() {
             .flat_map(|h| h.join().unwrap_or_default())
             .collect()
     });
-    eprintln!("{n} schedules in {:.1} s", started.elapsed().as_secs_f64());
+    eprintln!("{n} {what} in {:.1} s", started.elapsed().as_secs_f64());
     assert!(failed.is_empty(), "{}", failed.join("\n"));
+}
+
+#[test]
+fn regression_seeds_stay_fixed() {
+    let failed: Vec<String> = REGRESSIONS.iter().filter_map(|s| report(*s)).collect();
+    assert!(failed.is_empty(), "{}", failed.join("\n"));
+}
+
+#[test]
+fn every_schedule_ends_equal_to_the_fold() {
+    if only_the_named("SIM_SEED", "schedule", run_seed) {
+        return;
+    }
+    let n = env_u64("SIM_SCHEDULES", 10_000);
+    run_spread("schedules", env_u64("SIM_BASE", 0), n, report);
 }
 
 /// A view another writer never lets go of is given up after a bounded number of
@@ -208,57 +231,13 @@ const REPLAY_REGRESSIONS: &[u64] = &[8, 13, 34, 52];
 /// regression seeds, `SIM_REPLAY=s` replays one and prints what it did.
 #[test]
 fn every_rebuild_ends_equal_to_the_fold() {
-    use simulation::replay::run_replay;
-    for &seed in REPLAY_REGRESSIONS {
-        let out = run_replay(seed);
-        assert!(
-            out.failures.is_empty(),
-            "regression rebuild {seed}: {}\n  schedule: {}",
-            out.failures.join("\n  "),
-            out.summary
-        );
-    }
-    if let Ok(seed) = std::env::var("SIM_REPLAY") {
-        let seed: u64 = seed.parse().expect("SIM_REPLAY is a number");
-        let out = run_replay(seed);
-        eprintln!("rebuild {seed}: {}", out.summary);
-        assert!(out.failures.is_empty(), "{}", out.failures.join("\n"));
+    let failed: Vec<String> = REPLAY_REGRESSIONS
+        .iter()
+        .filter_map(|s| report_rebuild(*s))
+        .collect();
+    assert!(failed.is_empty(), "{}", failed.join("\n"));
+    if only_the_named("SIM_REPLAY", "rebuild", run_replay) {
         return;
     }
-    let n: u64 = std::env::var("SIM_REPLAYS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(2_000);
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()) as u64;
-    let started = std::time::Instant::now();
-    let failed: Vec<String> = std::thread::scope(|s| {
-        let hs: Vec<_> = (0..threads)
-            .map(|t| {
-                s.spawn(move || {
-                    let mut f = Vec::new();
-                    let mut seed = t;
-                    while seed < n {
-                        let out = run_replay(seed);
-                        if !out.failures.is_empty() {
-                            f.push(format!(
-                                "rebuild {seed} failed (replay: SIM_REPLAY={seed} cargo nextest run --test simulation):\n  {}\n  schedule: {}",
-                                out.failures.join("\n  "),
-                                out.summary
-                            ));
-                            if f.len() >= 3 {
-                                break;
-                            }
-                        }
-                        seed += threads;
-                    }
-                    f
-                })
-            })
-            .collect();
-        hs.into_iter()
-            .flat_map(|h| h.join().unwrap_or_default())
-            .collect()
-    });
-    eprintln!("{n} rebuilds in {:.1} s", started.elapsed().as_secs_f64());
-    assert!(failed.is_empty(), "{}", failed.join("\n"));
+    run_spread("rebuilds", 0, env_u64("SIM_REPLAYS", 2_000), report_rebuild);
 }

@@ -68,13 +68,6 @@ struct Plan {
 
 impl Plan {
     fn draw(rng: &mut ChaCha8Rng) -> Plan {
-        let f = |rng: &mut ChaCha8Rng, max: f64| {
-            if rng.random_bool(0.3) {
-                0.0
-            } else {
-                rng.random_range(0.0..max)
-            }
-        };
         Plan {
             events: rng.random_range(8..160),
             window: rng.random_range(1..=40),
@@ -90,14 +83,7 @@ impl Plan {
                 0.0
             },
             panics: rng.random_bool(0.2).then(|| rng.random()),
-            faults: Faults {
-                store_fail: f(rng, 0.15),
-                reply_lost: f(rng, 0.15),
-                partial: f(rng, 0.08),
-                hang: f(rng, 0.01),
-                pg_fail: f(rng, 0.08),
-                max_latency_ms: rng.random_range(1..40),
-            },
+            faults: Faults::draw(rng),
         }
     }
 }

@@ -24,7 +24,7 @@ use tokio::task::JoinHandle;
 
 use super::models::{self, Model, comparable_whole};
 use super::world::{
-    Faults, Pointer, Shared, SimCommit, SimControl, SimPositions, SimSinks, World, lock,
+    Faults, Pointer, Shared, SimCommit, SimControl, SimPositions, SimSinks, World, lock, rate,
 };
 
 /// What a schedule found.
@@ -66,13 +66,6 @@ struct Plan {
 
 impl Plan {
     fn draw(rng: &mut ChaCha8Rng) -> Plan {
-        let f = |rng: &mut ChaCha8Rng, max: f64| {
-            if rng.random_bool(0.3) {
-                0.0
-            } else {
-                rng.random_range(0.0..max)
-            }
-        };
         let lossy = rng.random_bool(0.3);
         let mut plan = Plan {
             events: rng.random_range(8..48),
@@ -82,19 +75,12 @@ impl Plan {
             cache: rng.random_range(1..=48),
             max_batch: rng.random_range(1..=24),
             window: rng.random_range(1..=8),
-            dup: f(rng, 0.15),
+            dup: rate(rng, 0.15),
             loss: 0.0,
             swap: 0.0,
-            action: f(rng, 0.12),
+            action: rate(rng, 0.12),
             switches: rng.random_range(0..=2),
-            faults: Faults {
-                store_fail: f(rng, 0.15),
-                reply_lost: f(rng, 0.15),
-                partial: f(rng, 0.08),
-                hang: f(rng, 0.01),
-                pg_fail: f(rng, 0.08),
-                max_latency_ms: rng.random_range(1..40),
-            },
+            faults: Faults::draw(rng),
             panics: None,
             poison: 0.0,
         };

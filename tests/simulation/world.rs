@@ -40,7 +40,28 @@ pub struct Faults {
     pub max_latency_ms: u64,
 }
 
+/// A rate a schedule draws: none in 30 % of schedules, else up to `max`.
+pub fn rate(rng: &mut ChaCha8Rng, max: f64) -> f64 {
+    if rng.random_bool(0.3) {
+        0.0
+    } else {
+        rng.random_range(0.0..max)
+    }
+}
+
 impl Faults {
+    /// A schedule's faults, drawn from its seed.
+    pub fn draw(rng: &mut ChaCha8Rng) -> Faults {
+        Faults {
+            store_fail: rate(rng, 0.15),
+            reply_lost: rate(rng, 0.15),
+            partial: rate(rng, 0.08),
+            hang: rate(rng, 0.01),
+            pg_fail: rate(rng, 0.08),
+            max_latency_ms: rng.random_range(1..40),
+        }
+    }
+
     /// The same latencies, nothing failing.
     pub fn none(self) -> Faults {
         Faults {
