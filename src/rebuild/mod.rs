@@ -150,11 +150,11 @@ pub async fn rebuild(
         let store = EventStore::connect(&saver_cfg.postgres.url).await?;
         let mut since = 0u64;
         let mut last: Option<(ReplayPosition, u64)> = None;
-        let mut ended = false;
-        while let Some(msg) = cp_rx.recv().await {
-            let Some((pos, n)) = msg else {
-                ended = true;
-                break;
+        loop {
+            let (pos, n) = match cp_rx.recv().await {
+                Some(Some(durable)) => durable,
+                Some(None) => break,
+                None => return Ok(saved),
             };
             since += n.saturating_sub(last.map_or(0, |l| l.1));
             last = Some((pos, n));
@@ -162,9 +162,6 @@ pub async fn rebuild(
                 since = 0;
                 save_all(&store, &mut saved, pos, base + n, "building").await?;
             }
-        }
-        if !ended {
-            return Ok(saved);
         }
         if let Some((pos, n)) = last {
             save_all(&store, &mut saved, pos, base + n, "caught_up").await?;
@@ -188,16 +185,12 @@ pub async fn rebuild(
         &mut on_durable,
     )
     .await;
-    // The secondary indexes the replay left out, before the version is reported caught up
-    // (switching readers to it requires that): a failure leaves the last "building"
-    // checkpoint, and resuming builds them again.
-    if replayed.is_ok()
-        && let Err(e) = build_indexes(cfg, selected, &opts.version).await
-    {
-        saver.abort();
-        return Err(e);
-    }
     let (_, n) = replayed?;
+    // The secondary indexes the replay left out, before the version is reported caught up
+    // (switching readers to it requires that): a failure returns before the saver is told
+    // the replay ended, which leaves the last "building" checkpoint, and resuming builds
+    // them again.
+    build_indexes(cfg, selected, &opts.version).await?;
     let _ = cp_tx.send(None);
     let done = saver
         .await

@@ -185,10 +185,10 @@ pub async fn replay_pages<F: SinkFactory>(
     } = stages;
     // Dropped before the end (a caller gave up, a crash in the simulation), the replay takes
     // its stages and tracker with it, as a process that dies would.
-    let mut tasks = AbortOnDrop(handles);
-    tasks.0.push(tokio::spawn(async move {
+    let mut stage_tasks = AbortOnDrop(handles);
+    let mut tracker_task = AbortOnDrop(vec![tokio::spawn(async move {
         tracker.run(tracker_rx).await;
-    }));
+    })]);
     let mut items: Vec<Item> = Vec::with_capacity(window);
     let mut last = from;
     let mut next_id = 1u64;
@@ -255,14 +255,9 @@ pub async fn replay_pages<F: SinkFactory>(
         send(std::mem::take(&mut items), last, total, &mut next_id).await;
     }
     drop(txs);
-    let tracker = tasks.0.pop();
-    for h in tasks.0.iter_mut() {
-        let _ = h.await;
-    }
+    stage_tasks.join().await;
     drop(tracker_tx);
-    if let Some(t) = tracker {
-        let _ = t.await;
-    }
+    tracker_task.join().await;
     while let Ok(p) = pos_rx.try_recv() {
         durable(p.0, p.1);
     }
@@ -271,6 +266,15 @@ pub async fn replay_pages<F: SinkFactory>(
 
 /// Tasks aborted when this is dropped (a finished task is unaffected).
 struct AbortOnDrop(Vec<tokio::task::JoinHandle<()>>);
+
+impl AbortOnDrop {
+    /// Wait for every task to end.
+    async fn join(&mut self) {
+        for h in &mut self.0 {
+            let _ = h.await;
+        }
+    }
+}
 
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
