@@ -21,7 +21,7 @@ use rand_chacha::ChaCha8Rng;
 use tokio::sync::mpsc;
 
 use super::models::{self, SimProjectors};
-use super::run::{Exempt, Outcome, check, quiet_injected_panics};
+use super::run::{Exempt, Outcome, check, on_a_paused_clock, trace_if_asked};
 use super::world::{Faults, Pointer, SimControl, SimSinks, World, lock};
 
 /// The version the rebuild writes.
@@ -29,25 +29,8 @@ const VERSION: &str = "r1";
 
 /// One rebuild schedule on a paused clock of its own.
 pub fn run_replay(seed: u64) -> Outcome {
-    if std::env::var_os("SIM_TRACE").is_some() {
-        let _ = tracing_subscriber::fmt()
-            .with_env_filter(tracing_subscriber::EnvFilter::new("projector=debug"))
-            .with_writer(std::io::stderr)
-            .try_init();
-    }
-    quiet_injected_panics();
-    projector::resilience::backoff::seed_jitter(Some(seed));
-    let rt = match tokio::runtime::Builder::new_current_thread()
-        .enable_time()
-        .start_paused(true)
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => panic!("runtime: {e}"),
-    };
-    let out = rt.block_on(schedule(seed));
-    rt.shutdown_background();
-    out
+    trace_if_asked();
+    on_a_paused_clock(seed, schedule(seed))
 }
 
 /// The knobs of one rebuild, all drawn from its seed.

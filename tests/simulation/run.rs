@@ -439,13 +439,18 @@ impl Source {
 
 /// Run schedule `seed` to quiescence and check the properties.
 pub fn run_seed(seed: u64) -> Outcome {
+    trace_if_asked();
+    simulate(seed, Mode_::Drawn)
+}
+
+/// `SIM_TRACE`: the runtime's debug logs on stderr.
+pub(super) fn trace_if_asked() {
     if std::env::var_os("SIM_TRACE").is_some() {
         let _ = tracing_subscriber::fmt()
             .with_env_filter(tracing_subscriber::EnvFilter::new("projector=debug"))
             .with_writer(std::io::stderr)
             .try_init();
     }
-    simulate(seed, Mode_::Drawn)
 }
 
 /// Schedule `seed` with no faults and one worker, where another writer always wins the
@@ -478,6 +483,14 @@ enum Mode_ {
 
 /// One schedule on a paused clock of its own, with this thread's jitter seeded.
 fn simulate(seed: u64, mode: Mode_) -> Outcome {
+    on_a_paused_clock(seed, schedule(seed, mode))
+}
+
+/// Run `run` on a paused clock of its own, with this thread's jitter seeded by `seed`.
+pub(super) fn on_a_paused_clock(
+    seed: u64,
+    run: impl std::future::Future<Output = Outcome>,
+) -> Outcome {
     quiet_injected_panics();
     projector::resilience::backoff::seed_jitter(Some(seed));
     let rt = match tokio::runtime::Builder::new_current_thread()
@@ -488,14 +501,14 @@ fn simulate(seed: u64, mode: Mode_) -> Outcome {
         Ok(rt) => rt,
         Err(e) => panic!("runtime: {e}"),
     };
-    let out = rt.block_on(schedule(seed, mode));
+    let out = rt.block_on(run);
     // Tasks still running (stages of crashed workers, write tasks) go with the runtime.
     rt.shutdown_background();
     out
 }
 
 /// Panics the simulation injects are expected: not printed (every other one is).
-pub(super) fn quiet_injected_panics() {
+fn quiet_injected_panics() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
         let default = std::panic::take_hook();
