@@ -104,7 +104,7 @@ fn row(
 pub async fn run(base: &Config, args: BenchArgs) -> anyhow::Result<()> {
     let id = format!("bench{}", chrono::Utc::now().timestamp_millis());
     let mut cfg = base.isolated(&id);
-    let own = store::BenchStore::create(&mut cfg, &id).await;
+    let own = store::BenchStore::create(&mut cfg, &id).await?;
     let outcome = measure(&cfg, &id, args).await;
     // Every mode, finished or failed part-way, leaves the servers as they were. `measure` has
     // closed its event store connection by now (dropping the database ends any still open).

@@ -7,6 +7,7 @@
 //! store had grown to 9.3 GB, and the rebuild figures with it). In a database of its own,
 //! every run starts from an empty store and leaves nothing behind.
 
+use anyhow::Context;
 use projector::config::Config;
 use projector::store::EventStore;
 
@@ -46,21 +47,29 @@ fn quoted(name: &str) -> String {
 impl BenchStore {
     /// Create `<database>_<id>` and point `cfg` (and so every worker the bench spawns) at it.
     /// Without the right to create a database, the bench says so and uses the configured
-    /// event store as before.
-    pub(super) async fn create(cfg: &mut Config, id: &str) -> Option<BenchStore> {
+    /// event store as before. An event store that does not answer is an error: every phase
+    /// needs it, and its stages would otherwise retry in silence for as long as it is down.
+    pub(super) async fn create(cfg: &mut Config, id: &str) -> anyhow::Result<Option<BenchStore>> {
         let admin_url = cfg.postgres.url.clone();
+        EventStore::connect(&admin_url)
+            .await
+            .with_context(|| format!("connecting to the event store at {admin_url}"))?;
         let database = url::Url::parse(&admin_url)
             .ok()
             .map(|u| u.path().trim_matches('/').to_owned())
-            .filter(|d| !d.is_empty())?;
-        let name = format!("{database}_{id}");
-        let url = with_database(&admin_url, &name)?;
+            .filter(|d| !d.is_empty());
+        let Some((name, url)) = database.and_then(|database| {
+            let name = format!("{database}_{id}");
+            with_database(&admin_url, &name).map(|url| (name, url))
+        }) else {
+            return Ok(None);
+        };
         if let Err(why) = admin(&admin_url, &format!("CREATE DATABASE {}", quoted(&name))).await {
             println!(
                 "  (the bench's events go to the configured event store and stay there: no \
                  database of its own could be created: {why})"
             );
-            return None;
+            return Ok(None);
         }
         let own = BenchStore { admin_url, name };
         // The schema first: the stages read parks and pointers before any worker migrates.
@@ -74,10 +83,10 @@ impl BenchStore {
                 "  (the bench's own event store could not be migrated, so it uses the configured \
                  one: {why})"
             );
-            return None;
+            return Ok(None);
         }
         cfg.postgres.url = url;
-        Some(own)
+        Ok(Some(own))
     }
 
     /// Drop the bench's database (its connections are closed by the drop).
