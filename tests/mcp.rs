@@ -50,6 +50,7 @@ async fn agents_use_the_tools_over_stdio_and_streamable_http() {
             "get_customer_360",
             "get_order",
             "list_customer_orders",
+            "list_orders_by_status",
             "order_funnel",
             "projection_status",
             "revenue",
@@ -145,6 +146,37 @@ async fn agents_use_the_tools_over_stdio_and_streamable_http() {
         .call_tool(
             CallToolRequestParams::new("list_customer_orders")
                 .with_arguments(args(json!({"customer_id": customer, "status": "lost"}))),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.is_error, Some(true));
+    // The orders stuck longest in one status: the fold's, oldest change first.
+    let mut stuck: Vec<_> = want
+        .orders
+        .values()
+        .map(|(o, _)| o)
+        .filter(|o| o.status == order.status)
+        .collect();
+    stuck.sort_by(|a, b| (a.updated_at, &a.order_id).cmp(&(b.updated_at, &b.order_id)));
+    stuck.truncate(5);
+    let r = client
+        .call_tool(
+            CallToolRequestParams::new("list_orders_by_status").with_arguments(args(
+                json!({"status": order.status, "sort": "oldest", "limit": 5}),
+            )),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.is_error, Some(false), "{r:?}");
+    let body = r.structured_content.unwrap();
+    assert_eq!(
+        body["data"]["orders"],
+        serde_json::to_value(&stuck).unwrap()
+    );
+    let r = client
+        .call_tool(
+            CallToolRequestParams::new("list_orders_by_status")
+                .with_arguments(args(json!({"status": "lost"}))),
         )
         .await
         .unwrap();

@@ -177,6 +177,54 @@ async fn agents_get_typed_fresh_answers_and_read_their_own_writes() {
     let n = theirs.iter().filter(|o| o.status == status_of).count();
     assert_eq!(body["data"]["orders"].as_array().unwrap().len(), n);
 
+    // Every order in one status, by when it last changed, page by page in both directions,
+    // equals the fold's. Each order is waited for first: the list spans every partition.
+    for id in want.orders.keys() {
+        let (status, body) = api
+            .get(&format!(
+                "/v1/orders/{id}?after_position={}&wait_ms=120000",
+                last_write(&OrderViewProjector, &log, id)
+            ))
+            .await;
+        assert_eq!(status, 200, "{body}");
+    }
+    let mut per_status: BTreeMap<&str, usize> = BTreeMap::new();
+    for (o, _) in want.orders.values() {
+        *per_status.entry(o.status.as_str()).or_default() += 1;
+    }
+    let (common_status, _) = per_status.iter().max_by_key(|(_, n)| **n).unwrap();
+    let mut in_status: Vec<_> = want
+        .orders
+        .values()
+        .filter(|(o, _)| o.status == *common_status)
+        .map(|(o, _)| o.clone())
+        .collect();
+    assert!(in_status.len() > 7, "several pages: {}", in_status.len());
+    in_status.sort_by(|a, b| (a.updated_at, &a.order_id).cmp(&(b.updated_at, &b.order_id)));
+    for sort in ["oldest", "newest"] {
+        let mut got = Vec::new();
+        let mut cursor = String::new();
+        for _ in 0..1_000 {
+            let (status, body) = api
+                .get(&format!(
+                    "/v1/orders?status={common_status}&sort={sort}&limit=7{cursor}"
+                ))
+                .await;
+            assert_eq!(status, 200, "{body}");
+            got.extend(body["data"]["orders"].as_array().unwrap().iter().cloned());
+            match body["data"]["next_cursor"].as_str() {
+                Some(c) => cursor = format!("&cursor={c}"),
+                None => break,
+            }
+        }
+        assert_eq!(
+            Value::Array(got),
+            serde_json::to_value(&in_status).unwrap(),
+            "{sort} first: pages in order, nothing missing or repeated"
+        );
+        in_status.reverse();
+    }
+
     // One order.
     let order = &theirs[0];
     let (status, body) = api.get(&format!("/v1/orders/{}", order.order_id)).await;
@@ -340,6 +388,18 @@ async fn agents_get_typed_fresh_answers_and_read_their_own_writes() {
         ),
         (
             format!("/v1/customers/{customer}/orders?cursor=zz"),
+            400,
+            "bad_request",
+        ),
+        ("/v1/orders".into(), 400, "bad_request"),
+        ("/v1/orders?status=lost".into(), 400, "bad_request"),
+        (
+            "/v1/orders?status=shipped&sort=sideways".into(),
+            400,
+            "bad_request",
+        ),
+        (
+            "/v1/orders?status=shipped&limit=0".into(),
             400,
             "bad_request",
         ),

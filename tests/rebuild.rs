@@ -35,7 +35,7 @@ async fn rebuild_to_end(cfg: &Config, store: &EventStore, version: &str) -> Vec<
 }
 
 /// The order views' indexes once a version is built.
-const INDEXED: [&str; 3] = ["_id_", "by_customer_newest", "by_status"];
+const INDEXED: [&str; 3] = ["_id_", "by_customer_placed", "by_status_updated"];
 
 /// The index names of `version`'s order views, sorted (read without creating any).
 async fn indexes(cfg: &Config, version: &str) -> Vec<String> {

@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::Semaphore;
 
 use super::service::{Consistency, Range, ReadError, ReadService, Wait};
-use super::types::{ErrorBody, Granularity};
+use super::types::{ErrorBody, Granularity, Sort};
 
 /// Accepted bearer tokens.
 #[derive(Clone, Default)]
@@ -91,6 +91,7 @@ pub fn router(
     let mut api = Router::new()
         .route("/v1/customers/{id}", get(customer))
         .route("/v1/customers/{id}/orders", get(customer_orders))
+        .route("/v1/orders", get(orders_by_status))
         .route("/v1/orders/{id}", get(order))
         .route("/v1/analytics/revenue", get(revenue))
         .route("/v1/analytics/funnel", get(funnel))
@@ -249,6 +250,46 @@ struct OrdersParams {
     after_stream: Option<String>,
     after_sequence: Option<i64>,
     wait_ms: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StatusParams {
+    status: String,
+    sort: Option<Sort>,
+    limit: Option<usize>,
+    cursor: Option<String>,
+    after_position: Option<i64>,
+    after_stream: Option<String>,
+    after_sequence: Option<i64>,
+    wait_ms: Option<u64>,
+}
+
+async fn orders_by_status(
+    State(s): State<AppState>,
+    q: Result<Query<StatusParams>, QueryRejection>,
+) -> Response {
+    let Query(q) = match q {
+        Ok(q) => q,
+        Err(e) => return bad_query(e),
+    };
+    let c = Wait {
+        after_position: q.after_position,
+        after_stream: q.after_stream,
+        after_sequence: q.after_sequence,
+        wait_ms: q.wait_ms,
+    };
+    answer(
+        s.service
+            .orders_by_status(
+                &q.status,
+                q.sort.unwrap_or_default(),
+                q.limit,
+                q.cursor.as_deref(),
+                &c.consistency(),
+            )
+            .await,
+    )
 }
 
 async fn customer_orders(

@@ -44,6 +44,22 @@ pub struct OrdersParams {
 }
 
 #[derive(Debug, Deserialize, JsonSchema)]
+pub struct StatusParams {
+    /// created, payment_pending, payment_confirmed, preparing, shipped, delivered, cancelled
+    /// or validation_failed.
+    pub status: String,
+    /// newest (default): the most recently changed first; oldest: those in this status
+    /// longest first.
+    pub sort: Option<Sort>,
+    /// Orders per page (default 20).
+    pub limit: Option<usize>,
+    /// next_cursor of the previous page.
+    pub cursor: Option<String>,
+    #[serde(flatten)]
+    pub wait: Wait,
+}
+
+#[derive(Debug, Deserialize, JsonSchema)]
 pub struct RangeParams {
     /// First day included, YYYY-MM-DD (UTC).
     pub from: Option<String>,
@@ -129,6 +145,27 @@ impl ReadTools {
             .customer_orders(
                 &p.customer_id,
                 p.status.as_deref(),
+                p.limit,
+                p.cursor.as_deref(),
+                &p.wait.consistency(),
+            )
+            .await
+            .map(Json)
+            .map_err(tool_error)
+    }
+
+    #[tool(
+        description = "Every order in one status, by when it last changed (newest first, or oldest first: the orders stuck in that status longest), with cursor pagination.",
+        annotations(read_only_hint = true, idempotent_hint = true, open_world_hint = false)
+    )]
+    async fn list_orders_by_status(
+        &self,
+        Parameters(p): Parameters<StatusParams>,
+    ) -> Result<Json<Answer<OrderPage>>, String> {
+        self.service
+            .orders_by_status(
+                &p.status,
+                p.sort.unwrap_or_default(),
                 p.limit,
                 p.cursor.as_deref(),
                 &p.wait.consistency(),

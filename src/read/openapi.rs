@@ -8,10 +8,11 @@ use serde_json::{Value, json};
 use super::types::*;
 
 /// Every path of the API (a test checks the router serves each).
-pub const PATHS: [&str; 8] = [
+pub const PATHS: [&str; 9] = [
     "/v1/customers/{id}",
     "/v1/customers/{id}/orders",
     "/v1/orders/{id}",
+    "/v1/orders",
     "/v1/analytics/revenue",
     "/v1/analytics/funnel",
     "/v1/analytics/sentiment",
@@ -134,6 +135,7 @@ pub fn document() -> Value {
         named("Status", g.subschema_for::<Status>()),
         named("ErrorBody", g.subschema_for::<ErrorBody>()),
         named("Granularity", g.subschema_for::<Granularity>()),
+        named("Sort", g.subschema_for::<Sort>()),
     ];
     let mut schemas = serde_json::Map::new();
     for (name, schema) in g.take_definitions(true) {
@@ -165,6 +167,25 @@ pub fn document() -> Value {
             "next_cursor of the previous page.",
         ),
     ];
+    let page = orders.split_off(2);
+    let mut by_status = vec![
+        param(
+            "status",
+            "query",
+            json!({"type": "string", "enum": projectors::order_view::STATUSES}),
+            "The status listed.",
+        ),
+        param(
+            "sort",
+            "query",
+            json!({"$ref": "#/components/schemas/Sort"}),
+            "newest (default): the most recently changed first; oldest: those in this status longest first.",
+        ),
+    ];
+    by_status[0]["required"] = json!(true);
+    by_status.extend(page.iter().cloned());
+    by_status.extend(consistency_params());
+    orders.extend(page);
     orders.extend(consistency_params());
     let mut customer = vec![id("The customer id.")];
     customer.extend(consistency_params());
@@ -181,11 +202,12 @@ pub fn document() -> Value {
             PATHS[0]: get("A customer's Customer-360 view", "CustomerAnswer", customer),
             PATHS[1]: get("A customer's orders, newest first (placed_at, then id), with cursor pagination", "OrderPageAnswer", orders),
             PATHS[2]: get("One order view", "OrderAnswer", order),
-            PATHS[3]: get("Revenue of orders placed, per period", "RevenueAnswer", range_params(true, true)),
-            PATHS[4]: get("Orders placed in the range and how many reached each step", "FunnelAnswer", range_params(false, false)),
-            PATHS[5]: get("Interactions and mean sentiment per period and type", "SentimentAnswer", range_params(true, true)),
-            PATHS[6]: get("Resolution time percentiles of tickets resolved in the range", "ResolutionAnswer", range_params(false, false)),
-            PATHS[7]: get("Where each projection stands: live version, rebuilds (rate, ETA), event store head, lag", "Status", vec![]),
+            PATHS[3]: get("Every order in one status, by when it last changed (then id), with cursor pagination", "OrderPageAnswer", by_status),
+            PATHS[4]: get("Revenue of orders placed, per period", "RevenueAnswer", range_params(true, true)),
+            PATHS[5]: get("Orders placed in the range and how many reached each step", "FunnelAnswer", range_params(false, false)),
+            PATHS[6]: get("Interactions and mean sentiment per period and type", "SentimentAnswer", range_params(true, true)),
+            PATHS[7]: get("Resolution time percentiles of tickets resolved in the range", "ResolutionAnswer", range_params(false, false)),
+            PATHS[8]: get("Where each projection stands: live version, rebuilds (rate, ETA), event store head, lag", "Status", vec![]),
             "/healthz": {"get": {"summary": "Liveness (no token needed)", "security": [], "responses": {"200": {"description": "ok"}}}},
         },
         "components": {

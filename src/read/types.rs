@@ -229,7 +229,18 @@ pub struct EventRef {
     pub event_type: String,
 }
 
-/// A customer's orders, newest first.
+/// Which end of a list of orders comes first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Sort {
+    /// The most recent first.
+    #[default]
+    Newest,
+    /// The least recent first (for orders in a status: those stuck in it longest).
+    Oldest,
+}
+
+/// One page of orders (a customer's, newest first; or those in one status).
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 pub struct OrderPage {
     pub orders: Vec<OrderView>,

@@ -138,8 +138,10 @@ impl MongoSink {
         with_timeout(STORE, at_most.max(self.timeout), self.ensure_indexes()).await
     }
 
-    /// "Orders of a customer, newest first" and "orders by status". The compare-and-set
-    /// filter `{_id, _rev}` is served by the `_id` index alone.
+    /// "Orders of a customer, newest first" and "orders by status", each ending in the read
+    /// service's sort (`_id` breaks ties), so a page is read off the index in order rather
+    /// than sorted from every match. The compare-and-set filter `{_id, _rev}` is served by the
+    /// `_id` index alone.
     async fn ensure_indexes(&self) -> Result<(), SinkError> {
         let index = |keys: Document, name: &str| {
             IndexModel::builder()
@@ -150,15 +152,21 @@ impl MongoSink {
         self.collection()
             .create_indexes([
                 index(
-                    doc! {"customer_id": 1, "placed_at": -1},
-                    "by_customer_newest",
+                    doc! {"customer_id": 1, "placed_at": -1, "_id": -1},
+                    "by_customer_placed",
                 ),
-                index(doc! {"status": 1, "updated_at": -1}, "by_status"),
+                index(
+                    doc! {"status": 1, "updated_at": -1, "_id": -1},
+                    "by_status_updated",
+                ),
             ])
             .await
             .map_err(|e| classify(&e))?;
-        // Earlier versions kept a redundant {_id, _rev} index that every write maintained.
-        let _ = self.collection().drop_index("cas").await;
+        // Earlier versions kept a redundant {_id, _rev} index that every write maintained, and
+        // the two above without `_id` (every page then sorted all its matches).
+        for old in ["cas", "by_customer_newest", "by_status"] {
+            let _ = self.collection().drop_index(old).await;
+        }
         Ok(())
     }
 

@@ -1,4 +1,5 @@
-//! Document answers: a Customer-360, an order view, a customer's orders (paged).
+//! Document answers: a Customer-360, an order view, a customer's orders and the orders in
+//! one status (paged).
 
 use mongodb::bson::{Bson, RawDocumentBuf, doc};
 use projectors::customer360::Customer360Projector;
@@ -8,7 +9,7 @@ use serde::de::DeserializeOwned;
 
 use super::consistency::handles;
 use super::{Consistency, ReadError, ReadService, check_id};
-use crate::read::types::{Answer, Customer, OrderPage};
+use crate::read::types::{Answer, Customer, OrderPage, Sort};
 use crate::versions::views_for;
 
 impl ReadService {
@@ -127,14 +128,37 @@ impl ReadService {
         c: &Consistency,
     ) -> Result<Answer<OrderPage>, ReadError> {
         check_id("customer_id", customer_id)?;
-        if let Some(s) = status
-            && !order_view::STATUSES.contains(&s)
-        {
-            return Err(ReadError::BadRequest(format!(
-                "status {s:?} is not one of {}",
-                order_view::STATUSES.join(", ")
-            )));
-        }
+        let list = OrderList::Customer {
+            customer_id,
+            status: status.map(known_status).transpose()?,
+        };
+        self.list_orders(list, limit, cursor, c).await
+    }
+
+    /// Every order in one status, by when it last changed: newest first, or oldest first (the
+    /// orders stuck longest in that status).
+    pub async fn orders_by_status(
+        &self,
+        status: &str,
+        sort: Sort,
+        limit: Option<usize>,
+        cursor: Option<&str>,
+        c: &Consistency,
+    ) -> Result<Answer<OrderPage>, ReadError> {
+        let list = OrderList::Status {
+            status: known_status(status)?,
+            oldest_first: sort == Sort::Oldest,
+        };
+        self.list_orders(list, limit, cursor, c).await
+    }
+
+    async fn list_orders(
+        &self,
+        list: OrderList<'_>,
+        limit: Option<usize>,
+        cursor: Option<&str>,
+        c: &Consistency,
+    ) -> Result<Answer<OrderPage>, ReadError> {
         let limit = limit.unwrap_or(20);
         if limit == 0 || limit > self.cfg.read.max_page {
             return Err(ReadError::BadRequest(format!(
@@ -144,9 +168,9 @@ impl ReadService {
         }
         let after = cursor.map(decode_cursor).transpose()?;
         // An event about an order affects the list when it is that order's (a new order may
-        // be this customer's; its own document says once it exists).
+        // belong to the list; its own document says once it exists).
         let mut w = self.begin(c, |e| handles(&OrderViewProjector, e)).await?;
-        let after = after.as_ref();
+        let (after, list) = (after.as_ref(), &list);
         let (page, version, report) = self
             .answer_after(
                 &mut w,
@@ -156,10 +180,7 @@ impl ReadService {
                     self.doc_applied::<OrderView>(StoreKind::Mongo, &version, key, &e)
                         .await
                 },
-                |version| async move {
-                    self.orders_page(&version, customer_id, status, limit, after)
-                        .await
-                },
+                |version| async move { self.orders_page(&version, list, limit, after).await },
             )
             .await?;
         let mut f = self.base_freshness(order_view::NAME, &version);
@@ -179,31 +200,20 @@ impl ReadService {
     pub(super) async fn orders_page(
         &self,
         version: &str,
-        customer_id: &str,
-        status: Option<&str>,
+        list: &OrderList<'_>,
         limit: usize,
         after: Option<&(Option<String>, String)>,
     ) -> Result<OrderPage, ReadError> {
         let coll = views_for(&self.cfg, version).mongo_collection;
-        let mut filter = doc! {"customer_id": customer_id};
-        if let Some(s) = status {
-            filter.insert("status", s);
-        }
-        if let Some((placed, id)) = after {
-            let placed = placed.clone().map_or(Bson::Null, Bson::String);
-            filter.insert(
-                "$or",
-                vec![
-                    Bson::Document(doc! {"placed_at": {"$lt": placed.clone()}}),
-                    Bson::Document(doc! {"placed_at": placed, "_id": {"$lt": id.as_str()}}),
-                ],
-            );
+        let (mut filter, field, dir) = list.query();
+        if let Some((value, id)) = after {
+            filter.insert("$or", past_cursor(field, dir, value.as_deref(), id));
         }
         let mut cursor = self
             .mongo
             .collection::<RawDocumentBuf>(&coll)
             .find(filter)
-            .sort(doc! {"placed_at": -1, "_id": -1})
+            .sort(doc! {field: dir, "_id": dir})
             .limit(limit as i64 + 1)
             .await
             .map_err(|e| ReadError::store("mongo", e))?;
@@ -227,14 +237,105 @@ impl ReadService {
             orders.push(doc.view);
         }
         let next_cursor = more.then(|| {
-            orders.last().map(|o: &OrderView| {
-                encode_cursor(o.placed_at.map(crate::read::time_db), &o.order_id)
-            })
+            orders
+                .last()
+                .map(|o: &OrderView| encode_cursor(list.sort_value(o), &o.order_id))
         });
         Ok(OrderPage {
             orders,
             next_cursor: next_cursor.flatten(),
         })
+    }
+}
+
+/// Which orders a page lists, and in which order. Each is served by an index whose keys end
+/// in the sort (`by_customer_placed`, `by_status_updated`), so a page reads only its own
+/// documents however many match.
+pub(super) enum OrderList<'a> {
+    /// One customer's, newest placed first.
+    Customer {
+        customer_id: &'a str,
+        status: Option<&'a str>,
+    },
+    /// Every order in one status, by when it last changed.
+    Status { status: &'a str, oldest_first: bool },
+}
+
+impl OrderList<'_> {
+    /// The filter, the field sorted by (then `_id`), and the direction.
+    fn query(&self) -> (mongodb::bson::Document, &'static str, i32) {
+        match *self {
+            OrderList::Customer {
+                customer_id,
+                status,
+            } => {
+                let mut filter = doc! {"customer_id": customer_id};
+                if let Some(s) = status {
+                    filter.insert("status", s);
+                }
+                (filter, "placed_at", -1)
+            }
+            OrderList::Status {
+                status,
+                oldest_first,
+            } => (
+                doc! {"status": status},
+                "updated_at",
+                if oldest_first { 1 } else { -1 },
+            ),
+        }
+    }
+
+    /// The sort field's stored value (as the cursor carries it).
+    fn sort_value(&self, o: &OrderView) -> Option<String> {
+        let at = match self {
+            OrderList::Customer { .. } => o.placed_at,
+            OrderList::Status { .. } => o.updated_at,
+        };
+        at.map(crate::read::time_db)
+    }
+}
+
+fn known_status(s: &str) -> Result<&str, ReadError> {
+    if order_view::STATUSES.contains(&s) {
+        Ok(s)
+    } else {
+        Err(ReadError::BadRequest(format!(
+            "status {s:?} is not one of {}",
+            order_view::STATUSES.join(", ")
+        )))
+    }
+}
+
+/// The documents after the cursor's `(value, id)` in the order `{field: dir, _id: dir}`.
+/// MongoDB compares only values of one type (a missing or null value is never `$lt` a
+/// string), and sorts null first: a null value is handled as the smallest.
+fn past_cursor(field: &str, dir: i32, value: Option<&str>, id: &str) -> Vec<Bson> {
+    let (beyond, id_beyond) = if dir < 0 {
+        ("$lt", "$lt")
+    } else {
+        ("$gt", "$gt")
+    };
+    let same = |v: Bson| Bson::Document(doc! {field: v, "_id": {id_beyond: id}});
+    match (value, dir < 0) {
+        // Descending: smaller strings, then every null.
+        (Some(v), true) => vec![
+            Bson::Document(doc! {field: {beyond: v}}),
+            same(Bson::String(v.to_owned())),
+            Bson::Document(doc! {field: Bson::Null}),
+        ],
+        // Ascending: larger strings.
+        (Some(v), false) => vec![
+            Bson::Document(doc! {field: {beyond: v}}),
+            same(Bson::String(v.to_owned())),
+        ],
+        // Descending past a null: only the nulls left.
+        (None, true) => vec![same(Bson::Null)],
+        // Ascending past a null: the nulls left, then every string.
+        (None, false) => vec![
+            same(Bson::Null),
+            Bson::Document(doc! {field: {"$type": "string"}}),
+        ],
     }
 }
 
