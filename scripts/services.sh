@@ -18,6 +18,7 @@
 # postgres   | POSTGRES_PORT=15432                             | Debian postgresql-15; own cluster (initdb), role+db "projector"
 # redis      | REDIS_PORT=16379                                | Debian redis-server; AOF on (appendfsync always)
 # mongo      | MONGO_PORT=27117                                | crates.io secantus-mdb 0.5.3-beta.196 (secantusd-rs, GPL, separate process)
+#            | MONGO_TRANSACTION_LIFETIME_SECS=5 (set after every start)
 # clickhouse | CLICKHOUSE_HTTP_PORT=18123 CLICKHOUSE_TCP_PORT=19001 | PyPI chdb-core==26.9.0 + a small launcher
 # rcluster   | REDIS_CLUSTER_PORT=17101 (and +1, +2; bus +10000)  | Debian redis-server: a 3-primary Redis Cluster
 #            |   (not in the default set: `up rcluster`; the Customer-360 layout's cluster test bed)
@@ -464,6 +465,36 @@ try:
 except OSError:
     sys.exit(2)
 ok = (b"\x01ok\x00" + struct.pack("<d", 1.0)) in buf or b"\x10ok\x00\x01\x00\x00\x00" in buf
+sys.exit(0 if ok else 1)
+PY
+}
+# A worker killed between a transaction's update and its commit leaves the transaction open,
+# and its documents locked to every other writer, until the server gives up on it: after
+# transactionLifetimeLimitSeconds, MongoDB's default 60 (measured here: a rebuild resumed
+# after a kill -9 retried WriteConflict for 60 s). The worker's transactions take
+# milliseconds, and one the server cuts short is retried. `projector doctor` checks it.
+MONGO_TRANSACTION_LIFETIME_SECS="${MONGO_TRANSACTION_LIFETIME_SECS:-5}"
+mongo_after_start() {
+  "$PY" - "$MONGO_PORT" "$MONGO_TRANSACTION_LIFETIME_SECS" <<'PY'
+import socket, struct, sys
+port, secs = int(sys.argv[1]), int(sys.argv[2])
+def cstr(s): return s.encode() + b"\x00"
+def i32(name, v): return b"\x10" + cstr(name) + struct.pack("<i", v)
+db = b"admin\x00"
+body = i32("setParameter", 1) + i32("transactionLifetimeLimitSeconds", secs)
+body += b"\x02" + cstr("$db") + struct.pack("<i", len(db)) + db
+doc = struct.pack("<i", len(body) + 5) + body + b"\x00"
+msg = struct.pack("<I", 0) + b"\x00" + doc
+s = socket.create_connection(("127.0.0.1", port), timeout=5)
+s.sendall(struct.pack("<iiii", 16 + len(msg), 1, 0, 2013) + msg)
+buf = b""
+while len(buf) < 4 or len(buf) < struct.unpack("<i", buf[:4])[0]:
+    c = s.recv(65536)
+    if not c: break
+    buf += c
+ok = (b"\x01ok\x00" + struct.pack("<d", 1.0)) in buf or b"\x10ok\x00\x01\x00\x00\x00" in buf
+if not ok:
+    print("mongo: setParameter transactionLifetimeLimitSeconds refused: %r" % buf[:300], file=sys.stderr)
 sys.exit(0 if ok else 1)
 PY
 }

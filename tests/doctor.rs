@@ -233,6 +233,7 @@ impl Deployment {
             "redis durability",
             "mongo",
             "mongo durability",
+            "mongo transactions",
             "clickhouse",
             "clickhouse dedup",
             "clickhouse read-only",

@@ -1,6 +1,7 @@
-//! MongoDB: reachable, its version, and whether its writes are as durable as the sink asks
+//! MongoDB: reachable, its version, whether its writes are as durable as the sink asks
 //! (`mongo.write_concern`, always `j: true`; a replica set commits a command's replacements
-//! in one transaction, a standalone server writes them one by one).
+//! in one transaction, a standalone server writes them one by one), and how long a killed
+//! worker's open transaction can keep its documents locked.
 
 use std::time::Duration;
 
@@ -25,6 +26,7 @@ pub(crate) async fn check(cfg: &Config, t: Duration, collection: &str) -> Vec<Ro
             Row::fail("mongo", seen)
                 .action("check mongo.uri and that MongoDB runs and is reachable"),
             Row::fail("mongo durability", "MongoDB unreachable"),
+            Row::fail(TRANSACTIONS, "MongoDB unreachable"),
         ]
     };
     let client = match timed(t, connect(cfg, t)).await {
@@ -58,6 +60,21 @@ pub(crate) async fn check(cfg: &Config, t: Duration, collection: &str) -> Vec<Ro
         members: hello.get_array("hosts").map_or(1, |h| h.len().max(1)),
     };
     let probe = timed(t, noop_write(&db, cfg, collection, t)).await;
+    let lifetime = match topology.set_name {
+        Some(_) => Some(
+            timed(
+                t,
+                admin.run_command(doc! {"getParameter": 1, "transactionLifetimeLimitSeconds": 1}),
+            )
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|r| {
+                number(r.get("transactionLifetimeLimitSeconds"))
+                    .ok_or_else(|| "getParameter did not say".to_owned())
+            }),
+        ),
+        None => None,
+    };
     let shape = match &topology.set_name {
         Some(name) => format!("replica set {name} of {} member(s)", topology.members),
         None => "standalone".to_owned(),
@@ -71,7 +88,52 @@ pub(crate) async fn check(cfg: &Config, t: Duration, collection: &str) -> Vec<Ro
             ),
         ),
         durability_row(cfg.mongo.write_concern, &topology, argv.as_deref(), probe),
+        transactions_row(lifetime),
     ]
+}
+
+const TRANSACTIONS: &str = "mongo transactions";
+
+use crate::sinks::mongo::{TRANSACTION_LIFETIME_OK_SECS as LIFETIME_OK_SECS, number};
+
+/// A worker killed between a transaction's update and its commit leaves its documents locked
+/// to every other writer until the server aborts the transaction, after
+/// `transactionLifetimeLimitSeconds` (MongoDB's default: 60). Until then the partitions it
+/// owned, now another member's, retry WriteConflict with their circuit open. `lifetime`:
+/// `None` on a standalone server (no transactions).
+pub(crate) fn transactions_row(lifetime: Option<Result<i64, String>>) -> Row {
+    let fix = format!(
+        "db.adminCommand({{setParameter: 1, transactionLifetimeLimitSeconds: 5}}) on every \
+         member (or mongod --setParameter transactionLifetimeLimitSeconds=5), at most \
+         {LIFETIME_OK_SECS}"
+    );
+    match lifetime {
+        None => Row::ok(
+            TRANSACTIONS,
+            "standalone: the sink uses no transactions, so a killed worker leaves no lock",
+        ),
+        Some(Ok(secs)) if secs <= LIFETIME_OK_SECS => Row::ok(
+            TRANSACTIONS,
+            format!(
+                "transactionLifetimeLimitSeconds = {secs}: a worker killed mid-transaction \
+                 blocks its documents for at most {secs} s"
+            ),
+        ),
+        Some(Ok(secs)) => Row::warn(
+            TRANSACTIONS,
+            format!(
+                "transactionLifetimeLimitSeconds = {secs}: a worker killed mid-transaction \
+                 blocks the writes to its documents, and the lag of the partitions it owned, \
+                 for up to {secs} s"
+            ),
+        )
+        .action(fix),
+        Some(Err(e)) => Row::warn(
+            TRANSACTIONS,
+            format!("transactionLifetimeLimitSeconds not readable: {e}"),
+        )
+        .action(format!("check it is at most {LIFETIME_OK_SECS} s: {fix}")),
+    }
 }
 
 pub(crate) async fn connect(cfg: &Config, t: Duration) -> Result<mongodb::Client, String> {
@@ -234,6 +296,20 @@ mod tests {
         assert_eq!(
             durability_row(Majority, &rs(1), None, refused).verdict,
             Verdict::Fail
+        );
+    }
+
+    #[test]
+    fn an_abandoned_transaction_must_not_hold_documents_for_long() {
+        assert_eq!(transactions_row(None).verdict, Verdict::Ok);
+        assert_eq!(transactions_row(Some(Ok(5))).verdict, Verdict::Ok);
+        assert_eq!(transactions_row(Some(Ok(10))).verdict, Verdict::Ok);
+        let default = transactions_row(Some(Ok(60)));
+        assert_eq!(default.verdict, Verdict::Warn);
+        assert!(default.seen.contains("60 s") && default.action.contains("setParameter"));
+        assert_eq!(
+            transactions_row(Some(Err("unauthorized".into()))).verdict,
+            Verdict::Warn
         );
     }
 

@@ -29,6 +29,9 @@ const CHUNK_STATEMENTS: usize = 1_000;
 /// batch is written in about the time of its largest one.
 const TRANSACTION_STATEMENTS: usize = 1_000;
 const CHUNK_BYTES: usize = 8 * 1024 * 1024;
+/// The longest `transactionLifetimeLimitSeconds` said to be fine: the sink's transactions
+/// take milliseconds, and one the server cuts short is retried.
+pub const TRANSACTION_LIFETIME_OK_SECS: i64 = 10;
 /// BSON's document limit, less room for the statement around it.
 const MAX_DOC_BYTES: usize = 16 * 1024 * 1024 - 16 * 1024;
 
@@ -121,7 +124,32 @@ impl MongoSink {
         })
         .await?;
         sink.transactions = hello.get_str("setName").is_ok();
+        if sink.transactions {
+            sink.warn_on_long_transaction_lifetime().await;
+        }
         Ok(sink)
+    }
+
+    /// A worker killed between a transaction's update and its commit leaves the documents
+    /// locked until the server aborts it (`transactionLifetimeLimitSeconds`, 60 by default):
+    /// said at start-up, as the Redis sink says a lossy fsync policy (`projector doctor` too).
+    async fn warn_on_long_transaction_lifetime(&self) {
+        let admin = self.client.database("admin");
+        let asked =
+            admin.run_command(doc! {"getParameter": 1, "transactionLifetimeLimitSeconds": 1});
+        let Ok(Ok(reply)) = tokio::time::timeout(self.timeout, asked).await else {
+            return; // not every user may ask; the doctor says so
+        };
+        if let Some(secs) = number(reply.get("transactionLifetimeLimitSeconds"))
+            .filter(|s| *s > TRANSACTION_LIFETIME_OK_SECS)
+        {
+            tracing::warn!(
+                transaction_lifetime_secs = secs,
+                "MongoDB keeps an abandoned transaction for {secs} s: a worker killed \
+                 mid-transaction blocks the writes to its documents that long; set \
+                 transactionLifetimeLimitSeconds to at most {TRANSACTION_LIFETIME_OK_SECS}"
+            );
+        }
     }
 
     pub fn collection(&self) -> Collection<Document> {
@@ -276,7 +304,7 @@ pub(crate) fn decode<V: DeserializeOwned>(d: &RawDocumentBuf) -> (String, Loaded
     (key, doc)
 }
 
-fn number(b: Option<&Bson>) -> Option<i64> {
+pub(crate) fn number(b: Option<&Bson>) -> Option<i64> {
     match b? {
         Bson::Int32(n) => Some(i64::from(*n)),
         Bson::Int64(n) => Some(*n),
