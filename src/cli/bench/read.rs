@@ -1,7 +1,8 @@
 //! Read latency of the agents' side: the read service in this process, driven over real
 //! HTTP/1.1 keep-alive connections (hyper's client), each concurrency level for a fixed time.
 //! A Customer-360 read and a customer's orders page, through the HTTP API and through MCP
-//! (Streamable HTTP, `tools/call`).
+//! (Streamable HTTP, `tools/call`), and a page of the orders in one status (HTTP), which
+//! spans every customer.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -29,6 +30,7 @@ enum Call {
     Orders,
     McpCustomer,
     McpOrders,
+    ByStatus,
 }
 
 impl Call {
@@ -38,6 +40,7 @@ impl Call {
             Call::Orders => "HTTP customer's orders",
             Call::McpCustomer => "MCP get_customer_360",
             Call::McpOrders => "MCP list_customer_orders",
+            Call::ByStatus => "HTTP orders in one status",
         }
     }
 
@@ -63,6 +66,16 @@ impl Call {
             Call::Orders => b
                 .uri(format!("/v1/customers/{customer}/orders?limit=20"))
                 .body(Full::default()),
+            // The oldest first alternate with the newest first: both ends of the index.
+            Call::ByStatus => {
+                let sort = if n.is_multiple_of(2) {
+                    "oldest"
+                } else {
+                    "newest"
+                };
+                b.uri(format!("/v1/orders?status=shipped&sort={sort}&limit=20"))
+                    .body(Full::default())
+            }
             Call::McpCustomer | Call::McpOrders => {
                 let name = if matches!(self, Call::McpCustomer) {
                     "get_customer_360"
@@ -119,6 +132,7 @@ pub async fn measure(
         Call::Orders,
         Call::McpCustomer,
         Call::McpOrders,
+        Call::ByStatus,
     ] {
         for concurrency in [1usize, 16, 64] {
             let deadline = Instant::now() + each;
