@@ -9,6 +9,7 @@ use mongodb::bson::{Bson, Document, doc};
 
 use super::{ProbeError, Row, timed};
 use crate::config::{Config, MongoWriteConcern};
+use crate::sinks::mongo::{TRANSACTION_LIFETIME_OK_SECS as LIFETIME_OK_SECS, number};
 
 /// What `hello` says about the deployment.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -93,8 +94,6 @@ pub(crate) async fn check(cfg: &Config, t: Duration, collection: &str) -> Vec<Ro
 }
 
 const TRANSACTIONS: &str = "mongo transactions";
-
-use crate::sinks::mongo::{TRANSACTION_LIFETIME_OK_SECS as LIFETIME_OK_SECS, number};
 
 /// A worker killed between a transaction's update and its commit leaves its documents locked
 /// to every other writer until the server aborts the transaction, after

@@ -311,12 +311,8 @@ fn known_status(s: &str) -> Result<&str, ReadError> {
 /// MongoDB compares only values of one type (a missing or null value is never `$lt` a
 /// string), and sorts null first: a null value is handled as the smallest.
 fn past_cursor(field: &str, dir: i32, value: Option<&str>, id: &str) -> Vec<Bson> {
-    let (beyond, id_beyond) = if dir < 0 {
-        ("$lt", "$lt")
-    } else {
-        ("$gt", "$gt")
-    };
-    let same = |v: Bson| Bson::Document(doc! {field: v, "_id": {id_beyond: id}});
+    let beyond = if dir < 0 { "$lt" } else { "$gt" };
+    let same = |v: Bson| Bson::Document(doc! {field: v, "_id": {beyond: id}});
     match (value, dir < 0) {
         // Descending: smaller strings, then every null.
         (Some(v), true) => vec![
