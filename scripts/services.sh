@@ -443,19 +443,20 @@ mongo_install() {
   INSTALL_NOTE=installed
 }
 
-# OP_MSG {ping: 1, $db: "admin"}; exit 0 iff the reply has ok: 1 (python3 stdlib only)
-mongo_health() {
-  "$PY" - "$MONGO_PORT" <<'PY' 2>/dev/null
+# One admin command over OP_MSG, its fields as name=integer arguments (python3 stdlib only):
+# exit 0 iff the reply has ok: 1 (1: refused, 2: no answer).
+mongo_admin() {
+  "$PY" - "$MONGO_PORT" "$@" <<'PY'
 import socket, struct, sys
-port = int(sys.argv[1])
+port, fields = int(sys.argv[1]), [a.split("=", 1) for a in sys.argv[2:]]
 def cstr(s): return s.encode() + b"\x00"
-body = b"\x10" + cstr("ping") + struct.pack("<i", 1)
+body = b"".join(b"\x10" + cstr(k) + struct.pack("<i", int(v)) for k, v in fields)
 db = b"admin\x00"; body += b"\x02" + cstr("$db") + struct.pack("<i", len(db)) + db
 doc = struct.pack("<i", len(body) + 5) + body + b"\x00"
 msg = struct.pack("<I", 0) + b"\x00" + doc
 try:
     s = socket.create_connection(("127.0.0.1", port), timeout=2)
-    s.settimeout(3)
+    s.settimeout(5)
     s.sendall(struct.pack("<iiii", 16 + len(msg), 1, 0, 2013) + msg)
     buf = b""
     while len(buf) < 4 or len(buf) < struct.unpack("<i", buf[:4])[0]:
@@ -465,9 +466,12 @@ try:
 except OSError:
     sys.exit(2)
 ok = (b"\x01ok\x00" + struct.pack("<d", 1.0)) in buf or b"\x10ok\x00\x01\x00\x00\x00" in buf
+if not ok and fields[0][0] != "ping":
+    print("mongo: %s refused: %r" % (fields[0][0], buf[:300]), file=sys.stderr)
 sys.exit(0 if ok else 1)
 PY
 }
+mongo_health() { mongo_admin ping=1 2>/dev/null; }
 # A worker killed between a transaction's update and its commit leaves the transaction open,
 # and its documents locked to every other writer, until the server gives up on it: after
 # transactionLifetimeLimitSeconds, MongoDB's default 60 (measured here: a rebuild resumed
@@ -475,28 +479,7 @@ PY
 # milliseconds, and one the server cuts short is retried. `projector doctor` checks it.
 MONGO_TRANSACTION_LIFETIME_SECS="${MONGO_TRANSACTION_LIFETIME_SECS:-5}"
 mongo_after_start() {
-  "$PY" - "$MONGO_PORT" "$MONGO_TRANSACTION_LIFETIME_SECS" <<'PY'
-import socket, struct, sys
-port, secs = int(sys.argv[1]), int(sys.argv[2])
-def cstr(s): return s.encode() + b"\x00"
-def i32(name, v): return b"\x10" + cstr(name) + struct.pack("<i", v)
-db = b"admin\x00"
-body = i32("setParameter", 1) + i32("transactionLifetimeLimitSeconds", secs)
-body += b"\x02" + cstr("$db") + struct.pack("<i", len(db)) + db
-doc = struct.pack("<i", len(body) + 5) + body + b"\x00"
-msg = struct.pack("<I", 0) + b"\x00" + doc
-s = socket.create_connection(("127.0.0.1", port), timeout=5)
-s.sendall(struct.pack("<iiii", 16 + len(msg), 1, 0, 2013) + msg)
-buf = b""
-while len(buf) < 4 or len(buf) < struct.unpack("<i", buf[:4])[0]:
-    c = s.recv(65536)
-    if not c: break
-    buf += c
-ok = (b"\x01ok\x00" + struct.pack("<d", 1.0)) in buf or b"\x10ok\x00\x01\x00\x00\x00" in buf
-if not ok:
-    print("mongo: setParameter transactionLifetimeLimitSeconds refused: %r" % buf[:300], file=sys.stderr)
-sys.exit(0 if ok else 1)
-PY
+  mongo_admin setParameter=1 "transactionLifetimeLimitSeconds=$MONGO_TRANSACTION_LIFETIME_SECS"
 }
 mongo_pidfile() { echo "$MONGO_PIDFILE"; }
 mongo_pid() { pid_from_file "$MONGO_PIDFILE" secantusd-rs; }
