@@ -500,3 +500,121 @@ async fn agents_get_typed_fresh_answers_and_read_their_own_writes() {
         projector::rebuild::retire(&cfg, &store, p, "vr").await.ok();
     }
 }
+
+/// Pages of one status hold every order exactly once, in MongoDB's own order, also when
+/// several orders share a time and when some have none: MongoDB compares values of one type
+/// only (a null is never `$lt` a string) and sorts nulls first, so the cursor's filter has to
+/// say where the nulls are. Crafted views, written straight to the live collection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pages_of_one_status_hold_every_order_once_nulls_and_ties_included() {
+    use projector::read::types::Sort;
+    use projectors::Doc;
+    use projectors::order_view::OrderView;
+
+    let (cfg, _ns) = common::isolated_config("rnull");
+    let at = |s: &str| Some(s.parse::<chrono::DateTime<chrono::Utc>>().unwrap());
+    let times = [
+        None,
+        None,
+        at("2026-01-02T00:00:00Z"),
+        at("2026-01-02T00:00:00Z"),
+        at("2026-01-02T00:00:00Z"),
+        at("2026-01-01T00:00:00Z"),
+        at("2026-01-03T00:00:00Z"),
+    ];
+    let views: Vec<OrderView> = times
+        .iter()
+        .enumerate()
+        .map(|(i, t)| OrderView {
+            order_id: format!("ord-{i}"),
+            customer_id: format!("cus-{i}"),
+            status: "shipped".into(),
+            updated_at: *t,
+            placed_at: *t,
+            ..OrderView::default()
+        })
+        .collect();
+    let collection = projector::versions::views_for(&cfg, "live").mongo_collection;
+    let sink = projector::sinks::mongo::MongoSink::connect(&cfg.mongo, &collection)
+        .await
+        .unwrap();
+    for v in &views {
+        let doc = Doc {
+            view: v.clone(),
+            guard: Default::default(),
+            rev: 1,
+        };
+        let raw = mongodb::bson::to_document(&doc).unwrap();
+        sink.collection().insert_one(raw).await.unwrap();
+    }
+    // Another status and another customer's orders stay out of the lists.
+    let mut other = views[6].clone();
+    other.order_id = "ord-other".into();
+    other.status = "created".into();
+    let raw = mongodb::bson::to_document(&Doc {
+        view: other,
+        guard: Default::default(),
+        rev: 1,
+    })
+    .unwrap();
+    sink.collection().insert_one(raw).await.unwrap();
+
+    let mut oldest_first = views.clone();
+    oldest_first.sort_by(|a, b| (a.updated_at, &a.order_id).cmp(&(b.updated_at, &b.order_id)));
+    let service = projector::read::ReadService::new(&cfg).await.unwrap();
+    let c = projector::read::service::Consistency::default();
+    for (sort, want) in [
+        (Sort::Oldest, oldest_first.clone()),
+        (Sort::Newest, oldest_first.iter().rev().cloned().collect()),
+    ] {
+        let mut got: Vec<OrderView> = Vec::new();
+        let mut cursor: Option<String> = None;
+        for _ in 0..20 {
+            let page = service
+                .orders_by_status("shipped", sort, Some(2), cursor.as_deref(), &c)
+                .await
+                .unwrap()
+                .data;
+            got.extend(page.orders);
+            cursor = page.next_cursor;
+            if cursor.is_none() {
+                break;
+            }
+        }
+        let ids = |v: &[OrderView]| v.iter().map(|o| o.order_id.clone()).collect::<Vec<_>>();
+        assert_eq!(ids(&got), ids(&want), "{sort:?}");
+    }
+    // A customer's orders, newest placed first, the same way (one customer with all of them).
+    for v in &views {
+        sink.collection()
+            .update_one(
+                mongodb::bson::doc! {"_id": &v.order_id},
+                mongodb::bson::doc! {"$set": {"customer_id": "cus-all"}},
+            )
+            .await
+            .unwrap();
+    }
+    let mut got: Vec<OrderView> = Vec::new();
+    let mut cursor: Option<String> = None;
+    for _ in 0..20 {
+        let page = service
+            .customer_orders("cus-all", None, Some(3), cursor.as_deref(), &c)
+            .await
+            .unwrap()
+            .data;
+        got.extend(page.orders);
+        cursor = page.next_cursor;
+        if cursor.is_none() {
+            break;
+        }
+    }
+    let newest: Vec<String> = oldest_first
+        .iter()
+        .rev()
+        .map(|o| o.order_id.clone())
+        .collect();
+    assert_eq!(
+        got.iter().map(|o| o.order_id.clone()).collect::<Vec<_>>(),
+        newest
+    );
+}
