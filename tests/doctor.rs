@@ -12,7 +12,6 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use projector::config::Config;
 use projector::doctor::{Report, Verdict};
 
 /// A child process killed (and reaped) when the test ends, also when it panics.
@@ -113,8 +112,9 @@ impl OwnRedis {
 /// An isolated deployment as it looks once deployed: schema migrated, topics made, the read
 /// models' stores created and a worker in the group.
 struct Deployment {
-    cfg: Config,
+    // Fields drop in this order: the worker stops before the topics go.
     _worker: Killed,
+    cfg: common::Isolated,
 }
 
 impl Deployment {

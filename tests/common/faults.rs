@@ -87,10 +87,10 @@ impl FaultSet {
     }
 
     /// Isolated names on the fault-test servers.
-    pub fn isolated(&self, tag: &str) -> (Config, String) {
+    pub fn isolated(&self, tag: &str) -> (super::Isolated, String) {
         let ns = super::unique_namespace(tag);
         let id = ns.trim_end_matches('-').replace('-', "_");
-        (self.config().isolated(&id), ns)
+        (super::Isolated::new(self.config().isolated(&id)), ns)
     }
 
     pub fn pid(&self, svc: &str) -> u32 {

@@ -64,10 +64,74 @@ use projectors::order_view::{OrderView, OrderViewProjector};
 use projectors::{Doc, Guard};
 
 /// Settings isolated to one test: own topics, group, dead-letter topic and read models.
-pub fn isolated_config(tag: &str) -> (Config, String) {
+pub fn isolated_config(tag: &str) -> (Isolated, String) {
     let ns = unique_namespace(tag);
     let id = ns.trim_end_matches('-').replace('-', "_");
-    (config().isolated(&id), ns)
+    (Isolated::new(config().isolated(&id)), ns)
+}
+
+/// One test's isolated settings, used as a `Config`. When the test ends without a panic, its
+/// topics are deleted: the local broker rewrites a snapshot of everything it holds whenever
+/// anything is produced, so every test's leftover topics made every later produce of the run
+/// dearer. A failed test keeps them, to be looked at.
+pub struct Isolated {
+    config: Config,
+    armed: bool,
+}
+
+impl Isolated {
+    pub fn new(config: Config) -> Isolated {
+        Isolated {
+            config,
+            armed: true,
+        }
+    }
+
+    /// The settings, for a caller that cleans up itself (the scenario does).
+    pub fn keep(mut self) -> Config {
+        self.armed = false;
+        self.config.clone()
+    }
+}
+
+impl std::ops::Deref for Isolated {
+    type Target = Config;
+    fn deref(&self) -> &Config {
+        &self.config
+    }
+}
+
+impl std::ops::DerefMut for Isolated {
+    fn deref_mut(&mut self) -> &mut Config {
+        &mut self.config
+    }
+}
+
+impl Drop for Isolated {
+    fn drop(&mut self) {
+        if !self.armed || std::thread::panicking() {
+            return;
+        }
+        // Dropped inside the test's runtime, which cannot be blocked on: a runtime of its own
+        // on a thread of its own.
+        let kafka = self.config.kafka.clone();
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .ok()?;
+            // The timer is made inside the runtime (the arguments of block_on are not).
+            let r = rt.block_on(async {
+                tokio::time::timeout(
+                    std::time::Duration::from_secs(10),
+                    projector::kafka::delete_topics(&kafka),
+                )
+                .await
+            });
+            r.ok()
+        })
+        .join();
+    }
 }
 
 /// The same settings as environment variables, for a worker run as a child process.

@@ -4,8 +4,6 @@
 
 use std::time::{Duration, Instant};
 
-use projector::config::Config;
-
 use super::faults::{FaultSet, Worker, load, progress, repo, wait_until};
 
 async fn at(t0: Instant, secs: u64) {
@@ -34,12 +32,14 @@ pub enum Step {
 /// fold. Returns (and prints) the heals of every worker process of the run, from their logs.
 pub async fn scenario(
     set: Option<&FaultSet>,
-    (cfg, ns): (Config, String),
+    (cfg, ns): (super::Isolated, String),
     tag: &str,
     rounds: usize,
     more: &[(&str, String)],
     steps: &[(u64, Step)],
 ) -> usize {
+    // Its topics are deleted below, once the run equals the fold.
+    let cfg = cfg.keep();
     projector::kafka::ensure_topics(&cfg.kafka).await.unwrap();
     let mut extra = vec![
         ("PROJECTOR_KAFKA__MAX_POLL_INTERVAL_MS", "8000".to_owned()),
