@@ -240,6 +240,23 @@ async fn order(
     }
 }
 
+/// The read-your-writes fields every query string carries. Written out in each parameter
+/// struct: serde's `flatten` of [`Wait`] cannot be combined with `deny_unknown_fields`.
+fn consistency(
+    after_position: Option<i64>,
+    after_stream: Option<String>,
+    after_sequence: Option<i64>,
+    wait_ms: Option<u64>,
+) -> Consistency {
+    Wait {
+        after_position,
+        after_stream,
+        after_sequence,
+        wait_ms,
+    }
+    .consistency()
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct OrdersParams {
@@ -273,12 +290,12 @@ async fn orders_by_status(
         Ok(q) => q,
         Err(e) => return bad_query(e),
     };
-    let c = Wait {
-        after_position: q.after_position,
-        after_stream: q.after_stream,
-        after_sequence: q.after_sequence,
-        wait_ms: q.wait_ms,
-    };
+    let c = consistency(
+        q.after_position,
+        q.after_stream,
+        q.after_sequence,
+        q.wait_ms,
+    );
     answer(
         s.service
             .orders_by_status(
@@ -286,7 +303,7 @@ async fn orders_by_status(
                 q.sort.unwrap_or_default(),
                 q.limit,
                 q.cursor.as_deref(),
-                &c.consistency(),
+                &c,
             )
             .await,
     )
@@ -301,21 +318,15 @@ async fn customer_orders(
         Ok(q) => q,
         Err(e) => return bad_query(e),
     };
-    let c = Wait {
-        after_position: q.after_position,
-        after_stream: q.after_stream,
-        after_sequence: q.after_sequence,
-        wait_ms: q.wait_ms,
-    };
+    let c = consistency(
+        q.after_position,
+        q.after_stream,
+        q.after_sequence,
+        q.wait_ms,
+    );
     answer(
         s.service
-            .customer_orders(
-                &id,
-                q.status.as_deref(),
-                q.limit,
-                q.cursor.as_deref(),
-                &c.consistency(),
-            )
+            .customer_orders(&id, q.status.as_deref(), q.limit, q.cursor.as_deref(), &c)
             .await,
     )
 }
@@ -335,12 +346,12 @@ struct RangeParams {
 
 impl RangeParams {
     fn split(self) -> (Range, Consistency) {
-        let c = Wait {
-            after_position: self.after_position,
-            after_stream: self.after_stream,
-            after_sequence: self.after_sequence,
-            wait_ms: self.wait_ms,
-        };
+        let c = consistency(
+            self.after_position,
+            self.after_stream,
+            self.after_sequence,
+            self.wait_ms,
+        );
         (
             Range {
                 from: self.from,
@@ -348,7 +359,7 @@ impl RangeParams {
                 granularity: self.granularity.unwrap_or_default(),
                 customer_id: self.customer_id,
             },
-            c.consistency(),
+            c,
         )
     }
 }
