@@ -9,7 +9,7 @@ use mongodb::bson::{Bson, Document, doc};
 
 use super::{ProbeError, Row, timed};
 use crate::config::{Config, MongoWriteConcern};
-use crate::sinks::mongo::{TRANSACTION_LIFETIME_OK_SECS as LIFETIME_OK_SECS, number};
+use crate::sinks::mongo::TRANSACTION_LIFETIME_OK_SECS as LIFETIME_OK_SECS;
 
 /// What `hello` says about the deployment.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -63,16 +63,9 @@ pub(crate) async fn check(cfg: &Config, t: Duration, collection: &str) -> Vec<Ro
     let probe = timed(t, noop_write(&db, cfg, collection, t)).await;
     let lifetime = match topology.set_name {
         Some(_) => Some(
-            timed(
-                t,
-                admin.run_command(doc! {"getParameter": 1, "transactionLifetimeLimitSeconds": 1}),
-            )
-            .await
-            .map_err(|e| e.to_string())
-            .and_then(|r| {
-                number(r.get("transactionLifetimeLimitSeconds"))
-                    .ok_or_else(|| "getParameter did not say".to_owned())
-            }),
+            timed(t, crate::sinks::mongo::transaction_lifetime_secs(&client))
+                .await
+                .map_err(|e| e.to_string()),
         ),
         None => None,
     };

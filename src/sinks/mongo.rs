@@ -134,15 +134,11 @@ impl MongoSink {
     /// locked until the server aborts it (`transactionLifetimeLimitSeconds`, 60 by default):
     /// said at start-up, as the Redis sink says a lossy fsync policy (`projector doctor` too).
     async fn warn_on_long_transaction_lifetime(&self) {
-        let admin = self.client.database("admin");
-        let asked =
-            admin.run_command(doc! {"getParameter": 1, "transactionLifetimeLimitSeconds": 1});
-        let Ok(Ok(reply)) = tokio::time::timeout(self.timeout, asked).await else {
+        let asked = transaction_lifetime_secs(&self.client);
+        let Ok(Ok(secs)) = tokio::time::timeout(self.timeout, asked).await else {
             return; // not every user may ask; the doctor says so
         };
-        if let Some(secs) = number(reply.get("transactionLifetimeLimitSeconds"))
-            .filter(|s| *s > TRANSACTION_LIFETIME_OK_SECS)
-        {
+        if secs > TRANSACTION_LIFETIME_OK_SECS {
             tracing::warn!(
                 transaction_lifetime_secs = secs,
                 "MongoDB keeps an abandoned transaction for {secs} s: a worker killed \
@@ -304,7 +300,18 @@ pub(crate) fn decode<V: DeserializeOwned>(d: &RawDocumentBuf) -> (String, Loaded
     (key, doc)
 }
 
-pub(crate) fn number(b: Option<&Bson>) -> Option<i64> {
+/// The server's `transactionLifetimeLimitSeconds` (the sink's start-up warning, the doctor).
+pub(crate) async fn transaction_lifetime_secs(client: &Client) -> Result<i64, String> {
+    const NAME: &str = "transactionLifetimeLimitSeconds";
+    let reply = client
+        .database("admin")
+        .run_command(doc! {"getParameter": 1, NAME: 1})
+        .await
+        .map_err(|e| e.to_string())?;
+    number(reply.get(NAME)).ok_or_else(|| "getParameter did not say".to_owned())
+}
+
+fn number(b: Option<&Bson>) -> Option<i64> {
     match b? {
         Bson::Int32(n) => Some(i64::from(*n)),
         Bson::Int64(n) => Some(*n),
