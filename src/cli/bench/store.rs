@@ -29,7 +29,7 @@ fn with_database(url: &str, name: &str) -> Option<String> {
     Some(u.into())
 }
 
-/// Run one statement on the configured server (`CREATE` / `DROP DATABASE`).
+/// Run one statement on the configured server (`DROP DATABASE`, once the bench is done).
 async fn admin(url: &str, sql: &str) -> Result<(), String> {
     let admin = EventStore::connect(url).await.map_err(|e| e.to_string())?;
     admin
@@ -51,7 +51,7 @@ impl BenchStore {
     /// needs it, and its stages would otherwise retry in silence for as long as it is down.
     pub(super) async fn create(cfg: &mut Config, id: &str) -> anyhow::Result<Option<BenchStore>> {
         let admin_url = cfg.postgres.url.clone();
-        EventStore::connect(&admin_url)
+        let server = EventStore::connect(&admin_url)
             .await
             .with_context(|| format!("connecting to the event store at {admin_url}"))?;
         let database = url::Url::parse(&admin_url)
@@ -64,7 +64,8 @@ impl BenchStore {
         }) else {
             return Ok(None);
         };
-        if let Err(why) = admin(&admin_url, &format!("CREATE DATABASE {}", quoted(&name))).await {
+        let create = format!("CREATE DATABASE {}", quoted(&name));
+        if let Err(why) = server.client().batch_execute(&create).await {
             println!(
                 "  (the bench's events go to the configured event store and stay there: no \
                  database of its own could be created: {why})"
