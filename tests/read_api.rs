@@ -41,6 +41,43 @@ fn busiest(snap: &common::Snapshot) -> String {
         .unwrap()
 }
 
+/// The orders of every page of a listing (`path`, its query already begun), following
+/// `next_cursor` for at most `most` pages.
+async fn every_page(api: &ReadServer, path: &str, most: usize) -> Vec<Value> {
+    let mut got = Vec::new();
+    let mut cursor = String::new();
+    for _ in 0..most {
+        let (status, body) = api.get(&format!("{path}{cursor}")).await;
+        assert_eq!(status, 200, "{body}");
+        got.extend(body["data"]["orders"].as_array().unwrap().iter().cloned());
+        match body["data"]["next_cursor"].as_str() {
+            Some(c) => cursor = format!("&cursor={c}"),
+            None => break,
+        }
+    }
+    got
+}
+
+/// The same through the read service in this process: the order ids of every page `page`
+/// gives for a cursor, for at most 20 pages.
+async fn every_service_page<F, P>(page: F) -> Vec<String>
+where
+    F: Fn(Option<String>) -> P,
+    P: std::future::Future<Output = projector::read::types::OrderPage>,
+{
+    let mut got = Vec::new();
+    let mut cursor: Option<String> = None;
+    for _ in 0..20 {
+        let p = page(cursor).await;
+        got.extend(p.orders.into_iter().map(|o| o.order_id));
+        cursor = p.next_cursor;
+        if cursor.is_none() {
+            break;
+        }
+    }
+    got
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agents_get_typed_fresh_answers_and_read_their_own_writes() {
     let (cfg, ns) = common::isolated_config("read");
@@ -150,19 +187,12 @@ async fn agents_get_typed_fresh_answers_and_read_their_own_writes() {
         assert_eq!(status, 200, "{body}");
         assert_eq!(body["freshness"]["consistency"]["included"], true);
     }
-    let mut got = Vec::new();
-    let mut cursor = String::new();
-    for _ in 0..100 {
-        let (status, body) = api
-            .get(&format!("/v1/customers/{customer}/orders?limit=2{cursor}"))
-            .await;
-        assert_eq!(status, 200, "{body}");
-        got.extend(body["data"]["orders"].as_array().unwrap().iter().cloned());
-        match body["data"]["next_cursor"].as_str() {
-            Some(c) => cursor = format!("&cursor={c}"),
-            None => break,
-        }
-    }
+    let got = every_page(
+        &api,
+        &format!("/v1/customers/{customer}/orders?limit=2"),
+        100,
+    )
+    .await;
     assert_eq!(
         Value::Array(got),
         serde_json::to_value(&theirs).unwrap(),
@@ -202,21 +232,8 @@ async fn agents_get_typed_fresh_answers_and_read_their_own_writes() {
     assert!(in_status.len() > 7, "several pages: {}", in_status.len());
     in_status.sort_by(|a, b| (a.updated_at, &a.order_id).cmp(&(b.updated_at, &b.order_id)));
     for sort in ["oldest", "newest"] {
-        let mut got = Vec::new();
-        let mut cursor = String::new();
-        for _ in 0..1_000 {
-            let (status, body) = api
-                .get(&format!(
-                    "/v1/orders?status={common_status}&sort={sort}&limit=7{cursor}"
-                ))
-                .await;
-            assert_eq!(status, 200, "{body}");
-            got.extend(body["data"]["orders"].as_array().unwrap().iter().cloned());
-            match body["data"]["next_cursor"].as_str() {
-                Some(c) => cursor = format!("&cursor={c}"),
-                None => break,
-            }
-        }
+        let path = format!("/v1/orders?status={common_status}&sort={sort}&limit=7");
+        let got = every_page(&api, &path, 1_000).await;
         assert_eq!(
             Value::Array(got),
             serde_json::to_value(&in_status).unwrap(),
@@ -567,22 +584,19 @@ async fn pages_of_one_status_hold_every_order_once_nulls_and_ties_included() {
         (Sort::Oldest, oldest_first.clone()),
         (Sort::Newest, oldest_first.iter().rev().cloned().collect()),
     ] {
-        let mut got: Vec<OrderView> = Vec::new();
-        let mut cursor: Option<String> = None;
-        for _ in 0..20 {
-            let page = service
-                .orders_by_status("shipped", sort, Some(2), cursor.as_deref(), &c)
-                .await
-                .unwrap()
-                .data;
-            got.extend(page.orders);
-            cursor = page.next_cursor;
-            if cursor.is_none() {
-                break;
+        let got = every_service_page(|cursor| {
+            let (service, c) = (&service, &c);
+            async move {
+                service
+                    .orders_by_status("shipped", sort, Some(2), cursor.as_deref(), c)
+                    .await
+                    .unwrap()
+                    .data
             }
-        }
-        let ids = |v: &[OrderView]| v.iter().map(|o| o.order_id.clone()).collect::<Vec<_>>();
-        assert_eq!(ids(&got), ids(&want), "{sort:?}");
+        })
+        .await;
+        let want: Vec<String> = want.iter().map(|o| o.order_id.clone()).collect();
+        assert_eq!(got, want, "{sort:?}");
     }
     // A customer's orders, newest placed first, the same way (one customer with all of them).
     for v in &views {
@@ -594,27 +608,21 @@ async fn pages_of_one_status_hold_every_order_once_nulls_and_ties_included() {
             .await
             .unwrap();
     }
-    let mut got: Vec<OrderView> = Vec::new();
-    let mut cursor: Option<String> = None;
-    for _ in 0..20 {
-        let page = service
-            .customer_orders("cus-all", None, Some(3), cursor.as_deref(), &c)
-            .await
-            .unwrap()
-            .data;
-        got.extend(page.orders);
-        cursor = page.next_cursor;
-        if cursor.is_none() {
-            break;
+    let got = every_service_page(|cursor| {
+        let (service, c) = (&service, &c);
+        async move {
+            service
+                .customer_orders("cus-all", None, Some(3), cursor.as_deref(), c)
+                .await
+                .unwrap()
+                .data
         }
-    }
+    })
+    .await;
     let newest: Vec<String> = oldest_first
         .iter()
         .rev()
         .map(|o| o.order_id.clone())
         .collect();
-    assert_eq!(
-        got.iter().map(|o| o.order_id.clone()).collect::<Vec<_>>(),
-        newest
-    );
+    assert_eq!(got, newest);
 }
