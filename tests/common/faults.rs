@@ -90,7 +90,7 @@ impl FaultSet {
     pub fn isolated(&self, tag: &str) -> (super::Isolated, String) {
         let ns = super::unique_namespace(tag);
         let id = ns.trim_end_matches('-').replace('-', "_");
-        (super::Isolated::new(self.config().isolated(&id)), ns)
+        (super::Isolated::new(self.config().isolated(&id), &ns), ns)
     }
 
     pub fn pid(&self, svc: &str) -> u32 {

@@ -1,6 +1,7 @@
 //! Shared by the integration tests: settings for the real local services and unique names.
 #![allow(dead_code)]
 
+pub mod cleanup;
 pub mod faults;
 pub mod prometheus;
 pub mod scenario;
@@ -67,22 +68,31 @@ use projectors::{Doc, Guard};
 pub fn isolated_config(tag: &str) -> (Isolated, String) {
     let ns = unique_namespace(tag);
     let id = ns.trim_end_matches('-').replace('-', "_");
-    (Isolated::new(config().isolated(&id)), ns)
+    (Isolated::new(config().isolated(&id), &ns), ns)
 }
 
 /// One test's isolated settings, used as a `Config`. When the test ends without a panic, its
-/// topics are deleted: the local broker rewrites a snapshot of everything it holds whenever
-/// anything is produced, so every test's leftover topics made every later produce of the run
-/// dearer. A failed test keeps them, to be looked at.
+/// topics are deleted, and so is what it wrote into the stores ([`cleanup`]): the local broker
+/// rewrites a snapshot of everything it holds whenever anything is produced, so every test's
+/// leftover topics made every later produce of the run dearer, and leftover keys, collections,
+/// tables and events grew the developer's servers with every run. A failed test keeps
+/// everything, to be looked at.
 pub struct Isolated {
     config: Config,
+    /// The deployment's id as made, in every name it writes (a test may change the settings
+    /// it uses; never what is deleted).
+    id: String,
+    /// The prefix of the test's aggregate ids in the event store.
+    namespace: String,
     armed: bool,
 }
 
 impl Isolated {
-    pub fn new(config: Config) -> Isolated {
+    pub fn new(config: Config, namespace: &str) -> Isolated {
         Isolated {
+            id: config.deployment.clone(),
             config,
+            namespace: namespace.to_owned(),
             armed: true,
         }
     }
@@ -114,7 +124,7 @@ impl Drop for Isolated {
         }
         // Dropped inside the test's runtime, which cannot be blocked on: a runtime of its own
         // on a thread of its own.
-        let kafka = self.config.kafka.clone();
+        let (cfg, id, ns) = (self.config.clone(), self.id.clone(), self.namespace.clone());
         let _ = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -122,10 +132,12 @@ impl Drop for Isolated {
                 .ok()?;
             // The timer is made inside the runtime (the arguments of block_on are not).
             let r = rt.block_on(async {
-                tokio::time::timeout(
-                    std::time::Duration::from_secs(10),
-                    projector::kafka::delete_topics(&kafka),
-                )
+                tokio::time::timeout(std::time::Duration::from_secs(10), async {
+                    let _ = tokio::join!(
+                        projector::kafka::delete_topics(&cfg.kafka),
+                        cleanup::delete_deployment(&cfg, &id, &ns),
+                    );
+                })
                 .await
             });
             r.ok()

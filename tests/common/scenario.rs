@@ -38,7 +38,7 @@ pub async fn scenario(
     more: &[(&str, String)],
     steps: &[(u64, Step)],
 ) -> usize {
-    // Its topics are deleted below, once the run equals the fold.
+    // Its topics and stores are cleaned below, once the run equals the fold.
     let cfg = cfg.keep();
     projector::kafka::ensure_topics(&cfg.kafka).await.unwrap();
     let mut extra = vec![
@@ -138,5 +138,6 @@ pub async fn scenario(
     w0.stop();
     w1.stop();
     let _ = projector::kafka::delete_topics(&cfg.kafka).await;
+    super::cleanup::delete_deployment(&cfg, &cfg.deployment, &ns).await;
     heals
 }
