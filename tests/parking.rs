@@ -236,6 +236,79 @@ async fn an_unparked_stream_is_replayed_from_the_event_store() {
     common::assert_read_models_equal_fold(&cfg, &ns).await;
 }
 
+/// An interaction of the garbled stream (`common::stream_garbled_in_transit`) at `seq`.
+fn interaction(id: &str, seq: i64) -> contract::Event {
+    contract::Event::new(
+        uuid::Uuid::new_v4(),
+        id,
+        seq,
+        EventData::InteractionRecorded(InteractionRecorded {
+            customer_id: id.to_owned(),
+            agent_id: "a".into(),
+            interaction_id: format!("i{seq}"),
+            interaction_type: "chat".into(),
+            channel: None,
+            sentiment_score: Some(seq as f64 / 10.0),
+        }),
+        Default::default(),
+        chrono::Utc::now(),
+    )
+    .unwrap()
+}
+
+/// An unpark while the stream goes on receiving events. A worker reads the parks again only
+/// every `PARKS_REFRESH`: until then it holds what arrives, after the first replay read the
+/// store. An event it takes once it has read them again must not bury one it held (the
+/// guard would then take the held one for a duplicate).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unpark_while_the_stream_flows_loses_no_held_event() {
+    use projector::runtime::documents::PARKS_REFRESH;
+    let (cfg, ns) = common::isolated_config("uf");
+    common::generate(&cfg, &ns, 100, 6, 0.0, 0.0).await;
+    let id = format!("{ns}cus-transit");
+    common::stream_garbled_in_transit(&cfg, &id).await;
+    let mut w = worker(&cfg, Some("pod-0"), None, &[]);
+    let stream = format!("customer/{id}");
+    let sinks = common::live_sinks(&cfg).await;
+    let mut want = common::event_log(&ns).await.len() - 2;
+    assert_eq!(common::wait_for_facts(&sinks, &ns, want).await, want);
+    for _ in 0..40 {
+        if parks(&cfg).await.iter().any(|(_, _, s, _)| *s == stream) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert!(parks(&cfg).await.iter().any(|(_, _, s, _)| *s == stream));
+    // Its parks grown stale, an event of the stream makes the worker read them again (the
+    // park still there, so it is held): the next reading is PARKS_REFRESH away.
+    tokio::time::sleep(PARKS_REFRESH).await;
+    common::append_and_publish(&cfg, vec![interaction(&id, 2)]).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let all: Vec<String> = projectors::names()
+        .iter()
+        .map(|s| (*s).to_owned())
+        .collect();
+    let started = tokio::time::Instant::now();
+    let unpark = {
+        let (cfg, stream) = ((*cfg).clone(), stream.clone());
+        tokio::spawn(
+            async move { projector::rebuild::unpark_and_replay(&cfg, &all, &stream).await },
+        )
+    };
+    // Held: the worker has not read the parks since the unpark.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    common::append_and_publish(&cfg, vec![interaction(&id, 3)]).await;
+    // Taken: the worker reads the parks again (gone), before the second replay.
+    tokio::time::sleep_until(started + PARKS_REFRESH).await;
+    common::append_and_publish(&cfg, vec![interaction(&id, 4)]).await;
+    unpark.await.unwrap().unwrap();
+    want += 5;
+    assert_eq!(common::wait_for_facts(&sinks, &ns, want).await, want);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(sigterm(&mut w).success());
+    common::assert_read_models_equal_fold(&cfg, &ns).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn inputs_that_used_to_wedge_the_worker_become_dead_letters_or_just_work() {
     use rdkafka::producer::{FutureProducer, FutureRecord};

@@ -88,8 +88,9 @@ pub async fn replay(
                 pg.clone(),
                 &cfg.deployment,
             )),
-            parks: ParkStore::new(pg, &cfg.deployment),
+            parks: ParkStore::new(pg.clone(), &cfg.deployment),
             dlq: None,
+            events: pg,
         }),
         mode: Mode::Replay {
             version: version.to_owned(),

@@ -12,7 +12,9 @@ use super::parking::{ParkRecord, ParkStore};
 use super::targets::{Check, PointerError, Pointers, Retirements};
 use crate::resilience::dead_letter::{DeadLetter, DeadLetterQueue};
 use crate::sinks::SinkError;
-use crate::store::StoreError;
+use crate::source::sequence::GapSource;
+use crate::store::streams::StreamRange;
+use crate::store::{Pg, StoreError, Typed};
 
 #[async_trait]
 pub trait Control: Send + Sync + 'static {
@@ -27,6 +29,12 @@ pub trait Control: Send + Sync + 'static {
     async fn save_parks(&self, records: &[ParkRecord]) -> Result<(), StoreError>;
     /// Send dead letters; durable when this returns.
     async fn send_letters(&self, letters: &[DeadLetter]) -> Result<(), SinkError>;
+    /// Streams unparked lately, each with a mark of that release (see
+    /// [`super::parking::ParkStore::released`]).
+    async fn released(&self) -> Result<Vec<(String, i64)>, StoreError>;
+    /// The stored events of `stream` (`aggregate_type/aggregate_id`) before `before`, in
+    /// sequence order; a row that breaks the contract comes as its error.
+    async fn history(&self, stream: &str, before: i64) -> Result<Vec<Typed>, StoreError>;
 }
 
 /// The real world: pointers and parks in PostgreSQL, dead letters on their topic. A replay
@@ -36,6 +44,8 @@ pub struct PgControl {
     pub retirements: Option<Retirements>,
     pub parks: ParkStore,
     pub dlq: Option<Arc<DeadLetterQueue>>,
+    /// The event store, for a released stream's history.
+    pub events: Arc<Pg>,
 }
 
 #[async_trait]
@@ -68,4 +78,28 @@ impl Control for PgControl {
             None => Ok(()),
         }
     }
+
+    async fn released(&self) -> Result<Vec<(String, i64)>, StoreError> {
+        self.parks.released().await
+    }
+
+    async fn history(&self, stream: &str, before: i64) -> Result<Vec<Typed>, StoreError> {
+        match history_range(stream, before) {
+            Some(range) => self.events.ranges(&[range]).await,
+            None => Ok(Vec::new()),
+        }
+    }
+}
+
+/// The range of a stream key's sequences before `before` (`None`: not a stream key, or
+/// nothing before).
+pub fn history_range(stream: &str, before: i64) -> Option<StreamRange> {
+    let (t, id) = stream.split_once('/')?;
+    (before > 0).then_some(())?;
+    Some(StreamRange {
+        aggregate_type: t.parse().ok()?,
+        aggregate_id: id.to_owned(),
+        from: 0,
+        to: before - 1,
+    })
 }

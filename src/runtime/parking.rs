@@ -15,6 +15,11 @@ use crate::store::{Pg, StoreError};
 /// Every projector / every version.
 pub const ANY: &str = "*";
 
+/// How long a release is acted on: a stage (of this incarnation or one started later) that
+/// has not yet taken a live event of the stream since the release splices its stored
+/// history first. Far longer than a worker holds stale parks or a restart takes.
+pub const RELEASE_MEMORY_SECS: f64 = 86_400.0;
+
 /// One parked stream to record.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ParkRecord {
@@ -134,7 +139,9 @@ impl ParkStore {
             .await
     }
 
-    /// Forget a park (the operator fixed the cause); returns whether there was one.
+    /// Forget a park (the operator fixed the cause); returns whether there was one. The
+    /// stream is noted released in the same statement ([`ParkStore::released`]), so a worker
+    /// that reads the release and then the parks never sees the park still there.
     pub async fn unpark(
         &self,
         projection: &str,
@@ -147,18 +154,46 @@ impl ParkStore {
             version.to_owned(),
             stream.to_owned(),
         );
-        let n = self
+        let n: i64 = self
             .pg
             .run(|c| async move {
-                c.execute(
-                    "DELETE FROM parked_streams WHERE scope = $1 AND projection IN ($2, '*') \
-                     AND version IN ($3, '*') AND stream = $4",
-                    &[&scope, &projection, &version, &stream],
+                let row = c
+                    .query_one(
+                        "WITH gone AS (DELETE FROM parked_streams WHERE scope = $1 \
+                           AND projection IN ($2, '*') AND version IN ($3, '*') AND stream = $4 \
+                           RETURNING 1), \
+                         noted AS (INSERT INTO released_streams (scope, stream) VALUES ($1, $4) \
+                           ON CONFLICT (scope, stream) DO UPDATE SET released_at = now() \
+                           RETURNING 1), \
+                         pruned AS (DELETE FROM released_streams WHERE scope = $1 \
+                           AND released_at < now() - make_interval(secs => $5) RETURNING 1) \
+                         SELECT count(*) FROM gone",
+                        &[&scope, &projection, &version, &stream, &RELEASE_MEMORY_SECS],
+                    )
+                    .await?;
+                Ok(row.get::<_, i64>(0))
+            })
+            .await?;
+        Ok(n > 0)
+    }
+
+    /// Streams unparked within [`RELEASE_MEMORY_SECS`]: (stream, when, in microseconds since
+    /// the epoch, which tells one release from a later one of the same stream).
+    pub async fn released(&self) -> Result<Vec<(String, i64)>, StoreError> {
+        let scope = self.scope.clone();
+        let rows = self
+            .pg
+            .run(|c| async move {
+                c.query(
+                    "SELECT stream, (extract(epoch FROM released_at) * 1000000)::int8 \
+                     FROM released_streams WHERE scope = $1 \
+                       AND released_at > now() - make_interval(secs => $2)",
+                    &[&scope, &RELEASE_MEMORY_SECS],
                 )
                 .await
             })
             .await?;
-        Ok(n > 0)
+        Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
     }
 
     /// How many streams are parked, per projection, and the oldest park (`projector doctor`).

@@ -553,6 +553,7 @@ pub async fn run(
             retirements: Some(Retirements::new(pg.clone(), &cfg.deployment)),
             parks: ParkStore::new(pg.clone(), &cfg.deployment),
             dlq: Some(dlq),
+            events: pg.clone(),
         }),
         mode: Mode::Live,
         only: cfg.worker.projectors.clone(),
@@ -665,8 +666,9 @@ pub async fn run_memory<F: SinkFactory>(
         control: Arc::new(PgControl {
             pointers: None,
             retirements: None,
-            parks: ParkStore::new(pg, &cfg.deployment),
+            parks: ParkStore::new(pg.clone(), &cfg.deployment),
             dlq: None,
+            events: pg,
         }),
         mode: Mode::Replay {
             version: "engine_bench".into(),

@@ -98,7 +98,7 @@ pub struct RawRef {
 }
 
 /// One message of a window.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Item {
     pub origin: Origin,
     pub decoded: Result<Event, Poison>,
@@ -106,7 +106,7 @@ pub struct Item {
 }
 
 /// Owned bytes of a window's messages.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct Arena(Vec<u8>);
 
 /// The largest window in bytes the arena's `u32` offsets can address, with room for one

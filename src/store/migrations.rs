@@ -31,6 +31,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "stream_positions",
         include_str!("migrations/0006_stream_positions.sql"),
     ),
+    (
+        7,
+        "released_streams",
+        include_str!("migrations/0007_released_streams.sql"),
+    ),
 ];
 
 /// Any fixed number shared by every pod of this service.

@@ -680,6 +680,7 @@ async fn schedule(seed: u64, mode: Mode_) -> Outcome {
         contended.clone(),
         refused_stream.clone(),
     );
+    lock(&world).stored = events.clone();
     install_commit_check(&world, &wire, &events, &topics, settled.clone());
     install_position_check(&world, &events, settled);
     let ctx = Ctx {

@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use contract::Event;
 use futures::FutureExt;
 use projector::resilience::dead_letter::DeadLetter;
 use projector::runtime::commit::OffsetCommit;
@@ -19,8 +20,8 @@ use projector::runtime::pipeline::SinkFactory;
 use projector::runtime::targets::{Check, PointerError, Target};
 use projector::sinks::{DocStore, DocWrite, FactStore, Loaded, SinkError, WriteOutcome};
 use projector::source::sequence::{MemoryPositions, PositionStore};
-use projector::store::StoreError;
 use projector::store::streams::{StreamId, StreamSeq};
+use projector::store::{StoreError, Typed};
 use projector::versions::VersionError;
 use projectors::analytics::Fact;
 use projectors::{Doc, Parked};
@@ -107,6 +108,10 @@ pub struct World {
     pub deleted: HashSet<(String, String)>,
     /// (projection, version) → parked streams; ("*", "*") for every projector.
     pub parks: HashMap<(String, String), Parked>,
+    /// Streams unparked, with the mark of their release (PostgreSQL `released_streams`).
+    pub released: Vec<(String, i64)>,
+    /// The event store: every event of the log (an outbox stores before it publishes).
+    pub stored: Vec<Event>,
     pub letters: Vec<(String, String)>,
     /// (topic, partition) → next offset to read.
     pub committed: HashMap<(String, i32), i64>,
@@ -157,6 +162,8 @@ impl World {
             retired: HashSet::new(),
             deleted: HashSet::new(),
             parks: HashMap::new(),
+            released: Vec::new(),
+            stored: Vec::new(),
             letters: Vec::new(),
             committed: HashMap::new(),
             owner: HashMap::new(),
@@ -592,6 +599,26 @@ impl Control for SimControl {
             w.letters.push((l.kind.clone(), l.reason.clone()));
         }
         Ok(())
+    }
+
+    async fn released(&self) -> Result<Vec<(String, i64)>, StoreError> {
+        self.pg().await?;
+        Ok(lock(&self.0).released.clone())
+    }
+
+    async fn history(&self, stream: &str, before: i64) -> Result<Vec<Typed>, StoreError> {
+        self.pg().await?;
+        let w = lock(&self.0);
+        let mut out: Vec<&Event> = w
+            .stored
+            .iter()
+            .filter(|e| {
+                e.header.sequence_number < before && projectors::document::stream_key(e) == stream
+            })
+            .collect();
+        out.sort_by_key(|e| e.header.sequence_number);
+        out.dedup_by_key(|e| e.header.sequence_number);
+        Ok(out.into_iter().map(|e| Ok(e.clone())).collect())
     }
 }
 

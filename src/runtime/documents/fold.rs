@@ -41,10 +41,65 @@ impl<P: Projector, S: DocStore> DocStage<P, S> {
         prep
     }
 
+    /// Live: before the first event this stage takes of a stream unparked lately, the
+    /// stream's stored history is spliced in (once per release). A worker reads the parks
+    /// again only every `PARKS_REFRESH`, so until then it held what arrived of the stream
+    /// after the unpark's replay had read the store; taking a later event over those would
+    /// bury them (the guard would skip them as duplicates when the unpark replays them
+    /// again). Spliced, they are applied first, and the guard skips what is applied already.
+    async fn splice_released(&mut self, routed: Routed) -> Routed {
+        if !matches!(self.ctx.mode, crate::runtime::stage::Mode::Live)
+            || self.st().releases.is_empty()
+        {
+            return routed;
+        }
+        // The first event of each released stream that no park holds, in arrival order.
+        let mut firsts: Vec<(EventRef, String, i64)> = Vec::new();
+        {
+            let mut keys = projectors::document::StreamKey::default();
+            let st = self.st();
+            for (r, _) in &routed.events {
+                let e = routed.batch.event(*r);
+                let stream = keys.of(e);
+                if !st.releases.contains_key(stream) || firsts.iter().any(|f| f.1 == stream) {
+                    continue;
+                }
+                let seq = e.header.sequence_number;
+                let position = routed.batch.item(*r).origin.position();
+                if st.parked.holding(stream, seq, position).is_some() {
+                    // Parked again: held as before; the release waits for its next event.
+                    continue;
+                }
+                firsts.push((*r, stream.to_owned(), seq));
+            }
+        }
+        if firsts.is_empty() {
+            return routed;
+        }
+        let Routed { mut batch, .. } = routed;
+        // From the last place back, so the places before stay where they are.
+        firsts.sort_by_key(|(r, _, _)| std::cmp::Reverse(*r));
+        for (r, stream, seq) in firsts {
+            let history = self.ctx.history(&stream, seq).await;
+            tracing::info!(projection = self.ctx.name, stream = %stream, before = seq,
+                events = history.len(), "a released stream: its stored history goes first");
+            let w = &batch.windows[r.0 as usize];
+            batch.windows[r.0 as usize] = std::sync::Arc::new(
+                crate::source::sequence::with_history_before(w, r.1 as usize, history),
+            );
+            let st = self.st();
+            if let Some(mark) = st.releases.remove(&stream) {
+                st.caught.insert((stream, mark));
+            }
+        }
+        super::route::route(self.p.as_ref(), batch, self.shard, self.shards)
+    }
+
     async fn fold_routed(&mut self, routed: Routed) -> Prepared {
         let target = self.ctx.target(false).await;
         let target = self.ensure(target).await;
         self.refresh().await;
+        let routed = self.splice_released(routed).await;
         self.tick += 1;
         let tick = self.tick;
         for m in &routed.poison {

@@ -182,6 +182,11 @@ struct TargetState<V, S> {
     seen: Option<HashSet<String>>,
     seen_bytes: usize,
     parks_loaded: Instant,
+    /// Live: streams unparked lately (with the mark of the release) whose stored history is
+    /// spliced before the next event of theirs this stage takes ([`DocStage::splice_released`]).
+    releases: HashMap<String, i64>,
+    /// Releases acted on already: each once per version opened.
+    caught: HashSet<(String, i64)>,
 }
 
 /// How a batch's writes went. The views written are those whose write is still pending in
@@ -264,6 +269,13 @@ impl<P: Projector, S: DocStore> DocStage<P, S> {
                 tracing::warn!(error = %e, version = %target.version, "the live version was not announced in the store");
             }
         }
+        let live = matches!(self.ctx.mode, Mode::Live);
+        // Before the parks: an unpark deletes the park and notes the release in one statement.
+        let released = if live {
+            self.ctx.released().await
+        } else {
+            Vec::new()
+        };
         let saved = self.ctx.shared.poison_saved.load(Ordering::Acquire);
         let mut parked = self.ctx.load_parks(&target.version).await;
         self.unsaved.merge_into(&mut parked, &target.version, saved);
@@ -276,6 +288,8 @@ impl<P: Projector, S: DocStore> DocStage<P, S> {
             seen,
             seen_bytes: 0,
             parks_loaded: Instant::now(),
+            releases: released.into_iter().collect(),
+            caught: HashSet::default(),
         });
         self.seen_gen = self.ctx.shared.assignment_gen.load(Ordering::Relaxed);
         target.clone()
@@ -293,11 +307,21 @@ impl<P: Projector, S: DocStore> DocStage<P, S> {
         }
         self.seen_gen = generation;
         let version = self.st().target.version.clone();
+        let released = if live {
+            self.ctx.released().await
+        } else {
+            Vec::new()
+        };
         // Read before the table: whatever the poison stage recorded up to here is in it.
         let saved = self.ctx.shared.poison_saved.load(Ordering::Acquire);
         let mut parked = self.ctx.load_parks(&version).await;
         self.unsaved.merge_into(&mut parked, &version, saved);
         let st = self.st();
+        for (stream, mark) in released {
+            if !st.caught.contains(&(stream.clone(), mark)) {
+                st.releases.insert(stream, mark);
+            }
+        }
         st.parked = parked;
         st.parks_loaded = Instant::now();
         if rebalanced {

@@ -280,6 +280,29 @@ impl StageCtx {
     }
 
     /// The parked streams of `version`, retried until PostgreSQL answers.
+    /// Streams unparked lately (see [`super::parking::ParkStore::released`]); read before
+    /// the parks.
+    pub async fn released(&self) -> Vec<(String, i64)> {
+        let mut retry = Retry::new(&self.shared, "postgres", "loading released streams");
+        loop {
+            match self.control.released().await {
+                Ok(r) => return r,
+                Err(e) => retry.failed(&e).await,
+            }
+        }
+    }
+
+    /// A stream's stored events before `before`.
+    pub async fn history(&self, stream: &str, before: i64) -> Vec<crate::store::Typed> {
+        let mut retry = Retry::new(&self.shared, "postgres", "reading a released stream");
+        loop {
+            match self.control.history(stream, before).await {
+                Ok(h) => return h,
+                Err(e) => retry.failed(&e).await,
+            }
+        }
+    }
+
     pub async fn load_parks(&self, version: &str) -> projectors::Parked {
         let mut retry = Retry::new(&self.shared, "postgres", "loading parked streams");
         loop {

@@ -533,6 +533,51 @@ fn place_of(t: &Typed) -> (String, i64) {
     }
 }
 
+/// A copy of `w` with a stream's stored `history` spliced right before its item `at`, as a
+/// gap's events are (no offset of their own): for a stage that must take a released stream's
+/// history before the live event at `at` (see [`crate::runtime::parking::ParkStore::released`]).
+/// Rows that break the contract end the history there: the unpark's replay parks the stream
+/// at such a row itself.
+pub fn with_history_before(w: &Window, at: usize, history: Vec<Typed>) -> Window {
+    let origin = match w.items.get(at).map(|i| i.origin) {
+        Some(Origin::Kafka {
+            topic,
+            partition,
+            offset,
+            ..
+        }) => Origin::Gap {
+            topic,
+            partition,
+            before: offset,
+        },
+        Some(other) => other,
+        None => Origin::Gap {
+            topic: 0,
+            partition: -1,
+            before: -1,
+        },
+    };
+    let mut arena = w.arena.clone();
+    let history: Vec<Item> = history
+        .into_iter()
+        .take_while(Result::is_ok)
+        .map(|t| spliced(t, origin, &mut arena))
+        .collect();
+    let mut items = Vec::with_capacity(w.items.len() + history.len());
+    items.extend(w.items[..at.min(w.items.len())].iter().cloned());
+    items.extend(history);
+    items.extend(w.items[at.min(w.items.len())..].iter().cloned());
+    Window {
+        id: w.id,
+        generation: w.generation,
+        items,
+        arena,
+        topics: w.topics.clone(),
+        opened: w.opened,
+        span: w.span.clone(),
+    }
+}
+
 /// A stored event as an item of the window: its bytes as the relay would have sent them
 /// (key, envelope, headers), so a dead letter of it can be sent again as it is.
 fn spliced(t: Typed, origin: Origin, arena: &mut Arena) -> Item {
