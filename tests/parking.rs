@@ -262,8 +262,19 @@ fn interaction(id: &str, seq: i64) -> contract::Event {
 /// guard would then take the held one for a duplicate).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unpark_while_the_stream_flows_loses_no_held_event() {
+    unpark_while_the_stream_flows("uf", false).await;
+}
+
+/// The same, with the worker killed right after it held an event and started again under
+/// its own id: the new process knows of the release from PostgreSQL, not from memory.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_restarted_after_holding_an_unparked_streams_event_loses_it_neither() {
+    unpark_while_the_stream_flows("ur", true).await;
+}
+
+async fn unpark_while_the_stream_flows(tag: &str, restart: bool) {
     use projector::runtime::documents::PARKS_REFRESH;
-    let (cfg, ns) = common::isolated_config("uf");
+    let (cfg, ns) = common::isolated_config(tag);
     common::generate(&cfg, &ns, 100, 6, 0.0, 0.0).await;
     let id = format!("{ns}cus-transit");
     common::stream_garbled_in_transit(&cfg, &id).await;
@@ -298,6 +309,13 @@ async fn an_unpark_while_the_stream_flows_loses_no_held_event() {
     // Held: the worker has not read the parks since the unpark.
     tokio::time::sleep(Duration::from_secs(1)).await;
     common::append_and_publish(&cfg, vec![interaction(&id, 3)]).await;
+    if restart {
+        // Held and committed (commits every 500 ms), then the process is gone.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        w.kill().unwrap();
+        w.wait().unwrap();
+        w = worker(&cfg, Some("pod-0"), None, &[]);
+    }
     // Taken: the worker reads the parks again (gone), before the second replay.
     tokio::time::sleep_until(started + PARKS_REFRESH).await;
     common::append_and_publish(&cfg, vec![interaction(&id, 4)]).await;
