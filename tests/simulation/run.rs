@@ -473,12 +473,19 @@ pub fn run_panicky(seed: u64) -> Outcome {
     simulate(seed, Mode_::Panicky)
 }
 
+/// Schedule `seed` with unreadable messages on a clean wire, so operators unpark streams
+/// while the rest flows (see [`super::unpark`]).
+pub fn run_unparking(seed: u64) -> Outcome {
+    simulate(seed, Mode_::Unparking)
+}
+
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Mode_ {
     Drawn,
     Hostile,
     Refusing,
     Panicky,
+    Unparking,
 }
 
 /// One schedule on a paused clock of its own, with this thread's jitter seeded.
@@ -536,9 +543,17 @@ async fn schedule(seed: u64, mode: Mode_) -> Outcome {
         (p && !hostile).then(|| r.random())
     };
     let mut poison_rng = ChaCha8Rng::seed_from_u64(seed ^ 0x504f_4953_4f4e);
+    if mode == Mode_::Unparking {
+        (plan.loss, plan.swap, plan.switches) = (0.0, 0.0, 0);
+        // Long enough for a stream to go on after its unpark.
+        plan.events = poison_rng.random_range(40..160);
+    }
     let clean_wire = plan.loss == 0.0 && plan.swap == 0.0 && plan.switches == 0;
     if clean_wire && !hostile && poison_rng.random_bool(0.25) {
         plan.poison = poison_rng.random_range(0.0..0.12);
+    }
+    if mode == Mode_::Unparking {
+        plan.poison = poison_rng.random_range(0.04..0.12);
     }
     // Triage knobs for a failing seed: the same schedule without faults or without actions.
     if std::env::var_os("SIM_NO_FAULTS").is_some() {
@@ -707,6 +722,12 @@ async fn schedule(seed: u64, mode: Mode_) -> Outcome {
         }
     }
     let mut actions: Vec<String> = Vec::new();
+    // Unparks, in schedules with unreadable messages: drawn apart, so the other schedules
+    // are what they were.
+    let mut unpark_rng = ChaCha8Rng::seed_from_u64(seed ^ 0x554e_5041_524b);
+    let mut unparks: Vec<JoinHandle<()>> = Vec::new();
+    let mut unparked: Vec<String> = Vec::new();
+    let shared_events = Arc::new(events.clone());
     let mut switches = 0;
     let mut next_version = 1;
     let mut published = 0;
@@ -788,8 +809,40 @@ async fn schedule(seed: u64, mode: Mode_) -> Outcome {
                 _ => {}
             }
         }
+        let unpark_odds = if mode == Mode_::Unparking { 1.0 } else { 0.3 };
+        if plan.poison > 0.0 && unparks.len() < 3 && unpark_rng.random_bool(unpark_odds) {
+            let msgs = wire.lock().unwrap_or_else(|e| e.into_inner()).msgs.clone();
+            let stream_of = |i: usize| {
+                let e = &log[i];
+                format!("{}/{}", e.aggregate_type.as_str(), e.aggregate_id)
+            };
+            if let Some(stream) = super::unpark::unparkable(
+                &world, &msgs, &topics, &poisoned, stream_of, &pre, &unparked,
+            ) {
+                actions.push(format!("unpark {stream}"));
+                unparked.push(stream.clone());
+                unparks.push(tokio::spawn(super::unpark::unpark(
+                    world.clone(),
+                    ctx.cfg.clone(),
+                    shared_events.clone(),
+                    stream,
+                    plan.panics,
+                    unparks.len() as i64 + 1,
+                )));
+                // Long enough for the stages' parks to grow stale: the next events find the
+                // park gone while the unpark's second replay is still to come.
+                let stale = projector::runtime::documents::PARKS_REFRESH;
+                tokio::time::sleep(
+                    stale - Duration::from_millis(unpark_rng.random_range(0..2_000)),
+                )
+                .await;
+            }
+        }
         let pause = rng.random_range(0..30);
         tokio::time::sleep(Duration::from_millis(pause)).await;
+    }
+    for u in unparks {
+        let _ = u.await;
     }
     lock(&world).faults_on = false;
     // Quiescence: every partition committed to its end.
@@ -829,7 +882,12 @@ async fn schedule(seed: u64, mode: Mode_) -> Outcome {
         view: contended.as_deref(),
         fact_stream: refused_stream.as_deref(),
     };
-    check(&world, &events, &models, &exempt, &pre, &mut out);
+    // An unparked stream is held nowhere: the fold takes all of it.
+    let mut expected = pre.clone();
+    for s in &unparked {
+        expected.unpark(s);
+    }
+    check(&world, &events, &models, &exempt, &expected, &mut out);
     let letters: Vec<String> = lock(&world)
         .letters
         .iter()
