@@ -126,7 +126,7 @@ async fn postgres_rows(cfg: &Config, id: &str, ns: &str) -> Result<(), String> {
         )
     };
     let (scope, deployment, events) = (like(&format!("{id}/")), like(id), like(ns));
-    let statements: [(&str, &String); 5] = [
+    let statements: [(&str, &String); 6] = [
         (
             "DELETE FROM projection_checkpoints WHERE projection LIKE $1",
             &scope,
@@ -137,6 +137,10 @@ async fn postgres_rows(cfg: &Config, id: &str, ns: &str) -> Result<(), String> {
         ),
         (
             "DELETE FROM parked_streams WHERE scope LIKE $1",
+            &deployment,
+        ),
+        (
+            "DELETE FROM released_streams WHERE scope LIKE $1",
             &deployment,
         ),
         (
