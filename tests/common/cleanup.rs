@@ -76,7 +76,7 @@ async fn mongo_collections(cfg: &Config, id: &str) -> Result<(), String> {
     let db = client.database(&cfg.mongo.database);
     let names = db
         .list_collection_names()
-        .filter(mongodb::bson::doc! {"name": {"$regex": format!("^{id}")}})
+        .filter(mongodb::bson::doc! {"name": {"$regex": format!("^{id}_")}})
         .await
         .map_err(|e| e.to_string())?;
     for name in names {
@@ -93,7 +93,7 @@ async fn clickhouse_tables(cfg: &Config, id: &str) -> Result<(), String> {
     let names: Vec<String> = client
         .query("SELECT name FROM system.tables WHERE database = ? AND startsWith(name, ?)")
         .bind(cfg.clickhouse.database.as_str())
-        .bind(id)
+        .bind(format!("{id}_"))
         .fetch_all()
         .await
         .map_err(|e| e.to_string())?;
