@@ -279,9 +279,8 @@ impl StageCtx {
         }
     }
 
-    /// The parked streams of `version`, retried until PostgreSQL answers.
-    /// Streams unparked lately (see [`super::parking::ParkStore::released`]); read before
-    /// the parks.
+    /// Streams unparked lately (see [`super::parking::ParkStore::released`]), retried until
+    /// PostgreSQL answers; read before the parks.
     pub async fn released(&self) -> Vec<(String, i64)> {
         let mut retry = Retry::new(&self.shared, "postgres", "loading released streams");
         loop {
@@ -292,7 +291,7 @@ impl StageCtx {
         }
     }
 
-    /// A stream's stored events before `before`.
+    /// A stream's stored events before `before`, retried until PostgreSQL answers.
     pub async fn history(&self, stream: &str, before: i64) -> Vec<crate::store::Typed> {
         let mut retry = Retry::new(&self.shared, "postgres", "reading a released stream");
         loop {
@@ -303,6 +302,7 @@ impl StageCtx {
         }
     }
 
+    /// The parked streams of `version`, retried until PostgreSQL answers.
     pub async fn load_parks(&self, version: &str) -> projectors::Parked {
         let mut retry = Retry::new(&self.shared, "postgres", "loading parked streams");
         loop {
