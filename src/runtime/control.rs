@@ -13,7 +13,7 @@ use super::targets::{Check, PointerError, Pointers, Retirements};
 use crate::resilience::dead_letter::{DeadLetter, DeadLetterQueue};
 use crate::sinks::SinkError;
 use crate::source::sequence::GapSource;
-use crate::store::streams::StreamRange;
+use crate::store::streams::{StreamId, StreamRange};
 use crate::store::{Pg, StoreError, Typed};
 
 #[async_trait]
@@ -94,11 +94,10 @@ impl Control for PgControl {
 /// The range of a stream key's sequences before `before` (`None`: not a stream key, or
 /// nothing before).
 pub fn history_range(stream: &str, before: i64) -> Option<StreamRange> {
-    let (t, id) = stream.split_once('/')?;
-    (before > 0).then_some(())?;
+    let s = StreamId::parse(stream).filter(|_| before > 0)?;
     Some(StreamRange {
-        aggregate_type: t.parse().ok()?,
-        aggregate_id: id.to_owned(),
+        aggregate_type: s.aggregate_type,
+        aggregate_id: s.aggregate_id,
         from: 0,
         to: before - 1,
     })
