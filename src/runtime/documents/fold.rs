@@ -48,9 +48,8 @@ impl<P: Projector, S: DocStore> DocStage<P, S> {
     /// bury them (the guard would skip them as duplicates when the unpark replays them
     /// again). Spliced, they are applied first, and the guard skips what is applied already.
     async fn splice_released(&mut self, routed: Routed) -> Routed {
-        if !matches!(self.ctx.mode, crate::runtime::stage::Mode::Live)
-            || self.st().releases.is_empty()
-        {
+        // A replay reads no releases (`StageCtx::released`): always empty there.
+        if self.st().releases.is_empty() {
             return routed;
         }
         // The first event of each released stream that no park holds, in arrival order.

@@ -269,13 +269,8 @@ impl<P: Projector, S: DocStore> DocStage<P, S> {
                 tracing::warn!(error = %e, version = %target.version, "the live version was not announced in the store");
             }
         }
-        let live = matches!(self.ctx.mode, Mode::Live);
         // Before the parks: an unpark deletes the park and notes the release in one statement.
-        let released = if live {
-            self.ctx.released().await
-        } else {
-            Vec::new()
-        };
+        let released = self.ctx.released().await;
         let saved = self.ctx.shared.poison_saved.load(Ordering::Acquire);
         let mut parked = self.ctx.load_parks(&target.version).await;
         self.unsaved.merge_into(&mut parked, &target.version, saved);
@@ -307,11 +302,7 @@ impl<P: Projector, S: DocStore> DocStage<P, S> {
         }
         self.seen_gen = generation;
         let version = self.st().target.version.clone();
-        let released = if live {
-            self.ctx.released().await
-        } else {
-            Vec::new()
-        };
+        let released = self.ctx.released().await;
         // Read before the table: whatever the poison stage recorded up to here is in it.
         let saved = self.ctx.shared.poison_saved.load(Ordering::Acquire);
         let mut parked = self.ctx.load_parks(&version).await;

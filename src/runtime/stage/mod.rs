@@ -280,8 +280,12 @@ impl StageCtx {
     }
 
     /// Streams unparked lately (see [`super::parking::ParkStore::released`]), retried until
-    /// PostgreSQL answers; read before the parks.
+    /// PostgreSQL answers; read before the parks. Only a live stage holds events of a parked
+    /// stream that a release must bring back: a replay reads none.
     pub async fn released(&self) -> Vec<(String, i64)> {
+        if !matches!(self.mode, Mode::Live) {
+            return Vec::new();
+        }
         let mut retry = Retry::new(&self.shared, "postgres", "loading released streams");
         loop {
             match self.control.released().await {
