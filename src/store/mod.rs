@@ -10,7 +10,7 @@ pub mod streams;
 pub use append::AppendOutcome;
 pub use migrations::MIGRATIONS;
 pub use pg::Pg;
-pub use read::{SELECT_EVENT, envelope_of};
+pub use read::{SELECT_EVENT, envelope_of, like_prefix};
 pub use replay::{ReplayPosition, Replayed, Typed};
 
 use thiserror::Error;

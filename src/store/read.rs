@@ -35,13 +35,7 @@ impl EventStore {
 
     /// Every event whose aggregate id starts with `prefix`, in position order (tests, demo).
     pub async fn read_prefix(&self, prefix: &str) -> Result<Vec<EventEnvelope>, StoreError> {
-        let pattern = format!(
-            "{}%",
-            prefix
-                .replace('\\', "\\\\")
-                .replace('%', "\\%")
-                .replace('_', "\\_")
-        );
+        let pattern = like_prefix(prefix);
         let rows = self
             .client
             .query(
@@ -74,4 +68,16 @@ pub fn envelope_of(row: &Row) -> Result<EventEnvelope, StoreError> {
         metadata,
         timestamp,
     })
+}
+
+/// A LIKE pattern matching every text that starts with `prefix` literally (`_`, `%` and `\`
+/// escaped: ids and namespaces hold `_`).
+pub fn like_prefix(prefix: &str) -> String {
+    format!(
+        "{}%",
+        prefix
+            .replace('\\', "\\\\")
+            .replace('%', "\\%")
+            .replace('_', "\\_")
+    )
 }

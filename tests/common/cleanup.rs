@@ -115,16 +115,7 @@ async fn postgres_rows(cfg: &Config, id: &str, ns: &str) -> Result<(), String> {
         .await
         .map_err(|e| e.to_string())?;
     let driver = tokio::spawn(connection);
-    // LIKE patterns of literal prefixes: ids and namespaces hold `_`, a LIKE wildcard.
-    let like = |prefix: &str| {
-        format!(
-            "{}%",
-            prefix
-                .replace('\\', "\\\\")
-                .replace('%', "\\%")
-                .replace('_', "\\_")
-        )
-    };
+    let like = projector::store::like_prefix;
     let (scope, deployment, events) = (like(&format!("{id}/")), like(id), like(ns));
     let statements: [(&str, &String); 6] = [
         (
