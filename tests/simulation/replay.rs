@@ -13,6 +13,7 @@ use std::time::Duration;
 use contract::{ContractError, Event, EventEnvelope};
 use projector::config::Config;
 use projector::rebuild::{Page, replay_pages};
+use projector::runtime::commit::TrackerMsg;
 use projector::runtime::pipeline::StageEnv;
 use projector::runtime::stage::Mode;
 use projector::store::ReplayPosition;
@@ -22,7 +23,7 @@ use tokio::sync::mpsc;
 
 use super::models::{self, SimProjectors};
 use super::run::{Exempt, Outcome, check, on_a_paused_clock, trace_if_asked};
-use super::world::{Faults, Pointer, SimControl, SimSinks, World, lock};
+use super::world::{Faults, Pointer, Shared, SimControl, SimSinks, World, lock};
 
 /// The version the rebuild writes.
 const VERSION: &str = "r1";
@@ -108,6 +109,31 @@ fn pages(events: &[Event], corrupt: &HashSet<usize>, start: usize, page: usize) 
     out
 }
 
+/// The stages' environment of a replay into the simulated world (its tracker's receiver
+/// beside it): this rebuild's, and an unpark's ([`super::unpark`]).
+pub fn replay_env(
+    cfg: &Config,
+    world: &Shared,
+    mode: Mode,
+    shards: usize,
+    cache_bytes: usize,
+    max_batch: usize,
+) -> (StageEnv, mpsc::UnboundedReceiver<TrackerMsg>) {
+    let (tracker_tx, tracker_rx) = mpsc::unbounded_channel();
+    let env = StageEnv {
+        cfg: cfg.clone(),
+        shared: Default::default(),
+        tracker: tracker_tx,
+        control: Arc::new(SimControl(world.clone())),
+        mode,
+        only: Vec::new(),
+        shards,
+        cache_bytes,
+        max_batch,
+    };
+    (env, tracker_rx)
+}
+
 async fn schedule(seed: u64) -> Outcome {
     let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x5245_504c_4159);
     let plan = Plan::draw(&mut rng);
@@ -152,21 +178,17 @@ async fn schedule(seed: u64) -> Outcome {
                 }
             }
         });
-        let (tracker_tx, tracker_rx) = mpsc::unbounded_channel();
-        let env = StageEnv {
-            cfg: cfg.clone(),
-            shared: Default::default(),
-            tracker: tracker_tx,
-            control: Arc::new(SimControl(world.clone())),
-            mode: Mode::Replay {
+        let (env, tracker_rx) = replay_env(
+            &cfg,
+            &world,
+            Mode::Replay {
                 version: VERSION.into(),
                 fresh,
             },
-            only: Vec::new(),
-            shards: plan.shards,
-            cache_bytes: plan.cache,
-            max_batch: plan.window,
-        };
+            plan.shards,
+            plan.cache,
+            plan.window,
+        );
         let reported: Arc<Mutex<Vec<usize>>> = Arc::default();
         let r = reported.clone();
         let mut durable = move |p: ReplayPosition, _: u64| {

@@ -14,13 +14,12 @@ use projector::config::Config;
 use projector::rebuild::{Page, replay_pages};
 use projector::runtime::commit::Tp;
 use projector::runtime::documents::PARKS_REFRESH;
-use projector::runtime::pipeline::StageEnv;
 use projector::runtime::stage::Mode;
 use projector::store::ReplayPosition;
 use tokio::sync::mpsc;
 
 use super::models::SimProjectors;
-use super::world::{Shared, SimControl, SimSinks, lock};
+use super::world::{Shared, SimSinks, lock};
 
 /// A stream parked by unreadable messages that can be unparked now: every copy of its
 /// unreadable messages on the wire is committed past, so none is delivered again to park it
@@ -104,21 +103,11 @@ async fn replay(world: &Shared, cfg: &Config, events: &[Event], stream: &str, pa
         let (page_tx, page_rx) = mpsc::channel(1);
         let _ = page_tx.send(page.clone()).await;
         drop(page_tx);
-        let (tracker_tx, tracker_rx) = mpsc::unbounded_channel();
-        let env = StageEnv {
-            cfg: cfg.clone(),
-            shared: Default::default(),
-            tracker: tracker_tx,
-            control: Arc::new(SimControl(world.clone())),
-            mode: Mode::Replay {
-                version: version.clone(),
-                fresh: false,
-            },
-            only: Vec::new(),
-            shards: 1,
-            cache_bytes: 1 << 20,
-            max_batch: 16,
+        let mode = Mode::Replay {
+            version: version.clone(),
+            fresh: false,
         };
+        let (env, tracker_rx) = super::replay::replay_env(cfg, world, mode, 1, 1 << 20, 16);
         let (sinks, projectors) = (SimSinks(world.clone()), SimProjectors(panics));
         let mut durable = |_: ReplayPosition, _: u64| {};
         let run = replay_pages(
