@@ -291,6 +291,10 @@ pub struct KafkaConfig {
     /// another member's partitions when they do.
     #[serde(default)]
     pub client_id: Option<String>,
+    /// librdkafka's `debug` contexts for the worker's consumers (e.g. `cgrp` for the group
+    /// protocol), logged at debug level under the `librdkafka` target. Unset: none.
+    #[serde(default)]
+    pub debug: Option<String>,
     /// Dead letters larger than this keep only the head of their payload (the original stays
     /// in the source topic at the offset the headers name).
     #[serde(default = "default_dlq_max_bytes")]

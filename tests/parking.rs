@@ -15,14 +15,31 @@ use projector::config::Config;
 use projector::runtime::parking::ParkStore;
 use projector::store::Pg;
 
-/// A worker process, killed when dropped (a failing test leaks no worker).
-struct Worker(std::process::Child);
+/// A worker process, killed when dropped (a failing test leaks no worker). Its log is kept
+/// under `target/fault-logs` and printed when the test fails.
+struct Worker {
+    child: std::process::Child,
+    log: std::path::PathBuf,
+}
+
+impl Worker {
+    /// The last lines of its log, for a failure message.
+    fn tail(&self) -> String {
+        let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = log.lines().collect();
+        let from = lines.len().saturating_sub(40);
+        format!("{}:\n{}", self.log.display(), lines[from..].join("\n"))
+    }
+}
 
 impl Drop for Worker {
     fn drop(&mut self) {
-        if let Ok(None) = self.0.try_wait() {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+        if std::thread::panicking() {
+            eprintln!("{}", self.tail());
         }
     }
 }
@@ -30,40 +47,59 @@ impl Drop for Worker {
 impl std::ops::Deref for Worker {
     type Target = std::process::Child;
     fn deref(&self) -> &Self::Target {
-        &self.0
+        &self.child
     }
 }
 
 impl std::ops::DerefMut for Worker {
     fn deref_mut(&mut self) -> &mut Self::Target {
-        &mut self.0
+        &mut self.child
     }
 }
 
 /// A worker process: dynamic membership unless `pod` is given.
 fn worker(cfg: &Config, pod: Option<&str>, idle: Option<f64>, env: &[(&str, &str)]) -> Worker {
+    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/fault-logs");
+    std::fs::create_dir_all(&dir).unwrap();
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let log = dir.join(format!("parking-{}-{n}.log", cfg.deployment));
     let mut cmd = Command::new(common::projector_bin());
-    cmd.arg("run")
-        .envs(common::config_env(cfg))
-        .env("RUST_LOG", "warn");
+    cmd.arg("run").envs(common::config_env(cfg)).env(
+        "RUST_LOG",
+        std::env::var("TEST_WORKER_LOG").unwrap_or_else(|_| "info".into()),
+    );
     if let Some(p) = pod {
         cmd.env("PROJECTOR_KAFKA__INSTANCE_ID", p);
     }
     if let Some(s) = idle {
         cmd.arg("--exit-when-idle").arg(s.to_string());
     }
-    cmd.envs(env.iter().copied())
+    let child = cmd
+        .envs(env.iter().copied())
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
-        .map(Worker)
-        .unwrap()
+        .unwrap();
+    Worker { child, log }
 }
 
-fn sigterm(child: &mut std::process::Child) -> std::process::ExitStatus {
-    let pid = child.id().to_string();
+/// Stop a worker as Kubernetes does and wait for it, a bounded time: a shutdown that hangs
+/// fails the test with the worker's log instead of stalling it until the runner's timeout.
+fn sigterm(w: &mut Worker) -> std::process::ExitStatus {
+    let pid = w.id().to_string();
     Command::new("kill").args(["-TERM", &pid]).status().unwrap();
-    child.wait().unwrap()
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    loop {
+        if let Some(status) = w.try_wait().unwrap() {
+            return status;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the worker did not exit within 90 s of SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 async fn parks(cfg: &Config) -> Vec<(String, String, String, String)> {
@@ -95,16 +131,27 @@ fn completed(ns: &str, seq: i64) -> contract::Event {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn parks_are_per_projector_and_survive_a_rebalance() {
     let (cfg, ns) = common::isolated_config("pr");
-    common::generate(&cfg, &ns, 1_000, 3, 0.0, 0.0).await;
-    common::append_refused(&cfg, &ns).await;
+    within(
+        "generate",
+        120,
+        common::generate(&cfg, &ns, 1_000, 3, 0.0, 0.0),
+    )
+    .await;
+    within("append refused", 60, common::append_refused(&cfg, &ns)).await;
     // a alone parks; then b joins, and a leaves: b owns every partition, ord-twice's too.
     let mut a = worker(&cfg, None, None, &[]);
     let want = common::event_log(&ns).await.len();
-    let have = common::wait_for_facts(&common::live_sinks(&cfg).await, &ns, want).await;
+    let sinks = common::live_sinks(&cfg).await;
+    let have = within(
+        "a takes all",
+        150,
+        common::wait_for_facts(&sinks, &ns, want),
+    )
+    .await;
     assert_eq!(have, want);
     let mut b = worker(&cfg, None, None, &[]);
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let p = parks(&cfg).await;
+    let p = within("read parks", 30, parks(&cfg)).await;
     let twice = format!("order/{ns}ord-twice");
     assert!(
         p.iter()
@@ -119,20 +166,36 @@ async fn parks_are_per_projector_and_survive_a_rebalance() {
     // a leaves; b takes its partitions over and must hold what a parked.
     assert!(sigterm(&mut a).success());
     tokio::time::sleep(Duration::from_secs(2)).await;
-    common::append_and_publish(&cfg, vec![completed(&ns, 4)]).await;
-    let have = common::wait_for_facts(&common::live_sinks(&cfg).await, &ns, want + 1).await;
+    within(
+        "publish",
+        60,
+        common::append_and_publish(&cfg, vec![completed(&ns, 4)]),
+    )
+    .await;
+    let have = within(
+        "b takes over",
+        150,
+        common::wait_for_facts(&sinks, &ns, want + 1),
+    )
+    .await;
     assert_eq!(have, want + 1, "analytics took the new event");
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert!(sigterm(&mut b).success());
     // The fold parks the same way: the order view holds seq 3 and 4, Customer-360 applies them.
-    common::assert_read_models_equal_fold(&cfg, &ns).await;
-    let sinks = common::live_sinks(&cfg).await;
+    within(
+        "fold",
+        120,
+        common::assert_read_models_equal_fold(&cfg, &ns),
+    )
+    .await;
     let view: Vec<_> = common::decoded(
-        sinks
-            .mongo
-            .scan_all::<projectors::order_view::OrderView>()
-            .await
-            .unwrap(),
+        within(
+            "scan",
+            60,
+            sinks.mongo.scan_all::<projectors::order_view::OrderView>(),
+        )
+        .await
+        .unwrap(),
     )
     .into_iter()
     .filter(|(k, _)| k.ends_with("ord-twice"))
@@ -141,6 +204,15 @@ async fn parks_are_per_projector_and_survive_a_rebalance() {
         view[0].1.view.status, "payment_pending",
         "stopped before the refused event"
     );
+}
+
+/// `step` within `secs`, or fail naming it (the workers' logs follow, from their drops): a
+/// hang anywhere fails the test with what it was doing instead of reaching the runner's
+/// timeout mute.
+async fn within<T>(step: &str, secs: u64, f: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(Duration::from_secs(secs), f)
+        .await
+        .unwrap_or_else(|_| panic!("{step}: not done within {secs} s"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -611,7 +611,9 @@ pub async fn run(
         return Err(RuntimeError::Source("the source thread panicked".into()));
     }
     shared.shutdown.store(true, Ordering::Relaxed);
+    tracing::info!("shutdown: the source has stopped");
     let _ = tokio::task::spawn_blocking(move || watch.join()).await;
+    tracing::info!("shutdown: the group watch has stopped");
     // The source is gone: the decode step, then the stages, then the tracker wind down.
     let Stages {
         txs,
@@ -621,6 +623,7 @@ pub async fn run(
     } = stages;
     drop(txs);
     let _ = decode.await;
+    tracing::info!("shutdown: decoding has stopped");
     for mut h in handles {
         if tokio::time::timeout(Duration::from_secs(30), &mut h)
             .await
@@ -630,7 +633,9 @@ pub async fn run(
             h.abort();
         }
     }
+    tracing::info!("shutdown: the stages have stopped");
     let tstats = tracker.await.unwrap_or_default();
+    tracing::info!("shutdown: the commit tracker has stopped");
     // The tracker and the sequencer are gone: the recorder writes what is durable and ends.
     if let Some(mut r) = recorder
         && tokio::time::timeout(Duration::from_secs(15), &mut r)

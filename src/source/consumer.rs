@@ -265,6 +265,12 @@ pub fn create_consumer(
     if let Some(id) = cfg.instance_id.as_deref().filter(|s| !s.is_empty()) {
         c.set("group.instance.id", id);
     }
+    if let Some(d) = cfg.debug.as_deref().filter(|s| !s.is_empty()) {
+        // (librdkafka drops debug lines below its own log level, which rust-rdkafka sets
+        // from the `log` crate's, unused here.)
+        c.set("debug", d)
+            .set_log_level(rdkafka::config::RDKafkaLogLevel::Debug);
+    }
     c.set("group.id", &cfg.group_id)
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")

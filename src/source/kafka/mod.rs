@@ -197,9 +197,12 @@ impl KafkaSource {
             // Hand over what this consumer polled (written, not committed if re-created).
             let last = self.flush(Instant::now() + Duration::from_secs(30));
             if finished {
+                tracing::info!("shutdown: polling stopped; waiting for the windows in flight");
                 self.wait_until_written(&consumer);
                 let parts: Vec<Tp> = self.state().owned.keys().copied().collect();
+                tracing::info!(partitions = parts.len(), "shutdown: committing");
                 self.drain_and_commit(&consumer, parts, last, self.drain_deadline());
+                tracing::info!("shutdown: committed; closing the consumer");
             }
             let (tx, rx) = std::sync::mpsc::channel();
             let _ = self.tracker.send(TrackerMsg::Release { reply: tx });
