@@ -129,6 +129,15 @@ async fn survive(svc: &'static str, faults: &[Fault]) {
             "{} is still running: nobody restarted it",
             w.name
         );
+        // The broker's answers to the worker's commits reach it (they once never did).
+        let answered = w.metric("projector_commits_total").await;
+        eprintln!(
+            "{}: {answered} commits answered, {} of them failed",
+            w.name,
+            w.metric("projector_commits_total{outcome=\"failed\"}")
+                .await
+        );
+        assert!(answered > 0.0, "{}: no commit answered", w.name);
         let restarts = w.metric("projector_consumer_restarts_total").await;
         if svc == "kafka" {
             // A broker that went away may fence a static member's old session when it

@@ -12,7 +12,6 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use rdkafka::consumer::{CommitMode, Consumer};
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::mpsc;
 
@@ -35,10 +34,9 @@ impl OffsetCommit for SourceConsumer {
             tpl.add_partition_offset(topic, *partition, Offset::Offset(*next))
                 .map_err(|e| e.to_string())?;
         }
-        // The result arrives in the consumer's commit callback (a fenced or failed commit
+        // The answer arrives in the consumer's commit callback (a fenced or failed commit
         // is handled there).
-        self.commit(&tpl, CommitMode::Async)
-            .map_err(|e| e.to_string())
+        crate::source::commit_answered(self, &tpl).map_err(|e| e.to_string())
     }
 }
 

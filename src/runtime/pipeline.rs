@@ -537,6 +537,9 @@ pub async fn run(
     }
     metrics::counter!("projector_unrouted_total").increment(0);
     metrics::counter!("projector_consumer_restarts_total").increment(0);
+    for outcome in ["ok", "failed"] {
+        metrics::counter!("projector_commits_total", "outcome" => outcome).increment(0);
+    }
     let pg = Arc::new(Pg::from_config(&cfg.postgres));
     crate::observability::watch_rebuilds(cfg, pg.clone());
     // Pointers, parks and retired versions are the deployment's, whatever this group is.

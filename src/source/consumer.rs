@@ -212,6 +212,8 @@ impl ConsumerContext for SourceContext {
     }
 
     fn commit_callback(&self, result: KafkaResult<()>, _offsets: &TopicPartitionList) {
+        let outcome = if result.is_ok() { "ok" } else { "failed" };
+        metrics::counter!("projector_commits_total", "outcome" => outcome).increment(1);
         if let Err(e) = result {
             if is_fatal(&e) {
                 tracing::error!(error = %e, "offset commit refused for good: re-creating the consumer");
@@ -237,6 +239,35 @@ pub fn member_id<C: ConsumerContext>(consumer: &BaseConsumer<C>) -> Option<Strin
         let id = std::ffi::CStr::from_ptr(p).to_string_lossy().into_owned();
         rdkafka::bindings::rd_kafka_mem_free(client, p.cast());
         Some(id).filter(|s| !s.is_empty())
+    }
+}
+
+/// Commit `tpl` without waiting, the broker's answer queued on the consumer's own queue,
+/// where `poll` hands it to the context's `commit_callback`. (`commit(.., Async)` names no
+/// callback or queue to answer on, so librdkafka drops the answer: a failed or fenced
+/// commit went unseen, measured as no answer at all over a whole run.)
+pub fn commit_answered<C: ConsumerContext>(
+    consumer: &BaseConsumer<C>,
+    tpl: &TopicPartitionList,
+) -> KafkaResult<()> {
+    use rdkafka::bindings as rd;
+    // SAFETY: the client pointer lives as long as `consumer`. The queue handle is ours to
+    // destroy once the commit is queued (the commit holds a reference of its own to the
+    // queue), and librdkafka copies `tpl`.
+    let err = unsafe {
+        let rk = consumer.client().native_ptr();
+        let q = rd::rd_kafka_queue_get_consumer(rk);
+        if q.is_null() {
+            return consumer.commit(tpl, rdkafka::consumer::CommitMode::Async);
+        }
+        let err = rd::rd_kafka_commit_queue(rk, tpl.ptr(), q, None, std::ptr::null_mut());
+        rd::rd_kafka_queue_destroy(q);
+        err
+    };
+    if err == rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR {
+        Ok(())
+    } else {
+        Err(KafkaError::ConsumerCommit(err.into()))
     }
 }
 

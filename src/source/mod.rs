@@ -10,5 +10,6 @@ pub mod sequence;
 pub mod window;
 
 pub use consumer::{
-    SourceConsumer, SourceContext, create_consumer, is_fatal, member_id, unique_client_id,
+    SourceConsumer, SourceContext, commit_answered, create_consumer, is_fatal, member_id,
+    unique_client_id,
 };

@@ -333,15 +333,20 @@ impl KafkaSource {
             } else {
                 Duration::from_millis(20)
             };
+            // A poll that served an event (a rebalance, statistics, a commit's answer) also
+            // returns nothing: after a split, only a few such in a row mean the queue is empty.
+            let mut empty_polls = 0;
             loop {
                 match consumer.poll(wait) {
                     Some(Ok(m)) => {
                         self.push(&m);
                         last_activity = Instant::now();
+                        empty_polls = 0;
                     }
                     // (Ends of partitions not split off yet: their queues report them again.)
                     Some(Err(e)) if poll_failed(&e) => return false,
                     Some(Err(_)) => {}
+                    None if split && empty_polls < 3 => empty_polls += 1,
                     None => break,
                 }
                 if !split {
