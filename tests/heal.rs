@@ -32,3 +32,60 @@ async fn workers_sharing_a_client_id_heal_the_brokers_misassignment() {
     )
     .await;
 }
+
+/// The local broker can lose a joining member's JoinGroup answer (librdkafka's `cgrp` debug
+/// shows the request never answered). When the other member is then killed (-9, so it never
+/// leaves), the group stays in `CompletingRebalance` for good: in one run here, 18 partitions
+/// unowned for over 3 minutes, through three re-creations of the newcomer's consumer. Apache
+/// Kafka would expire the dead member's session and complete the rebalance. What this
+/// worker owes then is not to stall silently: either the newcomer takes every partition (the
+/// broker answered), or its group watch reports the partitions unowned and stalled, which
+/// the alerts name. Dynamic members, on the default server set.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_newcomer_takes_every_partition_or_says_they_stall() {
+    use common::faults::{Worker, partitions};
+    use std::time::{Duration, Instant};
+    let (cfg, ns) = common::isolated_config("join");
+    common::generate(&cfg, &ns, 500, 3, 0.0, 0.0).await;
+    // An empty instance id: dynamic membership. A short stall, to see it within the test.
+    let extra = [
+        ("PROJECTOR_KAFKA__INSTANCE_ID", String::new()),
+        ("PROJECTOR_WORKER__PARTITION_STALL_SECS", "10".into()),
+    ];
+    let mut a = Worker::spawn(&cfg, "a", &cfg.deployment, &extra);
+    let sinks = common::live_sinks(&cfg).await;
+    let want = common::event_log(&ns).await.len();
+    assert_eq!(common::wait_for_facts(&sinks, &ns, want).await, want);
+    let b = Worker::spawn(&cfg, "b", &cfg.deployment, &extra);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    a.child.kill().unwrap();
+    a.child.wait().unwrap();
+    // More to do, which only b can take. (A namespace of its own under this one: a second
+    // history, read with the first.)
+    common::generate(&cfg, &format!("{ns}more-"), 200, 4, 0.0, 0.0).await;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let caught_up = partitions(&cfg)
+            .is_some_and(|ps| ps.iter().all(|p| p.committed == p.high && p.high > 0));
+        if caught_up {
+            eprintln!("the broker answered: b took every partition");
+            common::assert_read_models_equal_fold(&cfg, &ns).await;
+            break;
+        }
+        let unowned = b.metric("projector_group_unowned_partitions").await;
+        let stalled = b.metric("projector_group_stalled_partitions").await;
+        if unowned > 0.0 && stalled > 0.0 {
+            eprintln!(
+                "the broker wedged the group: b reports {unowned} unowned, {stalled} stalled"
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "neither taken over nor reported as stalled:\n{}",
+            b.report().await
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    b.stop();
+}

@@ -293,7 +293,6 @@ async fn restarts(tag: &str, ids: ClientIds, tries: usize) -> Outcome {
     let wcfg = WatchConfig {
         stall,
         mismatch_grace: Duration::from_secs(1),
-        rebalance_grace: Duration::from_secs(3_600),
     };
     let mut watch = Watch::new(wcfg);
     let topics = vec![topic.clone()];

@@ -41,10 +41,6 @@ fn run(cfg: &Config, shared: &Shared, topics: &[String]) {
     let mut watch = Watch::new(WatchConfig {
         stall: Duration::from_secs(cfg.worker.partition_stall_secs),
         mismatch_grace: Duration::from_secs(cfg.worker.assignment_mismatch_secs),
-        // The rebalance timeout (a broker completes a rebalance or evicts within it) and
-        // the same grace as a mismatch.
-        rebalance_grace: Duration::from_millis(u64::from(cfg.kafka.max_poll_interval_ms))
-            + Duration::from_secs(cfg.worker.assignment_mismatch_secs),
     });
     let mut exported = Exported::default();
     // Every series the alerts name exists from the start.
@@ -70,17 +66,7 @@ fn run(cfg: &Config, shared: &Shared, topics: &[String]) {
                     let v = watch.update(&obs, me.as_ref());
                     exported.export(&obs, &v);
                     shared.note_group(&v);
-                    if v.heal && v.stuck_rebalance {
-                        tracing::warn!(
-                            group,
-                            state = %obs.state,
-                            "the group's rebalance has lasted past the rebalance timeout: \
-                             re-creating the consumer"
-                        );
-                        metrics::counter!("projector_assignment_heals_total", "group" => group.clone())
-                            .increment(1);
-                        shared.recreate.store(true, Ordering::Relaxed);
-                    } else if v.heal {
+                    if v.heal {
                         let theirs = me
                             .as_ref()
                             .and_then(|b| obs.member(b.member_id.as_deref(), &b.client_id))

@@ -8,10 +8,6 @@
 //!   then consumed twice or by nobody). Lasting `mismatch_grace`, longer than a rebalance
 //!   takes, it asks to *heal*: re-create the consumer, which rejoins and gets a fresh
 //!   assignment.
-//! - A *rebalance that never ends* (the group neither Stable nor Empty for `rebalance_grace`,
-//!   longer than the rebalance timeout within which a broker must complete or evict) also
-//!   asks to heal. The local broker can lose a joining member's JoinGroup answer; the group
-//!   then stays rebalancing while the new member consumes nothing.
 
 use std::collections::{BTreeSet, HashMap};
 use std::time::{Duration, Instant};
@@ -23,8 +19,6 @@ use super::observe::Observation;
 pub struct WatchConfig {
     pub stall: Duration,
     pub mismatch_grace: Duration,
-    /// How long a rebalance may last before this member rejoins afresh.
-    pub rebalance_grace: Duration,
 }
 
 /// What this member believes (none for an observer that is not a member, such as the read
@@ -53,8 +47,6 @@ pub struct Verdict {
     /// consumes and those the coordinator says it owns.
     pub my_longest_stall: Duration,
     pub mismatch: bool,
-    /// The group has been rebalancing for at least `rebalance_grace`.
-    pub stuck_rebalance: bool,
     /// Re-create the consumer now.
     pub heal: bool,
 }
@@ -65,7 +57,6 @@ pub struct Watch {
     /// Per partition: the committed offset last seen and since when it has not moved.
     moved: HashMap<TopicPartition, (Option<i64>, Instant)>,
     mismatch_since: Option<Instant>,
-    rebalancing_since: Option<Instant>,
 }
 
 impl Watch {
@@ -74,7 +65,6 @@ impl Watch {
             cfg,
             moved: HashMap::new(),
             mismatch_since: None,
-            rebalancing_since: None,
         }
     }
 
@@ -123,16 +113,6 @@ impl Watch {
             } else if obs.state == "Stable" {
                 self.mismatch_since = None;
             }
-            if obs.state == "Stable" || obs.state == "Empty" {
-                self.rebalancing_since = None;
-            } else {
-                let since = *self.rebalancing_since.get_or_insert(now);
-                if now.saturating_duration_since(since) >= self.cfg.rebalance_grace {
-                    v.stuck_rebalance = true;
-                    v.heal = true;
-                    self.rebalancing_since = None;
-                }
-            }
         }
         v
     }
@@ -156,7 +136,6 @@ mod tests {
         WatchConfig {
             stall: Duration::from_secs(10),
             mismatch_grace: Duration::from_secs(20),
-            rebalance_grace: Duration::from_secs(50),
         }
     }
 
@@ -320,9 +299,8 @@ mod tests {
             let v = w.update(&o, Some(&me("a", &[0])));
             assert!(!v.mismatch && !v.heal);
         }
-        // (A rebalance lasting past `rebalance_grace` is another matter: see below.)
         let mut w = Watch::new(cfg());
-        for s in 0..50 {
+        for s in 0..60 {
             let o = obs(
                 t + Duration::from_secs(s),
                 "PreparingRebalance",
@@ -370,49 +348,5 @@ mod tests {
             Some(&me("a", &[])),
         );
         assert!(v.heal);
-    }
-
-    #[test]
-    fn a_rebalance_that_never_ends_heals_once_per_grace() {
-        let t = Instant::now();
-        let parts = [(1, Some(0)), (1, Some(0))];
-        let mut w = Watch::new(cfg());
-        let joining = me("b", &[]);
-        let at = |s| t + Duration::from_secs(s);
-        // Rebalances that end (Stable or Empty in between) never add up.
-        for (s, state) in [
-            (0, "PreparingRebalance"),
-            (40, "Stable"),
-            (45, "CompletingRebalance"),
-        ] {
-            let v = w.update(
-                &obs(at(s), state, &parts, &[("a", &[0, 1])]),
-                Some(&joining),
-            );
-            assert!(!v.stuck_rebalance, "{s}: {v:?}");
-        }
-        let v = w.update(
-            &obs(at(94), "PreparingRebalance", &parts, &[("a", &[0, 1])]),
-            Some(&joining),
-        );
-        assert!(
-            !v.stuck_rebalance && !v.heal,
-            "49 s of one rebalance: not yet"
-        );
-        let v = w.update(
-            &obs(at(95), "PreparingRebalance", &parts, &[("a", &[0, 1])]),
-            Some(&joining),
-        );
-        assert!(v.stuck_rebalance && v.heal, "50 s: heal");
-        let v = w.update(
-            &obs(at(96), "PreparingRebalance", &parts, &[("a", &[0, 1])]),
-            Some(&joining),
-        );
-        assert!(!v.heal, "not again before another whole grace");
-        // An observer that is not a member (the read service) never heals.
-        let mut o = Watch::new(cfg());
-        o.update(&obs(at(0), "PreparingRebalance", &parts, &[]), None);
-        let v = o.update(&obs(at(60), "PreparingRebalance", &parts, &[]), None);
-        assert!(!v.heal);
     }
 }
