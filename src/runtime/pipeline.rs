@@ -484,18 +484,12 @@ impl RunReport {
 
 /// Migrate the event store, waiting for PostgreSQL if it is not up yet.
 async fn migrate(cfg: &Config, shared: &Arc<Shared>) {
-    let mut retry = super::retry::Retry::new(shared, "postgres", "applying migrations");
-    loop {
-        let r = async {
+    super::retry::Retry::new(shared, "postgres", "applying migrations")
+        .until_ok(|| async {
             let mut s = EventStore::connect(&cfg.postgres.url).await?;
             s.migrate().await
-        }
+        })
         .await;
-        match r {
-            Ok(_) => return,
-            Err(e) => retry.failed(&e).await,
-        }
-    }
 }
 
 /// The live worker: join the group and keep the read models up to date until shutdown

@@ -77,6 +77,20 @@ impl Retry {
         tokio::time::sleep(self.backoff.next_delay()).await;
     }
 
+    /// Call `f` until it succeeds, sleeping out each failure as [`Retry::failed`] does.
+    pub async fn until_ok<T, E, Fut>(mut self, mut f: impl FnMut() -> Fut) -> T
+    where
+        E: std::fmt::Display + Sync,
+        Fut: std::future::Future<Output = Result<T, E>>,
+    {
+        loop {
+            match f().await {
+                Ok(v) => return v,
+                Err(e) => self.failed(&e).await,
+            }
+        }
+    }
+
     pub fn failures(&self) -> u32 {
         self.failures
     }

@@ -263,13 +263,9 @@ impl StageCtx {
         if records.is_empty() {
             return;
         }
-        let mut retry = Retry::new(&self.shared, "postgres", "recording parked streams");
-        loop {
-            match self.control.save_parks(records).await {
-                Ok(()) => break,
-                Err(e) => retry.failed(&e).await,
-            }
-        }
+        Retry::new(&self.shared, "postgres", "recording parked streams")
+            .until_ok(|| self.control.save_parks(records))
+            .await;
         failpoint("after_parks_saved");
         for r in records {
             tracing::warn!(projection = %r.projection, version = %r.version, stream = %r.stream,
@@ -286,35 +282,23 @@ impl StageCtx {
         if !matches!(self.mode, Mode::Live) {
             return Vec::new();
         }
-        let mut retry = Retry::new(&self.shared, "postgres", "loading released streams");
-        loop {
-            match self.control.released().await {
-                Ok(r) => return r,
-                Err(e) => retry.failed(&e).await,
-            }
-        }
+        Retry::new(&self.shared, "postgres", "loading released streams")
+            .until_ok(|| self.control.released())
+            .await
     }
 
     /// A stream's stored events before `before`, retried until PostgreSQL answers.
     pub async fn history(&self, stream: &str, before: i64) -> Vec<crate::store::Typed> {
-        let mut retry = Retry::new(&self.shared, "postgres", "reading a released stream");
-        loop {
-            match self.control.history(stream, before).await {
-                Ok(h) => return h,
-                Err(e) => retry.failed(&e).await,
-            }
-        }
+        Retry::new(&self.shared, "postgres", "reading a released stream")
+            .until_ok(|| self.control.history(stream, before))
+            .await
     }
 
     /// The parked streams of `version`, retried until PostgreSQL answers.
     pub async fn load_parks(&self, version: &str) -> projectors::Parked {
-        let mut retry = Retry::new(&self.shared, "postgres", "loading parked streams");
-        loop {
-            match self.control.load_parks(self.name, version).await {
-                Ok(p) => return p,
-                Err(e) => retry.failed(&e).await,
-            }
-        }
+        Retry::new(&self.shared, "postgres", "loading parked streams")
+            .until_ok(|| self.control.load_parks(self.name, version))
+            .await
     }
 }
 
