@@ -93,7 +93,7 @@ impl Control for PgControl {
 
 /// The range of a stream key's sequences before `before` (`None`: not a stream key, or
 /// nothing before).
-pub fn history_range(stream: &str, before: i64) -> Option<StreamRange> {
+fn history_range(stream: &str, before: i64) -> Option<StreamRange> {
     let s = StreamId::parse(stream).filter(|_| before > 0)?;
     Some(StreamRange {
         aggregate_type: s.aggregate_type,

@@ -269,11 +269,7 @@ impl<P: Projector, S: DocStore> DocStage<P, S> {
                 tracing::warn!(error = %e, version = %target.version, "the live version was not announced in the store");
             }
         }
-        // Before the parks: an unpark deletes the park and notes the release in one statement.
-        let released = self.ctx.released().await;
-        let saved = self.ctx.shared.poison_saved.load(Ordering::Acquire);
-        let mut parked = self.ctx.load_parks(&target.version).await;
-        self.unsaved.merge_into(&mut parked, &target.version, saved);
+        let (released, parked) = self.read_holds(&target.version).await;
         let seen = matches!(self.ctx.mode, Mode::Replay { fresh: true, .. }).then(HashSet::default);
         self.state = Some(TargetState {
             target: target.clone(),
@@ -290,6 +286,18 @@ impl<P: Projector, S: DocStore> DocStage<P, S> {
         target.clone()
     }
 
+    /// What holds events of `version` back: the streams released lately, then its parks with
+    /// this stage's own not yet recorded.
+    async fn read_holds(&mut self, version: &str) -> (Vec<(String, i64)>, projectors::Parked) {
+        // Before the parks: an unpark deletes the park and notes the release in one statement.
+        let released = self.ctx.released().await;
+        // Read before the table: whatever the poison stage recorded up to here is in it.
+        let saved = self.ctx.shared.poison_saved.load(Ordering::Acquire);
+        let mut parked = self.ctx.load_parks(version).await;
+        self.unsaved.merge_into(&mut parked, version, saved);
+        (released, parked)
+    }
+
     /// After a rebalance (or now and then): drop cached views (other workers may have
     /// written them) and read the parked streams again.
     async fn refresh(&mut self) {
@@ -302,11 +310,7 @@ impl<P: Projector, S: DocStore> DocStage<P, S> {
         }
         self.seen_gen = generation;
         let version = self.st().target.version.clone();
-        let released = self.ctx.released().await;
-        // Read before the table: whatever the poison stage recorded up to here is in it.
-        let saved = self.ctx.shared.poison_saved.load(Ordering::Acquire);
-        let mut parked = self.ctx.load_parks(&version).await;
-        self.unsaved.merge_into(&mut parked, &version, saved);
+        let (released, parked) = self.read_holds(&version).await;
         let st = self.st();
         for (stream, mark) in released {
             if !st.caught.contains(&(stream.clone(), mark)) {
