@@ -86,10 +86,15 @@ pub struct KafkaSource {
     cfg: Config,
     shared: Arc<Shared>,
     tracker: mpsc::UnboundedSender<TrackerMsg>,
-    windows: mpsc::Sender<RawWindow>,
+    /// Taken at shutdown: the decode step ends when it is gone, whatever still holds the
+    /// source (a close that hangs inside a rebalance callback does).
+    windows: Mutex<Option<mpsc::Sender<RawWindow>>>,
     topics: Arc<Vec<String>>,
     topic_index: HashMap<String, u16>,
     state: Mutex<State>,
+    /// This consumer's final commit at shutdown is made: the revoke its close brings only
+    /// lets the partitions go (a commit there could hang the close with the broker).
+    final_commit_made: std::sync::atomic::AtomicBool,
 }
 
 impl KafkaSource {
@@ -109,7 +114,7 @@ impl KafkaSource {
             cfg: cfg.clone(),
             shared,
             tracker,
-            windows,
+            windows: Mutex::new(Some(windows)),
             topics,
             topic_index,
             state: Mutex::new(State {
@@ -123,6 +128,7 @@ impl KafkaSource {
                 added: Vec::new(),
                 removed: Vec::new(),
             }),
+            final_commit_made: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -182,6 +188,7 @@ impl KafkaSource {
                 }
             };
             backoff.reset();
+            self.final_commit_made.store(false, Ordering::Relaxed);
             self.shared.set_belief(Some(Belief {
                 client_id,
                 member_id: None,
@@ -202,6 +209,7 @@ impl KafkaSource {
                 let parts: Vec<Tp> = self.state().owned.keys().copied().collect();
                 tracing::info!(partitions = parts.len(), "shutdown: committing");
                 self.drain_and_commit(&consumer, parts, last, self.drain_deadline());
+                self.final_commit_made.store(true, Ordering::Relaxed);
                 tracing::info!("shutdown: committed; closing the consumer");
             }
             let (tx, rx) = std::sync::mpsc::channel();
@@ -210,6 +218,10 @@ impl KafkaSource {
             self.shared.assigned.store(false, Ordering::Relaxed);
             self.shared.set_belief(None);
             if finished {
+                self.windows
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .take();
                 self.close_at_shutdown(consumer);
                 return;
             }

@@ -61,9 +61,12 @@ impl RebalanceHandler for KafkaSource {
             .collect();
         // One deadline for the hand-over and the drain: the rebalance waits at most
         // `drain_timeout_ms` in all, however long the pipeline took to take the windows.
-        let deadline = self.drain_deadline();
-        let last = self.flush(deadline);
-        self.drain_and_commit(consumer, parts.clone(), last, deadline);
+        // The close after the final commit at shutdown: all is drained and committed.
+        if !self.final_commit_made.load(Ordering::Relaxed) {
+            let deadline = self.drain_deadline();
+            let last = self.flush(deadline);
+            self.drain_and_commit(consumer, parts.clone(), last, deadline);
+        }
         {
             let mut st = self.state();
             for tp in &parts {

@@ -188,8 +188,12 @@ impl KafkaSource {
 
     /// Hand closed windows to the pipeline without blocking; true when none is left.
     pub(super) fn offer(&self, st: &mut State) -> bool {
+        let windows = self.windows.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(windows) = windows.as_ref() else {
+            return true;
+        };
         while let Some(w) = st.ready.pop_front() {
-            match self.windows.try_send(w) {
+            match windows.try_send(w) {
                 Ok(()) => {}
                 Err(tokio::sync::mpsc::error::TrySendError::Full(w)) => {
                     st.ready.push_front(w);
