@@ -39,9 +39,8 @@ async fn workers_sharing_a_client_id_heal_the_brokers_misassignment() {
 /// unowned for over 3 minutes, although the newcomer re-created its consumer three times (a
 /// heal I tried and withdrew). Apache Kafka would expire the dead member's session and
 /// complete the rebalance. What this
-/// worker owes then is not to stall silently: either the newcomer takes every partition (the
-/// broker answered), or its group watch reports the partitions unowned and stalled, which
-/// the alerts name. Dynamic members, on the default server set.
+/// worker owes then is not to stall silently: either the newcomer takes every partition, or
+/// its group watch reports partitions stalled, which an alert names. Dynamic members, on the default server set.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_newcomer_takes_every_partition_or_says_they_stall() {
     use common::faults::{Worker, partitions};
@@ -75,12 +74,13 @@ async fn a_newcomer_takes_every_partition_or_says_they_stall() {
             common::assert_read_models_equal_fold(&cfg, &ns).await;
             break;
         }
+        // Stalled is what the alert reads. Unowned depends on the broker's description: a
+        // wedged group lists no owner, while a dead member the broker never expires (seen
+        // once: the join answered, b took 9 partitions) still owns its 9.
         let unowned = b.metric("projector_group_unowned_partitions").await;
         let stalled = b.metric("projector_group_stalled_partitions").await;
-        if unowned > 0.0 && stalled > 0.0 {
-            eprintln!(
-                "the broker wedged the group: b reports {unowned} unowned, {stalled} stalled"
-            );
+        if stalled > 0.0 {
+            eprintln!("the group is stuck: b reports {stalled} stalled, {unowned} unowned");
             break;
         }
         assert!(
