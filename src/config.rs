@@ -125,6 +125,12 @@ pub struct WorkerConfig {
     /// …or this long after its first message, whichever comes first.
     #[serde(default = "default_window_ms")]
     pub window_ms: u64,
+    /// …but when nothing else is in flight (every earlier window written), this long after
+    /// its first message: an idle pipeline takes what has come at once instead of waiting
+    /// out `window_ms`, and a busy one still batches up to it (each write then carries what
+    /// came while the last one ran). 0 turns it off.
+    #[serde(default = "default_window_idle_ms")]
+    pub window_idle_ms: u64,
     /// Bytes of messages (keys, values, headers) a window holds at most: it closes before a
     /// message would take it past this.
     #[serde(default = "default_window_max_bytes")]
@@ -206,6 +212,9 @@ fn default_window_size() -> usize {
 }
 fn default_window_ms() -> u64 {
     100
+}
+fn default_window_idle_ms() -> u64 {
+    5
 }
 fn default_window_max_bytes() -> usize {
     16 << 20

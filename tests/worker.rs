@@ -216,6 +216,42 @@ async fn a_close_that_hangs_does_not_keep_the_worker_from_exiting() {
     common::assert_read_models_equal_fold(&cfg, &ns).await;
 }
 
+/// While nothing else is in flight a window closes `window_idle_ms` after its first message:
+/// with `window_ms` at two minutes, events still become visible within seconds, and each
+/// window after the first carries what came while the one before it was written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_pipeline_does_not_wait_out_the_window() {
+    use common::faults::Worker;
+    let (cfg, ns) = common::isolated_config("idlew");
+    projector::kafka::ensure_topics(&cfg.kafka).await.unwrap();
+    let extra = [
+        ("PROJECTOR_WORKER__WINDOW_MS", "120000".to_owned()),
+        ("PROJECTOR_WORKER__WINDOW_IDLE_MS", "5".to_owned()),
+    ];
+    let w = Worker::spawn(&cfg, "idlew-0", "idlew", &extra);
+    common::generate(&cfg, &ns, 500, 83, 0.0, 0.0).await;
+    let want = common::event_log(&ns).await.len();
+    let sinks = common::live_sinks(&cfg).await;
+    let started = std::time::Instant::now();
+    loop {
+        let have = common::facts_of(&sinks, &ns).await.len();
+        if have >= want {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(40),
+            "{have} of {want} events visible after 40 s: windows waited for window_ms"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    eprintln!(
+        "all {want} visible {:?} after publishing",
+        started.elapsed()
+    );
+    common::assert_read_models_equal_fold(&cfg, &ns).await;
+    w.stop();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn events_of_one_aggregate_are_applied_in_sequence() {
     let (cfg, ns) = common::isolated_config("ord");

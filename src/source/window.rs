@@ -120,6 +120,19 @@ pub fn full_before(items: usize, bytes: usize, incoming: usize, max_bytes: usize
     items > 0 && bytes.saturating_add(incoming) > max_bytes.min(MAX_WINDOW_BYTES)
 }
 
+/// How long after its first message a window closes by age: `window_ms`, or `idle_ms` (if
+/// shorter and not 0) while its messages are `alone` in flight, every earlier window written.
+/// An idle pipeline then takes what has come at once, and a busy one batches what arrives
+/// while it writes, up to `window_ms`, so a store is never sent more writes than it finishes.
+pub fn age_limit(window_ms: u64, idle_ms: u64, alone: bool) -> std::time::Duration {
+    let ms = if alone && idle_ms > 0 {
+        idle_ms.min(window_ms)
+    } else {
+        window_ms
+    };
+    std::time::Duration::from_millis(ms)
+}
+
 impl Arena {
     pub fn with_capacity(n: usize) -> Arena {
         Arena(Vec::with_capacity(n))
@@ -262,6 +275,16 @@ mod tests {
 #[cfg(test)]
 mod bound_tests {
     use super::*;
+
+    #[test]
+    fn a_window_alone_in_flight_closes_early_and_one_behind_others_waits() {
+        use std::time::Duration;
+        assert_eq!(age_limit(100, 5, true), Duration::from_millis(5));
+        assert_eq!(age_limit(100, 5, false), Duration::from_millis(100));
+        // Off, or not shorter than the window: the window's own age.
+        assert_eq!(age_limit(100, 0, true), Duration::from_millis(100));
+        assert_eq!(age_limit(20, 50, true), Duration::from_millis(20));
+    }
 
     #[test]
     fn a_window_closes_before_a_message_would_take_it_past_its_bytes() {

@@ -23,11 +23,19 @@ impl KafkaSource {
             return;
         };
         metrics::counter!("projector_fetch_pauses_total").increment(1);
-        // Never past the open window's closing time: its messages wait for no pause.
-        let window_ms = Duration::from_millis(self.cfg.worker.window_ms);
-        let closes = self.state().builder.opened.map(|t| t + window_ms);
-        let until = closes.map_or(Instant::now() + pause, |c| c.min(Instant::now() + pause));
+        let until = Instant::now() + pause;
         while let Some(left) = until.checked_duration_since(Instant::now()) {
+            // The open window closes on time, pause or not: its messages wait for no pause.
+            let closes = {
+                let mut st = self.state();
+                self.close(&mut st, false);
+                self.offer(&mut st);
+                self.closes_at(&st)
+            };
+            let left = closes.map_or(left, |c| {
+                left.min(c.saturating_duration_since(Instant::now()))
+                    .max(Duration::from_millis(1))
+            });
             match consumer.poll(left) {
                 Some(Ok(m)) => self.push(&m),
                 Some(Err(e)) if poll_failed(&e) => {

@@ -12,7 +12,7 @@ use rdkafka::message::{BorrowedMessage, Headers};
 use super::{KafkaSource, State};
 use crate::runtime::commit::{Registration, Tp, TrackerMsg};
 use crate::source::decode::RawItem;
-use crate::source::window::{Arena, Origin, RawRef};
+use crate::source::window::{Arena, Origin, RawRef, age_limit};
 
 /// A closed window of raw messages, registered with the tracker, not decoded yet.
 pub struct RawWindow {
@@ -139,13 +139,27 @@ impl KafkaSource {
         epoch
     }
 
+    /// When the open window closes by age: `window_ms` after its first message, or
+    /// `window_idle_ms` after it while nothing else is in flight (the window's own messages
+    /// are all there is: every earlier window is written and none waits to be handed over).
+    pub(super) fn closes_at(&self, st: &State) -> Option<Instant> {
+        let opened = st.builder.opened?;
+        let w = &self.cfg.worker;
+        // (Every message polled counts in flight until its window is written.)
+        let alone = st.ready.is_empty()
+            && self.shared.in_flight.load(Ordering::Relaxed) <= st.builder.items.len();
+        Some(opened + age_limit(w.window_ms, w.window_idle_ms, alone))
+    }
+
     /// Close the open window if it is full or old enough (`force`: if it has anything).
     pub(super) fn close(&self, st: &mut State, force: bool) {
+        let Some(closes) = self.closes_at(st) else {
+            return;
+        };
         let b = &st.builder;
         let Some(opened) = b.opened else { return };
         let full = b.items.len() >= self.cfg.worker.window_size.max(1);
-        let old = opened.elapsed() >= Duration::from_millis(self.cfg.worker.window_ms);
-        if !(force || full || old) {
+        if !(force || full || Instant::now() >= closes) {
             return;
         }
         let b = std::mem::replace(&mut st.builder, Builder::new());
