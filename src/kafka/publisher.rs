@@ -29,6 +29,16 @@ impl EventPublisher {
         })
     }
 
+    /// Read the cluster's metadata now (topics, leaders), so the first events sent do not
+    /// wait for it: a timed load starts with a publisher that is ready.
+    pub fn warm_up(&self, timeout: std::time::Duration) -> Result<(), KafkaError> {
+        use rdkafka::producer::Producer;
+        self.producer
+            .client()
+            .fetch_metadata(None, timeout)
+            .map(|_| ())
+    }
+
     /// Send every event and wait until the broker has acknowledged all of them.
     pub async fn publish(&self, events: &[EventEnvelope]) -> Result<(), KafkaError> {
         let sends = events.iter().map(|e| {

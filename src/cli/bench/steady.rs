@@ -9,7 +9,7 @@ use projector::kafka::{self, EventPublisher};
 use projector::runtime::RunReport;
 
 use super::SEED;
-use super::worker::{CpuProbe, cpu_seconds, rss_line, spawn_worker, wait_sampling_rss};
+use super::worker::{CpuProbe, cpu_seconds, rss_line, spawn_worker_serving, wait_sampling_rss};
 
 /// The latency budget of a run, step by step (see `projector::runtime::budget`).
 pub(super) fn print_budget(steps: &[projector::runtime::budget::StepLatency]) {
@@ -100,12 +100,19 @@ pub(super) async fn measure_steadily(
     rate: f64,
 ) -> anyhow::Result<Steady> {
     let stats = std::env::temp_dir().join(format!("{label}-stats.json"));
-    let child = spawn_worker(cfg, &stats, 8.0, None)?;
+    let http = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+    let child = spawn_worker_serving(cfg, &stats, 8.0, None, Some(http))?;
     let pid = child.id();
     let waiting = tokio::spawn(wait_sampling_rss(child));
-    // Joined and caught up before the load starts (the worker exits 8 s after the last event).
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // The load starts once the worker owns its partitions (ready; on topics of its own it is
+    // then caught up) and the publisher knows the topics: steady state, not a start-up (the
+    // worker exits 8 s after the last event).
     let publisher = EventPublisher::new(&cfg.kafka)?;
+    let p = &publisher;
+    tokio::task::block_in_place(|| p.warm_up(Duration::from_secs(10)))?;
+    if !wait_ready(http, Duration::from_secs(60)).await {
+        println!("  (the worker was not ready after 60 s; publishing anyway)");
+    }
     let tick = Duration::from_millis(50);
     let per_tick = ((rate * tick.as_secs_f64()).ceil() as usize).max(1);
     let cpu0 = cpu_seconds(pid).unwrap_or(0.0);
@@ -134,6 +141,27 @@ pub(super) async fn measure_steadily(
         servers,
         report,
     })
+}
+
+/// Whether the worker serving at `addr` answers `/readyz` with 200 within `at_most`.
+async fn wait_ready(addr: std::net::SocketAddr, at_most: Duration) -> bool {
+    use http_body_util::Full;
+    let deadline = Instant::now() + at_most;
+    while Instant::now() < deadline {
+        if let Ok(mut sender) = super::read::connect(addr).await {
+            let req = hyper::Request::get("/readyz")
+                .header("host", addr.to_string())
+                .body(Full::new(bytes::Bytes::new()));
+            if let Ok(req) = req
+                && let Ok(resp) = sender.send_request(req).await
+                && resp.status() == hyper::StatusCode::OK
+            {
+                return true;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    false
 }
 
 /// Publish → visible at each rate of the curve (and `extra`, 80 % of the drain rate): one

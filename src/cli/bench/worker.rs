@@ -183,6 +183,17 @@ pub(super) fn spawn_worker(
     idle: f64,
     only: Option<&str>,
 ) -> anyhow::Result<std::process::Child> {
+    spawn_worker_serving(cfg, stats, idle, only, None)
+}
+
+/// `spawn_worker`, its health endpoints served at `http` (an address) when given.
+pub(super) fn spawn_worker_serving(
+    cfg: &Config,
+    stats: &Path,
+    idle: f64,
+    only: Option<&str>,
+    http: Option<std::net::SocketAddr>,
+) -> anyhow::Result<std::process::Child> {
     // BENCH_WORKER_WRAP runs the worker under another program, e.g. "heaptrack -o /tmp/w"
     // or "perf record -g -o /tmp/w.data" (profiling the process the figures come from).
     let wrap = std::env::var("BENCH_WORKER_WRAP").unwrap_or_default();
@@ -200,12 +211,15 @@ pub(super) fn spawn_worker(
     if let Some(p) = only {
         cmd.args(["--projectors", p]);
     }
-    cmd.envs(cfg.child_env())
-        .env(
-            "RUST_LOG",
-            std::env::var("BENCH_WORKER_LOG").unwrap_or_else(|_| "warn".into()),
-        )
-        .stdout(Stdio::null())
-        .spawn()
-        .context("starting the worker")
+    cmd.envs(cfg.child_env());
+    if let Some(a) = http {
+        cmd.env("PROJECTOR_WORKER__HTTP_ADDR", a.to_string());
+    }
+    cmd.env(
+        "RUST_LOG",
+        std::env::var("BENCH_WORKER_LOG").unwrap_or_else(|_| "warn".into()),
+    )
+    .stdout(Stdio::null())
+    .spawn()
+    .context("starting the worker")
 }
