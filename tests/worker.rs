@@ -217,8 +217,8 @@ async fn a_close_that_hangs_does_not_keep_the_worker_from_exiting() {
 }
 
 /// While nothing else is in flight a window closes `window_idle_ms` after its first message:
-/// with `window_ms` at two minutes, events still become visible within seconds, and each
-/// window after the first carries what came while the one before it was written.
+/// with `window_ms` at two minutes, events still become visible within seconds. (That a busy
+/// pipeline waits out `window_ms` is `source::window`'s unit test.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_pipeline_does_not_wait_out_the_window() {
     use common::faults::Worker;
