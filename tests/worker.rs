@@ -233,17 +233,11 @@ async fn an_idle_pipeline_does_not_wait_out_the_window() {
     let want = common::event_log(&ns).await.len();
     let sinks = common::live_sinks(&cfg).await;
     let started = std::time::Instant::now();
-    loop {
-        let have = common::facts_of(&sinks, &ns).await.len();
-        if have >= want {
-            break;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(40),
-            "{have} of {want} events visible after 40 s: windows waited for window_ms"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let have = common::wait_for_facts_within(&sinks, &ns, want, Duration::from_secs(40)).await;
+    assert!(
+        have >= want,
+        "{have} of {want} events visible after 40 s: windows waited for window_ms"
+    );
     eprintln!(
         "all {want} visible {:?} after publishing",
         started.elapsed()

@@ -335,8 +335,19 @@ pub async fn facts_of(sinks: &VersionSinks, ns: &str) -> BTreeMap<String, FactRo
 
 /// Poll (up to 120 s) until the namespace has `want` facts; returns how many it has.
 pub async fn wait_for_facts(sinks: &VersionSinks, ns: &str, want: usize) -> usize {
+    wait_for_facts_within(sinks, ns, want, Duration::from_secs(120)).await
+}
+
+/// Poll (every 500 ms, up to `at_most`) until the namespace has `want` facts; returns how
+/// many it has.
+pub async fn wait_for_facts_within(
+    sinks: &VersionSinks,
+    ns: &str,
+    want: usize,
+    at_most: Duration,
+) -> usize {
     let mut have = 0;
-    for _ in 0..240 {
+    for _ in 0..at_most.as_millis().div_ceil(500) {
         have = facts_of(sinks, ns).await.len();
         if have >= want {
             break;
