@@ -26,13 +26,7 @@ impl KafkaSource {
         let until = Instant::now() + pause;
         while let Some(left) = until.checked_duration_since(Instant::now()) {
             // The open window closes on time, pause or not: its messages wait for no pause.
-            let closes = {
-                let mut st = self.state();
-                self.close(&mut st, false);
-                self.offer(&mut st);
-                self.closes_at(&st)
-            };
-            let left = closes.map_or(left, |c| {
+            let left = self.close_due_and_offer().map_or(left, |c| {
                 left.min(c.saturating_duration_since(Instant::now()))
                     .max(Duration::from_millis(1))
             });

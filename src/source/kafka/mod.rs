@@ -412,11 +412,7 @@ impl KafkaSource {
                     }
                 }
             }
-            {
-                let mut st = self.state();
-                self.close(&mut st, false);
-                self.offer(&mut st);
-            }
+            self.close_due_and_offer();
             if last_check.elapsed() >= Duration::from_millis(250) {
                 last_check = Instant::now();
                 let assignment = consumer.assignment().ok();

@@ -142,7 +142,7 @@ impl KafkaSource {
     /// When the open window closes by age: `window_ms` after its first message, or
     /// `window_idle_ms` after it while nothing else is in flight (the window's own messages
     /// are all there is: every earlier window is written and none waits to be handed over).
-    pub(super) fn closes_at(&self, st: &State) -> Option<Instant> {
+    fn closes_at(&self, st: &State) -> Option<Instant> {
         let opened = st.builder.opened?;
         let w = &self.cfg.worker;
         // (Every message polled counts in flight until its window is written.)
@@ -198,6 +198,15 @@ impl KafkaSource {
             arena: b.arena,
             opened,
         });
+    }
+
+    /// Close the open window if it is due and hand the closed ones over (without blocking);
+    /// when the open window, if any, is due next.
+    pub(super) fn close_due_and_offer(&self) -> Option<Instant> {
+        let mut st = self.state();
+        self.close(&mut st, false);
+        self.offer(&mut st);
+        self.closes_at(&st)
     }
 
     /// Hand closed windows to the pipeline without blocking; true when none is left.
